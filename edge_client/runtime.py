@@ -1,0 +1,244 @@
+"""The on-device runtime: ExecuTorch training (``train.pte``) and prediction (``predict.pte``).
+
+What the device runs is exactly what ``model_export`` evaluates: both go through this module.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import numpy.typing as npt
+import torch
+
+from edge_client.batching import IGNORE_INDEX, Batch
+from edge_client.bundle import Bundle
+from edge_client.predictor import BeamSearch, FloatArray, Suggestion
+from edge_client.tokenizer import Tokenizer
+from protocol.layout import FloatVec, Layout
+
+__all__ = ["OptimizerConfig", "Predictor", "ProgramModel", "TrainStats", "Trainer"]
+
+log = logging.getLogger(__name__)
+
+
+def _quiet_import() -> tuple[Any, Any, Any]:
+    """Import ExecuTorch's bindings without its 'experimental API' warnings."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from executorch.extension.pybindings.portable_lib import _load_for_executorch_from_buffer
+        from executorch.extension.training import get_sgd_optimizer
+        from executorch.runtime import Runtime
+    return Runtime, _load_for_executorch_from_buffer, get_sgd_optimizer
+
+
+class ProgramModel:
+    """``predict.pte`` as a :class:`~edge_client.predictor.StepModel`."""
+
+    def __init__(self, program: Path, max_seq_len: int, beam_batch: int) -> None:
+        runtime_cls, _, _ = _quiet_import()
+        prog = runtime_cls.get().load_program(str(program))
+        self._prefill = prog.load_method("prefill")
+        self._step = prog.load_method("step")
+        self._score = prog.load_method("score")
+        self.max_seq_len = max_seq_len
+        self.beam_batch = beam_batch
+
+    def prefill(self, ids: list[int]) -> tuple[FloatArray, FloatArray, FloatArray]:
+        tokens = torch.zeros(1, self.max_seq_len, dtype=torch.long)
+        tokens[0, : len(ids)] = torch.tensor(ids)
+        logp, k, v = self._prefill.execute([tokens, torch.tensor([len(ids)])])
+        return logp[0].numpy(), k.numpy().copy(), v.numpy().copy()
+
+    def step(
+        self, tokens: npt.NDArray[np.int64], pos: int, k: FloatArray, v: FloatArray
+    ) -> tuple[FloatArray, FloatArray, FloatArray]:
+        out = self._step.execute(
+            [
+                torch.from_numpy(tokens).view(-1, 1),
+                torch.tensor([pos]),
+                torch.from_numpy(np.ascontiguousarray(k)),
+                torch.from_numpy(np.ascontiguousarray(v)),
+            ]
+        )
+        return out[0].numpy(), out[1].numpy(), out[2].numpy()
+
+    def score(self, ids: list[int]) -> FloatArray:
+        """Log-prob of each next piece: ids[1:] given their prefixes (len <= S + 1)."""
+        s = self.max_seq_len
+        tokens = torch.zeros(1, s, dtype=torch.long)
+        targets = torch.zeros(1, s, dtype=torch.long)
+        n = min(len(ids) - 1, s)
+        tokens[0, :n] = torch.tensor(ids[:n])
+        targets[0, :n] = torch.tensor(ids[1 : n + 1])
+        (logp,) = self._score.execute([tokens, targets])
+        return np.asarray(logp[0, :n].numpy(), dtype=np.float32)
+
+
+class Predictor:
+    """Next-word suggestions of one bundle (tokenizer + ``predict.pte``)."""
+
+    def __init__(self, model: ProgramModel, tokenizer: Tokenizer, max_pieces: int = 4) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.search = BeamSearch(model, tokenizer, max_pieces=max_pieces)
+
+    @classmethod
+    def from_bundle(cls, bundle: Bundle, program: Path | None = None) -> Predictor:
+        """``program`` overrides the bundle's own ``predict.pte`` (a newer model version)."""
+        spec = bundle.manifest.predict
+        model = ProgramModel(program or bundle.path(spec.program), spec.max_seq_len, spec.beam_batch)
+        return cls(model, Tokenizer(bundle.path(bundle.manifest.tokenizer)))
+
+    def suggest(self, text: str, k: int = 3) -> list[Suggestion]:
+        return self.search.suggest(text, k)
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    """Device-side optimizer. SGD runs in ExecuTorch; Adam updates the live tensors in torch."""
+
+    name: Literal["sgd", "adam"] = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+
+
+@dataclass(frozen=True)
+class TrainStats:
+    steps: int
+    examples: int  # target tokens trained on
+    mean_loss: float
+    first_loss: float
+    last_loss: float
+    seconds: float
+    aborted: bool = False
+
+
+class Trainer:
+    """``train.pte`` with its parameters exposed as one flat float32 vector (the layout).
+
+    The ExecuTorch training module returns its parameters as tensors that alias the runtime's
+    memory; they exist only after the first ``forward_backward``, so the constructor runs one
+    step on an all-padding batch (zero loss weight) to materialise them.
+    """
+
+    def __init__(self, program: Path, layout: Layout, batch_size: int, seq_len: int) -> None:
+        _, load, _ = _quiet_import()
+        self._buffer = program.read_bytes()  # the module reads the program from this memory
+        self._module = load(self._buffer)
+        self.layout = layout
+        self.batch_size, self.seq_len = batch_size, seq_len
+        self._grad_start = self._module.run_method("__et_training_gradients_index_forward", ())[0]
+        self._param_start = self._module.run_method("__et_training_parameters_index_forward", ())[0]
+        fqns = self._module.run_method("__et_training_fqn_forward", ())
+        self._names = [n.removeprefix("lm.") for n in fqns]
+        if sorted(self._names) != sorted(layout.names):
+            raise ValueError("train.pte parameters do not match the bundle layout")
+        pad = Batch(
+            tokens=np.zeros((batch_size, seq_len), dtype=np.int64),
+            targets=np.full((batch_size, seq_len), IGNORE_INDEX, dtype=np.int64),
+            positions=np.zeros((batch_size, seq_len), dtype=np.int64),
+            segments=np.zeros((batch_size, seq_len), dtype=np.int64),
+        )
+        outs = self._run(pad)
+        self.params: dict[str, torch.Tensor] = dict(zip(self._names, outs[self._param_start :], strict=True))
+
+    @classmethod
+    def from_bundle(cls, bundle: Bundle) -> Trainer:
+        spec = bundle.manifest.train
+        return cls(bundle.path(spec.program), spec.layout, spec.batch_size, spec.seq_len)
+
+    def _run(self, b: Batch) -> list[torch.Tensor]:
+        if b.tokens.shape != (self.batch_size, self.seq_len):
+            raise ValueError(f"batch shape {b.tokens.shape} != program's {(self.batch_size, self.seq_len)}")
+        args = [torch.from_numpy(a) for a in (b.tokens, b.targets, b.positions, b.segments)]
+        out: list[torch.Tensor] = self._module.run_method("forward", args, clone_outputs=False)
+        return out
+
+    def set_weights(self, vec: npt.ArrayLike) -> None:
+        """Copy a flat vector into the program's live parameters."""
+        with torch.no_grad():
+            for name, arr in self.layout.unflatten(vec).items():
+                self.params[name].copy_(torch.from_numpy(arr))
+
+    def get_weights(self) -> FloatVec:
+        """The live parameters as a new flat vector."""
+        return self.layout.flatten({n: t.detach().numpy() for n, t in self.params.items()})
+
+    def loss(self, b: Batch) -> float:
+        """Loss of one batch (this also computes gradients; parameters do not change)."""
+        return float(self._run(b)[0].item())
+
+    def train(
+        self,
+        batches: Iterable[Batch],
+        opt: OptimizerConfig,
+        *,
+        max_steps: int,
+        max_seconds: float = math.inf,
+        should_continue: Any = None,
+    ) -> TrainStats:
+        """Run up to ``max_steps`` optimizer steps within ``max_seconds``.
+
+        ``should_continue()`` is asked before each step (device still eligible?); when it says
+        no, training stops and the stats say ``aborted``.
+        """
+        _, _, get_sgd = _quiet_import()
+        sgd = None
+        if opt.name == "sgd":
+            sgd = get_sgd(dict(self.params), opt.lr, opt.momentum, 0.0, opt.weight_decay, False)
+        m = {n: torch.zeros_like(p) for n, p in self.params.items()} if opt.name == "adam" else {}
+        vv = {n: torch.zeros_like(p) for n, p in self.params.items()} if opt.name == "adam" else {}
+        losses: list[float] = []
+        examples, steps, aborted = 0, 0, False
+        t0 = time.perf_counter()
+        for b in batches:
+            if steps >= max_steps or time.perf_counter() - t0 >= max_seconds:
+                break
+            if should_continue is not None and not should_continue():
+                aborted = True
+                break
+            out = self._run(b)
+            losses.append(float(out[0].item()))
+            grads = dict(zip(self._names, out[self._grad_start : self._param_start], strict=True))
+            if sgd is not None:
+                sgd.step(grads)  # reads the gradients before the next run overwrites them
+            else:
+                self._adam(grads, m, vv, steps + 1, opt)
+            steps += 1
+            examples += b.n_targets
+        secs = time.perf_counter() - t0
+        if not losses:
+            return TrainStats(0, 0, math.nan, math.nan, math.nan, secs, aborted)
+        return TrainStats(
+            steps, examples, float(np.mean(losses)), losses[0], losses[-1], secs, aborted
+        )
+
+    @torch.no_grad()
+    def _adam(
+        self,
+        grads: dict[str, torch.Tensor],
+        m: dict[str, torch.Tensor],
+        v: dict[str, torch.Tensor],
+        t: int,
+        opt: OptimizerConfig,
+    ) -> None:
+        b1, b2 = opt.betas
+        c1, c2 = 1 - b1**t, 1 - b2**t
+        for name, p in self.params.items():
+            g = grads[name]
+            if opt.weight_decay:
+                p.mul_(1 - opt.lr * opt.weight_decay)
+            m[name].mul_(b1).add_(g, alpha=1 - b1)
+            v[name].mul_(b2).addcmul_(g, g, value=1 - b2)
+            p.addcdiv_(m[name] / c1, (v[name] / c2).sqrt_().add_(opt.eps), value=-opt.lr)

@@ -1,0 +1,3 @@
+"""fedkeys: federated learning of keyboard next-word models on real devices."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,48 @@
+"""Terminal output for the CLI: a rich progress display and tables."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+__all__ = ["console", "print_table", "rich_progress"]
+
+console = Console(stderr=False)
+
+
+@contextmanager
+def rich_progress() -> Iterator[Callable[[str, int], Callable[[int, int, str], None]]]:
+    """Yields a factory ``(name, total) -> update(done, total, status)`` backed by one display."""
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[status]}"),
+        console=console,
+        transient=False,
+    ) as progress:
+
+        def factory(name: str, total: int) -> Callable[[int, int, str], None]:
+            task = progress.add_task(name, total=total, status="")
+
+            def update(done: int, total_: int, status: str) -> None:
+                progress.update(task, completed=done, total=total_, status=status)
+
+            return update
+
+        yield factory
+
+
+def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    table = Table(title=title)
+    for c in columns:
+        table.add_column(c, justify="right" if c != columns[0] else "left")
+    for r in rows:
+        table.add_row(*[f"{v:.4g}" if isinstance(v, float) else str(v) for v in r])
+    console.print(table)

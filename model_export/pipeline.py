@@ -1,0 +1,282 @@
+"""The server-side model pipeline: corpus -> tokenizer -> teacher -> distilled student ->
+ExecuTorch bundle -> evaluation on heldout users. Every stage is cached in a work directory
+and long stages checkpoint, so an interrupted build resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from edge_client.batching import Batch, encode_messages, pack_batches
+from edge_client.bundle import Bundle, load_bundle
+from edge_client.predictor import BeamSearch, StepModel
+from edge_client.runtime import Predictor, ProgramModel
+from edge_client.tokenizer import Tokenizer
+from model_export.data import Corpus, load_corpus, normalize, split_corpus
+from model_export.eager import EagerStepModel
+from model_export.evaluate import (
+    EvalResult,
+    eval_messages,
+    fitting,
+    keystroke_savings,
+    next_word_accuracy,
+    ngram_perplexity,
+    piece_perplexity,
+)
+from model_export.export import build_bundle, model_from_bundle
+from model_export.model import ModelConfig, TransformerLM
+from model_export.ngram import TrigramLM
+from model_export.profiles import Profile
+from model_export.tokenizer import train_tokenizer
+from model_export.train import TrainConfig, train_lm
+
+__all__ = [
+    "BuildResult",
+    "Progress",
+    "SplitTexts",
+    "build",
+    "evaluate_bundle",
+    "evaluate_ngram",
+    "evaluate_step_model",
+    "prepare_texts",
+    "train_model",
+]
+
+log = logging.getLogger(__name__)
+
+ProgressFn = Callable[[int, int, str], None]
+
+
+class Progress(Protocol):
+    """Makes a per-task progress callback ``fn(done, total, status)``."""
+
+    def __call__(self, name: str, total: int) -> ProgressFn: ...
+
+
+def no_progress(name: str, total: int) -> ProgressFn:
+    return lambda done, total_, status: None
+
+
+@dataclass(frozen=True)
+class SplitTexts:
+    """Normalised messages per role. Public users are split again into train and validation."""
+
+    public_train: list[str]
+    public_val: list[str]
+    federated: list[str]
+    heldout: Corpus
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha256()
+        for t in self.public_train:
+            h.update(t.encode())
+            h.update(b"\n")
+        return h.hexdigest()[:16]
+
+
+def prepare_texts(corpus: Corpus) -> SplitTexts:
+    parts = split_corpus(corpus)
+    public = parts["public"]
+    val_users = {u for u in public if hashlib.sha256(f"val:{u}".encode()).digest()[0] % 10 == 0}
+    if not val_users and len(public) > 1:
+        val_users = {sorted(public)[0]}
+
+    def texts(users: Sequence[str], c: Corpus) -> list[str]:
+        return [t for u in users for m in c[u] if (t := normalize(m.text))]
+
+    train_users = sorted(u for u in public if u not in val_users)
+    return SplitTexts(
+        public_train=texts(train_users, public),
+        public_val=texts(sorted(val_users), public),
+        federated=texts(sorted(parts["federated"]), parts["federated"]),
+        heldout=parts["heldout"],
+    )
+
+
+def _cached_model(path: Path, fingerprint: str) -> TransformerLM | None:
+    meta = path.with_suffix(".json")
+    if not (path.exists() and meta.exists()):
+        return None
+    info = json.loads(meta.read_text())
+    if info.get("fingerprint") != fingerprint:
+        return None
+    lm = TransformerLM(ModelConfig(**info["config"]))
+    lm.load_state_dict(torch.load(path, weights_only=True))
+    return lm.eval()
+
+
+def train_model(
+    name: str,
+    work: Path,
+    model_cfg: ModelConfig,
+    train_cfg: TrainConfig,
+    train_seqs: Sequence[object],
+    val_batches: Sequence[Batch],
+    data_fp: str,
+    progress: Progress,
+    teacher: TransformerLM | None = None,
+) -> TransformerLM:
+    """Train (or load from the work directory) one model; resumable through its checkpoint."""
+    fp = hashlib.sha256(
+        json.dumps([asdict(model_cfg), asdict(train_cfg), data_fp, teacher is not None], sort_keys=True).encode()
+    ).hexdigest()[:16]
+    path = work / f"{name}.pt"
+    cached = _cached_model(path, fp)
+    if cached is not None:
+        log.info("%s: using cached %s", name, path)
+        return cached
+    res = train_lm(
+        model_cfg, train_cfg, train_seqs, val_batches,  # type: ignore[arg-type]
+        teacher=teacher, checkpoint=work / f"{name}.ckpt", progress=progress(f"train {name}", train_cfg.steps),
+    )
+    torch.save(res.model.state_dict(), path)
+    path.with_suffix(".json").write_text(
+        json.dumps({"fingerprint": fp, "config": asdict(model_cfg), "best_val_loss": res.best_val_loss,
+                    "seconds": res.seconds, "tokens_per_second": res.tokens_per_second})
+    )
+    log.info("%s: val loss %.3f in %.0f s", name, res.best_val_loss, res.seconds)
+    return res.model
+
+
+@dataclass
+class BuildResult:
+    bundle: Bundle
+    table: list[EvalResult]
+    seconds: float
+
+
+def _eval_sets(heldout: Corpus, profile: Profile) -> tuple[list[str], list[str]]:
+    texts = eval_messages(heldout, profile.eval_messages, seed=0)
+    ksr = eval_messages(heldout, profile.ksr_messages, seed=1)
+    return texts, ksr
+
+
+def evaluate_step_model(
+    name: str,
+    model: StepModel,
+    score: Callable[[list[int]], object],
+    tokenizer: Tokenizer,
+    texts: Sequence[str],
+    ksr_texts: Sequence[str],
+    progress: Progress = no_progress,
+) -> EvalResult:
+    search = BeamSearch(model, tokenizer)
+    calls = 0
+
+    def suggest(text: str, k: int) -> list[str]:
+        nonlocal calls
+        calls += 1
+        return [s.word for s in search.suggest(text, k)]
+
+    t0 = time.perf_counter()
+    report = progress(f"evaluate {name}", 3)
+    top1, top3, n = next_word_accuracy(suggest, texts)
+    report(1, 3, "top-k")
+    ksr = keystroke_savings(suggest, ksr_texts)
+    secs = time.perf_counter() - t0
+    report(2, 3, "ksr")
+    ppl_w, ppl_t = piece_perplexity(score, tokenizer, fitting(tokenizer, texts, model.max_seq_len))  # type: ignore[arg-type]
+    report(3, 3, "ppl")
+    return EvalResult(name, top1, top3, ksr, ppl_w, ppl_t, n, 1000 * secs / max(calls, 1))
+
+
+def evaluate_ngram(
+    name: str, lm: TrigramLM, texts: Sequence[str], ksr_texts: Sequence[str], ppl_texts: Sequence[str]
+) -> EvalResult:
+    calls = 0
+
+    def suggest(text: str, k: int) -> list[str]:
+        nonlocal calls
+        calls += 1
+        return lm.suggest(text, k)
+
+    t0 = time.perf_counter()
+    top1, top3, n = next_word_accuracy(suggest, texts)
+    ksr = keystroke_savings(suggest, ksr_texts)
+    secs = time.perf_counter() - t0
+    ppl = ngram_perplexity(lm.message_logprob, ppl_texts)
+    return EvalResult(name, top1, top3, ksr, ppl, float("nan"), n, 1000 * secs / max(calls, 1))
+
+
+def evaluate_bundle(
+    bundle: Bundle, heldout: Corpus, profile: Profile, progress: Progress = no_progress, name: str = "student"
+) -> EvalResult:
+    """Evaluate what devices run: the bundle's ``predict.pte`` through the device runtime."""
+    texts, ksr = _eval_sets(heldout, profile)
+    pred = Predictor.from_bundle(bundle)
+    model: ProgramModel = pred.model
+    return evaluate_step_model(name, model, model.score, pred.tokenizer, texts, ksr, progress)
+
+
+def build(
+    profile: Profile,
+    out: Path,
+    work: Path,
+    corpus_source: str | Path | None = None,
+    progress: Progress = no_progress,
+    evaluate: bool = True,
+) -> BuildResult:
+    """Build the bundle of ``profile`` into ``out`` and evaluate it (cached in ``work``)."""
+    t0 = time.perf_counter()
+    work.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    split = prepare_texts(load_corpus(corpus_source))
+    if not split.public_train:
+        raise ValueError("the corpus has no users in the public split; it is too small to build a model")
+    data_fp = split.fingerprint()
+    tok_path = work / f"tokenizer-{profile.vocab_size}-{data_fp}.model"
+    if not tok_path.exists():
+        tok_path.write_bytes(train_tokenizer(split.public_train, profile.vocab_size))
+    tokenizer_model = tok_path.read_bytes()
+    tok = Tokenizer(tokenizer_model)
+    if tok.vocab_size != profile.vocab_size:
+        raise ValueError(f"tokenizer has {tok.vocab_size} pieces, profile needs {profile.vocab_size}")
+    seq = profile.student.max_seq_len
+    train_seqs = encode_messages(tok, split.public_train, seq)
+    val_batches = list(pack_batches(encode_messages(tok, split.public_val or split.public_train[:200], seq),
+                                    profile.student_train.batch_size, seq))
+    teacher = train_model(f"{profile.name}-teacher", work, profile.teacher, profile.teacher_train,
+                          train_seqs, val_batches, data_fp, progress)
+    student = train_model(f"{profile.name}-student", work, profile.student, profile.student_train,
+                          train_seqs, val_batches, data_fp, progress, teacher=teacher)
+    report = progress("export programs", 1)
+    build_bundle(out, student, tokenizer_model, profile.bundle, profile=profile.name)
+    report(1, 1, "done")
+    bundle = load_bundle(out)
+    table: list[EvalResult] = []
+    if evaluate:
+        table = evaluate_all(bundle, teacher, tok, split, profile, progress)
+        metrics = {f"{r.name}.{k}": float(v) for r in table for k, v in r.as_dict().items()
+                   if isinstance(v, float | int) and math.isfinite(v)}
+        (out / "eval.json").write_text(json.dumps([r.as_dict() for r in table], indent=2))
+        m = bundle.manifest.model_copy(update={"metrics": metrics})
+        (out / "manifest.json").write_text(m.model_dump_json(indent=2))
+        bundle = load_bundle(out)
+    return BuildResult(bundle, table, time.perf_counter() - t0)
+
+
+def evaluate_all(
+    bundle: Bundle, teacher: TransformerLM, tok: Tokenizer, split: SplitTexts, profile: Profile,
+    progress: Progress,
+) -> list[EvalResult]:
+    texts, ksr = _eval_sets(split.heldout, profile)
+    rows = [evaluate_bundle(bundle, split.heldout, profile, progress)]
+    eager = EagerStepModel(teacher, profile.bundle.beam_batch)
+    rows.append(evaluate_step_model("teacher", eager, eager.score, tok, texts, ksr, progress))
+    ngram = TrigramLM().fit(split.public_train + split.public_val)
+    rows.append(evaluate_ngram("trigram", ngram, texts, ksr, fitting(tok, texts, profile.student.max_seq_len)))
+    return rows
+
+
+def student_eager(bundle: Bundle) -> TransformerLM:
+    return model_from_bundle(bundle.root, bundle.manifest)
