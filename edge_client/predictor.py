@@ -111,7 +111,7 @@ class BeamSearch:
             logp, k_new, v_new = self.model.step(tokens, pos, kc, vc)
             children: list[tuple[float, int, int, str]] = []
             for row, (surface, score, _) in enumerate(hyps):
-                if surface.startswith(partial) and surface:
+                if surface.startswith(partial) and surface and surface[-1] != "'":
                     end = score + _logsumexp(logp[row, ends])
                     prev = finished.get(surface)
                     finished[surface] = end if prev is None else float(np.logaddexp(prev, end))

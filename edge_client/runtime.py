@@ -179,6 +179,12 @@ class Trainer:
         """Loss of one batch (this also computes gradients; parameters do not change)."""
         return float(self._run(b)[0].item())
 
+    def gradients(self, b: Batch) -> tuple[float, dict[str, torch.Tensor]]:
+        """Loss and gradient (copies) of one batch, without changing the parameters."""
+        out = self._run(b)
+        grads = out[self._grad_start : self._param_start]
+        return float(out[0].item()), {n: g.clone() for n, g in zip(self._names, grads, strict=True)}
+
     def train(
         self,
         batches: Iterable[Batch],

@@ -41,6 +41,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # global L2 norm clip
     eval_every: int = 200  # validation (and checkpoint) interval in steps
     seed: int = 0
+    bf16: bool = True  # bfloat16 autocast for matmuls (about 2x faster on CPUs with AVX512-BF16)
     # distillation (used only when a teacher is given)
     temperature: float = 2.0  # softmax temperature for the KL term
     alpha: float = 0.7  # weight of the KL term; 1 - alpha goes to cross-entropy
@@ -100,6 +101,14 @@ def _distill_loss(
     return cfg.alpha * temp * temp * kl + (1 - cfg.alpha) * ce
 
 
+def _bf16_is_fast() -> bool:
+    """bfloat16 autocast only where the CPU has native bf16 dot products (else it is slower)."""
+    try:
+        return bool(torch.cpu._is_avx512_bf16_supported())
+    except AttributeError:
+        return False
+
+
 def _lr_at(step: int, cfg: TrainConfig) -> float:
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
@@ -156,6 +165,7 @@ def train_lm(
         return list(pack_batches(train_seqs, cfg.batch_size, model_cfg.max_seq_len, rng, drop_last=True))
 
     batches: list[Batch] = []
+    use_bf16 = cfg.bf16 and _bf16_is_fast()
     lm.train()
     t0 = time.perf_counter()
     while step < cfg.steps:
@@ -167,15 +177,16 @@ def train_lm(
         tokens, targets, positions, segments = _tensors(b)
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, cfg)
-        logits = lm.packed_logits(tokens, positions, segments)
-        if teacher is None:
-            loss = F.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX
-            )
-        else:
-            with torch.no_grad():
-                t_logits = teacher.packed_logits(tokens, positions, segments)
-            loss = _distill_loss(logits, t_logits, targets, cfg)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
+            logits = lm.packed_logits(tokens, positions, segments).float()
+            if teacher is None:
+                loss = F.cross_entropy(
+                    logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX
+                )
+            else:
+                with torch.no_grad():
+                    t_logits = teacher.packed_logits(tokens, positions, segments).float()
+                loss = _distill_loss(logits, t_logits, targets, cfg)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(lm.parameters(), cfg.grad_clip)

@@ -1,0 +1,45 @@
+# fedkeys: `make demo` runs the main job end to end; `make test` runs every test.
+# Both set up .venv first (torch==2.13.0 before everything else: a bare `torch` pulls CUDA).
+
+PYTHON ?= python3.11
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
+ART    := artifacts
+
+.PHONY: setup demo test lint typecheck unit bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON)"; exit 1; }
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q executorch==1.5.1
+	$(BIN)/pip install -q -e ".[all]"
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+demo: setup
+	$(BIN)/fedkeys export build --profile demo --out $(ART)/demo/bundle --work $(ART)/work
+	@for t in "how are " "i am going to the " "what do you th" "see you tomor"; do \
+	  echo "--- suggestions after '$$t'"; $(BIN)/fedkeys suggest --bundle $(ART)/demo/bundle "$$t"; done
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: setup
+	$(BIN)/mypy
+
+unit: setup
+	$(BIN)/pytest -q -n 2 --timeout 900
+
+test: lint typecheck unit
+
+bench: setup
+	$(BIN)/python bench/model_bench.py
+
+clean:
+	rm -rf $(ART) .pytest_cache .mypy_cache .ruff_cache
