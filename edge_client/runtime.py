@@ -94,7 +94,9 @@ class Predictor:
     def from_bundle(cls, bundle: Bundle, program: Path | None = None) -> Predictor:
         """``program`` overrides the bundle's own ``predict.pte`` (a newer model version)."""
         spec = bundle.manifest.predict
-        model = ProgramModel(program or bundle.path(spec.program), spec.max_seq_len, spec.beam_batch)
+        model = ProgramModel(
+            program or bundle.path(spec.program), spec.max_seq_len, spec.beam_batch
+        )
         return cls(model, Tokenizer(bundle.path(bundle.manifest.tokenizer)))
 
     def suggest(self, text: str, k: int = 3) -> list[Suggestion]:
@@ -151,7 +153,9 @@ class Trainer:
             segments=np.zeros((batch_size, seq_len), dtype=np.int64),
         )
         outs = self._run(pad)
-        self.params: dict[str, torch.Tensor] = dict(zip(self._names, outs[self._param_start :], strict=True))
+        self.params: dict[str, torch.Tensor] = dict(
+            zip(self._names, outs[self._param_start :], strict=True)
+        )
 
     @classmethod
     def from_bundle(cls, bundle: Bundle) -> Trainer:
@@ -160,7 +164,9 @@ class Trainer:
 
     def _run(self, b: Batch) -> list[torch.Tensor]:
         if b.tokens.shape != (self.batch_size, self.seq_len):
-            raise ValueError(f"batch shape {b.tokens.shape} != program's {(self.batch_size, self.seq_len)}")
+            raise ValueError(
+                f"batch shape {b.tokens.shape} != program's {(self.batch_size, self.seq_len)}"
+            )
         args = [torch.from_numpy(a) for a in (b.tokens, b.targets, b.positions, b.segments)]
         out: list[torch.Tensor] = self._module.run_method("forward", args, clone_outputs=False)
         return out

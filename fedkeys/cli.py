@@ -11,6 +11,10 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from model_export.evaluate import EvalResult
 
 __all__ = ["main"]
 
@@ -22,11 +26,17 @@ class UsageError(Exception):
 def _add_export(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("export", help="build and evaluate model bundles")
     s = p.add_subparsers(dest="action", required=True)
-    b = s.add_parser("build", help="tokenizer, teacher, distilled student, ExecuTorch bundle, evaluation")
+    b = s.add_parser(
+        "build", help="tokenizer, teacher, distilled student, ExecuTorch bundle, evaluation"
+    )
     b.add_argument("--profile", default="demo", help="tiny | demo | full (default: demo)")
     b.add_argument("--out", type=Path, required=True, help="bundle directory to write")
-    b.add_argument("--work", type=Path, default=None, help="cache of trained models (default: OUT/../work)")
-    b.add_argument("--corpus", default=None, help="chitchat (default), a .jsonl file or a folder of texts")
+    b.add_argument(
+        "--work", type=Path, default=None, help="cache of trained models (default: OUT/../work)"
+    )
+    b.add_argument(
+        "--corpus", default=None, help="chitchat (default), a .jsonl file or a folder of texts"
+    )
     b.add_argument("--no-eval", action="store_true", help="skip the evaluation on heldout users")
     e = s.add_parser("evaluate", help="evaluate a bundle's predict.pte on heldout users")
     e.add_argument("--bundle", type=Path, required=True)
@@ -38,11 +48,15 @@ def _add_suggest(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p = sub.add_parser("suggest", help="next-word suggestions from a bundle's predict.pte")
     p.add_argument("--bundle", type=Path, required=True)
     p.add_argument("-k", type=int, default=3, help="number of suggestions")
-    p.add_argument("text", nargs="+", help="what was typed so far (a trailing space means 'next word')")
+    p.add_argument(
+        "text", nargs="+", help="what was typed so far (a trailing space means 'next word')"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fedkeys", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser = argparse.ArgumentParser(
+        prog="fedkeys", description=__doc__.splitlines()[0] if __doc__ else None
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_export(sub)
@@ -66,15 +80,26 @@ def _export_build(args: argparse.Namespace) -> None:
     console.print(f"bundle: {result.bundle.root} (built in {result.seconds:.0f} s)")
 
 
-def _print_eval(rows: Sequence[object]) -> None:
+def _print_eval(rows: Sequence[EvalResult]) -> None:
     from fedkeys.console import print_table
 
     if rows:
         print_table(
             "Next-word prediction on heldout users",
             ["model", "top-1", "top-3", "KSR", "ppl/word", "ppl/piece", "words", "ms/suggestion"],
-            [[r.name, r.top1, r.top3, r.ksr, r.ppl_word, r.ppl_token, r.words, r.ms_per_suggestion]  # type: ignore[attr-defined]
-             for r in rows],
+            [
+                [
+                    r.name,
+                    r.top1,
+                    r.top3,
+                    r.ksr,
+                    r.ppl_word,
+                    r.ppl_token,
+                    r.words,
+                    r.ms_per_suggestion,
+                ]
+                for r in rows
+            ],
         )
 
 
@@ -92,7 +117,9 @@ def _export_evaluate(args: argparse.Namespace) -> None:
     if args.messages is not None:
         if args.messages <= 0:
             raise UsageError("--messages must be positive")
-        profile = replace(profile, eval_messages=args.messages, ksr_messages=max(1, args.messages // 6))
+        profile = replace(
+            profile, eval_messages=args.messages, ksr_messages=max(1, args.messages // 6)
+        )
     heldout = split_corpus(load_corpus(args.corpus))["heldout"]
     if not heldout:
         raise UsageError("the corpus has no heldout users")

@@ -79,7 +79,9 @@ def _parse_time(value: object, where: str) -> datetime:
         try:
             ts = datetime.fromisoformat(value.replace("Z", "+00:00"))
         except ValueError:
-            raise CorpusError(f"{where}: timestamp {value!r} is not ISO 8601 or epoch seconds") from None
+            raise CorpusError(
+                f"{where}: timestamp {value!r} is not ISO 8601 or epoch seconds"
+            ) from None
         return ts if ts.tzinfo else ts.replace(tzinfo=UTC)
     raise CorpusError(f"{where}: timestamp must be an ISO 8601 string or epoch seconds")
 
@@ -157,8 +159,8 @@ def load_text_dir(path: Path) -> Corpus:
             try:
                 lines = file.read_text(encoding="utf-8").splitlines()
             except UnicodeDecodeError as e:
-                line = file.read_bytes()[: e.start].count(b"\n") + 1
-                raise CorpusError(f"{file}:{line}: not valid UTF-8") from None
+                bad_line = file.read_bytes()[: e.start].count(b"\n") + 1
+                raise CorpusError(f"{file}:{bad_line}: not valid UTF-8") from None
             for lineno, line in enumerate(lines, 1):
                 if line.strip():
                     yield Message(file.stem, line.strip(), datetime.fromtimestamp(lineno, tz=UTC))

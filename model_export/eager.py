@@ -36,8 +36,10 @@ class EagerStepModel:
         self, tokens: npt.NDArray[np.int64], pos: int, k: FloatArray, v: FloatArray
     ) -> tuple[FloatArray, FloatArray, FloatArray]:
         logp, kn, vn = self._step(
-            torch.from_numpy(tokens).view(-1, 1), torch.tensor([pos]),
-            torch.from_numpy(np.ascontiguousarray(k)), torch.from_numpy(np.ascontiguousarray(v)),
+            torch.from_numpy(tokens).view(-1, 1),
+            torch.tensor([pos]),
+            torch.from_numpy(np.ascontiguousarray(k)),
+            torch.from_numpy(np.ascontiguousarray(v)),
         )
         return logp.numpy(), kn.numpy(), vn.numpy()
 

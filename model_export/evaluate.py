@@ -24,9 +24,9 @@ __all__ = [
     "EvalResult",
     "eval_messages",
     "fitting",
-    "ngram_perplexity",
     "keystroke_savings",
     "next_word_accuracy",
+    "ngram_perplexity",
     "piece_perplexity",
     "targets",
 ]

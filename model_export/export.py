@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import tarfile
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -83,11 +83,16 @@ def trainable_layout(lm: TransformerLM, trainable: Trainable) -> Layout:
 def _train_example(cfg: ModelConfig, batch: int) -> tuple[torch.Tensor, ...]:
     s = cfg.max_seq_len
     tokens = torch.randint(4, cfg.vocab_size, (batch, s))
-    return tokens, tokens.clone(), torch.arange(s).expand(batch, s).contiguous(), torch.zeros(batch, s, dtype=torch.long)
+    return (
+        tokens,
+        tokens.clone(),
+        torch.arange(s).expand(batch, s).contiguous(),
+        torch.zeros(batch, s, dtype=torch.long),
+    )
 
 
 def export_train_program(lm: TransformerLM, trainable: Trainable, batch: int) -> bytes:
-    """The joint forward+backward program (loss is output 0), XNNPACK per-op with dynamic weights."""
+    """The joint forward+backward program (loss first), XNNPACK per-op with dynamic weights."""
     from executorch.backends.xnnpack.partition.config.gemm_configs import MMConfig
     from executorch.backends.xnnpack.partition.config.generic_node_configs import (
         AddConfig,
@@ -105,7 +110,7 @@ def export_train_program(lm: TransformerLM, trainable: Trainable, batch: int) ->
 
     ctx = _quiet()
     try:
-        model = TransformerLM(ModelConfig(**{**lm.cfg.to_dict(), "dropout": 0.0}))  # type: ignore[arg-type]
+        model = TransformerLM(replace(lm.cfg, dropout=0.0))
         model.load_state_dict(lm.state_dict())
         model.set_trainable(trainable)
         ep = torch.export.export(TrainStep(model), _train_example(model.cfg, batch), strict=True)
@@ -113,8 +118,17 @@ def export_train_program(lm: TransformerLM, trainable: Trainable, batch: int) ->
         # One delegate per op: larger XNNPACK partitions would capture pass-through outputs of
         # the joint graph, and weights must stay runtime inputs (not packed constants).
         partitioner = XnnpackPartitioner(
-            configs=[MMConfig, BMMConfig, PermuteConfig, GeluConfig, SoftmaxConfig, TanhConfig,
-                     ExpConfig, MulConfig, AddConfig],
+            configs=[
+                MMConfig,
+                BMMConfig,
+                PermuteConfig,
+                GeluConfig,
+                SoftmaxConfig,
+                TanhConfig,
+                ExpConfig,
+                MulConfig,
+                AddConfig,
+            ],
             per_op_mode=True,
             force_non_static_weights_for_f32_linear=True,
         )
@@ -132,7 +146,12 @@ def _predict_examples(cfg: ModelConfig, beam: int) -> dict[str, tuple[torch.Tens
     cache = torch.zeros(cfg.n_layers, beam, cfg.n_heads, s, cfg.head_dim)
     return {
         "prefill": (tokens, torch.tensor([length])),
-        "step": (torch.randint(4, cfg.vocab_size, (beam, 1)), torch.tensor([length]), cache, cache.clone()),
+        "step": (
+            torch.randint(4, cfg.vocab_size, (beam, 1)),
+            torch.tensor([length]),
+            cache,
+            cache.clone(),
+        ),
         "score": (tokens, torch.roll(tokens, -1, 1)),
     }
 
@@ -145,7 +164,11 @@ def export_predict_program(lm: TransformerLM, quantization: Quantization, beam: 
     ctx = _quiet()
     try:
         model = lm.merged()
-        modules = {"prefill": PredictPrefill(model), "step": PredictStep(model), "score": PredictScore(model)}
+        modules = {
+            "prefill": PredictPrefill(model),
+            "step": PredictStep(model),
+            "score": PredictScore(model),
+        }
         examples = _predict_examples(model.cfg, beam)
         programs = {}
         for name, module in modules.items():
@@ -154,13 +177,17 @@ def export_predict_program(lm: TransformerLM, quantization: Quantization, beam: 
             if quantization == "int8":
                 ep = _quantize_int8(ep, args)
             programs[name] = ep
-        prog = to_edge_transform_and_lower(programs, partitioner=[XnnpackPartitioner()]).to_executorch()
+        prog = to_edge_transform_and_lower(
+            programs, partitioner=[XnnpackPartitioner()]
+        ).to_executorch()
         return bytes(prog.buffer)
     finally:
         ctx.__exit__(None, None, None)
 
 
-def _quantize_int8(ep: torch.export.ExportedProgram, args: tuple[torch.Tensor, ...]) -> torch.export.ExportedProgram:
+def _quantize_int8(
+    ep: torch.export.ExportedProgram, args: tuple[torch.Tensor, ...]
+) -> torch.export.ExportedProgram:
     """int8 per-channel weights, dynamic int8 activations (XNNPACK's quantizer, PT2E flow)."""
     from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
         XNNPACKQuantizer,
@@ -176,7 +203,7 @@ def _quantize_int8(ep: torch.export.ExportedProgram, args: tuple[torch.Tensor, .
     quantizer.set_filter_function(
         lambda node: not any("tok_emb" in str(getattr(a, "target", a)) for a in node.args)
     )
-    prepared = prepare_pt2e(ep.module(), quantizer)  # type: ignore[arg-type]
+    prepared = prepare_pt2e(ep.module(), quantizer)
     prepared(*args)
     return torch.export.export(convert_pt2e(prepared), args, strict=True)
 
@@ -215,32 +242,49 @@ def build_bundle(
     _save_tensors(out / "weights.safetensors", {n: state[n] for n in layout.names})
     base = None
     if spec.trainable == "lora":
-        _save_tensors(out / "base.safetensors", {n: a for n, a in state.items() if n not in layout.names})
+        _save_tensors(
+            out / "base.safetensors", {n: a for n, a in state.items() if n not in layout.names}
+        )
         base = _file_entry(out / "base.safetensors")
     log.info("exporting train.pte (%s)", spec.trainable)
-    (out / "train.pte").write_bytes(train_program or export_train_program(lm, spec.trainable, spec.train_batch))
+    (out / "train.pte").write_bytes(
+        train_program or export_train_program(lm, spec.trainable, spec.train_batch)
+    )
     log.info("exporting predict.pte (%s)", spec.quantization)
-    (out / "predict.pte").write_bytes(export_predict_program(lm, spec.quantization, spec.beam_batch))
+    (out / "predict.pte").write_bytes(
+        export_predict_program(lm, spec.quantization, spec.beam_batch)
+    )
     cfg = lm.cfg
     manifest = Manifest(
         model_version=model_version,
         profile=profile,
         architecture=Architecture(
-            vocab_size=cfg.vocab_size, max_seq_len=cfg.max_seq_len, d_model=cfg.d_model,
-            n_layers=cfg.n_layers, n_heads=cfg.n_heads, d_ff=cfg.d_ff,
-            tie_embeddings=cfg.tie_embeddings, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
+            vocab_size=cfg.vocab_size,
+            max_seq_len=cfg.max_seq_len,
+            d_model=cfg.d_model,
+            n_layers=cfg.n_layers,
+            n_heads=cfg.n_heads,
+            d_ff=cfg.d_ff,
+            tie_embeddings=cfg.tie_embeddings,
+            lora_rank=cfg.lora_rank,
+            lora_alpha=cfg.lora_alpha,
             parameters=sum(p.numel() for p in lm.parameters()),
         ),
         tokenizer=_file_entry(out / "tokenizer.model"),
         weights=_file_entry(out / "weights.safetensors"),
         base_weights=base,
         train=TrainSpec(
-            program=_file_entry(out / "train.pte"), batch_size=spec.train_batch,
-            seq_len=cfg.max_seq_len, trainable=spec.trainable, layout=layout,
+            program=_file_entry(out / "train.pte"),
+            batch_size=spec.train_batch,
+            seq_len=cfg.max_seq_len,
+            trainable=spec.trainable,
+            layout=layout,
         ),
         predict=PredictSpec(
-            program=_file_entry(out / "predict.pte"), quantization=spec.quantization,
-            beam_batch=spec.beam_batch, max_seq_len=cfg.max_seq_len,
+            program=_file_entry(out / "predict.pte"),
+            quantization=spec.quantization,
+            beam_batch=spec.beam_batch,
+            max_seq_len=cfg.max_seq_len,
         ),
         metrics=metrics or {},
     )
@@ -261,15 +305,24 @@ def write_tarball(bundle_dir: Path) -> Path:
     return tar_path
 
 
-def model_from_bundle(root: Path, manifest: Manifest, weights: FloatVec | None = None) -> TransformerLM:
+def model_from_bundle(
+    root: Path, manifest: Manifest, weights: FloatVec | None = None
+) -> TransformerLM:
     """Rebuild the eager model of a bundle, optionally with another flat trainable vector."""
     from safetensors.numpy import load_file
 
     arch = manifest.architecture
     cfg = ModelConfig(
-        vocab_size=arch.vocab_size, max_seq_len=arch.max_seq_len, d_model=arch.d_model,
-        n_layers=arch.n_layers, n_heads=arch.n_heads, d_ff=arch.d_ff, dropout=0.0,
-        tie_embeddings=arch.tie_embeddings, lora_rank=arch.lora_rank, lora_alpha=arch.lora_alpha,
+        vocab_size=arch.vocab_size,
+        max_seq_len=arch.max_seq_len,
+        d_model=arch.d_model,
+        n_layers=arch.n_layers,
+        n_heads=arch.n_heads,
+        d_ff=arch.d_ff,
+        dropout=0.0,
+        tie_embeddings=arch.tie_embeddings,
+        lora_rank=arch.lora_rank,
+        lora_alpha=arch.lora_alpha,
     )
     lm = TransformerLM(cfg)
     state: dict[str, Any] = {}
@@ -282,4 +335,3 @@ def model_from_bundle(root: Path, manifest: Manifest, weights: FloatVec | None =
         state.update(layout.unflatten(weights))
     lm.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()})
     return lm.eval()
-

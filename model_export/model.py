@@ -8,8 +8,8 @@ KV-cached inference program for ExecuTorch. Shapes are noted as ``# [B, T, D]``.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
-from typing import Literal
+from dataclasses import asdict, dataclass, replace
+from typing import Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -20,13 +20,12 @@ from edge_client.batching import IGNORE_INDEX  # targets equal to this do not co
 __all__ = [
     "LoRALinear",
     "ModelConfig",
-    "TransformerLM",
-    "TrainStep",
     "PredictPrefill",
     "PredictScore",
     "PredictStep",
+    "TrainStep",
+    "TransformerLM",
 ]
-
 
 
 @dataclass(frozen=True)
@@ -128,10 +127,12 @@ class Block(nn.Module):
         att = self.dropout(torch.softmax(att, dim=-1))
         y = att @ v  # [B, H, Tq, Dh]
         b, _, tq, _ = y.shape
-        return y.transpose(1, 2).reshape(b, tq, self.n_heads * self.head_dim)
+        out: Tensor = y.transpose(1, 2).reshape(b, tq, self.n_heads * self.head_dim)
+        return out
 
     def mlp(self, x: Tensor) -> Tensor:
-        return self.dropout(self.down(F.gelu(self.up(self.mlp_norm(x)), approximate="tanh")))
+        out: Tensor = self.dropout(self.down(F.gelu(self.up(self.mlp_norm(x)), approximate="tanh")))
+        return out
 
     def forward(self, x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Full-sequence pass; returns the new residual and this layer's keys and values."""
@@ -171,6 +172,10 @@ class TransformerLM(nn.Module):
         for name, p in self.named_parameters():  # scaled init of residual projections (GPT-2)
             if name.endswith(("proj.weight", "down.weight")):
                 nn.init.normal_(p, std=0.02 / math.sqrt(2 * cfg.n_layers))
+
+    @property
+    def layers(self) -> list[Block]:
+        return [cast(Block, b) for b in self.blocks]
 
     @staticmethod
     def _init(m: nn.Module) -> None:
@@ -236,7 +241,7 @@ class TransformerLM(nn.Module):
 
     def merged(self) -> TransformerLM:
         """A copy without adapters (LoRA folded into the base weights) for inference export."""
-        cfg = ModelConfig(**{**self.cfg.to_dict(), "lora_rank": 0, "dropout": 0.0})  # type: ignore[arg-type]
+        cfg = replace(self.cfg, lora_rank=0, dropout=0.0)
         out = TransformerLM(cfg)
         state = {}
         for name, module in self.named_modules():
@@ -256,7 +261,9 @@ class TrainStep(nn.Module):
         super().__init__()
         self.lm = lm
 
-    def forward(self, tokens: Tensor, targets: Tensor, positions: Tensor, segments: Tensor) -> Tensor:
+    def forward(
+        self, tokens: Tensor, targets: Tensor, positions: Tensor, segments: Tensor
+    ) -> Tensor:
         return self.lm.loss(tokens, targets, positions, segments)
 
 
@@ -298,7 +305,7 @@ class PredictStep(nn.Module):
         valid = torch.cat([torch.arange(s) < pos, torch.ones(1, dtype=torch.bool)])  # [S+1]
         mask = torch.where(valid, 0.0, float("-inf")).view(1, 1, 1, s + 1)
         ks, vs = [], []
-        for i, block in enumerate(self.lm.blocks):
+        for i, block in enumerate(self.lm.layers):
             x, k, v = block.step(x, k_cache[i], v_cache[i], mask)
             ks.append(k)
             vs.append(v)

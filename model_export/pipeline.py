@@ -11,13 +11,12 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Protocol
 
 import torch
 
-from edge_client.batching import Batch, encode_messages, pack_batches
+from edge_client.batching import Batch, IntArray, encode_messages, pack_batches
 from edge_client.bundle import Bundle, load_bundle
 from edge_client.predictor import BeamSearch, StepModel
 from edge_client.runtime import Predictor, ProgramModel
@@ -57,10 +56,8 @@ log = logging.getLogger(__name__)
 ProgressFn = Callable[[int, int, str], None]
 
 
-class Progress(Protocol):
-    """Makes a per-task progress callback ``fn(done, total, status)``."""
-
-    def __call__(self, name: str, total: int) -> ProgressFn: ...
+# Makes a per-task progress callback ``fn(done, total, status)`` from (task name, total).
+Progress = Callable[[str, int], ProgressFn]
 
 
 def no_progress(name: str, total: int) -> ProgressFn:
@@ -120,7 +117,7 @@ def train_model(
     work: Path,
     model_cfg: ModelConfig,
     train_cfg: TrainConfig,
-    train_seqs: Sequence[object],
+    train_seqs: Sequence[IntArray],
     val_batches: Sequence[Batch],
     data_fp: str,
     progress: Progress,
@@ -128,7 +125,9 @@ def train_model(
 ) -> TransformerLM:
     """Train (or load from the work directory) one model; resumable through its checkpoint."""
     fp = hashlib.sha256(
-        json.dumps([asdict(model_cfg), asdict(train_cfg), data_fp, teacher is not None], sort_keys=True).encode()
+        json.dumps(
+            [asdict(model_cfg), asdict(train_cfg), data_fp, teacher is not None], sort_keys=True
+        ).encode()
     ).hexdigest()[:16]
     path = work / f"{name}.pt"
     cached = _cached_model(path, fp)
@@ -136,13 +135,25 @@ def train_model(
         log.info("%s: using cached %s", name, path)
         return cached
     res = train_lm(
-        model_cfg, train_cfg, train_seqs, val_batches,  # type: ignore[arg-type]
-        teacher=teacher, checkpoint=work / f"{name}.ckpt", progress=progress(f"train {name}", train_cfg.steps),
+        model_cfg,
+        train_cfg,
+        train_seqs,
+        val_batches,
+        teacher=teacher,
+        checkpoint=work / f"{name}.ckpt",
+        progress=progress(f"train {name}", train_cfg.steps),
     )
     torch.save(res.model.state_dict(), path)
     path.with_suffix(".json").write_text(
-        json.dumps({"fingerprint": fp, "config": asdict(model_cfg), "best_val_loss": res.best_val_loss,
-                    "seconds": res.seconds, "tokens_per_second": res.tokens_per_second})
+        json.dumps(
+            {
+                "fingerprint": fp,
+                "config": asdict(model_cfg),
+                "best_val_loss": res.best_val_loss,
+                "seconds": res.seconds,
+                "tokens_per_second": res.tokens_per_second,
+            }
+        )
     )
     log.info("%s: val loss %.3f in %.0f s", name, res.best_val_loss, res.seconds)
     return res.model
@@ -153,6 +164,7 @@ class BuildResult:
     bundle: Bundle
     table: list[EvalResult]
     seconds: float
+    stages: dict[str, float]  # wall seconds per stage (cached stages take ~0)
 
 
 def _eval_sets(heldout: Corpus, profile: Profile) -> tuple[list[str], list[str]]:
@@ -191,7 +203,11 @@ def evaluate_step_model(
 
 
 def evaluate_ngram(
-    name: str, lm: TrigramLM, texts: Sequence[str], ksr_texts: Sequence[str], ppl_texts: Sequence[str]
+    name: str,
+    lm: TrigramLM,
+    texts: Sequence[str],
+    ksr_texts: Sequence[str],
+    ppl_texts: Sequence[str],
 ) -> EvalResult:
     calls = 0
 
@@ -209,7 +225,11 @@ def evaluate_ngram(
 
 
 def evaluate_bundle(
-    bundle: Bundle, heldout: Corpus, profile: Profile, progress: Progress = no_progress, name: str = "student"
+    bundle: Bundle,
+    heldout: Corpus,
+    profile: Profile,
+    progress: Progress = no_progress,
+    name: str = "student",
 ) -> EvalResult:
     """Evaluate what devices run: the bundle's ``predict.pte`` through the device runtime."""
     texts, ksr = _eval_sets(heldout, profile)
@@ -228,11 +248,21 @@ def build(
 ) -> BuildResult:
     """Build the bundle of ``profile`` into ``out`` and evaluate it (cached in ``work``)."""
     t0 = time.perf_counter()
+    stages: dict[str, float] = {}
+    clock = [t0]
+
+    def lap(stage: str) -> None:
+        now = time.perf_counter()
+        stages[stage] = round(now - clock[0], 2)
+        clock[0] = now
+
     work.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     split = prepare_texts(load_corpus(corpus_source))
+    lap("data")
     if not split.public_train:
-        raise ValueError("the corpus has no users in the public split; it is too small to build a model")
+        raise ValueError(
+            "the corpus has no users in the public split; it is too small to build a model"
+        )
     data_fp = split.fingerprint()
     tok_path = work / f"tokenizer-{profile.vocab_size}-{data_fp}.model"
     if not tok_path.exists():
@@ -240,33 +270,79 @@ def build(
     tokenizer_model = tok_path.read_bytes()
     tok = Tokenizer(tokenizer_model)
     if tok.vocab_size != profile.vocab_size:
-        raise ValueError(f"tokenizer has {tok.vocab_size} pieces, profile needs {profile.vocab_size}")
+        # A small corpus cannot fill the vocabulary: SentencePiece stops early (soft limit).
+        log.warning(
+            "tokenizer has %d pieces (profile asks for %d)", tok.vocab_size, profile.vocab_size
+        )
+        profile = replace(
+            profile,
+            teacher=replace(profile.teacher, vocab_size=tok.vocab_size),
+            student=replace(profile.student, vocab_size=tok.vocab_size),
+        )
+    lap("tokenizer")
     seq = profile.student.max_seq_len
     train_seqs = encode_messages(tok, split.public_train, seq)
-    val_batches = list(pack_batches(encode_messages(tok, split.public_val or split.public_train[:200], seq),
-                                    profile.student_train.batch_size, seq))
-    teacher = train_model(f"{profile.name}-teacher", work, profile.teacher, profile.teacher_train,
-                          train_seqs, val_batches, data_fp, progress)
-    student = train_model(f"{profile.name}-student", work, profile.student, profile.student_train,
-                          train_seqs, val_batches, data_fp, progress, teacher=teacher)
+    val_batches = list(
+        pack_batches(
+            encode_messages(tok, split.public_val or split.public_train[:200], seq),
+            profile.student_train.batch_size,
+            seq,
+        )
+    )
+    teacher = train_model(
+        f"{profile.name}-teacher",
+        work,
+        profile.teacher,
+        profile.teacher_train,
+        train_seqs,
+        val_batches,
+        data_fp,
+        progress,
+    )
+    lap("teacher")
+    student = train_model(
+        f"{profile.name}-student",
+        work,
+        profile.student,
+        profile.student_train,
+        train_seqs,
+        val_batches,
+        data_fp,
+        progress,
+        teacher=teacher,
+    )
+    lap("student")
     report = progress("export programs", 1)
     build_bundle(out, student, tokenizer_model, profile.bundle, profile=profile.name)
     report(1, 1, "done")
+    lap("export")
     bundle = load_bundle(out)
     table: list[EvalResult] = []
     if evaluate:
         table = evaluate_all(bundle, teacher, tok, split, profile, progress)
-        metrics = {f"{r.name}.{k}": float(v) for r in table for k, v in r.as_dict().items()
-                   if isinstance(v, float | int) and math.isfinite(v)}
+        metrics = {
+            f"{r.name}.{k}": float(v)
+            for r in table
+            for k, v in r.as_dict().items()
+            if isinstance(v, float | int) and math.isfinite(v)
+        }
         (out / "eval.json").write_text(json.dumps([r.as_dict() for r in table], indent=2))
         m = bundle.manifest.model_copy(update={"metrics": metrics})
         (out / "manifest.json").write_text(m.model_dump_json(indent=2))
         bundle = load_bundle(out)
-    return BuildResult(bundle, table, time.perf_counter() - t0)
+        lap("evaluate")
+    (out.parent / f"{out.name}.build.json").write_text(
+        json.dumps({"profile": profile.name, "stages": stages})
+    )
+    return BuildResult(bundle, table, time.perf_counter() - t0, stages)
 
 
 def evaluate_all(
-    bundle: Bundle, teacher: TransformerLM, tok: Tokenizer, split: SplitTexts, profile: Profile,
+    bundle: Bundle,
+    teacher: TransformerLM,
+    tok: Tokenizer,
+    split: SplitTexts,
+    profile: Profile,
     progress: Progress,
 ) -> list[EvalResult]:
     texts, ksr = _eval_sets(split.heldout, profile)
@@ -274,7 +350,11 @@ def evaluate_all(
     eager = EagerStepModel(teacher, profile.bundle.beam_batch)
     rows.append(evaluate_step_model("teacher", eager, eager.score, tok, texts, ksr, progress))
     ngram = TrigramLM().fit(split.public_train + split.public_val)
-    rows.append(evaluate_ngram("trigram", ngram, texts, ksr, fitting(tok, texts, profile.student.max_seq_len)))
+    rows.append(
+        evaluate_ngram(
+            "trigram", ngram, texts, ksr, fitting(tok, texts, profile.student.max_seq_len)
+        )
+    )
     return rows
 
 

@@ -94,7 +94,9 @@ def _distill_loss(
     t = teacher_logits.reshape(-1, teacher_logits.shape[-1])[keep]
     temp = cfg.temperature
     kl = F.kl_div(
-        F.log_softmax(s / temp, dim=-1), F.log_softmax(t / temp, dim=-1), log_target=True,
+        F.log_softmax(s / temp, dim=-1),
+        F.log_softmax(t / temp, dim=-1),
+        log_target=True,
         reduction="batchmean",
     )
     ce = F.cross_entropy(s, targets.reshape(-1)[keep])
@@ -113,7 +115,9 @@ def _lr_at(step: int, cfg: TrainConfig) -> float:
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
     frac = (step - cfg.warmup) / max(cfg.steps - cfg.warmup, 1)
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
+    return cfg.lr * (
+        cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac))
+    )
 
 
 def _fingerprint(model_cfg: ModelConfig, cfg: TrainConfig, n_train: int, teacher: bool) -> str:
@@ -141,7 +145,10 @@ def train_lm(
     decay = [p for n, p in lm.named_parameters() if p.dim() >= 2 and "emb" not in n]
     no_decay = [p for n, p in lm.named_parameters() if p.dim() < 2 or "emb" in n]
     opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        [
+            {"params": decay, "weight_decay": cfg.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
         lr=cfg.lr,
         betas=(0.9, 0.98),
     )
@@ -162,7 +169,9 @@ def train_lm(
         teacher.eval()
 
     def epoch() -> list[Batch]:
-        return list(pack_batches(train_seqs, cfg.batch_size, model_cfg.max_seq_len, rng, drop_last=True))
+        return list(
+            pack_batches(train_seqs, cfg.batch_size, model_cfg.max_seq_len, rng, drop_last=True)
+        )
 
     batches: list[Batch] = []
     use_bf16 = cfg.bf16 and _bf16_is_fast()
@@ -181,14 +190,16 @@ def train_lm(
             logits = lm.packed_logits(tokens, positions, segments).float()
             if teacher is None:
                 loss = F.cross_entropy(
-                    logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX
+                    logits.reshape(-1, logits.shape[-1]),
+                    targets.reshape(-1),
+                    ignore_index=IGNORE_INDEX,
                 )
             else:
                 with torch.no_grad():
                     t_logits = teacher.packed_logits(tokens, positions, segments).float()
                 loss = _distill_loss(logits, t_logits, targets, cfg)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        loss.backward()  # type: ignore[no-untyped-call]
         torch.nn.utils.clip_grad_norm_(lm.parameters(), cfg.grad_clip)
         opt.step()
         step += 1
@@ -205,9 +216,15 @@ def train_lm(
                 now = elapsed + time.perf_counter() - t0
                 torch.save(
                     {
-                        "fingerprint": fp, "model": lm.state_dict(), "optimizer": opt.state_dict(),
-                        "step": step, "best_val": best_val, "best_state": best_state,
-                        "elapsed": now, "tokens_seen": tokens_seen, "rng": rng.bit_generator.state,
+                        "fingerprint": fp,
+                        "model": lm.state_dict(),
+                        "optimizer": opt.state_dict(),
+                        "step": step,
+                        "best_val": best_val,
+                        "best_state": best_state,
+                        "elapsed": now,
+                        "tokens_seen": tokens_seen,
+                        "rng": rng.bit_generator.state,
                     },
                     checkpoint.with_suffix(".tmp"),
                 )

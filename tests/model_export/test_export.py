@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ from fedkeys.cli import main
 from model_export.data import load_chitchat, normalize, split_corpus
 from model_export.eager import EagerStepModel
 from model_export.export import export_predict_program, export_train_program, model_from_bundle
-from model_export.model import ModelConfig, TransformerLM
+from model_export.model import TransformerLM
 from protocol.layout import Layout
 
 pytestmark = pytest.mark.slow
@@ -48,7 +49,7 @@ def test_predict_fp32_matches_eager(bundle, tokenizer, tmp_path_factory) -> None
     prog = ProgramModel(path, lm.cfg.max_seq_len, 4)
     eager = EagerStepModel(lm, 4)
     ids = [BOS_ID, *tokenizer.encode("how are you doing today")]
-    lp_p, k_p, v_p = prog.prefill(ids)
+    lp_p, k_p, _ = prog.prefill(ids)
     lp_e, k_e, v_e = eager.prefill(ids)
     np.testing.assert_allclose(lp_p, lp_e, atol=1e-4)
     np.testing.assert_allclose(k_p[:, :, :, : len(ids)], k_e[:, :, :, : len(ids)], atol=1e-4)
@@ -72,7 +73,9 @@ def test_int8_top1_agrees_with_eager(bundle, tokenizer, heldout_texts) -> None: 
     for text in heldout_texts[:150]:
         ids = [BOS_ID, *tokenizer.encode(text)][: spec.max_seq_len]
         for n in range(1, len(ids) + 1):
-            agree += int(np.argmax(prog.prefill(ids[:n])[0]) == np.argmax(eager.prefill(ids[:n])[0]))
+            agree += int(
+                np.argmax(prog.prefill(ids[:n])[0]) == np.argmax(eager.prefill(ids[:n])[0])
+            )
             total += 1
     assert total > 1000
     assert agree / total >= 0.99, f"int8 top-1 agreement {agree / total:.4f}"
@@ -119,15 +122,21 @@ def test_weights_round_trip_and_training_moves_them(bundle, tokenizer, heldout_t
 
 def test_lora_program_trains_only_adapters(bundle, tokenizer, heldout_texts, tmp_path) -> None:  # type: ignore[no-untyped-def]
     base = model_from_bundle(bundle.root, bundle.manifest)
-    cfg = ModelConfig(**{**base.cfg.to_dict(), "lora_rank": 2})  # type: ignore[arg-type]
+    cfg = replace(base.cfg, lora_rank=2)
     lm = TransformerLM(cfg)
     lm.load_state_dict(base.state_dict(), strict=False)
-    layout = Layout.from_shapes({n: tuple(p.shape) for n, p in lm.named_parameters() if ".lora_" in n})
+    layout = Layout.from_shapes(
+        {n: tuple(p.shape) for n, p in lm.named_parameters() if ".lora_" in n}
+    )
     path = tmp_path / "train.pte"
     path.write_bytes(export_train_program(lm, "lora", 4))
     trainer = Trainer(path, layout, 4, cfg.max_seq_len)
     assert set(trainer.params) == set(layout.names)
-    trainer.set_weights(layout.flatten({n: p.detach().numpy() for n, p in lm.named_parameters() if n in layout.names}))
+    trainer.set_weights(
+        layout.flatten(
+            {n: p.detach().numpy() for n, p in lm.named_parameters() if n in layout.names}
+        )
+    )
     b = _batches(tokenizer, heldout_texts, 4, cfg.max_seq_len)[0]
     trainer.train([b] * 4, OptimizerConfig(name="adam", lr=1e-2), max_steps=4)
     trained = layout.unflatten(trainer.get_weights())
@@ -137,7 +146,9 @@ def test_lora_program_trains_only_adapters(bundle, tokenizer, heldout_texts, tmp
         for n, p in lm.named_parameters():
             if n in trained:
                 p.copy_(torch.from_numpy(trained[n]))
-    ref = lm.eval().loss(*(torch.from_numpy(a) for a in (b.tokens, b.targets, b.positions, b.segments)))
+    ref = lm.eval().loss(
+        *(torch.from_numpy(a) for a in (b.tokens, b.targets, b.positions, b.segments))
+    )
     assert trainer.loss(b) == pytest.approx(ref.item(), rel=1e-4)
 
 

@@ -1,11 +1,15 @@
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
 from model_export.model import ModelConfig, PredictPrefill, PredictScore, PredictStep, TransformerLM
 
-CFG = ModelConfig(vocab_size=97, max_seq_len=16, d_model=24, n_layers=2, n_heads=3, d_ff=40, dropout=0.0)
+CFG = ModelConfig(
+    vocab_size=97, max_seq_len=16, d_model=24, n_layers=2, n_heads=3, d_ff=40, dropout=0.0
+)
 
 
 @pytest.fixture
@@ -73,7 +77,7 @@ def test_loss_ignores_padding(lm: TransformerLM) -> None:
 
 def test_lora_starts_as_identity_and_merges_exactly() -> None:
     torch.manual_seed(1)
-    cfg = ModelConfig(**{**CFG.to_dict(), "lora_rank": 4})  # type: ignore[arg-type]
+    cfg = replace(CFG, lora_rank=4)
     m = TransformerLM(cfg).eval()
     base = TransformerLM(CFG).eval()
     base.load_state_dict({k: v for k, v in m.state_dict().items() if ".lora_" not in k})

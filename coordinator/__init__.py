@@ -1,0 +1,1 @@
+"""fedkeys coordinator package."""

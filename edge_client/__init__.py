@@ -1,0 +1,1 @@
+"""fedkeys edge_client package."""

@@ -1,0 +1,1 @@
+"""fedkeys model_export package."""

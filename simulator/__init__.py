@@ -1,0 +1,1 @@
+"""fedkeys simulator package."""
