@@ -7,13 +7,12 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 from pydantic import ValidationError
 
 from protocol.bundle import MANIFEST_NAME, FileEntry, Manifest, sha256_file
 from protocol.layout import FloatVec
 
-__all__ = ["Bundle", "BundleError", "extract_bundle", "load_bundle"]
+__all__ = ["Bundle", "BundleError", "extract_bundle", "load_bundle", "pack_bundle"]
 
 
 class BundleError(Exception):
@@ -85,5 +84,12 @@ def extract_bundle(tarball: Path, dest: Path) -> Bundle:
     return load_bundle(dest)
 
 
-def as_float32(vec: object) -> FloatVec:
-    return np.ascontiguousarray(vec, dtype=np.float32)
+def pack_bundle(bundle_dir: Path, dest: Path) -> Path:
+    """Write the bundle's files, flat, into the tarball ``dest`` (atomically)."""
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    with tarfile.open(tmp, "w") as tar:
+        for f in sorted(bundle_dir.iterdir()):
+            if f.is_file():
+                tar.add(f, arcname=f.name)
+    tmp.replace(dest)
+    return dest

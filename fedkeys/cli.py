@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_export(sub)
     _add_suggest(sub)
+    from coordinator.cli import add_parser as add_coordinator
+
+    add_coordinator(sub)
     return parser
 
 
@@ -147,18 +150,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    from coordinator.cli import CliError
     from edge_client.bundle import BundleError
-    from model_export.data import CorpusError
 
     handlers = {
         ("export", "build"): _export_build,
         ("export", "evaluate"): _export_evaluate,
         ("suggest", None): _suggest,
     }
-    handler = handlers[(args.command, getattr(args, "action", None))]
+    if args.command == "coordinator":
+        from coordinator.cli import run as handler
+    else:
+        handler = handlers[(args.command, getattr(args, "action", None))]
+    user_errors: tuple[type[Exception], ...] = (UsageError, BundleError, CliError)
+    if args.command == "export":
+        from model_export.data import CorpusError
+
+        user_errors += (CorpusError,)
     try:
         handler(args)
-    except (UsageError, BundleError, CorpusError) as e:
+    except user_errors as e:
         print(f"fedkeys: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

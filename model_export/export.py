@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import logging
-import tarfile
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -22,6 +21,7 @@ import numpy as np
 import torch
 from safetensors.numpy import save_file
 
+from edge_client.bundle import pack_bundle
 from edge_client.tokenizer import BOS_ID
 from model_export.model import (
     ModelConfig,
@@ -289,20 +289,8 @@ def build_bundle(
         metrics=metrics or {},
     )
     (out / MANIFEST_NAME).write_text(manifest.model_dump_json(indent=2), encoding="utf-8")
-    write_tarball(out)
+    pack_bundle(out, out.with_suffix(".tar"))
     return manifest
-
-
-def write_tarball(bundle_dir: Path) -> Path:
-    """``<dir>.tar`` with the bundle's files at the top level (what the coordinator serves)."""
-    tar_path = bundle_dir.with_suffix(".tar")
-    tmp = tar_path.with_suffix(".tar.tmp")
-    with tarfile.open(tmp, "w") as tar:
-        for f in sorted(bundle_dir.iterdir()):
-            if f.is_file():
-                tar.add(f, arcname=f.name)
-    tmp.replace(tar_path)
-    return tar_path
 
 
 def model_from_bundle(

@@ -22,7 +22,6 @@ from edge_client.predictor import BeamSearch, StepModel
 from edge_client.runtime import Predictor, ProgramModel
 from edge_client.tokenizer import Tokenizer
 from model_export.data import Corpus, load_corpus, normalize, split_corpus
-from model_export.eager import EagerStepModel
 from model_export.evaluate import (
     EvalResult,
     eval_messages,
@@ -32,7 +31,7 @@ from model_export.evaluate import (
     ngram_perplexity,
     piece_perplexity,
 )
-from model_export.export import build_bundle, model_from_bundle
+from model_export.export import build_bundle, export_predict_program
 from model_export.model import ModelConfig, TransformerLM
 from model_export.ngram import TrigramLM
 from model_export.profiles import Profile
@@ -319,7 +318,7 @@ def build(
     bundle = load_bundle(out)
     table: list[EvalResult] = []
     if evaluate:
-        table = evaluate_all(bundle, teacher, tok, split, profile, progress)
+        table = evaluate_all(bundle, teacher, tok, split, profile, progress, work)
         metrics = {
             f"{r.name}.{k}": float(v)
             for r in table
@@ -344,19 +343,27 @@ def evaluate_all(
     split: SplitTexts,
     profile: Profile,
     progress: Progress,
+    work: Path,
 ) -> list[EvalResult]:
+    """The student (its int8 ``predict.pte``), the teacher (an fp32 program: it never ships)
+    and the trigram trained on the same public data, on the same heldout messages."""
     texts, ksr = _eval_sets(split.heldout, profile)
     rows = [evaluate_bundle(bundle, split.heldout, profile, progress)]
-    eager = EagerStepModel(teacher, profile.bundle.beam_batch)
-    rows.append(evaluate_step_model("teacher", eager, eager.score, tok, texts, ksr, progress))
+    beam = profile.bundle.beam_batch
+    teacher_pte = work / f"{profile.name}-teacher-{_state_hash(teacher)}.pte"
+    if not teacher_pte.exists():
+        teacher_pte.write_bytes(export_predict_program(teacher, "fp32", beam))
+    program = ProgramModel(teacher_pte, teacher.cfg.max_seq_len, beam)
+    rows.append(evaluate_step_model("teacher", program, program.score, tok, texts, ksr, progress))
     ngram = TrigramLM().fit(split.public_train + split.public_val)
-    rows.append(
-        evaluate_ngram(
-            "trigram", ngram, texts, ksr, fitting(tok, texts, profile.student.max_seq_len)
-        )
-    )
+    ppl_texts = fitting(tok, texts, profile.student.max_seq_len)
+    rows.append(evaluate_ngram("trigram", ngram, texts, ksr, ppl_texts))
     return rows
 
 
-def student_eager(bundle: Bundle) -> TransformerLM:
-    return model_from_bundle(bundle.root, bundle.manifest)
+def _state_hash(lm: TransformerLM) -> str:
+    h = hashlib.sha256()
+    for name, t in lm.state_dict().items():
+        h.update(name.encode())
+        h.update(t.detach().numpy().tobytes())
+    return h.hexdigest()[:16]

@@ -1,0 +1,129 @@
+"""Admin API (/v1/admin, admin bearer token): tasks, rounds, versions, rollback, bundles."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from fastapi import APIRouter, Request, status
+from pydantic import BaseModel, Field
+from sqlalchemy import func, select
+from starlette.concurrency import run_in_threadpool
+
+from coordinator.api.deps import AdminDep, ContextDep, SessionDep, read_body
+from coordinator.db.models import Device
+from coordinator.schemas import RoundPublic, TaskCreate, TaskPublic, TaskUpdate, VersionPublic
+from coordinator.services import tasks
+
+__all__ = ["router"]
+
+router = APIRouter(prefix="/v1/admin", tags=["admin"])
+
+
+class Rollback(BaseModel):
+    version: int = Field(ge=0)
+
+
+class FleetSummary(BaseModel):
+    devices: int
+    by_class: dict[str, int]
+    by_data_bucket: dict[str, int]
+    selected_at_least_once: int
+
+
+@router.post("/tasks", status_code=status.HTTP_201_CREATED)
+def create_task(body: TaskCreate, _: AdminDep, session: SessionDep) -> TaskPublic:
+    task = tasks.create_task(session, name=body.name, config=body.config)
+    return tasks.task_public(session, task)
+
+
+@router.get("/tasks")
+def list_tasks(_: AdminDep, session: SessionDep) -> list[TaskPublic]:
+    from coordinator.db.models import Task
+
+    return [tasks.task_public(session, t) for t in session.scalars(select(Task).order_by(Task.id))]
+
+
+@router.get("/tasks/{name}")
+def get_task(name: str, _: AdminDep, session: SessionDep) -> TaskPublic:
+    return tasks.task_public(session, tasks.get_task(session, name))
+
+
+@router.put("/tasks/{name}")
+def update_task(name: str, body: TaskUpdate, _: AdminDep, session: SessionDep) -> TaskPublic:
+    return tasks.task_public(session, tasks.update_task(session, name=name, config=body.config))
+
+
+@router.post("/tasks/{name}/start")
+def start(name: str, _: AdminDep, session: SessionDep) -> TaskPublic:
+    return tasks.task_public(session, tasks.set_status(session, name=name, status="active"))
+
+
+@router.post("/tasks/{name}/pause")
+def pause(name: str, _: AdminDep, session: SessionDep) -> TaskPublic:
+    return tasks.task_public(session, tasks.set_status(session, name=name, status="paused"))
+
+
+@router.get("/tasks/{name}/rounds")
+def rounds(name: str, _: AdminDep, session: SessionDep) -> list[RoundPublic]:
+    return tasks.list_rounds(session, name=name)
+
+
+@router.get("/tasks/{name}/versions")
+def versions(name: str, _: AdminDep, session: SessionDep) -> list[VersionPublic]:
+    return tasks.list_versions(session, name=name)
+
+
+@router.post("/tasks/{name}/rollback")
+def rollback(name: str, body: Rollback, _: AdminDep, session: SessionDep) -> VersionPublic:
+    tasks.rollback(session, name=name, version=body.version)
+    return tasks.list_versions(session, name=name)[-1]
+
+
+@router.post(
+    "/tasks/{name}/bundle",
+    status_code=status.HTTP_201_CREATED,
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {"application/x-tar": {"schema": {"type": "string", "format": "binary"}}},
+        }
+    },
+)
+async def upload_bundle(name: str, request: Request, _: AdminDep, ctx: ContextDep) -> VersionPublic:
+    """A bundle tarball (``fedkeys export build`` writes one): its weights become a new version."""
+    body = await read_body(request, ctx.settings.max_body_bytes)
+    app = request.app
+
+    def work() -> VersionPublic:
+        with tempfile.TemporaryDirectory() as tmp:
+            tar = Path(tmp) / "bundle.tar"
+            tar.write_bytes(body)
+            with app.state.sessions() as session, session.begin():
+                tasks.upload_bundle(session, ctx.store, name=name, tarball=tar)
+                return tasks.list_versions(session, name=name)[-1]
+
+    return await run_in_threadpool(work)
+
+
+@router.get("/devices/summary")
+def devices_summary(_: AdminDep, session: SessionDep) -> FleetSummary:
+    by_class = dict(
+        session.execute(
+            select(Device.device_class, func.count()).group_by(Device.device_class)
+        ).all()
+    )
+    by_bucket = dict(
+        session.execute(select(Device.data_bucket, func.count()).group_by(Device.data_bucket)).all()
+    )
+    total = session.scalar(select(func.count()).select_from(Device)) or 0
+    selected = (
+        session.scalar(select(func.count()).select_from(Device).where(Device.participations > 0))
+        or 0
+    )
+    return FleetSummary(
+        devices=total,
+        by_class={str(k): int(v) for k, v in by_class.items()},
+        by_data_bucket={f"<2^{k}": int(v) for k, v in sorted(by_bucket.items())},
+        selected_at_least_once=selected,
+    )

@@ -1,0 +1,81 @@
+"""Request dependencies: one transaction per request, the authenticated device, the admin."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Annotated
+
+from fastapi import Depends, Request
+from sqlalchemy.orm import Session
+
+from coordinator.config import Settings
+from coordinator.db.models import Device
+from coordinator.security import secret_matches
+from coordinator.services.devices import AuthError, authenticate
+from coordinator.services.rounds import RoundContext
+
+__all__ = ["AdminDep", "ContextDep", "CurrentDevice", "SessionDep", "SettingsDep", "read_body"]
+
+
+def _settings(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+def _context(request: Request) -> RoundContext:
+    ctx: RoundContext = request.app.state.ctx
+    return ctx
+
+
+def _session(request: Request) -> Iterator[Session]:
+    """A transaction spanning the request: committed when the route returns normally."""
+    factory = request.app.state.sessions
+    with factory() as session, session.begin():
+        yield session
+
+
+SettingsDep = Annotated[Settings, Depends(_settings)]
+ContextDep = Annotated[RoundContext, Depends(_context)]
+SessionDep = Annotated[Session, Depends(_session)]
+
+
+def _bearer(request: Request) -> str:
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token or len(token) > 512:
+        raise AuthError("missing bearer token")
+    return token.strip()
+
+
+def _device(request: Request, session: SessionDep, settings: SettingsDep) -> Device:
+    return authenticate(
+        session, token=_bearer(request), rate_limit_per_minute=settings.rate_limit_per_minute
+    )
+
+
+def _admin(request: Request, settings: SettingsDep) -> None:
+    if not secret_matches(_bearer(request), settings.admin_token.get_secret_value()):
+        raise AuthError("wrong admin token")
+
+
+CurrentDevice = Annotated[Device, Depends(_device)]
+AdminDep = Annotated[None, Depends(_admin)]
+
+
+class BodyTooLarge(Exception):
+    """413: refused before the whole body was read."""
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refusing (413) as soon as it exceeds ``limit`` bytes."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise BodyTooLarge(f"body of {declared} bytes exceeds the limit of {limit}")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge(f"body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)

@@ -1,0 +1,193 @@
+"""Device API (/v1): enrolment, check-in, round plan and status, secure-aggregation stages,
+update upload, reports, federated evaluation."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request, Response, status
+from starlette.concurrency import run_in_threadpool
+
+from coordinator.api.deps import (
+    ContextDep,
+    CurrentDevice,
+    SessionDep,
+    SettingsDep,
+    _bearer,
+    read_body,
+)
+from coordinator.services import rounds
+from coordinator.services.devices import authenticate, enroll
+from protocol._http_models import (
+    CheckinRequest,
+    CheckinResponse,
+    EnrollRequest,
+    EnrollResponse,
+    EvalCounts,
+    RoundPlan,
+    RoundStatus,
+    TrainReport,
+)
+from protocol.wire import (
+    AdvertiseKeys,
+    MaskedInputRequest,
+    ShareKeys,
+    ShareKeysRequest,
+    UnmaskRequest,
+    UnmaskResponse,
+)
+
+__all__ = ["router"]
+
+router = APIRouter(prefix="/v1", tags=["devices"])
+
+
+def _base_url(request: Request) -> str:
+    return str(request.base_url).rstrip("/")
+
+
+@router.post("/devices/enroll", status_code=status.HTTP_201_CREATED)
+def enroll_device(
+    body: EnrollRequest, session: SessionDep, settings: SettingsDep
+) -> EnrollResponse:
+    """Exchange the fleet's enrolment secret for a device id and a bearer token."""
+    device_id, token = enroll(
+        session,
+        secret=body.enrollment_secret,
+        expected_secret=settings.enrollment_secret.get_secret_value(),
+        platform=body.platform,
+        client_version=body.client_version,
+        device_class=body.device_class,
+    )
+    return EnrollResponse(device_id=device_id, token=token)
+
+
+@router.post("/checkin")
+def checkin(
+    body: CheckinRequest, device: CurrentDevice, session: SessionDep, ctx: ContextDep
+) -> CheckinResponse:
+    """Report the device's state; get ``retry_after`` (pace steering) or an assignment."""
+    response = rounds.checkin(session, ctx, device=device, state=body.state)
+    ctx.metrics.checkins.labels(response.action).inc()
+    return response
+
+
+@router.get("/rounds/{round_id}/plan")
+def plan(
+    round_id: int, request: Request, device: CurrentDevice, session: SessionDep, ctx: ContextDep
+) -> RoundPlan:
+    rnd, _ = rounds.round_for_device(session, round_id, device)
+    return rounds.plan_for(session, ctx, rnd, _base_url(request))
+
+
+@router.get("/rounds/{round_id}/status")
+def round_status(
+    round_id: int, device: CurrentDevice, session: SessionDep, ctx: ContextDep
+) -> RoundStatus:
+    return rounds.status(session, ctx, round_id=round_id, device=device)
+
+
+@router.post("/rounds/{round_id}/secagg/advertise", status_code=status.HTTP_204_NO_CONTENT)
+def advertise(
+    round_id: int, body: AdvertiseKeys, device: CurrentDevice, session: SessionDep, ctx: ContextDep
+) -> None:
+    rounds.advertise(session, ctx, round_id=round_id, device=device, msg=body)
+
+
+@router.get("/rounds/{round_id}/secagg/roster")
+def roster(round_id: int, device: CurrentDevice, session: SessionDep) -> ShareKeysRequest:
+    return rounds.roster(session, round_id=round_id, device=device)
+
+
+@router.post("/rounds/{round_id}/secagg/shares", status_code=status.HTTP_204_NO_CONTENT)
+def share_keys(
+    round_id: int, body: ShareKeys, device: CurrentDevice, session: SessionDep, ctx: ContextDep
+) -> None:
+    rounds.share_keys(session, ctx, round_id=round_id, device=device, msg=body)
+
+
+@router.get("/rounds/{round_id}/secagg/shares")
+def inbound_shares(round_id: int, device: CurrentDevice, session: SessionDep) -> MaskedInputRequest:
+    """The encrypted shares addressed to this device (and only to it)."""
+    return rounds.inbound_shares(session, round_id=round_id, device=device)
+
+
+@router.get("/rounds/{round_id}/secagg/unmask")
+def unmask_request(round_id: int, device: CurrentDevice, session: SessionDep) -> UnmaskRequest:
+    return rounds.unmask_request(session, round_id=round_id, device=device)
+
+
+@router.post("/rounds/{round_id}/secagg/unmask", status_code=status.HTTP_204_NO_CONTENT)
+def unmask(
+    round_id: int, body: UnmaskResponse, device: CurrentDevice, session: SessionDep, ctx: ContextDep
+) -> None:
+    rounds.unmask(session, ctx, round_id=round_id, device=device, msg=body)
+
+
+@router.put(
+    "/rounds/{round_id}/update",
+    responses={200: {"description": "accepted"}, 413: {"description": "body too large"}},
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}
+            },
+        }
+    },
+)
+async def upload(
+    round_id: int,
+    request: Request,
+    examples: Annotated[
+        int, Query(ge=0, le=1 << 31, description="local examples behind the update")
+    ] = 0,
+) -> Response:
+    """The device's encoded (and, with secure aggregation, masked) update: a binary body in
+    the format of protocol/wire.py, streamed into the round's running sum. Repeating an upload
+    is harmless (idempotent per device and round)."""
+    app = request.app
+    token = _bearer(request)
+
+    def check_auth() -> None:
+        with app.state.sessions() as session, session.begin():
+            authenticate(
+                session, token=token, rate_limit_per_minute=app.state.settings.rate_limit_per_minute
+            )
+
+    await run_in_threadpool(check_auth)
+    body = await read_body(request, app.state.settings.max_body_bytes)
+
+    def work() -> bool:
+        with app.state.sessions() as session, session.begin():
+            device = authenticate(session, token=token, rate_limit_per_minute=1 << 30)
+            return rounds.upload(
+                session,
+                app.state.ctx,
+                round_id=round_id,
+                device=device,
+                body=body,
+                examples=examples,
+            )
+
+    fresh = await run_in_threadpool(work)
+    app.state.ctx.metrics.bytes_in.labels("update").inc(len(body))
+    return Response(
+        status_code=200,
+        content=b'{"accepted":%s}' % (b"true" if fresh else b"false"),
+        media_type="application/json",
+    )
+
+
+@router.post("/rounds/{round_id}/report", status_code=status.HTTP_204_NO_CONTENT)
+def report(round_id: int, body: TrainReport, device: CurrentDevice, session: SessionDep) -> None:
+    """Scalar training metrics (loss, examples, steps, seconds): never text."""
+    rounds.report(session, round_id=round_id, device=device, msg=body)
+
+
+@router.post("/rounds/{round_id}/evaluation", status_code=status.HTTP_204_NO_CONTENT)
+def evaluation(
+    round_id: int, body: EvalCounts, device: CurrentDevice, session: SessionDep, ctx: ContextDep
+) -> None:
+    """Federated evaluation counts of the round's model on the device's recent messages."""
+    rounds.evaluation(session, ctx, round_id=round_id, device=device, counts=body)

@@ -1,0 +1,43 @@
+"""The coordinator's configuration: one pydantic-settings object, environment prefix FEDKEYS_."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["Settings", "get_settings"]
+
+
+class Settings(BaseSettings):
+    """Every knob of the service. Secrets are ``SecretStr`` so they never reach logs or reprs."""
+
+    model_config = SettingsConfigDict(env_prefix="FEDKEYS_", env_file=None, extra="ignore")
+
+    # storage
+    database_url: str = "sqlite:///fedkeys-data/coordinator.db"  # or postgresql+psycopg://...
+    data_dir: Path = Path("fedkeys-data")  # bundles, weights of every model version
+    # security
+    enrollment_secret: SecretStr = Field(
+        default=SecretStr(""), description="fleet enrolment secret"
+    )
+    admin_token: SecretStr = Field(
+        default=SecretStr(""), description="bearer token of the admin API"
+    )
+    max_body_bytes: int = 64 * 1024 * 1024  # larger request bodies are refused with 413
+    rate_limit_per_minute: int = 600  # requests per device per minute (429 beyond)
+    # scheduling
+    tick_seconds: float = 0.5  # how often each worker checks round deadlines
+    idle_retry_seconds: float = 60.0  # retry_after when no round needs devices
+    min_retry_seconds: float = 1.0
+    max_retry_seconds: float = 900.0
+    # publishing new predict.pte for committed versions (needs the export extra)
+    publish_predict: bool = True
+    log_json: bool = True
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

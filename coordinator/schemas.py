@@ -1,0 +1,172 @@
+"""Admin API models: task configuration and the read models of tasks, rounds and versions.
+
+Device-facing request/response models are part of the contract and live in
+``protocol/wire.py``; these are the operator's side only.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+__all__ = [
+    "CodecSettings",
+    "DeadlineSettings",
+    "EligibilityPolicy",
+    "RoundPublic",
+    "SecAggSettings",
+    "ServerOptimizer",
+    "TaskConfig",
+    "TaskCreate",
+    "TaskPublic",
+    "TaskUpdate",
+    "TrainingSettings",
+    "VersionPublic",
+]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class EligibilityPolicy(_Model):
+    """Which devices may take part (Bonawitz et al. 2019: idle, charging, unmetered)."""
+
+    require_charging: bool = True
+    require_idle: bool = True
+    require_unmetered: bool = True
+    min_battery_pct: float = Field(default=50.0, ge=0, le=100)
+    min_free_storage_mb: float = Field(default=200.0, ge=0)
+    min_examples: int = Field(default=20, ge=0)  # local messages before a device volunteers
+    min_client_version: str = "0.1.0"
+    device_classes: list[str] | None = None  # population filter; None = all classes
+
+
+class TrainingSettings(_Model):
+    """What each selected device runs on its own data."""
+
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    lr: float = Field(default=0.05, gt=0, le=10)
+    momentum: float = Field(default=0.0, ge=0, lt=1)
+    local_steps: int = Field(default=20, ge=1, le=10_000)
+    max_seconds: float = Field(default=120.0, gt=0)  # wall-clock budget of local training
+    max_examples: int = Field(default=2000, ge=1)  # most recent messages used for training
+
+
+class CodecSettings(_Model):
+    """protocol.codec parameters; ``seed`` is drawn per round. ``compress=False`` sends plain
+    float32 updates (no clipping, no quantization; secure aggregation needs compression)."""
+
+    compress: bool = True
+    clip_norm: float = Field(default=1.0, gt=0)
+    rotate: bool = True
+    keep_fraction: float = Field(default=1 / 16, gt=0, le=1)
+    bits: int = Field(default=8, ge=1, le=24)
+    range_factor: float = Field(default=4.0, gt=0)
+    weight_cap: int = Field(default=256, ge=1)
+
+
+class SecAggSettings(_Model):
+    enabled: bool = True
+    neighbours: int | None = Field(default=None, ge=1)  # SecAgg+ degree k; None = O(log n)
+    threshold: int | None = Field(default=None, ge=1)  # t per neighbourhood; None = default
+
+
+class ServerOptimizer(_Model):
+    """FedAvg (McMahan 2017), FedAvgM (Hsu 2019), FedAdam (Reddi 2021)."""
+
+    name: Literal["fedavg", "fedavgm", "fedadam"] = "fedavg"
+    lr: float = Field(default=1.0, gt=0)
+    momentum: float = Field(default=0.9, ge=0, lt=1)  # FedAvgM
+    beta1: float = Field(default=0.9, ge=0, lt=1)  # FedAdam
+    beta2: float = Field(default=0.99, ge=0, lt=1)
+    tau: float = Field(default=1e-3, gt=0)  # FedAdam adaptivity
+
+
+class DeadlineSettings(_Model):
+    """Seconds each stage may take before the round moves on without the stragglers."""
+
+    selection: float = Field(default=30.0, gt=0)
+    advertise: float = Field(default=30.0, gt=0)
+    share: float = Field(default=30.0, gt=0)
+    upload: float = Field(default=300.0, gt=0)  # includes local training
+    unmask: float = Field(default=30.0, gt=0)
+
+
+class TaskConfig(_Model):
+    clients_per_round: int = Field(default=10, ge=1, le=10_000)  # K: reports to close a round
+    over_selection: float = Field(default=1.3, ge=1.0, le=5.0)
+    min_reports: int = Field(default=3, ge=1)  # fewer by the deadline: the round fails
+    cooldown_rounds: int = Field(default=1, ge=0)  # rounds a device sits out after taking part
+    eligibility: EligibilityPolicy = Field(default_factory=EligibilityPolicy)
+    training: TrainingSettings = Field(default_factory=TrainingSettings)
+    codec: CodecSettings = Field(default_factory=CodecSettings)
+    secagg: SecAggSettings = Field(default_factory=SecAggSettings)
+    server_optimizer: ServerOptimizer = Field(default_factory=ServerOptimizer)
+    deadlines: DeadlineSettings = Field(default_factory=DeadlineSettings)
+    max_rounds: int | None = Field(default=None, ge=1)  # stop (pause) after this many rounds
+    eval_every_rounds: int = Field(default=0, ge=0)  # 0 = no federated evaluation rounds
+    eval_clients: int = Field(default=10, ge=1)
+
+    selection_pool: float = Field(default=2.0, ge=1.0, le=20.0)
+    """Selection closes early once this many times the target have checked in (the pool from
+    which the least recently selected are taken); otherwise at the selection deadline."""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TaskConfig:
+        if self.min_reports > self.clients_per_round:
+            raise ValueError("min_reports cannot exceed clients_per_round")
+        if self.secagg.enabled and not self.codec.compress:
+            raise ValueError("secure aggregation needs codec.compress (ring-encoded updates)")
+        if self.secagg.enabled and self.min_reports < 2:
+            raise ValueError("secure aggregation needs min_reports >= 2")
+        return self
+
+
+class TaskCreate(_Model):
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$")
+    config: TaskConfig = Field(default_factory=TaskConfig)
+
+
+class TaskUpdate(_Model):
+    config: TaskConfig
+
+
+class TaskPublic(BaseModel):
+    name: str
+    status: str
+    current_version: int | None
+    rounds_started: int
+    config: TaskConfig
+    created_at: datetime
+
+
+class RoundPublic(BaseModel):
+    number: int
+    kind: str
+    stage: str
+    outcome: str | None
+    failure_reason: str | None
+    base_version: int
+    new_version: int | None
+    selection_target: int
+    selected: int
+    reported: int
+    bytes_in: int
+    bytes_out: int
+    created_at: datetime
+    finished_at: datetime | None
+    metrics: dict[str, float | int | str | None]
+
+
+class VersionPublic(BaseModel):
+    version: int
+    source: str
+    round_number: int | None
+    parent_version: int | None
+    created_at: datetime
+    weights_sha256: str
+    predict_published: bool
+    metrics: dict[str, float | int | str | None]

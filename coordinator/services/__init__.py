@@ -1,0 +1,1 @@
+"""Business logic of the coordinator: keyword-only functions called by the routes."""

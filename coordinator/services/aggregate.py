@@ -1,0 +1,228 @@
+"""Aggregation and commit of a round, and publishing ``predict.pte`` for new versions.
+
+Both are heavy (unmasking regenerates masks; exporting runs torch.export), so they run outside
+request transactions: a worker claims the job in the database (a claim older than
+``STALE_CLAIM`` is taken over, which is how a job survives a killed worker), computes, and
+commits the result in one transaction that re-checks the claim.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime, timedelta
+from typing import Any
+
+import numpy as np
+from sqlalchemy import func, or_, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from coordinator.db.models import ModelVersion, Round, Task
+from coordinator.observability import log_event
+from coordinator.optimizers import OptimizerState, make_optimizer
+from coordinator.schemas import TaskConfig
+from coordinator.services.rounds import AGGREGATING, DONE, RoundContext, _fail, _utc
+from protocol.codec import CodecError, CodecParams, decode_sum
+from protocol.secagg.common import SecAggError
+from protocol.secagg.server import SecAggServer
+
+__all__ = ["STALE_CLAIM", "aggregate", "pending_aggregations", "publish_pending"]
+
+log = logging.getLogger("coordinator.aggregate")
+
+STALE_CLAIM = timedelta(minutes=10)
+
+
+def pending_aggregations(session: Session, now: datetime) -> list[int]:
+    return list(
+        session.scalars(
+            select(Round.id).where(
+                Round.stage == AGGREGATING,
+                or_(Round.claimed_at.is_(None), Round.claimed_at < now - STALE_CLAIM),
+            )
+        )
+    )
+
+
+def _claim(factory: sessionmaker[Session], ctx: RoundContext, round_id: int) -> datetime | None:
+    with factory() as session, session.begin():
+        rnd = session.get(Round, round_id, with_for_update=True, populate_existing=True)
+        now = ctx.now()
+        if rnd is None or rnd.stage != AGGREGATING:
+            return None
+        if rnd.claimed_at is not None and _utc(rnd.claimed_at) > now - STALE_CLAIM:
+            return None
+        rnd.claimed_at = now
+        return now
+
+
+def _mean_delta(rnd: Round, d: int) -> tuple[np.ndarray[Any, np.dtype[np.float32]], int]:
+    plan = rnd.plan
+    if plan.get("secagg") is not None:
+        server = SecAggServer.from_bytes(rnd.secagg_state or b"")
+        ring = server.unmask()
+        survivors = len(plan["unmask"]["survivors"])
+        return decode_sum(ring, CodecParams.model_validate(plan["codec"]), survivors, d), survivors
+    if rnd.sum_blob is None:
+        raise CodecError("no update arrived")
+    if plan.get("codec") is not None:
+        # compressed without secure aggregation: a plain integer sum, which the codec's ring
+        # width keeps below 2**k for up to max_clients inputs
+        codec = CodecParams.model_validate(plan["codec"])
+        ring = np.frombuffer(rnd.sum_blob, dtype=np.uint64).astype(np.uint32)
+        return decode_sum(ring, codec, rnd.reported, d), rnd.reported
+    total = np.frombuffer(rnd.sum_blob, dtype=np.float64)
+    if rnd.weight_sum <= 0:
+        raise CodecError("summed weight is 0")
+    return (total / rnd.weight_sum).astype(np.float32), rnd.reported
+
+
+def aggregate(factory: sessionmaker[Session], ctx: RoundContext, round_id: int) -> int | None:
+    """Unmask, decode, apply the server optimizer and commit a new version. Returns it."""
+    claim = _claim(factory, ctx, round_id)
+    if claim is None:
+        return None
+    with factory() as session:
+        rnd = session.get(Round, round_id)
+        assert rnd is not None
+        task = session.get(Task, rnd.task_id)
+        assert task is not None
+        base = session.scalars(
+            select(ModelVersion).where(
+                ModelVersion.task_id == task.id, ModelVersion.version == rnd.base_version
+            )
+        ).one()
+        cfg = TaskConfig.model_validate(task.config)
+        d = rnd.plan["dim"]
+        try:
+            delta, n = _mean_delta(rnd, d)
+            if not np.isfinite(delta).all():
+                raise CodecError("aggregate contains NaN or Inf")
+        except (SecAggError, CodecError, ValueError) as e:
+            with session.begin():
+                rnd = session.get(Round, round_id, with_for_update=True, populate_existing=True)
+                if rnd is not None and rnd.stage == AGGREGATING:
+                    _fail(session, ctx, rnd, f"aggregation: {e}")
+            return None
+        weights = ctx.store.load_weights(base.weights_file)
+        state = ctx.store.load_optimizer_state(task.name, base.version)
+        opt = make_optimizer(cfg.server_optimizer)
+        new_weights, new_state = opt.step(weights, delta, state)
+    with factory() as session, session.begin():
+        rnd = session.get(Round, round_id, with_for_update=True, populate_existing=True)
+        if (
+            rnd is None
+            or rnd.stage != AGGREGATING
+            or rnd.claimed_at is None
+            or _utc(rnd.claimed_at) != claim
+        ):
+            return None  # another worker took over a claim we held too long
+        task = session.get(Task, rnd.task_id, with_for_update=True, populate_existing=True)
+        assert task is not None
+        latest = session.scalar(
+            select(func.max(ModelVersion.version)).where(ModelVersion.task_id == task.id)
+        )
+        version = (latest or 0) + 1
+        weights_file, sha = ctx.store.save_weights(task.name, version, new_weights)
+        _save_state(ctx, task.name, version, new_state)
+        reports = _reports(session, rnd.id)
+        metrics: dict[str, Any] = {
+            "reports": n,
+            "update_norm": float(np.linalg.norm(delta)),
+        }
+        if reports:
+            metrics["mean_loss_before"] = float(np.mean([r["loss_before"] for r in reports]))
+            metrics["mean_loss_after"] = float(np.mean([r["loss_after"] for r in reports]))
+            metrics["mean_train_seconds"] = float(np.mean([r["seconds"] for r in reports]))
+        session.add(
+            ModelVersion(
+                task_id=task.id,
+                version=version,
+                created_at=ctx.now(),
+                source="round",
+                round_id=rnd.id,
+                parent_version=rnd.base_version,
+                weights_file=weights_file,
+                weights_sha256=sha,
+                bundle_dir=base.bundle_dir,
+                predict_file=None,
+                predict_sha256=None,
+                metrics=metrics,
+            )
+        )
+        task.current_version = version
+        rnd.stage = DONE
+        rnd.outcome = "committed"
+        rnd.new_version = version
+        rnd.finished_at = ctx.now()
+        rnd.metrics = {**rnd.metrics, **metrics}
+        rnd.secagg_state = None
+        rnd.sum_blob = None
+        ctx.metrics.rounds.labels("train", "committed").inc()
+        log_event(log, "version committed", task=task.name, round=rnd.id, version=version)
+        return version
+
+
+def _reports(session: Session, round_id: int) -> list[dict[str, Any]]:
+    from coordinator.db.models import Participant
+
+    rows = session.scalars(select(Participant.report).where(Participant.round_id == round_id)).all()
+    return [r for r in rows if r]
+
+
+def _save_state(ctx: RoundContext, task: str, version: int, state: OptimizerState) -> None:
+    ctx.store.save_optimizer_state(task, version, state)
+
+
+def publish_pending(
+    factory: sessionmaker[Session], ctx: RoundContext, *, latest_only: bool = True
+) -> int:
+    """Export ``predict.pte`` for committed versions that have none (newest first).
+
+    With ``latest_only`` older unpublished versions of a task are skipped once a newer one
+    exists: devices only ever need the current model. Returns the number published.
+    """
+    from model_export.export import export_predict_program, model_from_bundle
+
+    published = 0
+    with factory() as session:
+        rows = session.execute(
+            select(ModelVersion.id, ModelVersion.task_id, ModelVersion.version)
+            .where(ModelVersion.predict_file.is_(None))
+            .order_by(ModelVersion.task_id, ModelVersion.version.desc())
+        ).all()
+    seen: set[int] = set()
+    for mv_id, task_id, _ in rows:
+        if latest_only and task_id in seen:
+            continue
+        seen.add(task_id)
+        now = ctx.now()
+        with factory() as session, session.begin():
+            mv = session.get(ModelVersion, mv_id, with_for_update=True, populate_existing=True)
+            if mv is None or mv.predict_file is not None:
+                continue
+            if (
+                mv.publish_claimed_at is not None
+                and _utc(mv.publish_claimed_at) > now - STALE_CLAIM
+            ):
+                continue
+            mv.publish_claimed_at = now
+            task = session.get(Task, mv.task_id)
+            assert task is not None
+            task_name, version, bundle_dir, weights_file = (
+                task.name,
+                mv.version,
+                mv.bundle_dir,
+                mv.weights_file,
+            )
+        bundle = ctx.store.bundle(bundle_dir)
+        lm = model_from_bundle(bundle.root, bundle.manifest, ctx.store.load_weights(weights_file))
+        spec = bundle.manifest.predict
+        program = export_predict_program(lm, spec.quantization, spec.beam_batch)
+        rel, sha = ctx.store.save_predict(task_name, version, program)
+        with factory() as session, session.begin():
+            mv = session.get(ModelVersion, mv_id, with_for_update=True, populate_existing=True)
+            if mv is not None and mv.predict_file is None:
+                mv.predict_file, mv.predict_sha256 = rel, sha
+                published += 1
+                log_event(log, "predict.pte published", task=task_name, version=version)
+    return published

@@ -1,0 +1,993 @@
+"""Rounds: check-in and selection, the secure-aggregation stages, deadlines, aggregation.
+
+Every mutation of a round locks its row (``SELECT ... FOR UPDATE`` on PostgreSQL; SQLite
+transactions take the database write lock at BEGIN), so several workers and replicas can serve
+the same round: a stage closes once, a device is selected once (primary key of
+``participants``), an upload is counted once (the participant's stage only moves forward).
+All state a round needs is in its row (plan, secure-aggregation server state with the running
+sum), so a restarted coordinator continues where the database says it was.
+
+Flow of a training round with secure aggregation:
+
+    selecting -> advertise_keys -> share_keys -> masked_input -> unmask -> aggregating -> done
+
+without secure aggregation ``selecting -> upload -> aggregating -> done``, and an evaluation
+round ``selecting -> evaluating -> done``. Devices that miss a stage's deadline are dropped;
+too few left and the round fails with the model unchanged.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import logging
+import math
+import random
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from sqlalchemy import delete, func, select, update
+from sqlalchemy.orm import Session
+
+from coordinator.config import Settings
+from coordinator.db.models import (
+    Candidate,
+    Device,
+    EvalReport,
+    ModelVersion,
+    Participant,
+    Round,
+    Task,
+)
+from coordinator.observability import Metrics, log_event
+from coordinator.schemas import TaskConfig
+from coordinator.services.storage import ArtifactStore
+from protocol._http_models import (
+    ArtifactRef,
+    CheckinResponse,
+    DeviceState,
+    EvalCounts,
+    RoundPlan,
+    RoundStatus,
+    TrainingPlan,
+    TrainReport,
+)
+from protocol.codec import CodecParams, encoded_length, ring_bits
+from protocol.secagg.common import SecAggError, secagg_params_for
+from protocol.secagg.server import SecAggServer
+from protocol.wire import (
+    AdvertiseKeys,
+    MaskedInputRequest,
+    SecAggParams,
+    ShareKeys,
+    ShareKeysRequest,
+    Stage,
+    UnmaskRequest,
+    UnmaskResponse,
+    UpdateKind,
+    WireError,
+    peek_header,
+    unpack_dense_update,
+    unpack_sparse_update,
+    unpack_update,
+)
+
+__all__ = [
+    "AGGREGATING",
+    "DONE",
+    "DROPPED",
+    "EVALUATING",
+    "SELECTED",
+    "SELECTING",
+    "UPLOAD",
+    "Forbidden",
+    "Gone",
+    "RoundContext",
+    "StageConflict",
+    "advance",
+    "advertise",
+    "checkin",
+    "evaluation",
+    "inbound_shares",
+    "open_rounds",
+    "plan_for",
+    "report",
+    "roster",
+    "share_keys",
+    "status",
+    "unmask",
+    "unmask_request",
+    "upload",
+]
+
+log = logging.getLogger("coordinator.rounds")
+
+# round stages (the secure-aggregation ones are protocol.wire.Stage values)
+SELECTING = "selecting"
+UPLOAD = "upload"
+EVALUATING = "evaluating"
+AGGREGATING = "aggregating"
+DONE = "done"
+# participant stages besides the completed round stage names
+SELECTED = "selected"
+DROPPED = "dropped"
+EVALUATED = "evaluated"
+
+
+class StageConflict(Exception):
+    """409: the request does not fit the round's current stage or this device's part in it."""
+
+
+class Gone(Exception):
+    """410: the round is over (or went on without this device)."""
+
+
+class Forbidden(Exception):
+    """403: the device was not selected for this round."""
+
+
+@dataclass
+class RoundContext:
+    settings: Settings
+    store: ArtifactStore
+    metrics: Metrics
+    now: Callable[[], datetime] = lambda: datetime.now(UTC)
+    jitter: random.Random = field(default_factory=random.Random)  # pace-steering spread
+
+
+def _utc(dt: datetime) -> datetime:
+    """SQLite returns naive datetimes: they are UTC."""
+    return dt if dt.tzinfo else dt.replace(tzinfo=UTC)
+
+
+def _ts(dt: datetime) -> float:
+    return _utc(dt).timestamp()
+
+
+def _cfg(task: Task) -> TaskConfig:
+    return TaskConfig.model_validate(task.config)
+
+
+# ----------------------------------------------------------------------------------------
+# Opening rounds and the round plan
+# ----------------------------------------------------------------------------------------
+
+
+def _codec_params(plan: dict[str, Any]) -> CodecParams | None:
+    raw = plan.get("codec")
+    return None if raw is None else CodecParams.model_validate(raw)
+
+
+def _secagg_params(plan: dict[str, Any]) -> SecAggParams | None:
+    raw = plan.get("secagg")
+    return None if raw is None else SecAggParams.model_validate(raw)
+
+
+def _version(session: Session, task: Task, version: int) -> ModelVersion:
+    return session.scalars(
+        select(ModelVersion).where(ModelVersion.task_id == task.id, ModelVersion.version == version)
+    ).one()
+
+
+def _open_round(session: Session, ctx: RoundContext, task: Task) -> Round | None:
+    """Create the task's next round (the task row is locked by the caller)."""
+    cfg = _cfg(task)
+    if task.current_version is None:
+        return None
+    trained = (
+        session.scalar(
+            select(func.count())
+            .select_from(Round)
+            .where(Round.task_id == task.id, Round.kind == "train")
+        )
+        or 0
+    )
+    number = task.next_round
+    kind = (
+        "evaluate"
+        if cfg.eval_every_rounds and number % (cfg.eval_every_rounds + 1) == 0
+        else "train"
+    )
+    if kind == "train" and cfg.max_rounds is not None and trained >= cfg.max_rounds:
+        task.status = "paused"
+        log_event(log, "task finished its rounds", task=task.name)
+        return None
+    now = ctx.now()
+    mv = _version(session, task, task.current_version)
+    bundle = ctx.store.bundle(mv.bundle_dir)
+    layout = bundle.manifest.train.layout
+    target = (
+        math.ceil(cfg.clients_per_round * cfg.over_selection)
+        if kind == "train"
+        else cfg.eval_clients
+    )
+    rnd = Round(
+        task_id=task.id,
+        number=number,
+        kind=kind,
+        stage=SELECTING,
+        base_version=mv.version,
+        plan={},
+        created_at=now,
+        stage_started_at=now,
+        stage_deadline=now + timedelta(seconds=cfg.deadlines.selection),
+        selection_target=target,
+        metrics={},
+    )
+    session.add(rnd)
+    task.next_round = number + 1
+    session.flush()  # the round id goes into the secure-aggregation parameters
+    plan: dict[str, Any] = {
+        "task": task.name,
+        "kind": kind,
+        "model_version": mv.version,
+        "bundle_dir": mv.bundle_dir,
+        "weights_file": mv.weights_file,
+        "weights_sha256": mv.weights_sha256,
+        "layout_hash": layout.hash(),
+        "dim": layout.size,
+        "clients_per_round": cfg.clients_per_round,
+        "min_reports": cfg.min_reports if kind == "train" else 1,
+        "training": cfg.training.model_dump(),
+        "deadlines": cfg.deadlines.model_dump(),
+        "codec": None,
+        "secagg": None,
+    }
+    if kind == "train" and cfg.codec.compress:
+        codec = CodecParams(
+            clip_norm=cfg.codec.clip_norm,
+            rotate=cfg.codec.rotate,
+            keep_fraction=cfg.codec.keep_fraction,
+            bits=cfg.codec.bits,
+            max_clients=target,
+            range_factor=cfg.codec.range_factor,
+            weight_cap=cfg.codec.weight_cap,
+            seed=secrets.token_bytes(32),
+        )
+        plan["codec"] = codec.model_dump(mode="json")
+        if cfg.secagg.enabled:
+            sec = secagg_params_for(
+                codec,
+                layout.size,
+                round_id=rnd.id,
+                graph_seed=secrets.token_bytes(32),
+                degree=cfg.secagg.neighbours,
+                threshold=cfg.secagg.threshold,
+                min_devices=max(2, cfg.min_reports),
+            )
+            plan["secagg"] = sec.model_dump(mode="json")
+    rnd.plan = plan
+    log_event(
+        log, "round opened", task=task.name, round=rnd.id, stage=SELECTING, version=mv.version
+    )
+    return rnd
+
+
+def open_rounds(session: Session, ctx: RoundContext) -> list[Round]:
+    """The open round of every active task, opening new ones where none is open."""
+    out = []
+    for task in session.scalars(
+        select(Task).where(Task.status == "active").order_by(Task.id)
+    ).all():
+        rnd = session.scalars(
+            select(Round).where(Round.task_id == task.id, Round.stage != DONE).order_by(Round.id)
+        ).first()
+        if rnd is None:
+            session.refresh(task, with_for_update=True)
+            if task.status != "active":
+                continue
+            rnd = session.scalars(
+                select(Round).where(Round.task_id == task.id, Round.stage != DONE)
+            ).first() or _open_round(session, ctx, task)
+        if rnd is not None:
+            out.append(rnd)
+    return out
+
+
+def plan_for(session: Session, ctx: RoundContext, rnd: Round, base_url: str) -> RoundPlan:
+    """The device-facing plan of a round (URLs relative to ``base_url``)."""
+    p = rnd.plan
+    bundle = ctx.store.bundle(p["bundle_dir"])
+    tar = ctx.store.bundle_tarball(p["bundle_dir"])
+    task = p["task"]
+    version = p["model_version"]
+    mv = session.scalars(
+        select(ModelVersion).join(Task).where(Task.name == task, ModelVersion.version == version)
+    ).one()
+    predict = None
+    if mv.predict_file and mv.predict_sha256:
+        predict = ArtifactRef(
+            url=f"{base_url}/v1/tasks/{task}/versions/{version}/predict.pte",
+            sha256=mv.predict_sha256,
+            size=ctx.store.path(mv.predict_file).stat().st_size,
+        )
+    training = TrainingPlan.model_validate(
+        {
+            k: p["training"][k]
+            for k in ("optimizer", "lr", "momentum", "local_steps", "max_seconds", "max_examples")
+        }
+    )
+    return RoundPlan(
+        round_id=rnd.id,
+        task=task,
+        kind=rnd.kind,
+        model_version=version,
+        bundle=ArtifactRef(
+            url=f"{base_url}/v1/bundles/{p['bundle_dir']}.tar",
+            sha256=ctx.store.sha256_of(tar),
+            size=tar.stat().st_size,
+        ),
+        weights=ArtifactRef(
+            url=f"{base_url}/v1/tasks/{task}/versions/{version}/weights",
+            sha256=p["weights_sha256"],
+            size=4 * bundle.manifest.train.layout.size,
+        ),
+        predict=predict,
+        layout_hash=p["layout_hash"],
+        training=training if rnd.kind == "train" else None,
+        codec=_codec_params(p),
+        secagg=_secagg_params(p),
+        stage_deadline=_ts(rnd.stage_deadline),
+    )
+
+
+# ----------------------------------------------------------------------------------------
+# Check-in: eligibility, candidates, pace steering
+# ----------------------------------------------------------------------------------------
+
+
+def _version_tuple(v: str) -> tuple[int, ...]:
+    core = v.split("+", maxsplit=1)[0].split("-", maxsplit=1)[0]
+    return tuple(int(x) for x in core.split(".")[:3] if x.isdigit())
+
+
+def eligibility(cfg: TaskConfig, state: DeviceState) -> str | None:
+    """None when the device may take part now, else the reason it may not."""
+    pol = cfg.eligibility
+    if pol.require_charging and not state.charging:
+        return "not charging"
+    if pol.require_idle and not state.idle:
+        return "not idle"
+    if pol.require_unmetered and not state.unmetered:
+        return "metered network"
+    if state.battery_pct < pol.min_battery_pct:
+        return "battery low"
+    if state.free_storage_mb < pol.min_free_storage_mb:
+        return "storage low"
+    if state.examples < pol.min_examples:
+        return "too few local examples"
+    if _version_tuple(state.client_version) < _version_tuple(pol.min_client_version):
+        return "client too old"
+    if pol.device_classes is not None and state.device_class not in pol.device_classes:
+        return "device class not in the task's population"
+    return None
+
+
+def _retry(ctx: RoundContext, seconds: float, reason: str, spread: float = 0.0) -> CheckinResponse:
+    s = ctx.settings
+    value = min(
+        max(seconds + ctx.jitter.uniform(0, spread), s.min_retry_seconds * 0.5), s.max_retry_seconds
+    )
+    return CheckinResponse(action="retry", retry_after=round(value, 3), reason=reason)
+
+
+def _pace(ctx: RoundContext, session: Session, rnd: Round, cfg: TaskConfig) -> CheckinResponse:
+    """retry_after for a device while the open round needs nobody.
+
+    The next selection starts roughly when this round ends: the median length of recent
+    rounds minus the time already spent (or the sum of the remaining deadlines when there is
+    no history). Check-ins are spread uniformly over a window sized so that the eligible
+    check-in rate seen at the last selection fills the next pool about twice over.
+    """
+    now = ctx.now()
+    recent = session.execute(
+        select(Round.created_at, Round.finished_at)
+        .where(Round.task_id == rnd.task_id, Round.finished_at.is_not(None))
+        .order_by(Round.id.desc())
+        .limit(5)
+    ).all()
+    elapsed = (now - _utc(rnd.created_at)).total_seconds()
+    if recent:
+        durations = sorted((_utc(f) - _utc(c)).total_seconds() for c, f in recent if f is not None)
+        remaining = durations[len(durations) // 2] - elapsed
+    else:
+        d = cfg.deadlines
+        remaining = (_utc(rnd.stage_deadline) - now).total_seconds() + d.unmask
+    rate = float(rnd.metrics.get("candidate_rate", 0.0)) if rnd.metrics else 0.0
+    pool = rnd.selection_target * cfg.selection_pool
+    window = min(max(pool / rate, 1.0), 120.0) if rate > 0 else 5.0
+    return _retry(
+        ctx, max(remaining, ctx.settings.min_retry_seconds), "no round needs devices now", window
+    )
+
+
+def _participation(session: Session, device_id: str) -> tuple[Participant, Round, Task] | None:
+    row = session.execute(
+        select(Participant, Round, Task)
+        .join(Round, Round.id == Participant.round_id)
+        .join(Task, Task.id == Round.task_id)
+        .where(
+            Participant.device_id == device_id, Round.stage != DONE, Participant.stage != DROPPED
+        )
+        .order_by(Round.id.desc())
+    ).first()
+    return None if row is None else (row[0], row[1], row[2])
+
+
+def _assignment(rnd: Round, task: Task) -> CheckinResponse:
+    return CheckinResponse(
+        action="evaluate" if rnd.kind == "evaluate" else "train", round_id=rnd.id, task=task.name
+    )
+
+
+def _bucket(examples: int) -> int:
+    return max(0, int(examples).bit_length())
+
+
+def checkin(
+    session: Session, ctx: RoundContext, *, device: Device, state: DeviceState
+) -> CheckinResponse:
+    now = ctx.now()
+    session.execute(
+        update(Device)
+        .where(Device.id == device.id)
+        .values(
+            last_checkin_at=now,
+            client_version=state.client_version,
+            device_class=state.device_class,
+            data_bucket=_bucket(state.examples),
+        )
+    )
+    current = _participation(session, device.id)
+    if current is not None:
+        _, rnd, task = current
+        return _assignment(rnd, task)
+    rounds = open_rounds(session, ctx)
+    if not rounds:
+        return _retry(
+            ctx,
+            ctx.settings.idle_retry_seconds * 0.5,
+            "no active task",
+            ctx.settings.idle_retry_seconds,
+        )
+    for rnd in rounds:
+        owner = session.get(Task, rnd.task_id)
+        assert owner is not None
+        cfg = _cfg(owner)
+        pol = cfg.eligibility
+        if pol.device_classes is not None and state.device_class not in pol.device_classes:
+            continue
+        if rnd.stage != SELECTING:
+            return _pace(ctx, session, rnd, cfg)
+        reason = eligibility(cfg, state)
+        if reason is None and device.last_round_number >= rnd.number - cfg.cooldown_rounds:
+            reason = "cooling down after a recent round"
+        if reason is not None:
+            idle = ctx.settings.idle_retry_seconds
+            return _retry(ctx, idle * 0.5, reason, idle)
+        if session.get(Candidate, (rnd.id, device.id)) is None:
+            session.add(
+                Candidate(
+                    round_id=rnd.id, device_id=device.id, checked_in_at=now, examples=state.examples
+                )
+            )
+            session.flush()
+        pool = (
+            session.scalar(
+                select(func.count()).select_from(Candidate).where(Candidate.round_id == rnd.id)
+            )
+            or 0
+        )
+        if pool >= math.ceil(rnd.selection_target * cfg.selection_pool):
+            advance(session, ctx, rnd.id)
+            mine = session.get(Participant, (rnd.id, device.id))
+            if mine is not None:
+                return _assignment(rnd, owner)
+            return _pace(ctx, session, rnd, cfg)
+        wait = (_utc(rnd.stage_deadline) - now).total_seconds()
+        return _retry(ctx, max(wait, 0.2), "candidate: selection closes soon", 1.0)
+    return _retry(
+        ctx,
+        ctx.settings.idle_retry_seconds * 0.5,
+        "not in any task's population",
+        ctx.settings.idle_retry_seconds,
+    )
+
+
+# ----------------------------------------------------------------------------------------
+# Stage transitions
+# ----------------------------------------------------------------------------------------
+
+
+def _lock(session: Session, round_id: int) -> Round:
+    rnd = session.get(Round, round_id, with_for_update=True, populate_existing=True)
+    if rnd is None:
+        raise Gone(f"no round {round_id}")
+    return rnd
+
+
+def _set_stage(ctx: RoundContext, rnd: Round, stage: str, seconds: float) -> None:
+    now = ctx.now()
+    ctx.metrics.stage_seconds.labels(rnd.stage).observe(
+        (now - _utc(rnd.stage_started_at)).total_seconds()
+    )
+    rnd.stage = stage
+    rnd.stage_started_at = now
+    rnd.stage_deadline = now + timedelta(seconds=seconds)
+    log_event(log, "stage", round=rnd.id, stage=stage)
+
+
+def _fail(session: Session, ctx: RoundContext, rnd: Round, reason: str) -> None:
+    rnd.stage = DONE
+    rnd.outcome = "failed"
+    rnd.failure_reason = reason[:500]
+    rnd.finished_at = ctx.now()
+    rnd.secagg_state = None
+    rnd.sum_blob = None
+    session.execute(delete(Candidate).where(Candidate.round_id == rnd.id))
+    session.execute(
+        update(Participant)
+        .where(Participant.round_id == rnd.id, Participant.stage == SELECTED)
+        .values(stage=DROPPED)
+    )
+    ctx.metrics.rounds.labels(rnd.kind, "failed").inc()
+    log_event(log, "round failed", round=rnd.id, stage=DONE, reason=reason)
+
+
+def _participants(session: Session, round_id: int) -> list[Participant]:
+    return list(
+        session.scalars(
+            select(Participant).where(Participant.round_id == round_id).order_by(Participant.index)
+        )
+    )
+
+
+def _drop_missing(session: Session, round_id: int, keep: set[str]) -> None:
+    """Every participant of the round not in ``keep`` is dropped."""
+    stmt = update(Participant).where(Participant.round_id == round_id)
+    if keep:
+        stmt = stmt.where(Participant.device_id.not_in(keep))
+    session.execute(stmt.values(stage=DROPPED))
+
+
+def _close_selection(
+    session: Session, ctx: RoundContext, rnd: Round, task: Task, now: datetime
+) -> None:
+    cfg = _cfg(task)
+    rows = session.execute(
+        select(Candidate, Device)
+        .join(Device, Device.id == Candidate.device_id)
+        .where(Candidate.round_id == rnd.id)
+    ).all()
+    need = rnd.plan["min_reports"]
+    if len(rows) < need:
+        if now >= _utc(rnd.stage_deadline):
+            _fail(
+                session,
+                ctx,
+                rnd,
+                f"only {len(rows)} eligible devices checked in; the round needs {need}",
+            )
+        return
+    seed = hashlib.sha256(f"{rnd.id}".encode()).digest()
+
+    def priority(row: Any) -> tuple[float, int, bytes]:
+        dev: Device = row[1]
+        last = _ts(dev.last_selected_at) if dev.last_selected_at else 0.0
+        return (last, dev.participations, hashlib.sha256(seed + dev.id.encode()).digest())
+
+    chosen = sorted(rows, key=priority)[: rnd.selection_target]
+    for i, (_, dev) in enumerate(chosen, 1):
+        session.add(
+            Participant(round_id=rnd.id, device_id=dev.id, index=i, stage=SELECTED, selected_at=now)
+        )
+    ids = [dev.id for _, dev in chosen]
+    session.execute(
+        update(Device)
+        .where(Device.id.in_(ids))
+        .values(
+            last_selected_at=now,
+            participations=Device.participations + 1,
+            last_round_number=rnd.number,
+        )
+    )
+    session.execute(delete(Candidate).where(Candidate.round_id == rnd.id))
+    window = max((now - _utc(rnd.stage_started_at)).total_seconds(), 1e-3)
+    rnd.metrics = {**rnd.metrics, "candidates": len(rows), "candidate_rate": len(rows) / window}
+    rnd.selected = len(chosen)
+    ctx.metrics.selections.inc(len(chosen))
+    d = cfg.deadlines
+    sec = _secagg_params(rnd.plan)
+    if rnd.kind == "evaluate":
+        _set_stage(ctx, rnd, EVALUATING, d.upload)
+    elif sec is not None:
+        rnd.secagg_state = SecAggServer(sec).to_bytes()
+        _set_stage(ctx, rnd, Stage.ADVERTISE_KEYS, d.advertise)
+    else:
+        _set_stage(ctx, rnd, UPLOAD, d.upload)
+
+
+def advance(session: Session, ctx: RoundContext, round_id: int) -> bool:
+    """Move a round on if its stage is complete or past its deadline. True if it moved.
+
+    Returns with the round in AGGREGATING when the heavy work is due: the caller runs
+    :func:`coordinator.services.aggregate.aggregate` outside the transaction.
+    """
+    rnd = _lock(session, round_id)
+    task = session.get(Task, rnd.task_id)
+    assert task is not None
+    cfg = _cfg(task)
+    now = ctx.now()
+    late = now >= _utc(rnd.stage_deadline)
+    stage = rnd.stage
+    d = cfg.deadlines
+    parts = _participants(session, rnd.id) if stage not in (SELECTING, DONE, AGGREGATING) else []
+    live = [p for p in parts if p.stage != DROPPED]
+    try:
+        if stage == SELECTING:
+            pool = (
+                session.scalar(
+                    select(func.count()).select_from(Candidate).where(Candidate.round_id == rnd.id)
+                )
+                or 0
+            )
+            if late or pool >= math.ceil(rnd.selection_target * cfg.selection_pool):
+                _close_selection(session, ctx, rnd, task, now)
+        elif stage == Stage.ADVERTISE_KEYS:
+            done = [p for p in live if p.stage == Stage.ADVERTISE_KEYS]
+            if late or len(done) == len(live):
+                server = SecAggServer.from_bytes(_need(rnd.secagg_state))
+                if len(done) < max(2, rnd.plan["min_reports"]):
+                    _fail(session, ctx, rnd, f"only {len(done)} devices advertised keys")
+                    return True
+                server.close_advertise()
+                _drop_missing(session, rnd.id, {p.device_id for p in done})
+                rnd.secagg_state = server.to_bytes()
+                _set_stage(ctx, rnd, Stage.SHARE_KEYS, d.share)
+        elif stage == Stage.SHARE_KEYS:
+            done = [p for p in live if p.stage == Stage.SHARE_KEYS]
+            if late or len(done) == len(live):
+                server = SecAggServer.from_bytes(_need(rnd.secagg_state))
+                active = set(server.close_share_keys())
+                _drop_missing(session, rnd.id, active)
+                rnd.secagg_state = server.to_bytes()
+                _set_stage(ctx, rnd, Stage.MASKED_INPUT, d.upload)
+        elif stage in (Stage.MASKED_INPUT, UPLOAD):
+            uploaded = {p.device_id for p in live if p.stage in (Stage.MASKED_INPUT, UPLOAD)}
+            if late or len(uploaded) >= rnd.plan["clients_per_round"] or len(uploaded) == len(live):
+                if len(uploaded) < rnd.plan["min_reports"]:
+                    _fail(
+                        session,
+                        ctx,
+                        rnd,
+                        f"only {len(uploaded)} updates by the deadline;"
+                        f" need {rnd.plan['min_reports']}",
+                    )
+                    return True
+                _drop_missing(session, rnd.id, uploaded)
+                if stage == UPLOAD:
+                    _set_stage(ctx, rnd, AGGREGATING, 0)
+                else:
+                    server = SecAggServer.from_bytes(_need(rnd.secagg_state))
+                    request = server.close_masked_input()
+                    rnd.plan = {**rnd.plan, "unmask": request.model_dump(mode="json")}
+                    rnd.secagg_state = server.to_bytes()
+                    _set_stage(ctx, rnd, Stage.UNMASK, d.unmask)
+        elif stage == Stage.UNMASK:
+            survivors = set(rnd.plan["unmask"]["survivors"])
+            answered = {p.device_id for p in live if p.stage == Stage.UNMASK}
+            if late or answered >= survivors:
+                _set_stage(ctx, rnd, AGGREGATING, 0)
+        elif stage == EVALUATING:
+            done = [p for p in live if p.stage == EVALUATED]
+            if late or len(done) == len(live):
+                _finish_evaluation(session, ctx, rnd, task)
+        else:
+            return False
+    except SecAggError as e:
+        _fail(session, ctx, rnd, f"secure aggregation: {e}")
+        return True
+    return rnd.stage != stage
+
+
+def _need(blob: bytes | None) -> bytes:
+    if blob is None:
+        raise SecAggError("round has no secure-aggregation state")
+    return blob
+
+
+def _finish_evaluation(session: Session, ctx: RoundContext, rnd: Round, task: Task) -> None:
+    reports = session.scalars(select(EvalReport).where(EvalReport.round_id == rnd.id)).all()
+    words = sum(r.words for r in reports)
+    metrics: dict[str, Any] = {"devices": len(reports), "words": words}
+    if words:
+        tokens = sum(r.tokens for r in reports)
+        metrics.update(
+            top1=sum(r.top1 for r in reports) / words,
+            top3=sum(r.top3 for r in reports) / words,
+            loss=sum(r.loss_sum for r in reports) / max(tokens, 1),
+        )
+        mv = _version(session, task, rnd.base_version)
+        mv.metrics = {**mv.metrics, **{f"federated_eval.{k}": v for k, v in metrics.items()}}
+    rnd.metrics = {**rnd.metrics, **metrics}
+    rnd.stage = DONE
+    rnd.outcome = "committed" if reports else "failed"
+    if not reports:
+        rnd.failure_reason = "no evaluation reports"
+    rnd.reported = len(reports)
+    rnd.finished_at = ctx.now()
+    _drop_missing(session, rnd.id, {r.device_id for r in reports})
+    ctx.metrics.rounds.labels("evaluate", rnd.outcome).inc()
+
+
+# ----------------------------------------------------------------------------------------
+# Device actions within a round
+# ----------------------------------------------------------------------------------------
+
+
+def _my_part(session: Session, rnd: Round, device: Device) -> Participant:
+    part = session.get(Participant, (rnd.id, device.id), populate_existing=True)
+    if part is None:
+        raise Forbidden(f"device was not selected for round {rnd.id}")
+    if part.stage == DROPPED:
+        raise Gone(f"round {rnd.id} went on without this device")
+    if rnd.stage == DONE:
+        raise Gone(f"round {rnd.id} is over ({rnd.outcome})")
+    return part
+
+
+def _expect(rnd: Round, *stages: str) -> None:
+    if rnd.stage not in stages:
+        raise StageConflict(
+            f"round {rnd.id} is in stage {rnd.stage!r}, not {' or '.join(stages)!r}"
+        )
+
+
+def round_for_device(session: Session, round_id: int, device: Device) -> tuple[Round, Participant]:
+    rnd = session.get(Round, round_id)
+    if rnd is None:
+        raise Gone(f"no round {round_id}")
+    part = session.get(Participant, (rnd.id, device.id))
+    if part is None:
+        raise Forbidden(f"device was not selected for round {rnd.id}")
+    return rnd, part
+
+
+def status(session: Session, ctx: RoundContext, *, round_id: int, device: Device) -> RoundStatus:
+    rnd, part = round_for_device(session, round_id, device)
+    remaining = max((_utc(rnd.stage_deadline) - ctx.now()).total_seconds(), 0.0)
+    poll = 0.0 if rnd.stage == DONE else min(max(remaining / 4, 0.2), 5.0)
+    return RoundStatus(
+        round_id=rnd.id,
+        stage=rnd.stage,
+        stage_deadline=_ts(rnd.stage_deadline),
+        participant_stage=part.stage,
+        outcome=rnd.outcome,
+        new_version=rnd.new_version,
+        retry_after=round(poll, 3),
+    )
+
+
+def advertise(
+    session: Session, ctx: RoundContext, *, round_id: int, device: Device, msg: AdvertiseKeys
+) -> None:
+    rnd = _lock(session, round_id)
+    part = _my_part(session, rnd, device)
+    if msg.device != device.id or msg.round_id != rnd.id:
+        raise StageConflict("advertisement names another device or round")
+    if part.stage == Stage.ADVERTISE_KEYS and rnd.stage != Stage.ADVERTISE_KEYS:
+        return  # repeated after the stage closed: already counted
+    _expect(rnd, Stage.ADVERTISE_KEYS)
+    server = SecAggServer.from_bytes(_need(rnd.secagg_state))
+    server.add_advertisement(msg)
+    rnd.secagg_state = server.to_bytes()
+    part.stage = Stage.ADVERTISE_KEYS
+    part.keys = {
+        "c": base64.b64encode(msg.cipher_public_key).decode(),
+        "s": base64.b64encode(msg.mask_public_key).decode(),
+    }
+    session.flush()
+    advance(session, ctx, rnd.id)
+
+
+def roster(session: Session, *, round_id: int, device: Device) -> ShareKeysRequest:
+    rnd = session.get(Round, round_id)
+    if rnd is None:
+        raise Gone(f"no round {round_id}")
+    part = _my_part(session, rnd, device)
+    _expect(rnd, Stage.SHARE_KEYS, Stage.MASKED_INPUT, Stage.UNMASK)
+    if part.stage == SELECTED:
+        raise Gone("device did not advertise keys in time")
+    server = SecAggServer.from_bytes(_need(rnd.secagg_state))
+    r = server.roster
+    if r is None:
+        raise StageConflict("roster not fixed yet")
+    return r
+
+
+def share_keys(
+    session: Session, ctx: RoundContext, *, round_id: int, device: Device, msg: ShareKeys
+) -> None:
+    rnd = _lock(session, round_id)
+    part = _my_part(session, rnd, device)
+    if msg.sender != device.id or msg.round_id != rnd.id:
+        raise StageConflict("share message names another device or round")
+    if part.stage == Stage.SHARE_KEYS and rnd.stage != Stage.SHARE_KEYS:
+        return
+    _expect(rnd, Stage.SHARE_KEYS)
+    server = SecAggServer.from_bytes(_need(rnd.secagg_state))
+    server.add_share_keys(msg)
+    rnd.secagg_state = server.to_bytes()
+    part.stage = Stage.SHARE_KEYS
+    session.flush()
+    advance(session, ctx, rnd.id)
+
+
+def inbound_shares(session: Session, *, round_id: int, device: Device) -> MaskedInputRequest:
+    rnd = session.get(Round, round_id)
+    if rnd is None:
+        raise Gone(f"no round {round_id}")
+    _my_part(session, rnd, device)
+    _expect(rnd, Stage.MASKED_INPUT)
+    return SecAggServer.from_bytes(_need(rnd.secagg_state)).masked_input_request(device.id)
+
+
+def upload(
+    session: Session,
+    ctx: RoundContext,
+    *,
+    round_id: int,
+    device: Device,
+    body: bytes,
+    examples: int,
+) -> bool:
+    """Add one update to the round's running sum. Returns False for a repeated upload."""
+    rnd = _lock(session, round_id)
+    part = _my_part(session, rnd, device)
+    if part.stage in (Stage.MASKED_INPUT, UPLOAD, Stage.UNMASK):
+        return False  # idempotent: this device's update is already in the sum
+    _expect(rnd, Stage.MASKED_INPUT, UPLOAD)
+    p = rnd.plan
+    header = peek_header(body)
+    expected_hash = p["layout_hash"]
+    if rnd.stage == Stage.MASKED_INPUT:
+        sec = _secagg_params(p)
+        assert sec is not None
+        _, values = unpack_update(
+            body,
+            expected_round=rnd.id,
+            expected_layout_hash=expected_hash,
+            expected_bits=sec.ring_bits,
+            expected_length=sec.vector_length,
+        )
+        server = SecAggServer.from_bytes(_need(rnd.secagg_state))
+        server.add_masked_input(device.id, values)
+        rnd.secagg_state = server.to_bytes()
+        part.stage = Stage.MASKED_INPUT
+    else:
+        dim = p["dim"]
+        weight = float(min(max(examples, 0), _cfg_cap(p)))
+        if weight <= 0:
+            raise StageConflict("an update must come with a positive example count")
+        acc: npt.NDArray[np.float64] | None = _float_sum(rnd, dim)
+        assert acc is not None
+        codec = _codec_params(p)
+        if header.kind == UpdateKind.DENSE_F32 and codec is None:
+            _, vec = unpack_dense_update(
+                body, expected_round=rnd.id, expected_layout_hash=expected_hash, expected_dim=dim
+            )
+            acc += weight * vec.astype(np.float64)
+        elif header.kind == UpdateKind.SPARSE_F32 and codec is None:
+            _, sparse = unpack_sparse_update(
+                body, expected_round=rnd.id, expected_layout_hash=expected_hash, expected_dim=dim
+            )
+            acc[sparse.indices] += weight * sparse.values.astype(np.float64)
+        elif header.kind == UpdateKind.RING and codec is not None:
+            _, values = unpack_update(
+                body,
+                expected_round=rnd.id,
+                expected_layout_hash=expected_hash,
+                expected_bits=ring_bits(codec),
+                expected_length=encoded_length(codec, dim),
+            )
+            ring = _ring_sum(rnd, len(values))
+            np.add(ring, values.astype(np.uint64), out=ring)
+            rnd.sum_blob = ring.tobytes()
+            acc = None
+        else:
+            raise WireError(f"update kind {header.kind.name} does not match this round's codec")
+        if acc is not None:
+            rnd.sum_blob = acc.tobytes()
+        rnd.weight_sum += weight
+        part.stage = UPLOAD
+    part.upload_bytes = len(body)
+    rnd.reported += 1
+    rnd.bytes_in += len(body)
+    session.flush()
+    advance(session, ctx, rnd.id)
+    return True
+
+
+def _cfg_cap(plan: dict[str, Any]) -> int:
+    codec = plan.get("codec")
+    return int(codec["weight_cap"]) if codec else 1 << 30
+
+
+def _float_sum(rnd: Round, dim: int) -> npt.NDArray[np.float64]:
+    if rnd.sum_blob is None:
+        return np.zeros(dim, dtype=np.float64)
+    return np.frombuffer(rnd.sum_blob, dtype=np.float64).copy()
+
+
+def _ring_sum(rnd: Round, length: int) -> npt.NDArray[np.uint64]:
+    if rnd.sum_blob is None:
+        return np.zeros(length, dtype=np.uint64)
+    return np.frombuffer(rnd.sum_blob, dtype=np.uint64).copy()
+
+
+def unmask_request(session: Session, *, round_id: int, device: Device) -> UnmaskRequest:
+    rnd = session.get(Round, round_id)
+    if rnd is None:
+        raise Gone(f"no round {round_id}")
+    part = _my_part(session, rnd, device)
+    _expect(rnd, Stage.UNMASK)
+    if part.stage not in (Stage.MASKED_INPUT, Stage.UNMASK):
+        raise Gone("device's masked input is not in the sum")
+    return UnmaskRequest.model_validate(rnd.plan["unmask"])
+
+
+def unmask(
+    session: Session, ctx: RoundContext, *, round_id: int, device: Device, msg: UnmaskResponse
+) -> None:
+    rnd = _lock(session, round_id)
+    part = _my_part(session, rnd, device)
+    if msg.sender != device.id or msg.round_id != rnd.id:
+        raise StageConflict("unmask response names another device or round")
+    if part.stage == Stage.UNMASK:
+        return
+    _expect(rnd, Stage.UNMASK)
+    server = SecAggServer.from_bytes(_need(rnd.secagg_state))
+    server.add_unmask_response(msg)
+    rnd.secagg_state = server.to_bytes()
+    part.stage = Stage.UNMASK
+    session.flush()
+    advance(session, ctx, rnd.id)
+
+
+def report(session: Session, *, round_id: int, device: Device, msg: TrainReport) -> None:
+    rnd, part = round_for_device(session, round_id, device)
+    if rnd.kind != "train":
+        raise StageConflict("training reports belong to training rounds")
+    part.report = msg.model_dump()
+
+
+def evaluation(
+    session: Session, ctx: RoundContext, *, round_id: int, device: Device, counts: EvalCounts
+) -> None:
+    rnd = _lock(session, round_id)
+    part = _my_part(session, rnd, device)
+    if rnd.kind != "evaluate":
+        raise StageConflict("evaluation counts belong to evaluation rounds")
+    if part.stage == EVALUATED:
+        return
+    _expect(rnd, EVALUATING)
+    session.add(
+        EvalReport(
+            round_id=rnd.id,
+            device_id=device.id,
+            version=rnd.base_version,
+            words=counts.words,
+            top1=counts.top1,
+            top3=counts.top3,
+            loss_sum=counts.loss_sum,
+            tokens=counts.tokens,
+        )
+    )
+    part.stage = EVALUATED
+    session.flush()
+    advance(session, ctx, rnd.id)

@@ -1,0 +1,138 @@
+"""Artifact storage on disk: bundles, the flat weight vector of every model version, published
+``predict.pte`` programs, and compressed deltas between versions.
+
+Files are written to a temporary name and renamed, so a crash never leaves a half file under a
+name the database points to. Weights are raw little-endian float32 (the layout's order).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+
+from edge_client.bundle import Bundle, extract_bundle, load_bundle, pack_bundle
+from protocol.bundle import sha256_file
+from protocol.delta import xor_delta
+
+__all__ = ["ArtifactStore"]
+
+FloatVec = npt.NDArray[np.float32]
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class ArtifactStore:
+    """``root/bundles/<sha>/``, ``root/weights/<task>/v<N>.f32``, ``.../v<N>.predict.pte``."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._bundles: dict[str, Bundle] = {}
+        self._hashes: dict[tuple[str, int], str] = {}
+        (root / "bundles").mkdir(parents=True, exist_ok=True)
+        (root / "weights").mkdir(parents=True, exist_ok=True)
+
+    def add_bundle(self, tarball: Path) -> Bundle:
+        """Unpack and verify a bundle tarball; stored under the sha256 of its manifest."""
+        with tempfile.TemporaryDirectory(dir=self.root / "bundles") as tmp:
+            bundle = extract_bundle(tarball, Path(tmp) / "b")
+            sha = hashlib.sha256((bundle.root / "manifest.json").read_bytes()).hexdigest()
+            dest = self.root / "bundles" / sha
+            if not dest.exists():
+                shutil.move(str(bundle.root), dest)
+        return load_bundle(dest)
+
+    def bundle(self, bundle_dir: str) -> Bundle:
+        cached = self._bundles.get(bundle_dir)
+        if cached is None:
+            cached = self._bundles[bundle_dir] = load_bundle(
+                self.root / "bundles" / bundle_dir, verify=False
+            )
+        return cached
+
+    def bundle_tarball(self, bundle_dir: str) -> Path:
+        """The bundle as one tarball (what devices download), written once."""
+        path = self.root / "bundles" / f"{bundle_dir}.tar"
+        if not path.exists():
+            pack_bundle(self.root / "bundles" / bundle_dir, path)
+        return path
+
+    def sha256_of(self, path: Path) -> str:
+        """sha256 of an immutable artifact (cached by path and size)."""
+        key = (str(path), path.stat().st_size)
+        digest = self._hashes.get(key)
+        if digest is None:
+            digest = self._hashes[key] = sha256_file(path)
+        return digest
+
+    def optimizer_state_path(self, task: str, version: int) -> Path:
+        return self.root / "weights" / task / f"v{version}.opt.npz"
+
+    def save_optimizer_state(self, task: str, version: int, state: dict[str, FloatVec]) -> None:
+        if not state:
+            return
+        import io
+
+        buf = io.BytesIO()
+        np.savez(buf, **state)  # type: ignore[arg-type]
+        _atomic_write(self.optimizer_state_path(task, version), buf.getvalue())
+
+    def load_optimizer_state(self, task: str, version: int) -> dict[str, FloatVec]:
+        path = self.optimizer_state_path(task, version)
+        if not path.exists():
+            return {}
+        with np.load(path) as data:
+            return {k: data[k].astype(np.float32) for k in data.files}
+
+    def weights_path(self, task: str, version: int) -> Path:
+        return self.root / "weights" / task / f"v{version}.f32"
+
+    def predict_path(self, task: str, version: int) -> Path:
+        return self.root / "weights" / task / f"v{version}.predict.pte"
+
+    def save_weights(self, task: str, version: int, vec: FloatVec) -> tuple[str, str]:
+        """Write a version's vector; returns (relative file name, sha256)."""
+        data = np.ascontiguousarray(vec, dtype="<f4").tobytes()
+        path = self.weights_path(task, version)
+        _atomic_write(path, data)
+        return str(path.relative_to(self.root)), hashlib.sha256(data).hexdigest()
+
+    def load_weights(self, relative: str) -> FloatVec:
+        return np.fromfile(self.root / relative, dtype="<f4").astype(np.float32, copy=False)
+
+    def save_predict(self, task: str, version: int, program: bytes) -> tuple[str, str]:
+        path = self.predict_path(task, version)
+        _atomic_write(path, program)
+        return str(path.relative_to(self.root)), hashlib.sha256(program).hexdigest()
+
+    def delta_path(self, task: str, version: int, base: int) -> Path:
+        return self.root / "weights" / task / f"v{version}-from-v{base}.xdelta"
+
+    def delta(self, task: str, version: int, base: int, new_file: str, base_file: str) -> Path:
+        """The compressed delta from ``base`` to ``version`` (computed once, then cached)."""
+        path = self.delta_path(task, version, base)
+        if not path.exists():
+            _atomic_write(
+                path, xor_delta(self.load_weights(new_file), self.load_weights(base_file))
+            )
+        return path
+
+    def path(self, relative: str) -> Path:
+        return self.root / relative

@@ -1,0 +1,241 @@
+"""One device's part in one round, stage by stage, against the coordinator.
+
+The training itself is a callback, so the same code drives the real agent (ExecuTorch
+training on local messages), the simulator's devices and scripted test devices. What leaves
+the device: public keys, encrypted shares, the encoded (masked) update and scalar metrics.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from edge_client.transport import ApiError, Transport
+from protocol._http_models import RoundPlan, RoundStatus, TrainReport
+from protocol.codec import encode
+from protocol.delta import DeltaError, xor_undelta
+from protocol.layout import FloatVec
+from protocol.secagg.client import SecAggClient
+from protocol.wire import Stage, UpdateHeader, UpdateKind, pack_dense_update, pack_update
+
+__all__ = ["Aborted", "LocalResult", "RoundOutcome", "TrainFn", "WeightsCache", "run_round"]
+
+log = logging.getLogger(__name__)
+
+_ORDER = [
+    "selecting",
+    Stage.ADVERTISE_KEYS,
+    Stage.SHARE_KEYS,
+    Stage.MASKED_INPUT,
+    Stage.UNMASK,
+    "aggregating",
+    "done",
+]
+
+
+class Aborted(Exception):
+    """The device stopped taking part (no longer eligible, shutting down, dropped)."""
+
+
+@dataclass
+class LocalResult:
+    """What local training produced: the new weights' delta and scalar metrics only."""
+
+    delta: FloatVec
+    examples: int
+    report: TrainReport
+
+
+class TrainFn(Protocol):
+    def __call__(self, plan: RoundPlan, weights: FloatVec) -> LocalResult: ...
+
+
+@dataclass
+class RoundOutcome:
+    round_id: int
+    completed: bool  # the device did every stage it was asked to
+    outcome: str | None  # the round's: committed | failed | None (unknown, device left)
+    new_version: int | None
+    reason: str = ""
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+
+
+class WeightsCache:
+    """Global weight vectors by sha256; downloads deltas from a held version when it can."""
+
+    def __init__(self, max_items: int = 2) -> None:
+        self.max_items = max_items
+        self._by_sha: dict[str, tuple[int, FloatVec]] = {}
+
+    def get(self, transport: Transport, plan: RoundPlan) -> FloatVec:
+        hit = self._by_sha.get(plan.weights.sha256)
+        if hit is not None:
+            return hit[1]
+        vec: FloatVec | None = None
+        held = sorted(self._by_sha.values(), key=lambda x: -x[0])
+        if held and held[0][0] < plan.model_version:
+            base_version, base = held[0]
+            try:
+                delta = transport.download(plan.weights.url, params={"base": base_version})
+                candidate = xor_undelta(delta, base)
+            except (DeltaError, ApiError) as e:
+                log.info("delta download failed (%s); fetching the whole vector", e)
+            else:
+                if (
+                    hashlib.sha256(candidate.astype("<f4").tobytes()).hexdigest()
+                    == plan.weights.sha256
+                ):
+                    vec = candidate
+        if vec is None:
+            data = transport.download(plan.weights.url)
+            if hashlib.sha256(data).hexdigest() != plan.weights.sha256:
+                raise Aborted("downloaded weights do not match their sha256")
+            vec = np.frombuffer(data, dtype="<f4").astype(np.float32)
+        self._by_sha[plan.weights.sha256] = (plan.model_version, vec)
+        while len(self._by_sha) > self.max_items:
+            oldest = min(self._by_sha, key=lambda k: self._by_sha[k][0])
+            del self._by_sha[oldest]
+        return vec
+
+
+def _stage_index(stage: str) -> int:
+    return _ORDER.index(stage) if stage in _ORDER else -1
+
+
+def _wait_for(
+    transport: Transport,
+    round_id: int,
+    stage: str,
+    *,
+    sleep: Callable[[float], None],
+    should_continue: Callable[[], bool],
+    deadline: float,
+) -> RoundStatus:
+    """Poll the round's status until it reaches ``stage`` (or passes it, or ends)."""
+    while True:
+        st = transport.status(round_id)
+        if st.participant_stage == "dropped" or st.stage == "done":
+            return st
+        if st.stage == stage or _stage_index(st.stage) > _stage_index(stage) >= 0:
+            return st
+        if not should_continue():
+            raise Aborted("device stopped while waiting for the round")
+        if time.time() > deadline:
+            raise Aborted(f"round {round_id} did not reach {stage} in time")
+        sleep(max(st.retry_after, 0.05))
+
+
+def run_round(
+    transport: Transport,
+    device_id: str,
+    round_id: int,
+    train: TrainFn,
+    *,
+    weights_cache: WeightsCache | None = None,
+    rng: np.random.Generator | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+    should_continue: Callable[[], bool] = lambda: True,
+    max_wait: float = 3600.0,
+) -> RoundOutcome:
+    """Take part in a training round from plan to result. Network faults are retried by the
+    transport; a stage the device missed ends its part cleanly (the round goes on without it)."""
+    rng = rng or np.random.default_rng()
+    cache = weights_cache or WeightsCache()
+    t0 = time.time()
+    deadline = t0 + max_wait
+    times: dict[str, float] = {}
+    plan = transport.plan(round_id)
+    weights = cache.get(transport, plan)
+    times["download"] = time.time() - t0
+    secagg: SecAggClient | None = None
+    wait = {"sleep": sleep, "should_continue": should_continue, "deadline": deadline}
+
+    def left(reason: str, st: RoundStatus | None = None) -> RoundOutcome:
+        return RoundOutcome(
+            round_id,
+            False,
+            st.outcome if st else None,
+            st.new_version if st else None,
+            reason,
+            times,
+        )
+
+    try:
+        if plan.secagg is not None:
+            t = time.time()
+            secagg = SecAggClient(device_id, plan.secagg)
+            transport.advertise(round_id, secagg.advertise_keys())
+            st = _wait_for(transport, round_id, Stage.SHARE_KEYS, **wait)  # type: ignore[arg-type]
+            if st.participant_stage == "dropped" or st.stage != Stage.SHARE_KEYS:
+                return left(f"missed key sharing (round at {st.stage})", st)
+            transport.share_keys(round_id, secagg.share_keys(transport.roster(round_id)))
+            times["key_setup"] = time.time() - t
+        if not should_continue():
+            raise Aborted("no longer eligible before training")
+        t = time.time()
+        result = train(plan, weights)
+        times["train"] = time.time() - t
+        if result.report.aborted:
+            raise Aborted("training aborted: device no longer eligible")
+        t = time.time()
+        header_common = {
+            "round_id": round_id,
+            "layout_hash": plan.layout_hash,
+            "dim": int(weights.shape[0]),
+        }
+        if plan.codec is not None:
+            enc = encode(result.delta, plan.codec, rng, num_examples=result.examples)
+            values: npt.NDArray[np.uint32] = enc.values
+            bits = plan.secagg.ring_bits if plan.secagg is not None else _ring_bits(plan)
+            if secagg is not None:
+                st = _wait_for(transport, round_id, Stage.MASKED_INPUT, **wait)  # type: ignore[arg-type]
+                if st.participant_stage == "dropped" or st.stage != Stage.MASKED_INPUT:
+                    return left(f"missed the upload (round at {st.stage})", st)
+                values = secagg.masked_input(values, transport.inbound_shares(round_id))
+            header = UpdateHeader(
+                kind=UpdateKind.RING,
+                bits=bits,
+                keep_fraction=plan.codec.keep_fraction,
+                length=len(values),
+                **header_common,
+            )
+            body = pack_update(header, values)
+        else:
+            header = UpdateHeader(
+                kind=UpdateKind.DENSE_F32,
+                bits=32,
+                keep_fraction=1.0,
+                length=len(result.delta),
+                **header_common,
+            )
+            body = pack_dense_update(header, result.delta)
+        times["encode"] = time.time() - t
+        transport.upload(round_id, body, result.examples)
+        transport.report(round_id, result.report)
+        if secagg is not None:
+            st = _wait_for(transport, round_id, Stage.UNMASK, **wait)  # type: ignore[arg-type]
+            if st.participant_stage == "dropped" or st.stage != Stage.UNMASK:
+                return left(f"round moved on before unmasking ({st.stage})", st)
+            req = transport.unmask_request(round_id)
+            transport.unmask(round_id, secagg.unmask(req.survivors, req.dropped))
+        st = _wait_for(transport, round_id, "done", **wait)  # type: ignore[arg-type]
+        times["total"] = time.time() - t0
+        return RoundOutcome(round_id, True, st.outcome, st.new_version, "", times)
+    except ApiError as e:
+        if e.status in (409, 410):
+            return left(f"coordinator: {e.reason}")
+        raise
+
+
+def _ring_bits(plan: RoundPlan) -> int:
+    from protocol.codec import ring_bits
+
+    assert plan.codec is not None
+    return ring_bits(plan.codec)

@@ -1,0 +1,206 @@
+"""HTTPS client of the coordinator's device API (/v1), with retries.
+
+Every call the device makes is idempotent on the coordinator's side (per device, round and
+stage), so a call that failed on the network is simply repeated: with exponential backoff and
+jitter on connection errors, 5xx and 429 (honouring ``Retry-After``). 4xx answers other than
+429 are final and raised as :class:`ApiError` with the coordinator's reason.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+from pydantic import BaseModel
+
+from protocol._http_models import (
+    CheckinRequest,
+    CheckinResponse,
+    DeviceState,
+    EnrollRequest,
+    EnrollResponse,
+    EvalCounts,
+    RoundPlan,
+    RoundStatus,
+    TrainReport,
+)
+from protocol.wire import (
+    AdvertiseKeys,
+    MaskedInputRequest,
+    ShareKeys,
+    ShareKeysRequest,
+    UnmaskRequest,
+    UnmaskResponse,
+)
+
+__all__ = ["ApiError", "Transport", "TransportError"]
+
+log = logging.getLogger(__name__)
+M = TypeVar("M", bound=BaseModel)
+
+
+class ApiError(Exception):
+    """The coordinator refused a request (4xx): final, with its status and reason."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(f"{status}: {reason}")
+        self.status = status
+        self.reason = reason
+
+
+class TransportError(Exception):
+    """The coordinator stayed unreachable (or kept failing) through every retry."""
+
+
+class Transport:
+    """One device's connection to the coordinator. ``token`` may be set after enrolment."""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        ca: Path | None = None,
+        token: str | None = None,
+        timeout: float = 60.0,
+        retries: int = 6,
+        backoff: float = 0.5,
+        max_backoff: float = 30.0,
+        sleep: Callable[[float], None] = time.sleep,
+        transport: httpx.BaseTransport | None = None,
+        on_bytes: Callable[[str, int], None] | None = None,
+    ) -> None:
+        verify: Any = str(ca) if ca is not None else True
+        self._http = httpx.Client(
+            base_url=base_url, verify=verify, timeout=timeout, transport=transport
+        )
+        self.token = token
+        self.retries, self.backoff, self.max_backoff = retries, backoff, max_backoff
+        self._sleep = sleep
+        self._jitter = random.Random()
+        self.on_bytes = on_bytes  # (direction "up"/"down", byte count): accounting hook
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> Transport:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- plumbing ----------------------------------------------------------------------------
+
+    def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        headers = dict(kwargs.pop("headers", {}) or {})
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        delay = self.backoff
+        last: Exception | None = None
+        for attempt in range(self.retries + 1):
+            try:
+                r = self._http.request(method, path, headers=headers, **kwargs)
+            except httpx.TransportError as e:  # connection refused/reset, timeouts
+                last = e
+                wait = delay
+            else:
+                if self.on_bytes is not None:
+                    body = kwargs.get("content") or b""
+                    self.on_bytes(
+                        "up",
+                        len(body)
+                        if isinstance(body, bytes | bytearray)
+                        else len(r.request.content),
+                    )
+                    self.on_bytes("down", len(r.content))
+                if r.status_code < 400 or r.status_code == 304:
+                    return r
+                if r.status_code != 429 and r.status_code < 500:
+                    try:
+                        reason = str(r.json().get("detail", r.text))
+                    except ValueError:
+                        reason = r.text
+                    raise ApiError(r.status_code, reason)
+                last = ApiError(r.status_code, r.text[:200])
+                retry_after = r.headers.get("retry-after", "")
+                wait = float(retry_after) if retry_after.replace(".", "", 1).isdigit() else delay
+            if attempt == self.retries:
+                break
+            self._sleep(min(wait, self.max_backoff) * (0.5 + self._jitter.random()))
+            delay = min(delay * 2, self.max_backoff)
+        raise TransportError(f"{method} {path} failed after {self.retries + 1} attempts: {last}")
+
+    def _json(self, method: str, path: str, model: type[M], body: BaseModel | None = None) -> M:
+        kwargs: dict[str, Any] = {}
+        if body is not None:
+            kwargs["content"] = body.model_dump_json().encode()
+            kwargs["headers"] = {"Content-Type": "application/json"}
+        return model.model_validate_json(self._request(method, path, **kwargs).content)
+
+    def _send(self, method: str, path: str, body: BaseModel) -> None:
+        self._request(
+            method,
+            path,
+            content=body.model_dump_json().encode(),
+            headers={"Content-Type": "application/json"},
+        )
+
+    # -- device API ----------------------------------------------------------------------------
+
+    def enroll(self, req: EnrollRequest) -> EnrollResponse:
+        return self._json("POST", "/v1/devices/enroll", EnrollResponse, req)
+
+    def checkin(self, state: DeviceState) -> CheckinResponse:
+        return self._json("POST", "/v1/checkin", CheckinResponse, CheckinRequest(state=state))
+
+    def plan(self, round_id: int) -> RoundPlan:
+        return self._json("GET", f"/v1/rounds/{round_id}/plan", RoundPlan)
+
+    def status(self, round_id: int) -> RoundStatus:
+        return self._json("GET", f"/v1/rounds/{round_id}/status", RoundStatus)
+
+    def advertise(self, round_id: int, msg: AdvertiseKeys) -> None:
+        self._send("POST", f"/v1/rounds/{round_id}/secagg/advertise", msg)
+
+    def roster(self, round_id: int) -> ShareKeysRequest:
+        return self._json("GET", f"/v1/rounds/{round_id}/secagg/roster", ShareKeysRequest)
+
+    def share_keys(self, round_id: int, msg: ShareKeys) -> None:
+        self._send("POST", f"/v1/rounds/{round_id}/secagg/shares", msg)
+
+    def inbound_shares(self, round_id: int) -> MaskedInputRequest:
+        return self._json("GET", f"/v1/rounds/{round_id}/secagg/shares", MaskedInputRequest)
+
+    def upload(self, round_id: int, body: bytes, examples: int) -> bool:
+        r = self._request(
+            "PUT",
+            f"/v1/rounds/{round_id}/update",
+            params={"examples": examples},
+            content=body,
+            headers={"Content-Type": "application/octet-stream"},
+        )
+        return bool(r.json().get("accepted", False))
+
+    def unmask_request(self, round_id: int) -> UnmaskRequest:
+        return self._json("GET", f"/v1/rounds/{round_id}/secagg/unmask", UnmaskRequest)
+
+    def unmask(self, round_id: int, msg: UnmaskResponse) -> None:
+        self._send("POST", f"/v1/rounds/{round_id}/secagg/unmask", msg)
+
+    def report(self, round_id: int, msg: TrainReport) -> None:
+        self._send("POST", f"/v1/rounds/{round_id}/report", msg)
+
+    def evaluation(self, round_id: int, counts: EvalCounts) -> None:
+        self._send("POST", f"/v1/rounds/{round_id}/evaluation", counts)
+
+    def download(self, url: str, *, params: dict[str, Any] | None = None) -> bytes:
+        """A whole artifact (the caller checks its sha256)."""
+        return self._request("GET", url, params=params).content
+
+    def current(self, task: str) -> dict[str, Any]:
+        out: dict[str, Any] = self._request("GET", f"/v1/tasks/{task}/current").json()
+        return out

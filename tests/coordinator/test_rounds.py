@@ -1,0 +1,135 @@
+"""Full rounds against a real coordinator (uvicorn over TLS) on SQLite and PostgreSQL, with
+scripted devices running the real protocol code, including drop-outs at every stage."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from tests.coordinator.conftest import Server
+from tests.coordinator.scripted import ScriptedDevice, run_devices
+
+pytestmark = pytest.mark.slow
+
+
+def task_config(**over: Any) -> dict[str, Any]:
+    cfg: dict[str, Any] = {
+        "clients_per_round": 4,
+        "over_selection": 1.25,
+        "min_reports": 3,
+        "cooldown_rounds": 0,
+        "selection_pool": 1.0,
+        "eligibility": {"min_examples": 0},
+        "codec": {"compress": True, "clip_norm": 10.0, "keep_fraction": 1.0, "bits": 16, "weight_cap": 16},
+        "secagg": {"enabled": True},
+        "server_optimizer": {"name": "fedavg", "lr": 1.0},
+        "deadlines": {"selection": 20, "advertise": 6, "share": 6, "upload": 10, "unmask": 6},
+        "max_rounds": 1,
+    }
+    for k, v in over.items():
+        if isinstance(v, dict):
+            cfg[k] = {**cfg.get(k, {}), **v}
+        else:
+            cfg[k] = v
+    return cfg
+
+
+def setup_task(server: Server, tarball: Path, cfg: dict[str, Any], name: str = "kb") -> np.ndarray:
+    with server.admin() as admin:
+        assert admin.post("/v1/admin/tasks", json={"name": name, "config": cfg}).status_code == 201
+        r = admin.post(f"/v1/admin/tasks/{name}/bundle", content=tarball.read_bytes())
+        assert r.status_code == 201, r.text
+        assert admin.post(f"/v1/admin/tasks/{name}/start").status_code == 200
+    return np.fromfile(server.data_dir / "weights" / name / "v0.f32", dtype="<f4")
+
+
+def wait_round(server: Server, name: str = "kb", timeout: float = 90) -> dict[str, Any]:
+    end = time.time() + timeout
+    with server.admin() as admin:
+        while time.time() < end:
+            rounds = admin.get(f"/v1/admin/tasks/{name}/rounds").json()
+            if rounds and rounds[-1]["stage"] == "done":
+                return rounds[-1]
+            time.sleep(0.3)
+    raise TimeoutError(rounds)
+
+
+def make_devices(server: Server, w0: np.ndarray, n: int, seed: int = 0, **kw: Any) -> list[ScriptedDevice]:
+    rng = np.random.default_rng(seed)
+    devs = []
+    for i in range(n):
+        delta = (rng.normal(0, 1, w0.shape) * (0.5 / np.sqrt(w0.size))).astype(np.float32)
+        d = ScriptedDevice(server.url, str(server.ca), server.enroll_secret, delta, examples=4 + 3 * i, **kw)
+        d.enroll()
+        devs.append(d)
+    return devs
+
+
+def expected(w0: np.ndarray, devs: list[ScriptedDevice], cap: int) -> np.ndarray:
+    ws = np.array([min(d.examples, cap) for d in devs], dtype=np.float64)
+    mean = sum(w * d.delta.astype(np.float64) for w, d in zip(ws, devs, strict=True)) / ws.sum()
+    return (w0 + mean).astype(np.float32)
+
+
+@pytest.mark.parametrize("secagg", [True, False])
+def test_round_commits_the_weighted_mean(server: Server, tiny_bundle_dir: Path, secagg: bool) -> None:
+    cfg = task_config(secagg={"enabled": secagg}, codec={"compress": secagg})
+    w0 = setup_task(server, tiny_bundle_dir.with_suffix(".tar"), cfg)
+    devs = make_devices(server, w0, 5)
+    run_devices(devs)
+    rnd = wait_round(server)
+    assert rnd["outcome"] == "committed", rnd
+    assert rnd["new_version"] == 1
+    w1 = np.fromfile(server.data_dir / "weights" / "kb" / "v1.f32", dtype="<f4")
+    reporters = [d for d in devs if d.uploaded][: rnd["reported"]]
+    assert len(reporters) == rnd["reported"] >= 4
+    want = expected(w0, reporters, 16 if secagg else 1 << 30)
+    # 16-bit stochastic quantization over a range of 4 C / sqrt(D): errors far below the update
+    step = np.abs(w1 - w0).max()
+    assert np.abs(w1 - want).max() < 0.02 * step, (np.abs(w1 - want).max(), step)
+    with server.admin() as admin:
+        versions = admin.get("/v1/admin/tasks/kb/versions").json()
+    assert [v["version"] for v in versions] == [0, 1]
+    assert versions[1]["metrics"]["reports"] == rnd["reported"]
+
+
+@pytest.mark.parametrize("stage", ["advertise", "share", "upload", "unmask"])
+def test_dropouts_at_each_stage_leave_the_sum_exact(sqlite_server: Server, tiny_bundle_dir: Path, stage: str) -> None:
+    server = sqlite_server
+    cfg = task_config(clients_per_round=5, over_selection=1.2, min_reports=3)
+    w0 = setup_task(server, tiny_bundle_dir.with_suffix(".tar"), cfg)
+    devs = make_devices(server, w0, 6)
+    devs[0].drop_before = stage
+    devs[3].drop_before = stage
+    run_devices(devs)
+    rnd = wait_round(server)
+    assert rnd["outcome"] == "committed", rnd
+    w1 = np.fromfile(server.data_dir / "weights" / "kb" / "v1.f32", dtype="<f4")
+    # the sum holds exactly the devices whose masked input the coordinator accepted
+    included = [d for d in devs if d.uploaded]
+    assert rnd["reported"] == len(included)
+    # the two drop-outs never upload, except when they vanish only after uploading
+    assert len(included) == (5 if stage == "unmask" else 4)
+    want = expected(w0, included, 16)
+    step = np.abs(w1 - w0).max()
+    assert np.abs(w1 - want).max() < 0.02 * step
+
+
+def test_too_few_devices_fail_the_round_and_keep_the_model(sqlite_server: Server, tiny_bundle_dir: Path) -> None:
+    server = sqlite_server
+    cfg = task_config(clients_per_round=4, min_reports=4, over_selection=1.0, deadlines={"upload": 3})
+    w0 = setup_task(server, tiny_bundle_dir.with_suffix(".tar"), cfg)
+    devs = make_devices(server, w0, 4)
+    devs[1].drop_before = "upload"
+    run_devices(devs)
+    rnd = wait_round(server)
+    assert rnd["outcome"] == "failed"
+    assert "updates" in rnd["failure_reason"]
+    with server.admin() as admin:
+        task = admin.get("/v1/admin/tasks/kb").json()
+    assert task["current_version"] == 0
+    assert not (server.data_dir / "weights" / "kb" / "v1.f32").exists()
