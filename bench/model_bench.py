@@ -113,9 +113,7 @@ def train_step(bundle_dir: Path, steps: int) -> dict[str, float]:
     opt = torch.optim.SGD(lm.parameters(), lr=0.01)
 
     def eager_step(bt) -> None:  # type: ignore[no-untyped-def]
-        loss = lm.loss(
-            *(torch.from_numpy(a) for a in (bt.tokens, bt.targets, bt.positions, bt.segments))
-        )
+        loss = lm.loss(*(torch.from_numpy(a) for a in (bt.tokens, bt.targets, bt.positions, bt.segments)))
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -153,9 +151,7 @@ def portable_step(bundle_dir: Path, steps: int) -> dict[str, float]:
     spec = b.manifest.train
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        ep = torch.export.export(
-            TrainStep(lm), _train_example(lm.cfg, spec.batch_size), strict=True
-        )
+        ep = torch.export.export(TrainStep(lm), _train_example(lm.cfg, spec.batch_size), strict=True)
         buf = to_edge(_export_forward_backward(ep)).to_executorch().buffer
     path = Path("/tmp/fedkeys-portable-train.pte")
     path.write_bytes(buf)
@@ -255,8 +251,7 @@ def main() -> None:
     if tar.exists():
         lines.append(f"| bundle tarball | {tar.stat().st_size / 1e6:.2f} MB | |")
     lines += [
-        f"| build stage `{k}` (last build; cached stages ~0) | {v:.0f} s | |"
-        for k, v in stages.items()
+        f"| build stage `{k}` (last build; cached stages ~0) | {v:.0f} s | |" for k, v in stages.items()
     ]
     body = "\n".join(lines)
     print(body)

@@ -48,9 +48,7 @@ from model_export.profiles import get_profile  # noqa: E402
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--profile", default="demo")
-    ap.add_argument(
-        "--central-steps", type=int, default=6000, help="budget of the public+federated student"
-    )
+    ap.add_argument("--central-steps", type=int, default=6000, help="budget of the public+federated student")
     ap.add_argument("--work", type=Path, default=ROOT / "artifacts/work")
     ap.add_argument("--out", type=Path, default=ROOT / "artifacts/quality")
     args = ap.parse_args()
@@ -122,9 +120,7 @@ def main() -> None:
         )
         student_row("student (central)", "public+federated", central)
         ng2 = TrigramLM().fit(split.public_train + split.public_val + split.federated)
-        rows.append(
-            ("trigram", "public+federated", evaluate_ngram("trigram", ng2, texts, ksr, ppl_texts))
-        )
+        rows.append(("trigram", "public+federated", evaluate_ngram("trigram", ng2, texts, ksr, ppl_texts)))
     meta = {p.stem: json.loads(p.read_text()) for p in args.work.glob(f"{profile.name}-*.json")}
     lines = [
         "## Model quality (issue 2)",

@@ -43,6 +43,7 @@ from coordinator.services.rounds import (
 )
 from coordinator.services.storage import ArtifactStore
 from coordinator.services.tasks import Conflict, NotFound
+from edge_client.bundle import BundleError
 from protocol.codec import CodecError
 from protocol.layout import LayoutError
 from protocol.secagg.common import SecAggError
@@ -70,6 +71,7 @@ def _install_errors(app: FastAPI) -> None:
         (CodecError, 422),
         (LayoutError, 422),
         (SecAggError, 422),
+        (BundleError, 422),
         (ValidationError, 422),
     ]
     for exc_type, code in mapping:
@@ -208,9 +210,7 @@ def create_app(settings: Settings | None = None, *, background: bool = True) -> 
 
     @app.get("/metrics", tags=["ops"], response_class=PlainTextResponse)
     def prometheus() -> PlainTextResponse:
-        return PlainTextResponse(
-            generate_latest(metrics.registry).decode(), media_type=CONTENT_TYPE_LATEST
-        )
+        return PlainTextResponse(generate_latest(metrics.registry).decode(), media_type=CONTENT_TYPE_LATEST)
 
     _ = RequestValidationError  # FastAPI answers 422 for request validation by itself
     return app

@@ -31,9 +31,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     v.add_argument(
         "--tls-dir", type=Path, default=Path("fedkeys-data/tls"), help="holds server.pem/server.key"
     )
-    v.add_argument(
-        "--insecure", action="store_true", help="plain HTTP (only behind a TLS-terminating proxy)"
-    )
+    v.add_argument("--insecure", action="store_true", help="plain HTTP (only behind a TLS-terminating proxy)")
     v.add_argument("--database-url", default=None, help="overrides FEDKEYS_DATABASE_URL")
     v.add_argument("--data-dir", type=Path, default=None, help="overrides FEDKEYS_DATA_DIR")
 
@@ -76,9 +74,7 @@ def _parse_value(raw: str) -> Any:
         return raw
 
 
-def _config(
-    path: Path | None, sets: list[str], base: dict[str, Any] | None = None
-) -> dict[str, Any]:
+def _config(path: Path | None, sets: list[str], base: dict[str, Any] | None = None) -> dict[str, Any]:
     cfg: dict[str, Any] = dict(base or {})
     if path is not None:
         try:
@@ -111,17 +107,13 @@ def _serve(args: argparse.Namespace) -> None:
         cert, key = args.tls_dir / "server.pem", args.tls_dir / "server.key"
         if not (cert.exists() and key.exists()):
             raise CliError(
-                f"no certificate in {args.tls_dir}: run `fedkeys coordinator certs`"
-                " (or pass --insecure)"
+                f"no certificate in {args.tls_dir}: run `fedkeys coordinator certs` (or pass --insecure)"
             )
         ssl = {"ssl_certfile": str(cert), "ssl_keyfile": str(key)}
     from coordinator.config import Settings
 
     settings = Settings()
-    if (
-        not settings.enrollment_secret.get_secret_value()
-        or not settings.admin_token.get_secret_value()
-    ):
+    if not settings.enrollment_secret.get_secret_value() or not settings.admin_token.get_secret_value():
         raise CliError("set FEDKEYS_ENROLLMENT_SECRET and FEDKEYS_ADMIN_TOKEN")
     uvicorn.run(
         "coordinator.app:create_app",
@@ -167,9 +159,7 @@ def _admin(args: argparse.Namespace) -> None:
             elif a in ("rounds", "versions"):
                 r = client.get(f"/v1/admin/tasks/{args.name}/{a}")
             elif a == "rollback":
-                r = client.post(
-                    f"/v1/admin/tasks/{args.name}/rollback", json={"version": args.version}
-                )
+                r = client.post(f"/v1/admin/tasks/{args.name}/rollback", json={"version": args.version})
             elif a == "upload-bundle":
                 if not args.tarball.is_file():
                     raise CliError(f"{args.tarball}: no such file")
@@ -197,9 +187,7 @@ def run(args: argparse.Namespace) -> None:
         from coordinator.security import make_dev_certs
 
         paths = make_dev_certs(args.out, args.host or ["localhost", "127.0.0.1"])
-        sys.stdout.write(
-            f"CA (give to devices): {paths.ca_cert}\nserver certificate: {paths.server_cert}\n"
-        )
+        sys.stdout.write(f"CA (give to devices): {paths.ca_cert}\nserver certificate: {paths.server_cert}\n")
     elif args.action == "serve":
         _serve(args)
     elif args.action == "migrate":

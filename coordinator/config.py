@@ -20,12 +20,8 @@ class Settings(BaseSettings):
     database_url: str = "sqlite:///fedkeys-data/coordinator.db"  # or postgresql+psycopg://...
     data_dir: Path = Path("fedkeys-data")  # bundles, weights of every model version
     # security
-    enrollment_secret: SecretStr = Field(
-        default=SecretStr(""), description="fleet enrolment secret"
-    )
-    admin_token: SecretStr = Field(
-        default=SecretStr(""), description="bearer token of the admin API"
-    )
+    enrollment_secret: SecretStr = Field(default=SecretStr(""), description="fleet enrolment secret")
+    admin_token: SecretStr = Field(default=SecretStr(""), description="bearer token of the admin API")
     max_body_bytes: int = 64 * 1024 * 1024  # larger request bodies are refused with 413
     rate_limit_per_minute: int = 600  # requests per device per minute (429 beyond)
     # scheduling

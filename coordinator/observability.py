@@ -18,16 +18,10 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.checkins = Counter(
-            "fedkeys_checkins", "Device check-ins by decision", ["decision"], registry=r
-        )
+        self.checkins = Counter("fedkeys_checkins", "Device check-ins by decision", ["decision"], registry=r)
         self.selections = Counter("fedkeys_selections", "Devices selected into rounds", registry=r)
-        self.rounds = Counter(
-            "fedkeys_rounds", "Finished rounds by outcome", ["kind", "outcome"], registry=r
-        )
-        self.bytes_in = Counter(
-            "fedkeys_bytes_in", "Request body bytes received", ["route"], registry=r
-        )
+        self.rounds = Counter("fedkeys_rounds", "Finished rounds by outcome", ["kind", "outcome"], registry=r)
+        self.bytes_in = Counter("fedkeys_bytes_in", "Request body bytes received", ["route"], registry=r)
         self.bytes_out = Counter("fedkeys_bytes_out", "Artifact bytes sent", ["route"], registry=r)
         self.stage_seconds = Histogram(
             "fedkeys_stage_seconds",
@@ -65,9 +59,7 @@ class _JsonFormatter(logging.Formatter):
 def configure_logging(json_logs: bool, level: int = logging.INFO) -> None:
     handler = logging.StreamHandler()
     handler.setFormatter(
-        _JsonFormatter()
-        if json_logs
-        else logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s")
+        _JsonFormatter() if json_logs else logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s")
     )
     root = logging.getLogger("coordinator")
     root.handlers[:] = [handler]

@@ -49,18 +49,12 @@ class FedAvgM:
         self, weights: FloatVec, delta: FloatVec, state: OptimizerState
     ) -> tuple[FloatVec, OptimizerState]:
         v = state.get("momentum")
-        v = (
-            delta.copy()
-            if v is None
-            else (np.float32(self.momentum) * v + delta).astype(np.float32)
-        )
+        v = delta.copy() if v is None else (np.float32(self.momentum) * v + delta).astype(np.float32)
         return (weights + np.float32(self.lr) * v).astype(np.float32), {"momentum": v}
 
 
 class FedAdam:
-    def __init__(
-        self, lr: float = 0.01, beta1: float = 0.9, beta2: float = 0.99, tau: float = 1e-3
-    ) -> None:
+    def __init__(self, lr: float = 0.01, beta1: float = 0.9, beta2: float = 0.99, tau: float = 1e-3) -> None:
         self.lr, self.beta1, self.beta2, self.tau = lr, beta1, beta2, tau
 
     def step(

@@ -88,10 +88,7 @@ class WeightsCache:
             except (DeltaError, ApiError) as e:
                 log.info("delta download failed (%s); fetching the whole vector", e)
             else:
-                if (
-                    hashlib.sha256(candidate.astype("<f4").tobytes()).hexdigest()
-                    == plan.weights.sha256
-                ):
+                if hashlib.sha256(candidate.astype("<f4").tobytes()).hexdigest() == plan.weights.sha256:
                     vec = candidate
         if vec is None:
             data = transport.download(plan.weights.url)

@@ -98,9 +98,7 @@ class BeamSearch:
         allowed = self._compatible(partial, first=True)
         scores = np.where(allowed, logp0, -np.inf)
         top = np.argsort(-scores)[: self.beam]
-        hyps = [
-            (self.tok.surface[t], float(scores[t]), int(t)) for t in top if np.isfinite(scores[t])
-        ]
+        hyps = [(self.tok.surface[t], float(scores[t]), int(t)) for t in top if np.isfinite(scores[t])]
         kc = np.repeat(kc, self.beam, axis=1)
         vc = np.repeat(vc, self.beam, axis=1)
         ends = self.tok.ends_word

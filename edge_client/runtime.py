@@ -94,9 +94,7 @@ class Predictor:
     def from_bundle(cls, bundle: Bundle, program: Path | None = None) -> Predictor:
         """``program`` overrides the bundle's own ``predict.pte`` (a newer model version)."""
         spec = bundle.manifest.predict
-        model = ProgramModel(
-            program or bundle.path(spec.program), spec.max_seq_len, spec.beam_batch
-        )
+        model = ProgramModel(program or bundle.path(spec.program), spec.max_seq_len, spec.beam_batch)
         return cls(model, Tokenizer(bundle.path(bundle.manifest.tokenizer)))
 
     def suggest(self, text: str, k: int = 3) -> list[Suggestion]:
@@ -153,9 +151,7 @@ class Trainer:
             segments=np.zeros((batch_size, seq_len), dtype=np.int64),
         )
         outs = self._run(pad)
-        self.params: dict[str, torch.Tensor] = dict(
-            zip(self._names, outs[self._param_start :], strict=True)
-        )
+        self.params: dict[str, torch.Tensor] = dict(zip(self._names, outs[self._param_start :], strict=True))
 
     @classmethod
     def from_bundle(cls, bundle: Bundle) -> Trainer:
@@ -164,9 +160,7 @@ class Trainer:
 
     def _run(self, b: Batch) -> list[torch.Tensor]:
         if b.tokens.shape != (self.batch_size, self.seq_len):
-            raise ValueError(
-                f"batch shape {b.tokens.shape} != program's {(self.batch_size, self.seq_len)}"
-            )
+            raise ValueError(f"batch shape {b.tokens.shape} != program's {(self.batch_size, self.seq_len)}")
         args = [torch.from_numpy(a) for a in (b.tokens, b.targets, b.positions, b.segments)]
         out: list[torch.Tensor] = self._module.run_method("forward", args, clone_outputs=False)
         return out
@@ -232,9 +226,7 @@ class Trainer:
         secs = time.perf_counter() - t0
         if not losses:
             return TrainStats(0, 0, math.nan, math.nan, math.nan, secs, aborted)
-        return TrainStats(
-            steps, examples, float(np.mean(losses)), losses[0], losses[-1], secs, aborted
-        )
+        return TrainStats(steps, examples, float(np.mean(losses)), losses[0], losses[-1], secs, aborted)
 
     @torch.no_grad()
     def _adam(

@@ -75,9 +75,7 @@ class Transport:
         on_bytes: Callable[[str, int], None] | None = None,
     ) -> None:
         verify: Any = str(ca) if ca is not None else True
-        self._http = httpx.Client(
-            base_url=base_url, verify=verify, timeout=timeout, transport=transport
-        )
+        self._http = httpx.Client(base_url=base_url, verify=verify, timeout=timeout, transport=transport)
         self.token = token
         self.retries, self.backoff, self.max_backoff = retries, backoff, max_backoff
         self._sleep = sleep
@@ -112,9 +110,7 @@ class Transport:
                     body = kwargs.get("content") or b""
                     self.on_bytes(
                         "up",
-                        len(body)
-                        if isinstance(body, bytes | bytearray)
-                        else len(r.request.content),
+                        len(body) if isinstance(body, bytes | bytearray) else len(r.request.content),
                     )
                     self.on_bytes("down", len(r.content))
                 if r.status_code < 400 or r.status_code == 304:

@@ -26,17 +26,11 @@ class UsageError(Exception):
 def _add_export(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("export", help="build and evaluate model bundles")
     s = p.add_subparsers(dest="action", required=True)
-    b = s.add_parser(
-        "build", help="tokenizer, teacher, distilled student, ExecuTorch bundle, evaluation"
-    )
+    b = s.add_parser("build", help="tokenizer, teacher, distilled student, ExecuTorch bundle, evaluation")
     b.add_argument("--profile", default="demo", help="tiny | demo | full (default: demo)")
     b.add_argument("--out", type=Path, required=True, help="bundle directory to write")
-    b.add_argument(
-        "--work", type=Path, default=None, help="cache of trained models (default: OUT/../work)"
-    )
-    b.add_argument(
-        "--corpus", default=None, help="chitchat (default), a .jsonl file or a folder of texts"
-    )
+    b.add_argument("--work", type=Path, default=None, help="cache of trained models (default: OUT/../work)")
+    b.add_argument("--corpus", default=None, help="chitchat (default), a .jsonl file or a folder of texts")
     b.add_argument("--no-eval", action="store_true", help="skip the evaluation on heldout users")
     e = s.add_parser("evaluate", help="evaluate a bundle's predict.pte on heldout users")
     e.add_argument("--bundle", type=Path, required=True)
@@ -48,15 +42,11 @@ def _add_suggest(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p = sub.add_parser("suggest", help="next-word suggestions from a bundle's predict.pte")
     p.add_argument("--bundle", type=Path, required=True)
     p.add_argument("-k", type=int, default=3, help="number of suggestions")
-    p.add_argument(
-        "text", nargs="+", help="what was typed so far (a trailing space means 'next word')"
-    )
+    p.add_argument("text", nargs="+", help="what was typed so far (a trailing space means 'next word')")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="fedkeys", description=__doc__.splitlines()[0] if __doc__ else None
-    )
+    parser = argparse.ArgumentParser(prog="fedkeys", description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_export(sub)
@@ -120,9 +110,7 @@ def _export_evaluate(args: argparse.Namespace) -> None:
     if args.messages is not None:
         if args.messages <= 0:
             raise UsageError("--messages must be positive")
-        profile = replace(
-            profile, eval_messages=args.messages, ksr_messages=max(1, args.messages // 6)
-        )
+        profile = replace(profile, eval_messages=args.messages, ksr_messages=max(1, args.messages // 6))
     heldout = split_corpus(load_corpus(args.corpus))["heldout"]
     if not heldout:
         raise UsageError("the corpus has no heldout users")
@@ -150,6 +138,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if not args.verbose:  # third-party import chatter (optional CUDA kernels, deprecations)
+        for noisy in ("torchao", "torch", "executorch"):
+            logging.getLogger(noisy).setLevel(logging.ERROR)
     from coordinator.cli import CliError
     from edge_client.bundle import BundleError
 

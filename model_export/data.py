@@ -79,9 +79,7 @@ def _parse_time(value: object, where: str) -> datetime:
         try:
             ts = datetime.fromisoformat(value.replace("Z", "+00:00"))
         except ValueError:
-            raise CorpusError(
-                f"{where}: timestamp {value!r} is not ISO 8601 or epoch seconds"
-            ) from None
+            raise CorpusError(f"{where}: timestamp {value!r} is not ISO 8601 or epoch seconds") from None
         return ts if ts.tzinfo else ts.replace(tzinfo=UTC)
     raise CorpusError(f"{where}: timestamp must be an ISO 8601 string or epoch seconds")
 

@@ -11,17 +11,22 @@ keystrokes when it shows up after j letters; KSR = 1 - keystrokes / letters.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 
 import numpy as np
+import numpy.typing as npt
 
 from edge_client.text import WORD_RE
 from edge_client.tokenizer import BOS_ID, EOS_ID, Tokenizer
 from model_export.data import Corpus, normalize
 
 __all__ = [
+    "Counts",
     "EvalResult",
+    "count_nll",
+    "count_suggestions",
     "eval_messages",
     "fitting",
     "keystroke_savings",
@@ -32,6 +37,25 @@ __all__ = [
 ]
 
 SuggestFn = Callable[[str, int], list[str]]
+
+
+@dataclass
+class Counts:
+    """Raw sums behind every metric, so that evaluations split across processes add up."""
+
+    targets: int = 0
+    top1: int = 0
+    top3: int = 0
+    letters: int = 0
+    keystrokes: int = 0
+    nll: float = 0.0
+    pieces: int = 0
+    words: int = 0
+    calls: int = 0
+    seconds: float = 0.0
+
+    def __add__(self, other: Counts) -> Counts:
+        return Counts(*(a + b for a, b in zip(astuple(self), astuple(other), strict=True)))
 
 
 @dataclass
@@ -46,6 +70,19 @@ class EvalResult:
     ppl_token: float  # per SentencePiece piece (neural models only; nan otherwise)
     words: int
     ms_per_suggestion: float
+
+    @classmethod
+    def from_counts(cls, name: str, c: Counts, *, per_piece: bool = True) -> EvalResult:
+        return cls(
+            name=name,
+            top1=c.top1 / max(c.targets, 1),
+            top3=c.top3 / max(c.targets, 1),
+            ksr=1.0 - c.keystrokes / max(c.letters, 1),
+            ppl_word=math.exp(c.nll / max(c.words, 1)),
+            ppl_token=math.exp(c.nll / max(c.pieces, 1)) if per_piece else float("nan"),
+            words=c.targets,
+            ms_per_suggestion=1000 * c.seconds / max(c.calls, 1),
+        )
 
     def as_dict(self) -> dict[str, float | str | int]:
         return dict(self.__dict__)
@@ -69,30 +106,44 @@ def targets(text: str) -> list[tuple[str, str]]:
     ]
 
 
-def next_word_accuracy(suggest: SuggestFn, texts: Sequence[str]) -> tuple[float, float, int]:
-    """(top-1, top-3, number of targets)."""
-    hit1 = hit3 = n = 0
+def count_suggestions(suggest: SuggestFn, texts: Sequence[str], ksr_texts: Sequence[str]) -> Counts:
+    """Top-1/top-3 hits over ``texts`` and keystrokes over ``ksr_texts``, timing every call."""
+    c = Counts()
+
+    def timed(text: str) -> list[str]:
+        t0 = time.perf_counter()
+        out = suggest(text, 3)
+        c.seconds += time.perf_counter() - t0
+        c.calls += 1
+        return out
+
     for text in texts:
         for context, word in targets(text):
-            s = suggest(context, 3)
-            hit1 += bool(s) and s[0] == word
-            hit3 += word in s
-            n += 1
-    return hit1 / max(n, 1), hit3 / max(n, 1), n
-
-
-def keystroke_savings(suggest: SuggestFn, texts: Sequence[str]) -> float:
-    letters = keystrokes = 0
-    for text in texts:
+            s = timed(context)
+            c.top1 += bool(s) and s[0] == word
+            c.top3 += word in s
+            c.targets += 1
+    for text in ksr_texts:
         for context, word in targets(text):
             cost = len(word)
             for j in range(len(word) - 1):  # a tap after the last letter saves nothing
-                if word in suggest(context + word[:j], 3):
+                if word in timed(context + word[:j]):
                     cost = j + 1
                     break
-            letters += len(word)
-            keystrokes += cost
-    return 1.0 - keystrokes / max(letters, 1)
+            c.letters += len(word)
+            c.keystrokes += cost
+    return c
+
+
+def next_word_accuracy(suggest: SuggestFn, texts: Sequence[str]) -> tuple[float, float, int]:
+    """(top-1, top-3, number of targets)."""
+    c = count_suggestions(suggest, texts, [])
+    return c.top1 / max(c.targets, 1), c.top3 / max(c.targets, 1), c.targets
+
+
+def keystroke_savings(suggest: SuggestFn, texts: Sequence[str]) -> float:
+    c = count_suggestions(suggest, [], texts)
+    return 1.0 - c.keystrokes / max(c.letters, 1)
 
 
 def fitting(tokenizer: Tokenizer, texts: Sequence[str], max_len: int) -> list[str]:
@@ -100,22 +151,33 @@ def fitting(tokenizer: Tokenizer, texts: Sequence[str], max_len: int) -> list[st
     return [t for t in texts if len(tokenizer.encode(t)) + 1 <= max_len]
 
 
-def piece_perplexity(
-    score: Callable[[list[int]], np.ndarray], tokenizer: Tokenizer, texts: Sequence[str]
-) -> tuple[float, float]:
-    """(per-word, per-piece) perplexity of ``<s> message </s>`` over whole messages.
+def count_nll(
+    score: Callable[[list[int]], npt.NDArray[np.float32]],
+    tokenizer: Tokenizer,
+    texts: Sequence[str],
+) -> Counts:
+    """NLL of ``<s> message </s>`` over whole messages, with piece and word counts.
 
     Per word = exp(total NLL / (words + 1 end-of-message)), the normalisation an n-gram uses;
     the neural model's NLL also covers punctuation, which the word model does not predict.
     """
-    nll = 0.0
-    pieces = n_words = 0
+    c = Counts()
     for text in texts:
         lp = score([BOS_ID, *tokenizer.encode(text), EOS_ID])
-        nll -= float(np.sum(lp))
-        pieces += len(lp)
-        n_words += len(WORD_RE.findall(text)) + 1
-    return math.exp(nll / max(n_words, 1)), math.exp(nll / max(pieces, 1))
+        c.nll -= float(np.sum(lp))
+        c.pieces += len(lp)
+        c.words += len(WORD_RE.findall(text)) + 1
+    return c
+
+
+def piece_perplexity(
+    score: Callable[[list[int]], npt.NDArray[np.float32]],
+    tokenizer: Tokenizer,
+    texts: Sequence[str],
+) -> tuple[float, float]:
+    """(per-word, per-piece) perplexity of whole messages."""
+    c = count_nll(score, tokenizer, texts)
+    return math.exp(c.nll / max(c.words, 1)), math.exp(c.nll / max(c.pieces, 1))
 
 
 def ngram_perplexity(logprob: Callable[[str], tuple[float, int]], texts: Sequence[str]) -> float:

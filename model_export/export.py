@@ -177,9 +177,7 @@ def export_predict_program(lm: TransformerLM, quantization: Quantization, beam: 
             if quantization == "int8":
                 ep = _quantize_int8(ep, args)
             programs[name] = ep
-        prog = to_edge_transform_and_lower(
-            programs, partitioner=[XnnpackPartitioner()]
-        ).to_executorch()
+        prog = to_edge_transform_and_lower(programs, partitioner=[XnnpackPartitioner()]).to_executorch()
         return bytes(prog.buffer)
     finally:
         ctx.__exit__(None, None, None)
@@ -242,18 +240,14 @@ def build_bundle(
     _save_tensors(out / "weights.safetensors", {n: state[n] for n in layout.names})
     base = None
     if spec.trainable == "lora":
-        _save_tensors(
-            out / "base.safetensors", {n: a for n, a in state.items() if n not in layout.names}
-        )
+        _save_tensors(out / "base.safetensors", {n: a for n, a in state.items() if n not in layout.names})
         base = _file_entry(out / "base.safetensors")
     log.info("exporting train.pte (%s)", spec.trainable)
     (out / "train.pte").write_bytes(
         train_program or export_train_program(lm, spec.trainable, spec.train_batch)
     )
     log.info("exporting predict.pte (%s)", spec.quantization)
-    (out / "predict.pte").write_bytes(
-        export_predict_program(lm, spec.quantization, spec.beam_batch)
-    )
+    (out / "predict.pte").write_bytes(export_predict_program(lm, spec.quantization, spec.beam_batch))
     cfg = lm.cfg
     manifest = Manifest(
         model_version=model_version,
@@ -293,9 +287,7 @@ def build_bundle(
     return manifest
 
 
-def model_from_bundle(
-    root: Path, manifest: Manifest, weights: FloatVec | None = None
-) -> TransformerLM:
+def model_from_bundle(root: Path, manifest: Manifest, weights: FloatVec | None = None) -> TransformerLM:
     """Rebuild the eager model of a bundle, optionally with another flat trainable vector."""
     from safetensors.numpy import load_file
 

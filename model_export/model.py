@@ -261,9 +261,7 @@ class TrainStep(nn.Module):
         super().__init__()
         self.lm = lm
 
-    def forward(
-        self, tokens: Tensor, targets: Tensor, positions: Tensor, segments: Tensor
-    ) -> Tensor:
+    def forward(self, tokens: Tensor, targets: Tensor, positions: Tensor, segments: Tensor) -> Tensor:
         return self.lm.loss(tokens, targets, positions, segments)
 
 

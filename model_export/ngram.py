@@ -113,16 +113,10 @@ class TrigramLM:
     def _prefix_ranked(self, partial: str) -> list[str]:
         if len(partial) <= self.max_prefix_index:
             return self._by_prefix.get(partial, [])
-        return [
-            w
-            for w in self._by_prefix.get(partial[: self.max_prefix_index], [])
-            if w.startswith(partial)
-        ]
+        return [w for w in self._by_prefix.get(partial[: self.max_prefix_index], []) if w.startswith(partial)]
 
     def message_logprob(self, text: str) -> tuple[float, int]:
         """Natural-log probability of a message's words and </s>, and that count of events."""
         seq = [BOS, BOS, *words(text), EOS]
-        lp = sum(
-            math.log(self.prob(w, u, v)) for u, v, w in zip(seq, seq[1:], seq[2:], strict=False)
-        )
+        lp = sum(math.log(self.prob(w, u, v)) for u, v, w in zip(seq, seq[1:], seq[2:], strict=False))
         return lp, len(seq) - 2

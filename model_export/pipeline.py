@@ -5,10 +5,13 @@ and long stages checkpoint, so an interrupted build resumes where it stopped.
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import json
 import logging
 import math
+import multiprocessing
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
@@ -18,18 +21,18 @@ import torch
 
 from edge_client.batching import Batch, IntArray, encode_messages, pack_batches
 from edge_client.bundle import Bundle, load_bundle
-from edge_client.predictor import BeamSearch, StepModel
-from edge_client.runtime import Predictor, ProgramModel
+from edge_client.predictor import BeamSearch
+from edge_client.runtime import ProgramModel
 from edge_client.tokenizer import Tokenizer
 from model_export.data import Corpus, load_corpus, normalize, split_corpus
 from model_export.evaluate import (
+    Counts,
     EvalResult,
+    count_nll,
+    count_suggestions,
     eval_messages,
     fitting,
-    keystroke_savings,
-    next_word_accuracy,
     ngram_perplexity,
-    piece_perplexity,
 )
 from model_export.export import build_bundle, export_predict_program
 from model_export.model import ModelConfig, TransformerLM
@@ -40,12 +43,13 @@ from model_export.train import TrainConfig, train_lm
 
 __all__ = [
     "BuildResult",
+    "ProgramSpec",
     "Progress",
     "SplitTexts",
     "build",
     "evaluate_bundle",
     "evaluate_ngram",
-    "evaluate_step_model",
+    "evaluate_program",
     "prepare_texts",
     "train_model",
 ]
@@ -172,33 +176,75 @@ def _eval_sets(heldout: Corpus, profile: Profile) -> tuple[list[str], list[str]]
     return texts, ksr
 
 
-def evaluate_step_model(
+@dataclass(frozen=True)
+class ProgramSpec:
+    """How a worker process opens a ``predict.pte`` (picklable)."""
+
+    program: Path
+    tokenizer: Path
+    max_seq_len: int
+    beam_batch: int
+
+
+def _eval_program_chunk(
+    spec: ProgramSpec, texts: Sequence[str], ksr: Sequence[str], ppl: Sequence[str], threads: int
+) -> Counts:
+    """Evaluate one share of the messages in this process (a pool worker or the caller)."""
+    if threads:
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
+
+        _unsafe_reset_threadpool(threads)
+        torch.set_num_threads(threads)
+    model = ProgramModel(spec.program, spec.max_seq_len, spec.beam_batch)
+    tok = Tokenizer(spec.tokenizer)
+    search = BeamSearch(model, tok)
+
+    def suggest(text: str, k: int) -> list[str]:
+        return [s.word for s in search.suggest(text, k)]
+
+    return count_suggestions(suggest, texts, ksr) + count_nll(model.score, tok, ppl)
+
+
+def evaluate_program(
     name: str,
-    model: StepModel,
-    score: Callable[[list[int]], object],
-    tokenizer: Tokenizer,
+    spec: ProgramSpec,
     texts: Sequence[str],
     ksr_texts: Sequence[str],
     progress: Progress = no_progress,
+    workers: int | None = None,
 ) -> EvalResult:
-    search = BeamSearch(model, tokenizer)
-    calls = 0
-
-    def suggest(text: str, k: int) -> list[str]:
-        nonlocal calls
-        calls += 1
-        return [s.word for s in search.suggest(text, k)]
-
-    t0 = time.perf_counter()
-    report = progress(f"evaluate {name}", 3)
-    top1, top3, n = next_word_accuracy(suggest, texts)
-    report(1, 3, "top-k")
-    ksr = keystroke_savings(suggest, ksr_texts)
-    secs = time.perf_counter() - t0
-    report(2, 3, "ksr")
-    ppl_w, ppl_t = piece_perplexity(score, tokenizer, fitting(tokenizer, texts, model.max_seq_len))  # type: ignore[arg-type]
-    report(3, 3, "ppl")
-    return EvalResult(name, top1, top3, ksr, ppl_w, ppl_t, n, 1000 * secs / max(calls, 1))
+    """Evaluate a ``predict.pte`` through the device runtime, the messages split over
+    ``workers`` processes (default: one per core; each runs single-threaded, like a phone
+    core). Suggestion latency is measured inside the workers."""
+    workers = workers or max(1, min(os.cpu_count() or 1, 4))
+    ppl = fitting(Tokenizer(spec.tokenizer), texts, spec.max_seq_len)
+    report = progress(f"evaluate {name}", workers)
+    if workers == 1:
+        counts = _eval_program_chunk(spec, texts, ksr_texts, ppl, 0)
+        report(1, 1, "")
+    else:
+        ctx = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+            futures = [
+                pool.submit(
+                    _eval_program_chunk,
+                    spec,
+                    texts[i::workers],
+                    ksr_texts[i::workers],
+                    ppl[i::workers],
+                    1,
+                )
+                for i in range(workers)
+            ]
+            counts = Counts()
+            for done, fut in enumerate(concurrent.futures.as_completed(futures), 1):
+                counts = counts + fut.result()
+                report(done, workers, "")
+    return EvalResult.from_counts(name, counts)
 
 
 def evaluate_ngram(
@@ -208,19 +254,11 @@ def evaluate_ngram(
     ksr_texts: Sequence[str],
     ppl_texts: Sequence[str],
 ) -> EvalResult:
-    calls = 0
-
-    def suggest(text: str, k: int) -> list[str]:
-        nonlocal calls
-        calls += 1
-        return lm.suggest(text, k)
-
-    t0 = time.perf_counter()
-    top1, top3, n = next_word_accuracy(suggest, texts)
-    ksr = keystroke_savings(suggest, ksr_texts)
-    secs = time.perf_counter() - t0
+    counts = count_suggestions(lm.suggest, texts, ksr_texts)
     ppl = ngram_perplexity(lm.message_logprob, ppl_texts)
-    return EvalResult(name, top1, top3, ksr, ppl, float("nan"), n, 1000 * secs / max(calls, 1))
+    r = EvalResult.from_counts(name, counts, per_piece=False)
+    r.ppl_word = ppl
+    return r
 
 
 def evaluate_bundle(
@@ -229,12 +267,18 @@ def evaluate_bundle(
     profile: Profile,
     progress: Progress = no_progress,
     name: str = "student",
+    workers: int | None = None,
 ) -> EvalResult:
     """Evaluate what devices run: the bundle's ``predict.pte`` through the device runtime."""
     texts, ksr = _eval_sets(heldout, profile)
-    pred = Predictor.from_bundle(bundle)
-    model: ProgramModel = pred.model
-    return evaluate_step_model(name, model, model.score, pred.tokenizer, texts, ksr, progress)
+    m = bundle.manifest
+    spec = ProgramSpec(
+        bundle.path(m.predict.program),
+        bundle.path(m.tokenizer),
+        m.predict.max_seq_len,
+        m.predict.beam_batch,
+    )
+    return evaluate_program(name, spec, texts, ksr, progress, workers)
 
 
 def build(
@@ -259,9 +303,7 @@ def build(
     split = prepare_texts(load_corpus(corpus_source))
     lap("data")
     if not split.public_train:
-        raise ValueError(
-            "the corpus has no users in the public split; it is too small to build a model"
-        )
+        raise ValueError("the corpus has no users in the public split; it is too small to build a model")
     data_fp = split.fingerprint()
     tok_path = work / f"tokenizer-{profile.vocab_size}-{data_fp}.model"
     if not tok_path.exists():
@@ -270,9 +312,7 @@ def build(
     tok = Tokenizer(tokenizer_model)
     if tok.vocab_size != profile.vocab_size:
         # A small corpus cannot fill the vocabulary: SentencePiece stops early (soft limit).
-        log.warning(
-            "tokenizer has %d pieces (profile asks for %d)", tok.vocab_size, profile.vocab_size
-        )
+        log.warning("tokenizer has %d pieces (profile asks for %d)", tok.vocab_size, profile.vocab_size)
         profile = replace(
             profile,
             teacher=replace(profile.teacher, vocab_size=tok.vocab_size),
@@ -318,7 +358,7 @@ def build(
     bundle = load_bundle(out)
     table: list[EvalResult] = []
     if evaluate:
-        table = evaluate_all(bundle, teacher, tok, split, profile, progress, work)
+        table = evaluate_all(bundle, teacher, split, profile, progress, work)
         metrics = {
             f"{r.name}.{k}": float(v)
             for r in table
@@ -339,7 +379,6 @@ def build(
 def evaluate_all(
     bundle: Bundle,
     teacher: TransformerLM,
-    tok: Tokenizer,
     split: SplitTexts,
     profile: Profile,
     progress: Progress,
@@ -353,10 +392,10 @@ def evaluate_all(
     teacher_pte = work / f"{profile.name}-teacher-{_state_hash(teacher)}.pte"
     if not teacher_pte.exists():
         teacher_pte.write_bytes(export_predict_program(teacher, "fp32", beam))
-    program = ProgramModel(teacher_pte, teacher.cfg.max_seq_len, beam)
-    rows.append(evaluate_step_model("teacher", program, program.score, tok, texts, ksr, progress))
+    spec = ProgramSpec(teacher_pte, bundle.path(bundle.manifest.tokenizer), teacher.cfg.max_seq_len, beam)
+    rows.append(evaluate_program("teacher", spec, texts, ksr, progress))
     ngram = TrigramLM().fit(split.public_train + split.public_val)
-    ppl_texts = fitting(tok, texts, profile.student.max_seq_len)
+    ppl_texts = fitting(Tokenizer(spec.tokenizer), texts, profile.student.max_seq_len)
     rows.append(evaluate_ngram("trigram", ngram, texts, ksr, ppl_texts))
     return rows
 

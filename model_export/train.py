@@ -115,9 +115,7 @@ def _lr_at(step: int, cfg: TrainConfig) -> float:
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
     frac = (step - cfg.warmup) / max(cfg.steps - cfg.warmup, 1)
-    return cfg.lr * (
-        cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac))
-    )
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
 
 
 def _fingerprint(model_cfg: ModelConfig, cfg: TrainConfig, n_train: int, teacher: bool) -> str:
@@ -169,9 +167,7 @@ def train_lm(
         teacher.eval()
 
     def epoch() -> list[Batch]:
-        return list(
-            pack_batches(train_seqs, cfg.batch_size, model_cfg.max_seq_len, rng, drop_last=True)
-        )
+        return list(pack_batches(train_seqs, cfg.batch_size, model_cfg.max_seq_len, rng, drop_last=True))
 
     batches: list[Batch] = []
     use_bf16 = cfg.bf16 and _bf16_is_fast()

@@ -10,7 +10,13 @@ from pydantic import BaseModel, Field
 from sqlalchemy import func, select
 from starlette.concurrency import run_in_threadpool
 
-from coordinator.api.deps import AdminDep, ContextDep, SessionDep, read_body
+from coordinator.api.deps import (
+    AdminDep,
+    ContextDep,
+    SessionDep,
+    TaskPath,
+    read_body,
+)
 from coordinator.db.models import Device
 from coordinator.schemas import RoundPublic, TaskCreate, TaskPublic, TaskUpdate, VersionPublic
 from coordinator.services import tasks
@@ -21,7 +27,7 @@ router = APIRouter(prefix="/v1/admin", tags=["admin"])
 
 
 class Rollback(BaseModel):
-    version: int = Field(ge=0)
+    version: int = Field(ge=0, le=(1 << 31) - 1)
 
 
 class FleetSummary(BaseModel):
@@ -45,37 +51,37 @@ def list_tasks(_: AdminDep, session: SessionDep) -> list[TaskPublic]:
 
 
 @router.get("/tasks/{name}")
-def get_task(name: str, _: AdminDep, session: SessionDep) -> TaskPublic:
+def get_task(name: TaskPath, _: AdminDep, session: SessionDep) -> TaskPublic:
     return tasks.task_public(session, tasks.get_task(session, name))
 
 
 @router.put("/tasks/{name}")
-def update_task(name: str, body: TaskUpdate, _: AdminDep, session: SessionDep) -> TaskPublic:
+def update_task(name: TaskPath, body: TaskUpdate, _: AdminDep, session: SessionDep) -> TaskPublic:
     return tasks.task_public(session, tasks.update_task(session, name=name, config=body.config))
 
 
 @router.post("/tasks/{name}/start")
-def start(name: str, _: AdminDep, session: SessionDep) -> TaskPublic:
+def start(name: TaskPath, _: AdminDep, session: SessionDep) -> TaskPublic:
     return tasks.task_public(session, tasks.set_status(session, name=name, status="active"))
 
 
 @router.post("/tasks/{name}/pause")
-def pause(name: str, _: AdminDep, session: SessionDep) -> TaskPublic:
+def pause(name: TaskPath, _: AdminDep, session: SessionDep) -> TaskPublic:
     return tasks.task_public(session, tasks.set_status(session, name=name, status="paused"))
 
 
 @router.get("/tasks/{name}/rounds")
-def rounds(name: str, _: AdminDep, session: SessionDep) -> list[RoundPublic]:
+def rounds(name: TaskPath, _: AdminDep, session: SessionDep) -> list[RoundPublic]:
     return tasks.list_rounds(session, name=name)
 
 
 @router.get("/tasks/{name}/versions")
-def versions(name: str, _: AdminDep, session: SessionDep) -> list[VersionPublic]:
+def versions(name: TaskPath, _: AdminDep, session: SessionDep) -> list[VersionPublic]:
     return tasks.list_versions(session, name=name)
 
 
 @router.post("/tasks/{name}/rollback")
-def rollback(name: str, body: Rollback, _: AdminDep, session: SessionDep) -> VersionPublic:
+def rollback(name: TaskPath, body: Rollback, _: AdminDep, session: SessionDep) -> VersionPublic:
     tasks.rollback(session, name=name, version=body.version)
     return tasks.list_versions(session, name=name)[-1]
 
@@ -86,11 +92,11 @@ def rollback(name: str, body: Rollback, _: AdminDep, session: SessionDep) -> Ver
     openapi_extra={
         "requestBody": {
             "required": True,
-            "content": {"application/x-tar": {"schema": {"type": "string", "format": "binary"}}},
+            "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
         }
     },
 )
-async def upload_bundle(name: str, request: Request, _: AdminDep, ctx: ContextDep) -> VersionPublic:
+async def upload_bundle(name: TaskPath, request: Request, _: AdminDep, ctx: ContextDep) -> VersionPublic:
     """A bundle tarball (``fedkeys export build`` writes one): its weights become a new version."""
     body = await read_body(request, ctx.settings.max_body_bytes)
     app = request.app
@@ -109,18 +115,13 @@ async def upload_bundle(name: str, request: Request, _: AdminDep, ctx: ContextDe
 @router.get("/devices/summary")
 def devices_summary(_: AdminDep, session: SessionDep) -> FleetSummary:
     by_class = dict(
-        session.execute(
-            select(Device.device_class, func.count()).group_by(Device.device_class)
-        ).all()
+        session.execute(select(Device.device_class, func.count()).group_by(Device.device_class)).all()
     )
     by_bucket = dict(
         session.execute(select(Device.data_bucket, func.count()).group_by(Device.data_bucket)).all()
     )
     total = session.scalar(select(func.count()).select_from(Device)) or 0
-    selected = (
-        session.scalar(select(func.count()).select_from(Device).where(Device.participations > 0))
-        or 0
-    )
+    selected = session.scalar(select(func.count()).select_from(Device).where(Device.participations > 0)) or 0
     return FleetSummary(
         devices=total,
         by_class={str(k): int(v) for k, v in by_class.items()},

@@ -11,7 +11,13 @@ from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import FileResponse
 from sqlalchemy import select
 
-from coordinator.api.deps import ContextDep, CurrentDevice, SessionDep
+from coordinator.api.deps import (
+    ContextDep,
+    CurrentDevice,
+    SessionDep,
+    TaskPath,
+    VersionPath,
+)
 from coordinator.db.models import ModelVersion, Task
 from coordinator.services.tasks import NotFound
 
@@ -32,7 +38,7 @@ def _file(request: Request, path: Path, sha256: str, media_type: str, ctx: Conte
     )
 
 
-def _version(session: SessionDep, task: str, version: int) -> ModelVersion:
+def _version(session: SessionDep, task: TaskPath, version: int) -> ModelVersion:
     mv = session.scalars(
         select(ModelVersion)
         .join(Task, Task.id == ModelVersion.task_id)
@@ -44,9 +50,7 @@ def _version(session: SessionDep, task: str, version: int) -> ModelVersion:
 
 
 @router.get("/bundles/{bundle}.tar", response_class=FileResponse)
-def bundle_tarball(
-    bundle: str, request: Request, _device: CurrentDevice, ctx: ContextDep
-) -> Response:
+def bundle_tarball(bundle: str, request: Request, _device: CurrentDevice, ctx: ContextDep) -> Response:
     if len(bundle) != 64 or any(c not in "0123456789abcdef" for c in bundle):
         raise NotFound("no such bundle")
     if not (ctx.store.root / "bundles" / bundle).is_dir():
@@ -57,15 +61,13 @@ def bundle_tarball(
 
 @router.get("/tasks/{task}/versions/{version}/weights", response_class=FileResponse)
 def weights(
-    task: str,
-    version: int,
+    task: TaskPath,
+    version: VersionPath,
     request: Request,
     _device: CurrentDevice,
     session: SessionDep,
     ctx: ContextDep,
-    base: Annotated[
-        int | None, Query(ge=0, description="a version the device holds: send the delta")
-    ] = None,
+    base: Annotated[int | None, Query(ge=0, description="a version the device holds: send the delta")] = None,
 ) -> Response:
     """Raw little-endian float32 weights; with ``base``, the XOR delta (zlib) from that version."""
     mv = _version(session, task, version)
@@ -84,8 +86,8 @@ def weights(
 
 @router.get("/tasks/{task}/versions/{version}/predict.pte", response_class=FileResponse)
 def predict(
-    task: str,
-    version: int,
+    task: TaskPath,
+    version: VersionPath,
     request: Request,
     _device: CurrentDevice,
     session: SessionDep,
@@ -94,13 +96,11 @@ def predict(
     mv = _version(session, task, version)
     if mv.predict_file is None or mv.predict_sha256 is None:
         raise NotFound(f"predict.pte of version {version} is not published yet")
-    return _file(
-        request, ctx.store.path(mv.predict_file), mv.predict_sha256, "application/octet-stream", ctx
-    )
+    return _file(request, ctx.store.path(mv.predict_file), mv.predict_sha256, "application/octet-stream", ctx)
 
 
 @router.get("/tasks/{task}/current")
-def current(task: str, _device: CurrentDevice, session: SessionDep) -> dict[str, int | str | None]:
+def current(task: TaskPath, _device: CurrentDevice, session: SessionDep) -> dict[str, int | str | None]:
     """The task's current version and the newest one with a published ``predict.pte``."""
     t = session.scalars(select(Task).where(Task.name == task)).one_or_none()
     if t is None:

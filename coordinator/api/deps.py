@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Path, Request
 from sqlalchemy.orm import Session
 
 from coordinator.config import Settings
@@ -14,7 +14,18 @@ from coordinator.security import secret_matches
 from coordinator.services.devices import AuthError, authenticate
 from coordinator.services.rounds import RoundContext
 
-__all__ = ["AdminDep", "ContextDep", "CurrentDevice", "SessionDep", "SettingsDep", "read_body"]
+__all__ = [
+    "MAX_ID",
+    "AdminDep",
+    "ContextDep",
+    "CurrentDevice",
+    "RoundIdPath",
+    "SessionDep",
+    "SettingsDep",
+    "TaskPath",
+    "VersionPath",
+    "read_body",
+]
 
 
 def _settings(request: Request) -> Settings:
@@ -34,6 +45,11 @@ def _session(request: Request) -> Iterator[Session]:
         yield session
 
 
+MAX_ID = (1 << 31) - 1  # ids and versions are 32-bit integer columns
+RoundIdPath = Annotated[int, Path(ge=1, le=MAX_ID, description="round id")]
+VersionPath = Annotated[int, Path(ge=0, le=MAX_ID, description="model version")]
+TaskPath = Annotated[str, Path(pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$", description="task name")]
+
 SettingsDep = Annotated[Settings, Depends(_settings)]
 ContextDep = Annotated[RoundContext, Depends(_context)]
 SessionDep = Annotated[Session, Depends(_session)]
@@ -48,9 +64,7 @@ def _bearer(request: Request) -> str:
 
 
 def _device(request: Request, session: SessionDep, settings: SettingsDep) -> Device:
-    return authenticate(
-        session, token=_bearer(request), rate_limit_per_minute=settings.rate_limit_per_minute
-    )
+    return authenticate(session, token=_bearer(request), rate_limit_per_minute=settings.rate_limit_per_minute)
 
 
 def _admin(request: Request, settings: SettingsDep) -> None:

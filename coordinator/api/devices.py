@@ -11,6 +11,7 @@ from starlette.concurrency import run_in_threadpool
 from coordinator.api.deps import (
     ContextDep,
     CurrentDevice,
+    RoundIdPath,
     SessionDep,
     SettingsDep,
     _bearer,
@@ -47,9 +48,7 @@ def _base_url(request: Request) -> str:
 
 
 @router.post("/devices/enroll", status_code=status.HTTP_201_CREATED)
-def enroll_device(
-    body: EnrollRequest, session: SessionDep, settings: SettingsDep
-) -> EnrollResponse:
+def enroll_device(body: EnrollRequest, session: SessionDep, settings: SettingsDep) -> EnrollResponse:
     """Exchange the fleet's enrolment secret for a device id and a bearer token."""
     device_id, token = enroll(
         session,
@@ -74,7 +73,11 @@ def checkin(
 
 @router.get("/rounds/{round_id}/plan")
 def plan(
-    round_id: int, request: Request, device: CurrentDevice, session: SessionDep, ctx: ContextDep
+    round_id: RoundIdPath,
+    request: Request,
+    device: CurrentDevice,
+    session: SessionDep,
+    ctx: ContextDep,
 ) -> RoundPlan:
     rnd, _ = rounds.round_for_device(session, round_id, device)
     return rounds.plan_for(session, ctx, rnd, _base_url(request))
@@ -82,44 +85,56 @@ def plan(
 
 @router.get("/rounds/{round_id}/status")
 def round_status(
-    round_id: int, device: CurrentDevice, session: SessionDep, ctx: ContextDep
+    round_id: RoundIdPath, device: CurrentDevice, session: SessionDep, ctx: ContextDep
 ) -> RoundStatus:
     return rounds.status(session, ctx, round_id=round_id, device=device)
 
 
 @router.post("/rounds/{round_id}/secagg/advertise", status_code=status.HTTP_204_NO_CONTENT)
 def advertise(
-    round_id: int, body: AdvertiseKeys, device: CurrentDevice, session: SessionDep, ctx: ContextDep
+    round_id: RoundIdPath,
+    body: AdvertiseKeys,
+    device: CurrentDevice,
+    session: SessionDep,
+    ctx: ContextDep,
 ) -> None:
     rounds.advertise(session, ctx, round_id=round_id, device=device, msg=body)
 
 
 @router.get("/rounds/{round_id}/secagg/roster")
-def roster(round_id: int, device: CurrentDevice, session: SessionDep) -> ShareKeysRequest:
+def roster(round_id: RoundIdPath, device: CurrentDevice, session: SessionDep) -> ShareKeysRequest:
     return rounds.roster(session, round_id=round_id, device=device)
 
 
 @router.post("/rounds/{round_id}/secagg/shares", status_code=status.HTTP_204_NO_CONTENT)
 def share_keys(
-    round_id: int, body: ShareKeys, device: CurrentDevice, session: SessionDep, ctx: ContextDep
+    round_id: RoundIdPath,
+    body: ShareKeys,
+    device: CurrentDevice,
+    session: SessionDep,
+    ctx: ContextDep,
 ) -> None:
     rounds.share_keys(session, ctx, round_id=round_id, device=device, msg=body)
 
 
 @router.get("/rounds/{round_id}/secagg/shares")
-def inbound_shares(round_id: int, device: CurrentDevice, session: SessionDep) -> MaskedInputRequest:
+def inbound_shares(round_id: RoundIdPath, device: CurrentDevice, session: SessionDep) -> MaskedInputRequest:
     """The encrypted shares addressed to this device (and only to it)."""
     return rounds.inbound_shares(session, round_id=round_id, device=device)
 
 
 @router.get("/rounds/{round_id}/secagg/unmask")
-def unmask_request(round_id: int, device: CurrentDevice, session: SessionDep) -> UnmaskRequest:
+def unmask_request(round_id: RoundIdPath, device: CurrentDevice, session: SessionDep) -> UnmaskRequest:
     return rounds.unmask_request(session, round_id=round_id, device=device)
 
 
 @router.post("/rounds/{round_id}/secagg/unmask", status_code=status.HTTP_204_NO_CONTENT)
 def unmask(
-    round_id: int, body: UnmaskResponse, device: CurrentDevice, session: SessionDep, ctx: ContextDep
+    round_id: RoundIdPath,
+    body: UnmaskResponse,
+    device: CurrentDevice,
+    session: SessionDep,
+    ctx: ContextDep,
 ) -> None:
     rounds.unmask(session, ctx, round_id=round_id, device=device, msg=body)
 
@@ -130,18 +145,14 @@ def unmask(
     openapi_extra={
         "requestBody": {
             "required": True,
-            "content": {
-                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}
-            },
+            "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
         }
     },
 )
 async def upload(
-    round_id: int,
+    round_id: RoundIdPath,
     request: Request,
-    examples: Annotated[
-        int, Query(ge=0, le=1 << 31, description="local examples behind the update")
-    ] = 0,
+    examples: Annotated[int, Query(ge=0, le=1 << 31, description="local examples behind the update")] = 0,
 ) -> Response:
     """The device's encoded (and, with secure aggregation, masked) update: a binary body in
     the format of protocol/wire.py, streamed into the round's running sum. Repeating an upload
@@ -151,9 +162,7 @@ async def upload(
 
     def check_auth() -> None:
         with app.state.sessions() as session, session.begin():
-            authenticate(
-                session, token=token, rate_limit_per_minute=app.state.settings.rate_limit_per_minute
-            )
+            authenticate(session, token=token, rate_limit_per_minute=app.state.settings.rate_limit_per_minute)
 
     await run_in_threadpool(check_auth)
     body = await read_body(request, app.state.settings.max_body_bytes)
@@ -180,14 +189,18 @@ async def upload(
 
 
 @router.post("/rounds/{round_id}/report", status_code=status.HTTP_204_NO_CONTENT)
-def report(round_id: int, body: TrainReport, device: CurrentDevice, session: SessionDep) -> None:
+def report(round_id: RoundIdPath, body: TrainReport, device: CurrentDevice, session: SessionDep) -> None:
     """Scalar training metrics (loss, examples, steps, seconds): never text."""
     rounds.report(session, round_id=round_id, device=device, msg=body)
 
 
 @router.post("/rounds/{round_id}/evaluation", status_code=status.HTTP_204_NO_CONTENT)
 def evaluation(
-    round_id: int, body: EvalCounts, device: CurrentDevice, session: SessionDep, ctx: ContextDep
+    round_id: RoundIdPath,
+    body: EvalCounts,
+    device: CurrentDevice,
+    session: SessionDep,
+    ctx: ContextDep,
 ) -> None:
     """Federated evaluation counts of the round's model on the device's recent messages."""
     rounds.evaluation(session, ctx, round_id=round_id, device=device, counts=body)

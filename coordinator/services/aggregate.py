@@ -109,18 +109,11 @@ def aggregate(factory: sessionmaker[Session], ctx: RoundContext, round_id: int) 
         new_weights, new_state = opt.step(weights, delta, state)
     with factory() as session, session.begin():
         rnd = session.get(Round, round_id, with_for_update=True, populate_existing=True)
-        if (
-            rnd is None
-            or rnd.stage != AGGREGATING
-            or rnd.claimed_at is None
-            or _utc(rnd.claimed_at) != claim
-        ):
+        if rnd is None or rnd.stage != AGGREGATING or rnd.claimed_at is None or _utc(rnd.claimed_at) != claim:
             return None  # another worker took over a claim we held too long
         task = session.get(Task, rnd.task_id, with_for_update=True, populate_existing=True)
         assert task is not None
-        latest = session.scalar(
-            select(func.max(ModelVersion.version)).where(ModelVersion.task_id == task.id)
-        )
+        latest = session.scalar(select(func.max(ModelVersion.version)).where(ModelVersion.task_id == task.id))
         version = (latest or 0) + 1
         weights_file, sha = ctx.store.save_weights(task.name, version, new_weights)
         _save_state(ctx, task.name, version, new_state)
@@ -173,9 +166,7 @@ def _save_state(ctx: RoundContext, task: str, version: int, state: OptimizerStat
     ctx.store.save_optimizer_state(task, version, state)
 
 
-def publish_pending(
-    factory: sessionmaker[Session], ctx: RoundContext, *, latest_only: bool = True
-) -> int:
+def publish_pending(factory: sessionmaker[Session], ctx: RoundContext, *, latest_only: bool = True) -> int:
     """Export ``predict.pte`` for committed versions that have none (newest first).
 
     With ``latest_only`` older unpublished versions of a task are skipped once a newer one
@@ -200,10 +191,7 @@ def publish_pending(
             mv = session.get(ModelVersion, mv_id, with_for_update=True, populate_existing=True)
             if mv is None or mv.predict_file is not None:
                 continue
-            if (
-                mv.publish_claimed_at is not None
-                and _utc(mv.publish_claimed_at) > now - STALE_CLAIM
-            ):
+            if mv.publish_claimed_at is not None and _utc(mv.publish_claimed_at) > now - STALE_CLAIM:
                 continue
             mv.publish_claimed_at = now
             task = session.get(Task, mv.task_id)

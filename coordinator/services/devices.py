@@ -57,21 +57,15 @@ def authenticate(session: Session, *, token: str, rate_limit_per_minute: int) ->
     The counter lives in the device row (no process memory), updated in the same transaction
     as the request's own work.
     """
-    device = session.scalars(
-        select(Device).where(Device.token_hash == hash_token(token))
-    ).one_or_none()
+    device = session.scalars(select(Device).where(Device.token_hash == hash_token(token))).one_or_none()
     if device is None:
         raise AuthError("unknown or revoked device token")
     now = time.time()
     minute = int(now // 60)
     if device.rate_window != minute:
-        session.execute(
-            update(Device).where(Device.id == device.id).values(rate_window=minute, rate_count=1)
-        )
+        session.execute(update(Device).where(Device.id == device.id).values(rate_window=minute, rate_count=1))
     else:
         if device.rate_count >= rate_limit_per_minute:
             raise RateLimited(retry_after=60 - now % 60)
-        session.execute(
-            update(Device).where(Device.id == device.id).values(rate_count=Device.rate_count + 1)
-        )
+        session.execute(update(Device).where(Device.id == device.id).values(rate_count=Device.rate_count + 1))
     return device

@@ -181,18 +181,12 @@ def _open_round(session: Session, ctx: RoundContext, task: Task) -> Round | None
         return None
     trained = (
         session.scalar(
-            select(func.count())
-            .select_from(Round)
-            .where(Round.task_id == task.id, Round.kind == "train")
+            select(func.count()).select_from(Round).where(Round.task_id == task.id, Round.kind == "train")
         )
         or 0
     )
     number = task.next_round
-    kind = (
-        "evaluate"
-        if cfg.eval_every_rounds and number % (cfg.eval_every_rounds + 1) == 0
-        else "train"
-    )
+    kind = "evaluate" if cfg.eval_every_rounds and number % (cfg.eval_every_rounds + 1) == 0 else "train"
     if kind == "train" and cfg.max_rounds is not None and trained >= cfg.max_rounds:
         task.status = "paused"
         log_event(log, "task finished its rounds", task=task.name)
@@ -201,11 +195,7 @@ def _open_round(session: Session, ctx: RoundContext, task: Task) -> Round | None
     mv = _version(session, task, task.current_version)
     bundle = ctx.store.bundle(mv.bundle_dir)
     layout = bundle.manifest.train.layout
-    target = (
-        math.ceil(cfg.clients_per_round * cfg.over_selection)
-        if kind == "train"
-        else cfg.eval_clients
-    )
+    target = math.ceil(cfg.clients_per_round * cfg.over_selection) if kind == "train" else cfg.eval_clients
     rnd = Round(
         task_id=task.id,
         number=number,
@@ -262,18 +252,14 @@ def _open_round(session: Session, ctx: RoundContext, task: Task) -> Round | None
             )
             plan["secagg"] = sec.model_dump(mode="json")
     rnd.plan = plan
-    log_event(
-        log, "round opened", task=task.name, round=rnd.id, stage=SELECTING, version=mv.version
-    )
+    log_event(log, "round opened", task=task.name, round=rnd.id, stage=SELECTING, version=mv.version)
     return rnd
 
 
 def open_rounds(session: Session, ctx: RoundContext) -> list[Round]:
     """The open round of every active task, opening new ones where none is open."""
     out = []
-    for task in session.scalars(
-        select(Task).where(Task.status == "active").order_by(Task.id)
-    ).all():
+    for task in session.scalars(select(Task).where(Task.status == "active").order_by(Task.id)).all():
         rnd = session.scalars(
             select(Round).where(Round.task_id == task.id, Round.stage != DONE).order_by(Round.id)
         ).first()
@@ -370,9 +356,7 @@ def eligibility(cfg: TaskConfig, state: DeviceState) -> str | None:
 
 def _retry(ctx: RoundContext, seconds: float, reason: str, spread: float = 0.0) -> CheckinResponse:
     s = ctx.settings
-    value = min(
-        max(seconds + ctx.jitter.uniform(0, spread), s.min_retry_seconds * 0.5), s.max_retry_seconds
-    )
+    value = min(max(seconds + ctx.jitter.uniform(0, spread), s.min_retry_seconds * 0.5), s.max_retry_seconds)
     return CheckinResponse(action="retry", retry_after=round(value, 3), reason=reason)
 
 
@@ -401,9 +385,7 @@ def _pace(ctx: RoundContext, session: Session, rnd: Round, cfg: TaskConfig) -> C
     rate = float(rnd.metrics.get("candidate_rate", 0.0)) if rnd.metrics else 0.0
     pool = rnd.selection_target * cfg.selection_pool
     window = min(max(pool / rate, 1.0), 120.0) if rate > 0 else 5.0
-    return _retry(
-        ctx, max(remaining, ctx.settings.min_retry_seconds), "no round needs devices now", window
-    )
+    return _retry(ctx, max(remaining, ctx.settings.min_retry_seconds), "no round needs devices now", window)
 
 
 def _participation(session: Session, device_id: str) -> tuple[Participant, Round, Task] | None:
@@ -411,9 +393,7 @@ def _participation(session: Session, device_id: str) -> tuple[Participant, Round
         select(Participant, Round, Task)
         .join(Round, Round.id == Participant.round_id)
         .join(Task, Task.id == Round.task_id)
-        .where(
-            Participant.device_id == device_id, Round.stage != DONE, Participant.stage != DROPPED
-        )
+        .where(Participant.device_id == device_id, Round.stage != DONE, Participant.stage != DROPPED)
         .order_by(Round.id.desc())
     ).first()
     return None if row is None else (row[0], row[1], row[2])
@@ -429,9 +409,7 @@ def _bucket(examples: int) -> int:
     return max(0, int(examples).bit_length())
 
 
-def checkin(
-    session: Session, ctx: RoundContext, *, device: Device, state: DeviceState
-) -> CheckinResponse:
+def checkin(session: Session, ctx: RoundContext, *, device: Device, state: DeviceState) -> CheckinResponse:
     now = ctx.now()
     session.execute(
         update(Device)
@@ -472,15 +450,11 @@ def checkin(
             return _retry(ctx, idle * 0.5, reason, idle)
         if session.get(Candidate, (rnd.id, device.id)) is None:
             session.add(
-                Candidate(
-                    round_id=rnd.id, device_id=device.id, checked_in_at=now, examples=state.examples
-                )
+                Candidate(round_id=rnd.id, device_id=device.id, checked_in_at=now, examples=state.examples)
             )
             session.flush()
         pool = (
-            session.scalar(
-                select(func.count()).select_from(Candidate).where(Candidate.round_id == rnd.id)
-            )
+            session.scalar(select(func.count()).select_from(Candidate).where(Candidate.round_id == rnd.id))
             or 0
         )
         if pool >= math.ceil(rnd.selection_target * cfg.selection_pool):
@@ -513,9 +487,7 @@ def _lock(session: Session, round_id: int) -> Round:
 
 def _set_stage(ctx: RoundContext, rnd: Round, stage: str, seconds: float) -> None:
     now = ctx.now()
-    ctx.metrics.stage_seconds.labels(rnd.stage).observe(
-        (now - _utc(rnd.stage_started_at)).total_seconds()
-    )
+    ctx.metrics.stage_seconds.labels(rnd.stage).observe((now - _utc(rnd.stage_started_at)).total_seconds())
     rnd.stage = stage
     rnd.stage_started_at = now
     rnd.stage_deadline = now + timedelta(seconds=seconds)
@@ -555,9 +527,7 @@ def _drop_missing(session: Session, round_id: int, keep: set[str]) -> None:
     session.execute(stmt.values(stage=DROPPED))
 
 
-def _close_selection(
-    session: Session, ctx: RoundContext, rnd: Round, task: Task, now: datetime
-) -> None:
+def _close_selection(session: Session, ctx: RoundContext, rnd: Round, task: Task, now: datetime) -> None:
     cfg = _cfg(task)
     rows = session.execute(
         select(Candidate, Device)
@@ -583,9 +553,7 @@ def _close_selection(
 
     chosen = sorted(rows, key=priority)[: rnd.selection_target]
     for i, (_, dev) in enumerate(chosen, 1):
-        session.add(
-            Participant(round_id=rnd.id, device_id=dev.id, index=i, stage=SELECTED, selected_at=now)
-        )
+        session.add(Participant(round_id=rnd.id, device_id=dev.id, index=i, stage=SELECTED, selected_at=now))
     ids = [dev.id for _, dev in chosen]
     session.execute(
         update(Device)
@@ -665,8 +633,7 @@ def advance(session: Session, ctx: RoundContext, round_id: int) -> bool:
                         session,
                         ctx,
                         rnd,
-                        f"only {len(uploaded)} updates by the deadline;"
-                        f" need {rnd.plan['min_reports']}",
+                        f"only {len(uploaded)} updates by the deadline; need {rnd.plan['min_reports']}",
                     )
                     return True
                 _drop_missing(session, rnd.id, uploaded)
@@ -743,9 +710,7 @@ def _my_part(session: Session, rnd: Round, device: Device) -> Participant:
 
 def _expect(rnd: Round, *stages: str) -> None:
     if rnd.stage not in stages:
-        raise StageConflict(
-            f"round {rnd.id} is in stage {rnd.stage!r}, not {' or '.join(stages)!r}"
-        )
+        raise StageConflict(f"round {rnd.id} is in stage {rnd.stage!r}, not {' or '.join(stages)!r}")
 
 
 def round_for_device(session: Session, round_id: int, device: Device) -> tuple[Round, Participant]:
@@ -810,9 +775,7 @@ def roster(session: Session, *, round_id: int, device: Device) -> ShareKeysReque
     return r
 
 
-def share_keys(
-    session: Session, ctx: RoundContext, *, round_id: int, device: Device, msg: ShareKeys
-) -> None:
+def share_keys(session: Session, ctx: RoundContext, *, round_id: int, device: Device, msg: ShareKeys) -> None:
     rnd = _lock(session, round_id)
     part = _my_part(session, rnd, device)
     if msg.sender != device.id or msg.round_id != rnd.id:

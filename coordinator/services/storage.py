@@ -62,9 +62,7 @@ class ArtifactStore:
     def bundle(self, bundle_dir: str) -> Bundle:
         cached = self._bundles.get(bundle_dir)
         if cached is None:
-            cached = self._bundles[bundle_dir] = load_bundle(
-                self.root / "bundles" / bundle_dir, verify=False
-            )
+            cached = self._bundles[bundle_dir] = load_bundle(self.root / "bundles" / bundle_dir, verify=False)
         return cached
 
     def bundle_tarball(self, bundle_dir: str) -> Path:
@@ -129,9 +127,7 @@ class ArtifactStore:
         """The compressed delta from ``base`` to ``version`` (computed once, then cached)."""
         path = self.delta_path(task, version, base)
         if not path.exists():
-            _atomic_write(
-                path, xor_delta(self.load_weights(new_file), self.load_weights(base_file))
-            )
+            _atomic_write(path, xor_delta(self.load_weights(new_file), self.load_weights(base_file)))
         return path
 
     def path(self, relative: str) -> Path:

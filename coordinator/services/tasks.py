@@ -50,9 +50,7 @@ def get_task(session: Session, name: str, *, lock: bool = False) -> Task:
 
 
 def task_public(session: Session, task: Task) -> TaskPublic:
-    started = (
-        session.scalar(select(func.count()).select_from(Round).where(Round.task_id == task.id)) or 0
-    )
+    started = session.scalar(select(func.count()).select_from(Round).where(Round.task_id == task.id)) or 0
     return TaskPublic(
         name=task.name,
         status=task.status,
@@ -95,15 +93,11 @@ def set_status(session: Session, *, name: str, status: str) -> Task:
     return task
 
 
-def upload_bundle(
-    session: Session, store: ArtifactStore, *, name: str, tarball: Path
-) -> ModelVersion:
+def upload_bundle(session: Session, store: ArtifactStore, *, name: str, tarball: Path) -> ModelVersion:
     """A new model version from a bundle's own weights (the initial model, or a re-base)."""
     task = get_task(session, name, lock=True)
     bundle = store.add_bundle(tarball)
-    latest = session.scalar(
-        select(func.max(ModelVersion.version)).where(ModelVersion.task_id == task.id)
-    )
+    latest = session.scalar(select(func.max(ModelVersion.version)).where(ModelVersion.task_id == task.id))
     version = 0 if latest is None else latest + 1
     weights_file, sha = store.save_weights(task.name, version, bundle.initial_weights())
     mv = ModelVersion(
@@ -135,9 +129,7 @@ def rollback(session: Session, *, name: str, version: int) -> ModelVersion:
     ).one_or_none()
     if target is None:
         raise NotFound(f"task {name!r} has no version {version}")
-    latest = session.scalar(
-        select(func.max(ModelVersion.version)).where(ModelVersion.task_id == task.id)
-    )
+    latest = session.scalar(select(func.max(ModelVersion.version)).where(ModelVersion.task_id == task.id))
     mv = ModelVersion(
         task_id=task.id,
         version=(latest or 0) + 1,

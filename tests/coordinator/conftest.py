@@ -47,7 +47,8 @@ def pg_url() -> Iterator[str]:
     finally:
         with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
             conn.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE datname = %s AND pid <> pg_backend_pid()",
                 (name,),
             )
             conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
@@ -80,7 +81,10 @@ class Server:
 
     def admin(self) -> httpx.Client:
         return httpx.Client(
-            base_url=self.url, verify=str(self.ca), headers={"Authorization": f"Bearer {self.admin_token}"}, timeout=60
+            base_url=self.url,
+            verify=str(self.ca),
+            headers={"Authorization": f"Bearer {self.admin_token}"},
+            timeout=60,
         )
 
     def client(self, token: str | None = None) -> httpx.Client:
@@ -89,8 +93,15 @@ class Server:
 
 
 def start_server(
-    tmp: Path, db_url: str, *, port: int | None = None, workers: int = 1, extra_env: dict[str, str] | None = None,
-    tls_dir: Path | None = None, admin_token: str | None = None, enroll_secret: str | None = None,
+    tmp: Path,
+    db_url: str,
+    *,
+    port: int | None = None,
+    workers: int = 1,
+    extra_env: dict[str, str] | None = None,
+    tls_dir: Path | None = None,
+    admin_token: str | None = None,
+    enroll_secret: str | None = None,
     data_dir: Path | None = None,
 ) -> Server:
     from coordinator.security import make_dev_certs
@@ -115,11 +126,28 @@ def start_server(
     }
     log = tmp / f"server-{port}.log"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "fedkeys.cli", "coordinator", "serve", "--port", str(port), "--tls-dir", str(tls),
-         "--workers", str(workers)],
-        env=env, cwd=ROOT, stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True,
+        [
+            sys.executable,
+            "-m",
+            "fedkeys.cli",
+            "coordinator",
+            "serve",
+            "--port",
+            str(port),
+            "--tls-dir",
+            str(tls),
+            "--workers",
+            str(workers),
+        ],
+        env=env,
+        cwd=ROOT,
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
-    server = Server(f"https://127.0.0.1:{port}", tls / "ca.pem", admin_token, enroll_secret, data, db_url, proc, log)
+    server = Server(
+        f"https://127.0.0.1:{port}", tls / "ca.pem", admin_token, enroll_secret, data, db_url, proc, log
+    )
     deadline = time.time() + 60
     while time.time() < deadline:
         if proc.poll() is not None:

@@ -21,8 +21,13 @@ STAGES = ("advertise", "share", "upload", "unmask")
 
 def ready_state(examples: int = 100) -> DeviceState:
     return DeviceState(
-        charging=True, idle=True, unmetered=True, battery_pct=90, free_storage_mb=4000,
-        client_version="0.1.0", examples=examples,
+        charging=True,
+        idle=True,
+        unmetered=True,
+        battery_pct=90,
+        free_storage_mb=4000,
+        client_version="0.1.0",
+        examples=examples,
     )
 
 
@@ -34,6 +39,7 @@ class ScriptedDevice:
     delta: np.ndarray
     examples: int = 10
     drop_before: str | None = None  # one of STAGES: the device vanishes before that stage
+    retries: int = 3  # transport retries (raise it to ride out a coordinator restart)
     device_id: str = ""
     token: str = ""
     round_id: int | None = None
@@ -44,11 +50,20 @@ class ScriptedDevice:
     def transport(self) -> Transport:
         from pathlib import Path
 
-        return Transport(self.url, ca=Path(self.ca), token=self.token or None, retries=3, backoff=0.2)
+        return Transport(
+            self.url,
+            ca=Path(self.ca),
+            token=self.token or None,
+            retries=self.retries,
+            backoff=0.2,
+            max_backoff=2.0,
+        )
 
     def enroll(self) -> None:
         with self.transport() as t:
-            r = t.enroll(EnrollRequest(enrollment_secret=self.secret, platform="test", client_version="0.1.0"))
+            r = t.enroll(
+                EnrollRequest(enrollment_secret=self.secret, platform="test", client_version="0.1.0")
+            )
         self.device_id, self.token = r.device_id, r.token
 
     def wait_assignment(self, timeout: float = 60) -> int | None:
@@ -117,13 +132,24 @@ class ScriptedDevice:
                     values = client.masked_input(values, t.inbound_shares(rid))
                 bits = plan.secagg.ring_bits if plan.secagg else ring_bits(plan.codec)
                 body = pack_update(
-                    UpdateHeader(kind=UpdateKind.RING, bits=bits, keep_fraction=plan.codec.keep_fraction,
-                                 length=len(values), **common),
+                    UpdateHeader(
+                        kind=UpdateKind.RING,
+                        bits=bits,
+                        keep_fraction=plan.codec.keep_fraction,
+                        length=len(values),
+                        **common,
+                    ),
                     values,
                 )
             else:
                 body = pack_dense_update(
-                    UpdateHeader(kind=UpdateKind.DENSE_F32, bits=32, keep_fraction=1.0, length=len(self.delta), **common),
+                    UpdateHeader(
+                        kind=UpdateKind.DENSE_F32,
+                        bits=32,
+                        keep_fraction=1.0,
+                        length=len(self.delta),
+                        **common,
+                    ),
                     self.delta,
                 )
             try:
@@ -134,7 +160,10 @@ class ScriptedDevice:
                     return
                 raise
             self.uploaded = True
-            t.report(rid, TrainReport(loss_before=3.0, loss_after=2.5, examples=self.examples, steps=5, seconds=0.1))
+            t.report(
+                rid,
+                TrainReport(loss_before=3.0, loss_after=2.5, examples=self.examples, steps=5, seconds=0.1),
+            )
             if client is not None:
                 if self.drop_before == "unmask":
                     return

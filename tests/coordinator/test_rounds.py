@@ -98,7 +98,9 @@ def test_round_commits_the_weighted_mean(server: Server, tiny_bundle_dir: Path, 
 
 
 @pytest.mark.parametrize("stage", ["advertise", "share", "upload", "unmask"])
-def test_dropouts_at_each_stage_leave_the_sum_exact(sqlite_server: Server, tiny_bundle_dir: Path, stage: str) -> None:
+def test_dropouts_at_each_stage_leave_the_sum_exact(
+    sqlite_server: Server, tiny_bundle_dir: Path, stage: str
+) -> None:
     server = sqlite_server
     cfg = task_config(clients_per_round=5, over_selection=1.2, min_reports=3)
     w0 = setup_task(server, tiny_bundle_dir.with_suffix(".tar"), cfg)
@@ -119,7 +121,9 @@ def test_dropouts_at_each_stage_leave_the_sum_exact(sqlite_server: Server, tiny_
     assert np.abs(w1 - want).max() < 0.02 * step
 
 
-def test_too_few_devices_fail_the_round_and_keep_the_model(sqlite_server: Server, tiny_bundle_dir: Path) -> None:
+def test_too_few_devices_fail_the_round_and_keep_the_model(
+    sqlite_server: Server, tiny_bundle_dir: Path
+) -> None:
     server = sqlite_server
     cfg = task_config(clients_per_round=4, min_reports=4, over_selection=1.0, deadlines={"upload": 3})
     w0 = setup_task(server, tiny_bundle_dir.with_suffix(".tar"), cfg)

@@ -73,9 +73,7 @@ def test_int8_top1_agrees_with_eager(bundle, tokenizer, heldout_texts) -> None: 
     for text in heldout_texts[:150]:
         ids = [BOS_ID, *tokenizer.encode(text)][: spec.max_seq_len]
         for n in range(1, len(ids) + 1):
-            agree += int(
-                np.argmax(prog.prefill(ids[:n])[0]) == np.argmax(eager.prefill(ids[:n])[0])
-            )
+            agree += int(np.argmax(prog.prefill(ids[:n])[0]) == np.argmax(eager.prefill(ids[:n])[0]))
             total += 1
     assert total > 1000
     assert agree / total >= 0.99, f"int8 top-1 agreement {agree / total:.4f}"
@@ -125,17 +123,13 @@ def test_lora_program_trains_only_adapters(bundle, tokenizer, heldout_texts, tmp
     cfg = replace(base.cfg, lora_rank=2)
     lm = TransformerLM(cfg)
     lm.load_state_dict(base.state_dict(), strict=False)
-    layout = Layout.from_shapes(
-        {n: tuple(p.shape) for n, p in lm.named_parameters() if ".lora_" in n}
-    )
+    layout = Layout.from_shapes({n: tuple(p.shape) for n, p in lm.named_parameters() if ".lora_" in n})
     path = tmp_path / "train.pte"
     path.write_bytes(export_train_program(lm, "lora", 4))
     trainer = Trainer(path, layout, 4, cfg.max_seq_len)
     assert set(trainer.params) == set(layout.names)
     trainer.set_weights(
-        layout.flatten(
-            {n: p.detach().numpy() for n, p in lm.named_parameters() if n in layout.names}
-        )
+        layout.flatten({n: p.detach().numpy() for n, p in lm.named_parameters() if n in layout.names})
     )
     b = _batches(tokenizer, heldout_texts, 4, cfg.max_seq_len)[0]
     trainer.train([b] * 4, OptimizerConfig(name="adam", lr=1e-2), max_steps=4)
@@ -146,9 +140,7 @@ def test_lora_program_trains_only_adapters(bundle, tokenizer, heldout_texts, tmp
         for n, p in lm.named_parameters():
             if n in trained:
                 p.copy_(torch.from_numpy(trained[n]))
-    ref = lm.eval().loss(
-        *(torch.from_numpy(a) for a in (b.tokens, b.targets, b.positions, b.segments))
-    )
+    ref = lm.eval().loss(*(torch.from_numpy(a) for a in (b.tokens, b.targets, b.positions, b.segments)))
     assert trainer.loss(b) == pytest.approx(ref.item(), rel=1e-4)
 
 

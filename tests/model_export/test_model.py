@@ -7,9 +7,7 @@ import torch
 
 from model_export.model import ModelConfig, PredictPrefill, PredictScore, PredictStep, TransformerLM
 
-CFG = ModelConfig(
-    vocab_size=97, max_seq_len=16, d_model=24, n_layers=2, n_heads=3, d_ff=40, dropout=0.0
-)
+CFG = ModelConfig(vocab_size=97, max_seq_len=16, d_model=24, n_layers=2, n_heads=3, d_ff=40, dropout=0.0)
 
 
 @pytest.fixture

@@ -46,9 +46,7 @@ def test_suggest_is_exact_top_k(lm: TrigramLM) -> None:
         text = context + partial
         got = lm.suggest(text, 3)
         u, v = lm._context(context.strip())
-        brute = sorted(
-            (w for w in vocab if w.startswith(partial)), key=lambda w: (-lm.prob(w, u, v), w)
-        )
+        brute = sorted((w for w in vocab if w.startswith(partial)), key=lambda w: (-lm.prob(w, u, v), w))
         assert got == brute[:3], text
 
 

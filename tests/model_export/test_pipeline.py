@@ -87,9 +87,7 @@ def test_build_from_a_generic_corpus(tmp_path: Path) -> None:
     ]
     for u in range(60):
         for i in range(30):
-            lines.append(
-                json.dumps({"user": f"user{u}", "text": phrases[(u + i) % 5], "timestamp": i})
-            )
+            lines.append(json.dumps({"user": f"user{u}", "text": phrases[(u + i) % 5], "timestamp": i}))
     corpus = tmp_path / "c.jsonl"
     corpus.write_text("\n".join(lines))
     res = build(get_profile("tiny"), tmp_path / "bundle", tmp_path / "work", corpus, evaluate=True)

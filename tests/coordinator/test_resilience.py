@@ -1,0 +1,132 @@
+"""Several coordinator processes on one PostgreSQL, and kill -9 in the middle of a round."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import psycopg
+import pytest
+
+from tests.coordinator.conftest import start_server, stop_server
+from tests.coordinator.scripted import ScriptedDevice, ready_state, run_devices
+from tests.coordinator.test_rounds import make_devices, setup_task, task_config, wait_round
+
+pytestmark = pytest.mark.slow
+
+
+def _plain_pg(url: str) -> str:
+    return url.replace("postgresql+psycopg://", "postgresql://")
+
+
+def test_two_replicas_never_double_select_or_double_count(
+    tmp_path: Path, pg_url: str, tiny_bundle_dir: Path
+) -> None:
+    a = start_server(tmp_path, pg_url)
+    b = start_server(
+        tmp_path,
+        pg_url,
+        tls_dir=tmp_path / "tls",
+        admin_token=a.admin_token,
+        enroll_secret=a.enroll_secret,
+        data_dir=a.data_dir,
+    )
+    try:
+        cfg = task_config(
+            clients_per_round=6,
+            over_selection=1.34,
+            min_reports=3,
+            max_rounds=2,
+            selection_pool=1.0,
+            deadlines={"selection": 5, "upload": 8},
+        )
+        w0 = setup_task(a, tiny_bundle_dir.with_suffix(".tar"), cfg)
+        devs = make_devices(a, w0, 24)
+        for i, d in enumerate(devs):  # half of the fleet talks to each replica
+            d.url = (a if i % 2 else b).url
+        # hammer check-ins from all devices at once, on both replicas
+        errors: list[BaseException] = []
+
+        def burst(d: ScriptedDevice) -> None:
+            try:
+                with d.transport() as t:
+                    for _ in range(5):
+                        t.checkin(ready_state())
+            except BaseException as e:
+                errors.append(e)
+
+        threads = [threading.Thread(target=burst, args=(d,)) for d in devs]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        assert not errors, errors[:3]
+        run_devices(devs)
+        first = wait_round(a)
+        assert first["outcome"] == "committed", first
+        with psycopg.connect(_plain_pg(pg_url)) as conn:
+            rows = conn.execute(
+                "SELECT r.id, r.selected, r.reported, count(p.device_id), count(DISTINCT p.device_id),"
+                " sum(CASE WHEN p.stage IN ('masked_input','unmask','upload') THEN 1 ELSE 0 END)"
+                " FROM rounds r JOIN participants p ON p.round_id = r.id GROUP BY r.id ORDER BY r.id"
+            ).fetchall()
+            versions = conn.execute("SELECT version FROM model_versions ORDER BY version").fetchall()
+        for _, selected, reported, parts, distinct, uploads in rows:
+            assert selected == parts == distinct <= 9  # ceil(6 * 1.34) = 9 at most
+            assert reported == uploads  # every counted upload is one participant's, once
+        assert [v[0] for v in versions] == list(range(len(versions)))  # no version committed twice
+    finally:
+        stop_server(a)
+        stop_server(b)
+
+
+def test_kill_9_mid_round_then_restart(tmp_path: Path, tiny_bundle_dir: Path) -> None:
+    db = f"sqlite:///{tmp_path / 'coordinator.db'}"
+    server = start_server(tmp_path, db)
+    port = int(server.url.rsplit(":", 1)[1])
+    cfg = task_config(clients_per_round=4, over_selection=1.0, deadlines={"upload": 30, "unmask": 20})
+    w0 = setup_task(server, tiny_bundle_dir.with_suffix(".tar"), cfg)
+    v0_file = server.data_dir / "weights" / "kb" / "v0.f32"
+    v0_bytes = v0_file.read_bytes()
+    devs = make_devices(server, w0, 4, retries=40)  # ~1 minute of retries: rides out the restart
+    threads = [threading.Thread(target=d.run, daemon=True) for d in devs]
+    for th in threads:
+        th.start()
+    # wait until the round is in its upload stage, then kill -9 the coordinator
+    deadline = time.time() + 60
+    with server.admin() as admin:
+        while time.time() < deadline:
+            rounds = admin.get("/v1/admin/tasks/kb/rounds").json()
+            if rounds and rounds[-1]["stage"] in ("masked_input", "unmask"):
+                break
+            time.sleep(0.05)
+    stop_server(server, signal.SIGKILL)
+    time.sleep(1.0)
+    restarted = start_server(
+        tmp_path,
+        db,
+        port=port,
+        tls_dir=tmp_path / "tls",
+        admin_token=server.admin_token,
+        enroll_secret=server.enroll_secret,
+        data_dir=server.data_dir,
+    )
+    try:
+        for th in threads:
+            th.join(timeout=120)
+        rnd = wait_round(restarted)
+        assert rnd["outcome"] in ("committed", "failed"), rnd
+        assert v0_file.read_bytes() == v0_bytes  # committed versions intact
+        with restarted.admin() as admin:
+            versions = admin.get("/v1/admin/tasks/kb/versions").json()
+        if rnd["outcome"] == "committed":
+            assert [v["version"] for v in versions] == [0, 1]
+            w1 = np.fromfile(restarted.data_dir / "weights" / "kb" / "v1.f32", dtype="<f4")
+            assert np.isfinite(w1).all() and not np.array_equal(w1, w0)
+        else:
+            assert [v["version"] for v in versions] == [0]
+    finally:
+        stop_server(restarted)
