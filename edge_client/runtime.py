@@ -24,7 +24,7 @@ from edge_client.predictor import BeamSearch, FloatArray, Suggestion
 from edge_client.tokenizer import Tokenizer
 from protocol.layout import FloatVec, Layout
 
-__all__ = ["OptimizerConfig", "Predictor", "ProgramModel", "TrainStats", "Trainer"]
+__all__ = ["OptimizerConfig", "Predictor", "ProgramModel", "TrainStats", "Trainer", "set_threads"]
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +37,16 @@ def _quiet_import() -> tuple[Any, Any, Any]:
         from executorch.extension.training import get_sgd_optimizer
         from executorch.runtime import Runtime
     return Runtime, _load_for_executorch_from_buffer, get_sgd_optimizer
+
+
+def set_threads(n: int) -> None:
+    """Threads for ExecuTorch's XNNPACK threadpool and torch's own ops (1 = one core)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
+
+    _unsafe_reset_threadpool(max(1, n))
+    torch.set_num_threads(max(1, n))
 
 
 class ProgramModel:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import unicodedata
 
-__all__ = ["WORD_RE", "is_word_char", "normalize", "split_context", "words"]
+__all__ = ["WORD_RE", "is_word_char", "normalize", "split_context", "targets", "words"]
 
 # A word: letters/digits, optionally joined by apostrophes ("don't", "i'm").
 WORD_RE = re.compile(r"[^\W_]+(?:'[^\W_]+)*")
@@ -45,3 +45,13 @@ def split_context(text: str) -> tuple[str, str]:
         # "hello,wor": the fragment is glued to punctuation; treat it as a partial word anyway
         pass
     return normalize(raw[:i]), raw[i:]
+
+
+def targets(text: str) -> list[tuple[str, str]]:
+    """(context, word) for every word at the start of a normalised message or after a space:
+    the positions where a keyboard offers next-word suggestions."""
+    return [
+        (text[: m.start()], m.group())
+        for m in WORD_RE.finditer(text)
+        if m.start() == 0 or text[m.start() - 1] == " "
+    ]

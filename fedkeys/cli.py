@@ -52,8 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_export(sub)
     _add_suggest(sub)
     from coordinator.cli import add_parser as add_coordinator
+    from edge_client.cli import add_parser as add_client
 
     add_coordinator(sub)
+    add_client(sub)
     return parser
 
 
@@ -143,6 +145,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             logging.getLogger(noisy).setLevel(logging.ERROR)
     from coordinator.cli import CliError
     from edge_client.bundle import BundleError
+    from edge_client.cli import ClientError
 
     handlers = {
         ("export", "build"): _export_build,
@@ -151,9 +154,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     if args.command == "coordinator":
         from coordinator.cli import run as handler
+    elif args.command == "client":
+        from edge_client.cli import run as handler
     else:
         handler = handlers[(args.command, getattr(args, "action", None))]
-    user_errors: tuple[type[Exception], ...] = (UsageError, BundleError, CliError)
+    user_errors: tuple[type[Exception], ...] = (UsageError, BundleError, CliError, ClientError)
     if args.command == "export":
         from model_export.data import CorpusError
 

@@ -18,7 +18,7 @@ from dataclasses import astuple, dataclass
 import numpy as np
 import numpy.typing as npt
 
-from edge_client.text import WORD_RE
+from edge_client.text import WORD_RE, targets
 from edge_client.tokenizer import BOS_ID, EOS_ID, Tokenizer
 from model_export.data import Corpus, normalize
 
@@ -95,15 +95,6 @@ def eval_messages(corpus: Corpus, max_messages: int, seed: int = 0) -> list[str]
         idx = np.random.default_rng(seed).choice(len(texts), max_messages, replace=False)
         texts = [texts[i] for i in sorted(idx)]
     return texts
-
-
-def targets(text: str) -> list[tuple[str, str]]:
-    """(context, word) for every word at the start of the message or after a space."""
-    return [
-        (text[: m.start()], m.group())
-        for m in WORD_RE.finditer(text)
-        if m.start() == 0 or text[m.start() - 1] == " "
-    ]
 
 
 def count_suggestions(suggest: SuggestFn, texts: Sequence[str], ksr_texts: Sequence[str]) -> Counts:

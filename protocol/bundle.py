@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Literal
+from typing import Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -26,7 +26,7 @@ __all__ = [
     "sha256_file",
 ]
 
-BUNDLE_FORMAT_VERSION = 1
+BUNDLE_FORMAT_VERSION: Final = 1
 MANIFEST_NAME = "manifest.json"
 _HEX64 = r"^[0-9a-f]{64}$"
 _FILE = r"^[A-Za-z0-9._-]{1,128}$"  # plain file names only: no directories, no '..'

@@ -1,0 +1,377 @@
+"""The device agent (``fedkeys client run``): enrol once, check in, take part in rounds.
+
+Loop: read the device state; if there are enough local messages, check in; obey
+``retry_after`` (pace steering) or, on errors, back off exponentially with jitter. On a
+training assignment: fetch the bundle (cached by sha256) and the round's weights, run the
+secure-aggregation stages around local ExecuTorch training on the newest local messages
+(re-checking eligibility between steps), upload the encoded, masked update, answer the unmask
+stage. On an evaluation assignment: score the round's model on recent messages never trained
+on and report counts only. SIGTERM (``stop``) ends the loop at the next safe point.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import platform
+import random
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edge_client.batching import Batch, encode_messages, pack_batches
+from edge_client.bundle import Bundle, BundleError, extract_bundle, load_bundle
+from edge_client.datastore import DataStore
+from edge_client.device_state import Conditions, StateProvider
+from edge_client.participation import Aborted, LocalResult, RoundOutcome, WeightsCache, run_round
+from edge_client.transport import ApiError, Transport, TransportError
+from protocol._http_models import DeviceState, EnrollRequest, EvalCounts, RoundPlan, TrainReport
+from protocol.layout import FloatVec
+
+__all__ = ["CLIENT_VERSION", "Agent", "AgentConfig", "NotEnrolled"]
+
+log = logging.getLogger(__name__)
+
+CLIENT_VERSION = "0.1.0"
+
+
+class NotEnrolled(Exception):
+    """No token yet and no enrolment secret to get one."""
+
+
+def _platform_name() -> str:
+    return f"{platform.system()}-{platform.machine()}".lower()
+
+
+@dataclass
+class AgentConfig:
+    coordinator: str
+    state_dir: Path
+    ca: Path | None = None
+    enroll_secret: str | None = None
+    device_class: str = "unknown"
+    min_examples: int = 20  # fewer local messages: the device does not volunteer
+    eval_holdout: int = 20  # newest messages kept out of training (for federated evaluation)
+    max_backoff: float = 900.0
+    threads: int = 1  # ExecuTorch threadpool size
+    platform: str = field(default_factory=_platform_name)
+
+
+@dataclass
+class AgentStats:
+    rounds: list[dict[str, Any]] = field(default_factory=list)
+    bytes_up: int = 0
+    bytes_down: int = 0
+
+
+class Agent:
+    def __init__(
+        self,
+        cfg: AgentConfig,
+        provider: StateProvider,
+        *,
+        store: DataStore | None = None,
+        transport: Transport | None = None,
+        sleep: Callable[[float], None] | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.provider = provider
+        cfg.state_dir.mkdir(parents=True, exist_ok=True)
+        self.store = store or DataStore(cfg.state_dir / "messages.db")
+        self._stop = threading.Event()
+        self._sleep = sleep or self._interruptible_sleep
+        self.stats = AgentStats()
+        self.transport = transport or Transport(
+            cfg.coordinator, ca=cfg.ca, token=self._load_token(), sleep=self._sleep, on_bytes=self._count
+        )
+        if self.transport.on_bytes is None:
+            self.transport.on_bytes = self._count
+        self.rng = rng or random.Random()
+        self.weights = WeightsCache()
+        self._bundles: dict[str, Bundle] = {}
+        self._trainers: dict[str, Any] = {}
+        self._failures = 0
+        self.model_version: int | None = None
+
+    # -- identity -------------------------------------------------------------------------
+
+    @property
+    def token_file(self) -> Path:
+        return self.cfg.state_dir / "device.json"
+
+    def _load_token(self) -> str | None:
+        try:
+            return str(json.loads(self.token_file.read_text())["token"])
+        except (OSError, ValueError, KeyError):
+            return None
+
+    @property
+    def device_id(self) -> str | None:
+        try:
+            return str(json.loads(self.token_file.read_text())["device_id"])
+        except (OSError, ValueError, KeyError):
+            return None
+
+    def enroll(self, force: bool = False) -> str:
+        """Enrol with the fleet secret (once); the token goes to a 0600 file."""
+        if self.transport.token and not force and self.device_id:
+            return self.device_id
+        if not self.cfg.enroll_secret:
+            raise NotEnrolled("this device is not enrolled: pass the fleet's enrolment secret")
+        r = self.transport.enroll(
+            EnrollRequest(
+                enrollment_secret=self.cfg.enroll_secret,
+                platform=self.cfg.platform[:64],
+                client_version=CLIENT_VERSION,
+                device_class=self.cfg.device_class,
+            )
+        )
+        fd = os.open(self.token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump({"device_id": r.device_id, "token": r.token, "coordinator": self.cfg.coordinator}, f)
+        self.transport.token = r.token
+        return r.device_id
+
+    # -- main loop ------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Ask the loop to end at the next safe point (signal handlers call this)."""
+        self._stop.set()
+
+    @property
+    def stopped(self) -> bool:
+        return self._stop.is_set()
+
+    def _interruptible_sleep(self, seconds: float) -> None:
+        self._stop.wait(max(seconds, 0.0))
+
+    def _count(self, direction: str, n: int) -> None:
+        if direction == "up":
+            self.stats.bytes_up += n
+        else:
+            self.stats.bytes_down += n
+
+    def state(self, c: Conditions) -> DeviceState:
+        return DeviceState(
+            charging=c.charging,
+            idle=c.idle,
+            unmetered=c.unmetered,
+            battery_pct=min(max(c.battery_pct, 0.0), 100.0),
+            free_storage_mb=max(c.free_storage_mb, 0.0),
+            client_version=CLIENT_VERSION,
+            model_version=self.model_version,
+            examples=self.store.count(),
+            device_class=self.cfg.device_class,
+        )
+
+    def run(self, max_rounds: int | None = None, max_seconds: float = math.inf) -> None:
+        """Check in until stopped (or until ``max_rounds`` rounds or ``max_seconds`` passed)."""
+        self.enroll()
+        t0 = time.time()
+        done = 0
+        while (
+            not self.stopped and (max_rounds is None or done < max_rounds) and time.time() - t0 < max_seconds
+        ):
+            wait, took_part = self.step()
+            done += took_part
+            if not self.stopped and wait > 0:
+                self._sleep(wait)
+
+    def step(self) -> tuple[float, bool]:
+        """One check-in (and the round it leads to). Returns (seconds to wait, took part)."""
+        c = self.provider.read()
+        if self.store.count() < self.cfg.min_examples:
+            return 600.0, False
+        try:
+            r = self.transport.checkin(self.state(c))
+        except ApiError as e:
+            if e.status == 401 and self.cfg.enroll_secret:
+                log.warning("token refused (%s): enrolling again", e.reason)
+                self.enroll(force=True)
+                return 0.5, False
+            raise
+        except TransportError as e:
+            self._failures += 1
+            wait = min(self.cfg.max_backoff, 2.0**self._failures) * (0.5 + self.rng.random())
+            log.warning("coordinator unreachable (%s); retrying in %.0f s", e, wait)
+            return wait, False
+        self._failures = 0
+        if r.action == "retry" or r.round_id is None:
+            return float(r.retry_after or 60.0), False
+        outcome = self.train_round(r.round_id) if r.action == "train" else self.eval_round(r.round_id)
+        self.stats.rounds.append(outcome)
+        self.record(outcome)
+        return 0.0, True
+
+    # -- rounds ---------------------------------------------------------------------------
+
+    def bundle(self, plan: RoundPlan) -> Bundle:
+        sha = plan.bundle.sha256
+        if sha in self._bundles:
+            return self._bundles[sha]
+        root = self.cfg.state_dir / "bundles" / sha
+        try:
+            b = load_bundle(root)
+        except BundleError:
+            data = self.transport.download(plan.bundle.url)
+            if hashlib.sha256(data).hexdigest() != sha:
+                raise Aborted("downloaded bundle does not match its sha256") from None
+            tar = root.with_suffix(".tar.part")
+            tar.parent.mkdir(parents=True, exist_ok=True)
+            tar.write_bytes(data)
+            b = extract_bundle(tar, root)
+            tar.unlink()
+        if b.manifest.train.layout.hash() != plan.layout_hash:
+            raise Aborted("the bundle's layout does not match the round's")
+        self._bundles[sha] = b
+        return b
+
+    def trainer(self, bundle: Bundle) -> Any:
+        from edge_client.runtime import Trainer, set_threads
+
+        key = bundle.root.name
+        if key not in self._trainers:
+            set_threads(self.cfg.threads)
+            self._trainers = {key: Trainer.from_bundle(bundle)}  # one program in memory at a time
+        return self._trainers[key]
+
+    def _batches(self, bundle: Bundle, texts: list[str], seed: int) -> Iterator[Batch]:
+        from edge_client.tokenizer import Tokenizer
+
+        spec = bundle.manifest.train
+        tok = Tokenizer(bundle.path(bundle.manifest.tokenizer))
+        seqs = encode_messages(tok, texts, spec.seq_len)
+        rng = np.random.default_rng(seed)
+        while seqs:
+            yield from pack_batches(seqs, spec.batch_size, spec.seq_len, rng)
+
+    def local_train(self, plan: RoundPlan, weights: FloatVec) -> LocalResult:
+        """Local ExecuTorch training on this device's newest messages (never sent anywhere)."""
+        from edge_client.runtime import OptimizerConfig
+
+        assert plan.training is not None
+        bundle = self.bundle(plan)
+        trainer = self.trainer(bundle)
+        msgs = self.store.training_texts(plan.training.max_examples, holdout=self.cfg.eval_holdout)
+        if not msgs:
+            raise Aborted("no local messages to train on")
+        trainer.set_weights(weights)
+        t = plan.training
+        stats = trainer.train(
+            self._batches(bundle, [m.text for m in msgs], self.rng.randrange(1 << 30)),
+            OptimizerConfig(name=t.optimizer, lr=t.lr, momentum=t.momentum),  # type: ignore[arg-type]
+            max_steps=t.local_steps,
+            max_seconds=t.max_seconds,
+            should_continue=lambda: self.provider.read().eligible and not self.stopped,
+        )
+        report = TrainReport(
+            loss_before=stats.first_loss if math.isfinite(stats.first_loss) else 0.0,
+            loss_after=stats.last_loss if math.isfinite(stats.last_loss) else 0.0,
+            examples=stats.examples,
+            steps=stats.steps,
+            seconds=stats.seconds,
+            aborted=stats.aborted,
+        )
+        if stats.aborted or stats.steps == 0:
+            return LocalResult(np.zeros_like(weights), 0, report.model_copy(update={"aborted": True}))
+        self.store.mark_trained(m.id for m in msgs)
+        return LocalResult(trainer.get_weights() - weights, len(msgs), report)
+
+    def train_round(self, round_id: int) -> dict[str, Any]:
+        device = self.device_id or ""
+        try:
+            out: RoundOutcome = run_round(
+                self.transport,
+                device,
+                round_id,
+                self.local_train,
+                weights_cache=self.weights,
+                sleep=self._sleep,
+                should_continue=lambda: not self.stopped and self.provider.read().eligible,
+            )
+        except Aborted as e:
+            log.info("round %d: left (%s)", round_id, e)
+            return {"round": round_id, "kind": "train", "completed": False, "reason": str(e)}
+        if out.new_version is not None:
+            self.model_version = out.new_version
+        return {
+            "round": round_id,
+            "kind": "train",
+            "completed": out.completed,
+            "outcome": out.outcome,
+            "new_version": out.new_version,
+            "reason": out.reason,
+            "seconds": out.stage_seconds,
+        }
+
+    def predictor_for(self, plan: RoundPlan) -> Any:
+        """The predictor of ``plan.model_version`` (its published predict.pte, cached)."""
+        from edge_client.runtime import Predictor
+
+        bundle = self.bundle(plan)
+        program = None
+        if plan.predict is not None:
+            program = self.cfg.state_dir / "programs" / f"{plan.predict.sha256}.pte"
+            if not program.exists():
+                data = self.transport.download(plan.predict.url)
+                if hashlib.sha256(data).hexdigest() != plan.predict.sha256:
+                    raise Aborted("downloaded predict.pte does not match its sha256")
+                program.parent.mkdir(parents=True, exist_ok=True)
+                program.write_bytes(data)
+        return Predictor.from_bundle(bundle, program)
+
+    def eval_round(self, round_id: int) -> dict[str, Any]:
+        from edge_client.evaluation import evaluate_messages
+
+        try:
+            plan = self.transport.plan(round_id)
+            predictor = self.predictor_for(plan)
+            msgs = self.store.evaluation_texts(self.cfg.eval_holdout)
+            counts: EvalCounts = evaluate_messages(predictor, [m.text for m in msgs])
+            self.transport.evaluation(round_id, counts)
+        except (Aborted, ApiError) as e:
+            return {"round": round_id, "kind": "evaluate", "completed": False, "reason": str(e)}
+        return {"round": round_id, "kind": "evaluate", "completed": True, "words": counts.words}
+
+    def status(self) -> dict[str, Any]:
+        c = self.provider.read()
+        return {
+            "coordinator": self.cfg.coordinator,
+            "device_id": self.device_id,
+            "enrolled": self.transport.token is not None,
+            "conditions": {
+                "charging": c.charging,
+                "idle": c.idle,
+                "unmetered": c.unmetered,
+                "battery_pct": c.battery_pct,
+                "source": c.source,
+                "notes": list(c.notes),
+            },
+            "local_data": self.store.counts(),
+            "recent_rounds": self._history()[-10:],
+        }
+
+    def _history(self) -> list[dict[str, Any]]:
+        path = self.cfg.state_dir / "history.jsonl"
+        if not path.exists():
+            return []
+        out = []
+        for line in path.read_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                continue
+        return out
+
+    def record(self, entry: dict[str, Any]) -> None:
+        with (self.cfg.state_dir / "history.jsonl").open("a") as f:
+            f.write(json.dumps({"t": time.time(), **entry}) + "\n")

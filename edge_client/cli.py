@@ -1,0 +1,180 @@
+"""``fedkeys client ...``: the device's command line (enrol, run, status, local data, suggest)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+__all__ = ["ClientError", "add_parser", "run"]
+
+
+class ClientError(Exception):
+    """A user mistake or a refused request: printed as one line, exit code 2."""
+
+
+def _default_state_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(os.environ.get("FEDKEYS_CLIENT_DIR", str(Path(base) / "fedkeys")))
+
+
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("client", help="the device agent and its local data")
+    p.add_argument(
+        "--state-dir", type=Path, default=_default_state_dir(), help="token, local messages, cached bundles"
+    )
+    s = p.add_subparsers(dest="action", required=True)
+
+    def connection(q: argparse.ArgumentParser) -> None:
+        q.add_argument("--coordinator", default=os.environ.get("FEDKEYS_URL"), help="https://host:8443")
+        q.add_argument(
+            "--ca", type=Path, default=None, help="CA certificate to pin (the coordinator's dev CA)"
+        )
+        q.add_argument("--enroll-secret", default=os.environ.get("FEDKEYS_ENROLLMENT_SECRET"))
+        q.add_argument("--device-class", default="unknown", help="e.g. rpi4, phone (for population filters)")
+
+    e = s.add_parser("enroll", help="enrol this device once (the token is stored 0600)")
+    connection(e)
+    r = s.add_parser("run", help="check in and take part in rounds until stopped (SIGTERM stops safely)")
+    connection(r)
+    r.add_argument("--provider", default="auto", choices=["auto", "linux", "termux", "static"])
+    r.add_argument("--min-examples", type=int, default=20)
+    r.add_argument("--rounds", type=int, default=None, help="stop after this many rounds")
+    r.add_argument("--threads", type=int, default=1)
+    s.add_parser("status", help="enrolment, device conditions, local data, last rounds")
+    a = s.add_parser("add-text", help="store one typed message locally")
+    a.add_argument("text", nargs="+")
+    i = s.add_parser("import", help="import messages: JSON lines ({'text', 'timestamp'}) or a text file")
+    i.add_argument("file", type=Path)
+    g = s.add_parser("suggest", help="next words from the newest predict.pte this device has")
+    g.add_argument("-k", type=int, default=3)
+    g.add_argument("text", nargs="+")
+
+
+def _agent(args: argparse.Namespace, provider: Any = None) -> Any:
+    from edge_client.agent import Agent, AgentConfig
+    from edge_client.device_state import auto_provider
+
+    saved = _saved(args.state_dir)
+    url = getattr(args, "coordinator", None) or saved.get("coordinator")
+    if not url:
+        raise ClientError("pass --coordinator https://host:port (or set FEDKEYS_URL)")
+    ca = getattr(args, "ca", None)
+    if ca is not None and not ca.is_file():
+        raise ClientError(f"{ca}: no such CA file")
+    cfg = AgentConfig(
+        coordinator=url,
+        state_dir=args.state_dir,
+        ca=ca or (args.state_dir / "ca.pem" if (args.state_dir / "ca.pem").exists() else None),
+        enroll_secret=getattr(args, "enroll_secret", None),
+        device_class=getattr(args, "device_class", "unknown"),
+        min_examples=getattr(args, "min_examples", 20),
+        threads=getattr(args, "threads", 1),
+    )
+    if ca is not None:
+        args.state_dir.mkdir(parents=True, exist_ok=True)
+        (args.state_dir / "ca.pem").write_bytes(ca.read_bytes())
+    return Agent(cfg, provider or auto_provider(getattr(args, "provider", "auto")))
+
+
+def _saved(state_dir: Path) -> dict[str, Any]:
+    try:
+        out: dict[str, Any] = json.loads((state_dir / "device.json").read_text())
+        return out
+    except (OSError, ValueError):
+        return {}
+
+
+def _store(args: argparse.Namespace) -> Any:
+    from edge_client.datastore import DataStore
+
+    return DataStore(args.state_dir / "messages.db")
+
+
+def run(args: argparse.Namespace) -> None:
+    from edge_client.agent import NotEnrolled
+    from edge_client.datastore import ImportError_
+    from edge_client.transport import ApiError, TransportError
+
+    try:
+        _run(args)
+    except (NotEnrolled, ImportError_) as e:
+        raise ClientError(str(e)) from None
+    except ApiError as e:
+        raise ClientError(f"coordinator refused: {e}") from None
+    except TransportError as e:
+        raise ClientError(str(e)) from None
+
+
+def _run(args: argparse.Namespace) -> None:
+    out = sys.stdout
+    if args.action == "enroll":
+        agent = _agent(args)
+        out.write(f"enrolled as {agent.enroll()}\n")
+    elif args.action == "run":
+        agent = _agent(args)
+        signal.signal(signal.SIGTERM, lambda *_: agent.stop())
+        signal.signal(signal.SIGINT, lambda *_: agent.stop())
+        agent.run(max_rounds=args.rounds)
+    elif args.action == "status":
+        store = _store(args)
+        saved = _saved(args.state_dir)
+        from edge_client.device_state import auto_provider
+
+        c = auto_provider().read()
+        history = []
+        hist = args.state_dir / "history.jsonl"
+        if hist.exists():
+            history = [json.loads(line) for line in hist.read_text().splitlines()[-10:] if line.strip()]
+        out.write(
+            json.dumps(
+                {
+                    "enrolled": bool(saved.get("token")),
+                    "device_id": saved.get("device_id"),
+                    "coordinator": saved.get("coordinator"),
+                    "conditions": {
+                        "charging": c.charging,
+                        "idle": c.idle,
+                        "unmetered": c.unmetered,
+                        "battery_pct": c.battery_pct,
+                        "eligible": c.eligible,
+                        "source": c.source,
+                        "notes": list(c.notes),
+                    },
+                    "local_data": store.counts(),
+                    "recent_rounds": history,
+                },
+                indent=2,
+            )
+            + "\n"
+        )
+    elif args.action == "add-text":
+        n = _store(args).add([" ".join(args.text)])
+        out.write(f"stored {n} message\n")
+    elif args.action == "import":
+        n = _store(args).import_file(args.file)
+        out.write(f"stored {n} messages\n")
+    elif args.action == "suggest":
+        _suggest(args)
+
+
+def _suggest(args: argparse.Namespace) -> None:
+    from edge_client.bundle import load_bundle
+    from edge_client.runtime import Predictor
+
+    if args.k <= 0:
+        raise ClientError("-k must be positive")
+    bundles = sorted((args.state_dir / "bundles").glob("*/manifest.json"), key=lambda p: p.stat().st_mtime)
+    if not bundles:
+        raise ClientError(
+            "no model on this device yet: run `fedkeys client run` until it takes part in a round"
+        )
+    bundle = load_bundle(bundles[-1].parent)
+    programs = sorted((args.state_dir / "programs").glob("*.pte"), key=lambda p: p.stat().st_mtime)
+    predictor = Predictor.from_bundle(bundle, programs[-1] if programs else None)
+    for s in predictor.suggest(" ".join(args.text), args.k):
+        sys.stdout.write(f"{s.word}\t{s.logprob:.3f}\n")

@@ -1,0 +1,159 @@
+"""The device's own typed text, in a local SQLite file that never leaves the device.
+
+Messages older than the retention window (default 30 days) are deleted on every write. The
+store remembers which messages were used for training, so federated evaluation scores the
+model only on recent messages it has not trained on.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from pathlib import Path
+
+from edge_client.text import normalize
+
+__all__ = ["DataStore", "ImportError_", "StoredMessage"]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS messages (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    text TEXT NOT NULL,
+    ts REAL NOT NULL,
+    trained INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS ix_messages_ts ON messages (ts);
+"""
+
+
+class ImportError_(ValueError):  # noqa: N801 - "ImportError" is a builtin
+    """A file to import is malformed; the message names the file and line."""
+
+
+@dataclass(frozen=True)
+class StoredMessage:
+    id: int
+    text: str
+    ts: float
+    trained: bool
+
+
+class DataStore:
+    def __init__(
+        self, path: Path, retention_days: float = 30.0, now: Callable[[], float] = time.time
+    ) -> None:
+        self.path = path
+        self.retention_seconds = retention_days * 86400
+        self._now = now
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with self._db() as db:
+            db.executescript(_SCHEMA)
+        with suppress(OSError):
+            path.chmod(0o600)
+
+    @contextmanager
+    def _db(self) -> Iterator[sqlite3.Connection]:
+        conn = sqlite3.connect(self.path, timeout=30)
+        try:
+            with conn:
+                yield conn
+        finally:
+            conn.close()
+
+    def _purge(self, db: sqlite3.Connection) -> None:
+        db.execute("DELETE FROM messages WHERE ts < ?", (self._now() - self.retention_seconds,))
+
+    def add(self, texts: Iterable[str | tuple[str, float]]) -> int:
+        """Store messages (text, or (text, unix time)); returns how many were stored."""
+        rows = []
+        now = self._now()
+        for item in texts:
+            text, ts = (item, now) if isinstance(item, str) else item
+            clean = normalize(text)
+            if clean:
+                rows.append((clean, float(ts)))
+        with self._db() as db:
+            db.executemany("INSERT INTO messages (text, ts) VALUES (?, ?)", rows)
+            self._purge(db)
+        return len(rows)
+
+    def import_file(self, path: Path) -> int:
+        """JSON lines (``{"text": ..., "timestamp": unix or ISO}``, other keys ignored) or plain
+        text (one message per line, timestamped now)."""
+        try:
+            raw = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ImportError_(f"{path}: cannot read ({e})") from None
+        lines = raw.splitlines()
+        if path.suffix in (".jsonl", ".json"):
+            items: list[tuple[str, float]] = []
+            for n, line in enumerate(lines, 1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ImportError_(f"{path}:{n}: not valid JSON ({e.msg})") from None
+                if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+                    raise ImportError_(f"{path}:{n}: expected an object with a 'text' string")
+                items.append((obj["text"], _timestamp(obj.get("timestamp"), f"{path}:{n}", self._now())))
+            return self.add(items)
+        return self.add(line for line in lines if line.strip())
+
+    def count(self) -> int:
+        with self._db() as db:
+            self._purge(db)
+            return int(db.execute("SELECT count(*) FROM messages").fetchone()[0])
+
+    def counts(self) -> dict[str, int]:
+        with self._db() as db:
+            total, trained = db.execute("SELECT count(*), coalesce(sum(trained), 0) FROM messages").fetchone()
+        return {
+            "messages": int(total),
+            "trained_on": int(trained),
+            "never_trained": int(total) - int(trained),
+        }
+
+    def training_texts(self, limit: int, holdout: int = 0) -> list[StoredMessage]:
+        """The most recent ``limit`` messages, except the newest ``holdout`` (kept for evaluation)."""
+        with self._db() as db:
+            self._purge(db)
+            rows = db.execute(
+                "SELECT id, text, ts, trained FROM messages ORDER BY ts DESC, id DESC LIMIT ? OFFSET ?",
+                (limit, holdout),
+            ).fetchall()
+        return [StoredMessage(r[0], r[1], r[2], bool(r[3])) for r in reversed(rows)]
+
+    def mark_trained(self, ids: Iterable[int]) -> None:
+        with self._db() as db:
+            db.executemany("UPDATE messages SET trained = 1 WHERE id = ?", [(i,) for i in ids])
+
+    def evaluation_texts(self, limit: int) -> list[StoredMessage]:
+        """The most recent messages never used for training (newest last)."""
+        with self._db() as db:
+            rows = db.execute(
+                "SELECT id, text, ts, trained FROM messages WHERE trained = 0"
+                " ORDER BY ts DESC, id DESC LIMIT ?",
+                (limit,),
+            ).fetchall()
+        return [StoredMessage(r[0], r[1], r[2], bool(r[3])) for r in reversed(rows)]
+
+
+def _timestamp(value: object, where: str, default: float) -> float:
+    if value is None:
+        return default
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):
+        from datetime import UTC, datetime
+
+        try:
+            ts = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            raise ImportError_(f"{where}: timestamp {value!r} is not ISO 8601 or unix seconds") from None
+        return (ts if ts.tzinfo else ts.replace(tzinfo=UTC)).timestamp()
+    raise ImportError_(f"{where}: timestamp must be a number or an ISO 8601 string")

@@ -1,0 +1,407 @@
+"""The device side of secure aggregation: one method per stage.
+
+Usage per round (messages from :mod:`protocol.wire`)::
+
+    client = SecAggClient("device-7", params)
+    adv = client.advertise_keys()                        # -> server
+    shares = client.share_keys(share_keys_request)       # -> server (relays to neighbours)
+    masked = client.masked_input(encoded.values, masked_input_request.shares)
+    body = wire.pack_update(header, masked)              # -> server
+    resp = client.unmask(req.survivors, req.dropped)     # -> server
+
+The whole state is serialisable (:meth:`SecAggClient.to_bytes`) so a device that restarts
+mid-round can continue; it contains the round's private keys, so store it like a secret.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable, Sequence
+from typing import Literal
+
+import numpy as np
+import numpy.typing as npt
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from protocol._encoding import B64Bytes, Bytes32
+from protocol.secagg import crypto, shamir
+from protocol.secagg.common import (
+    SecAggError,
+    StageError,
+    check_ring_vector,
+    resolve_graph,
+)
+from protocol.secagg.graph import neighbours_of
+from protocol.wire import (
+    AdvertiseKeys,
+    EncryptedShare,
+    MaskedInputRequest,
+    RevealedShare,
+    SecAggParams,
+    ShareKeys,
+    ShareKeysRequest,
+    SharePlaintext,
+    Stage,
+    UnmaskRequest,
+    UnmaskResponse,
+)
+
+__all__ = ["SecAggClient"]
+
+RandomBytes = Callable[[int], bytes]
+
+
+class _HeldShares(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    self_mask_share: B64Bytes
+    key_share: B64Bytes
+
+
+class _ClientState(BaseModel):
+    """Everything a device keeps between stages (private keys included)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    device: str
+    params: SecAggParams
+    stage: Stage = Stage.ADVERTISE_KEYS
+    cipher_private_key: Bytes32
+    mask_private_key: Bytes32
+    self_mask_seed: Bytes32
+    roster: ShareKeysRequest | None = None
+    neighbours: list[str] = Field(default_factory=list)
+    share_keys_response: ShareKeys | None = None
+    cipher_keys: dict[str, Bytes32] = Field(default_factory=dict)
+    """AES-GCM key shared with each neighbour (derived in stage 2, reused in stage 3)."""
+    own_share: _HeldShares | None = None
+    """The device's own share of its secrets (only the self-mask one is ever revealed)."""
+    held: dict[str, _HeldShares] = Field(default_factory=dict)
+    """Shares received from neighbours (owner -> shares), set in the masked-input stage."""
+    unmask_request: UnmaskRequest | None = None
+    unmask_response: UnmaskResponse | None = None
+    revealed: dict[str, Literal["self_mask", "key"]] = Field(default_factory=dict)
+
+
+class SecAggClient:
+    """One device in one secure-aggregation round (Bonawitz et al. 2017, SecAgg+ graph).
+
+    ``random_bytes`` is the source of all secret randomness (keys, seeds, Shamir
+    coefficients, nonces): the OS CSPRNG by default; tests may inject a deterministic one.
+    """
+
+    def __init__(
+        self,
+        device: str,
+        params: SecAggParams,
+        *,
+        random_bytes: RandomBytes = secrets.token_bytes,
+    ) -> None:
+        self._random = random_bytes
+        self._s = _ClientState(
+            device=device,
+            params=params,
+            cipher_private_key=random_bytes(crypto.KEY_BYTES),
+            mask_private_key=random_bytes(crypto.KEY_BYTES),
+            self_mask_seed=random_bytes(crypto.KEY_BYTES),
+        )
+        self._cipher = crypto.private_from_bytes(self._s.cipher_private_key)
+        self._mask = crypto.private_from_bytes(self._s.mask_private_key)
+        self._positions: dict[str, int] | None = None
+
+    # -- state -----------------------------------------------------------------------------
+
+    @property
+    def device(self) -> str:
+        return self._s.device
+
+    @property
+    def stage(self) -> Stage:
+        """The stage whose method is to be called next."""
+        return self._s.stage
+
+    def to_bytes(self) -> bytes:
+        """The complete client state as JSON bytes (contains private keys)."""
+        return self._s.model_dump_json().encode()
+
+    @classmethod
+    def from_bytes(
+        cls, data: bytes, *, random_bytes: RandomBytes = secrets.token_bytes
+    ) -> SecAggClient:
+        try:
+            state = _ClientState.model_validate_json(data)
+        except ValidationError as e:
+            raise SecAggError(f"invalid client state: {e}") from e
+        self = cls.__new__(cls)
+        self._random = random_bytes
+        self._s = state
+        self._cipher = crypto.private_from_bytes(state.cipher_private_key)
+        self._mask = crypto.private_from_bytes(state.mask_private_key)
+        self._positions = None
+        return self
+
+    def _expect(self, stage: Stage, what: str) -> None:
+        if self._s.stage is not stage:
+            raise StageError(stage, self._s.stage, what)
+
+    def _index(self, device: str) -> int:
+        """1-based roster position: the device's Shamir point and mask-sign order."""
+        assert self._s.roster is not None
+        if self._positions is None:
+            self._positions = {a.device: i + 1 for i, a in enumerate(self._s.roster.devices)}
+        try:
+            return self._positions[device]
+        except KeyError:
+            raise SecAggError(f"{device!r} is not in the roster") from None
+
+    def _entry(self, device: str) -> AdvertiseKeys:
+        assert self._s.roster is not None
+        return self._s.roster.devices[self._index(device) - 1]
+
+    # -- stage 1 ---------------------------------------------------------------------------
+
+    def advertise_keys(self) -> AdvertiseKeys:
+        """Stage 1: the two public keys of this round (the same message again if asked
+        before the roster arrived: retries are idempotent)."""
+        if self._s.stage is not Stage.SHARE_KEYS:
+            self._expect(Stage.ADVERTISE_KEYS, "advertise_keys")
+        self._s.stage = Stage.SHARE_KEYS
+        return self._advertisement()
+
+    def _pair_key(self, purpose: bytes, peer: str) -> bytes:
+        entry = self._entry(peer)
+        private, public = (
+            (self._cipher, entry.cipher_public_key)
+            if purpose == crypto.PURPOSE_ENCRYPT
+            else (self._mask, entry.mask_public_key)
+        )
+        try:
+            return crypto.derive_pair_key(
+                private,
+                public,
+                purpose=purpose,
+                round_id=self._s.params.round_id,
+                me=self._s.device,
+                peer=peer,
+            )
+        except ValueError as e:
+            raise SecAggError(str(e)) from e
+
+    def _advertisement(self) -> AdvertiseKeys:
+        return AdvertiseKeys(
+            round_id=self._s.params.round_id,
+            device=self._s.device,
+            cipher_public_key=crypto.public_from_private(self._cipher),
+            mask_public_key=crypto.public_from_private(self._mask),
+        )
+
+    # -- stage 2 ---------------------------------------------------------------------------
+
+    def share_keys(self, roster: ShareKeysRequest) -> ShareKeys:
+        """Stage 2: Shamir-share ``b_u`` and ``s_u`` among the neighbours, each bundle
+        encrypted for its recipient. Asked again with the same roster, returns the same
+        message (idempotent retries)."""
+        if self._s.stage is Stage.MASKED_INPUT and self._s.share_keys_response is not None:
+            if roster == self._s.roster:
+                return self._s.share_keys_response
+            raise SecAggError("already shared keys for a different roster in this round")
+        self._expect(Stage.SHARE_KEYS, "share_keys")
+        p = self._s.params
+        if roster.round_id != p.round_id:
+            raise SecAggError(f"roster is for round {roster.round_id}, not {p.round_id}")
+        me = self._s.device
+        mine = [a for a in roster.devices if a.device == me]
+        if not mine or mine[0] != self._advertisement():
+            raise SecAggError("the roster does not carry this device's advertised keys")
+        keys = [a.cipher_public_key for a in roster.devices] + [
+            a.mask_public_key for a in roster.devices
+        ]
+        if len(set(keys)) != len(keys):
+            raise SecAggError("the roster repeats a public key")
+        degree, threshold = resolve_graph(p, len(roster.devices))
+        if (roster.degree, roster.threshold) != (degree, threshold):
+            raise SecAggError(
+                f"roster says degree {roster.degree}, threshold {roster.threshold}; "
+                f"the round parameters give {degree}, {threshold}"
+            )
+        self._s.roster = roster
+        ids = [a.device for a in roster.devices]
+        neighbours = sorted(neighbours_of(me, ids, p.graph_seed, p.degree))
+        self._s.neighbours = neighbours
+
+        # One share per neighbour plus one kept by the device itself (as in Flower): a
+        # survivor reveals its own self-mask share, so it needs only t - 1 neighbours.
+        xs = [self._index(v) for v in neighbours] + [self._index(me)]
+        b_shares = shamir.split(self._s.self_mask_seed, xs, threshold, random_bytes=self._random)
+        k_shares = shamir.split(self._s.mask_private_key, xs, threshold, random_bytes=self._random)
+        self._s.own_share = _HeldShares(
+            self_mask_share=shamir.share_to_bytes(b_shares[-1][1]),
+            key_share=shamir.share_to_bytes(k_shares[-1][1]),
+        )
+        out = []
+        for v, (x, yb), (_, yk) in zip(neighbours, b_shares[:-1], k_shares[:-1], strict=True):
+            plain = SharePlaintext(
+                round_id=p.round_id,
+                sender=me,
+                recipient=v,
+                x=x,
+                self_mask_share=shamir.share_to_bytes(yb),
+                key_share=shamir.share_to_bytes(yk),
+            )
+            key = self._pair_key(crypto.PURPOSE_ENCRYPT, v)
+            self._s.cipher_keys[v] = key
+            nonce = self._random(crypto.NONCE_BYTES)
+            ct = crypto.encrypt_share(
+                key,
+                nonce,
+                plain.model_dump_json().encode(),
+                round_id=p.round_id,
+                sender=me,
+                recipient=v,
+            )
+            out.append(EncryptedShare(sender=me, recipient=v, nonce=nonce, ciphertext=ct))
+        response = ShareKeys(
+            round_id=p.round_id,
+            sender=me,
+            self_mask_commitment=crypto.mask_commitment(p.round_id, me, self._s.self_mask_seed),
+            shares=tuple(out),
+        )
+        self._s.share_keys_response = response
+        self._s.stage = Stage.MASKED_INPUT
+        return response
+
+    # -- stage 3 ---------------------------------------------------------------------------
+
+    def masked_input(
+        self,
+        encoded_values: npt.ArrayLike,
+        received_ciphertexts: Sequence[EncryptedShare] | MaskedInputRequest,
+    ) -> npt.NDArray[np.uint32]:
+        """Stage 3: ``y = x + PRG(b_u) + sum_v +-PRG(s_uv) mod 2**k`` over the neighbours
+        whose shares arrived (exactly those completed stage 2). ``+`` when this device sorts
+        before ``v`` in the roster, ``-`` otherwise, so the pairwise masks cancel in the sum."""
+        self._expect(Stage.MASKED_INPUT, "masked_input")
+        p = self._s.params
+        me = self._s.device
+        if isinstance(received_ciphertexts, MaskedInputRequest):
+            if received_ciphertexts.round_id != p.round_id:
+                raise SecAggError("masked-input request is for another round")
+            received: Sequence[EncryptedShare] = received_ciphertexts.shares
+        else:
+            received = received_ciphertexts
+        x = check_ring_vector(encoded_values, p)
+        assert self._s.roster is not None
+        _, threshold = resolve_graph(p, len(self._s.roster.devices))
+
+        neighbours = set(self._s.neighbours)
+        held: dict[str, _HeldShares] = {}
+        my_x = self._index(me)
+        for enc in received:
+            if enc.recipient != me:
+                raise SecAggError(f"share addressed to {enc.recipient!r}, not {me!r}")
+            if enc.sender not in neighbours:
+                raise SecAggError(f"share from {enc.sender!r}, which is not a neighbour")
+            if enc.sender in held:
+                raise SecAggError(f"two shares from {enc.sender!r}")
+            key = self._s.cipher_keys[enc.sender]
+            raw = crypto.decrypt_share(
+                key, enc.nonce, enc.ciphertext, round_id=p.round_id, sender=enc.sender, recipient=me
+            )
+            try:
+                plain = SharePlaintext.model_validate_json(raw)
+            except ValidationError as e:
+                raise SecAggError(f"undecodable share bundle from {enc.sender!r}") from e
+            if (plain.round_id, plain.sender, plain.recipient, plain.x) != (
+                p.round_id,
+                enc.sender,
+                me,
+                my_x,
+            ):
+                raise SecAggError(f"share bundle from {enc.sender!r} has wrong metadata")
+            held[enc.sender] = _HeldShares(
+                self_mask_share=plain.self_mask_share, key_share=plain.key_share
+            )
+        if len(held) < threshold - 1:  # with its own share, t - 1 could still unmask it
+            raise SecAggError(
+                f"only {len(held)} neighbours of {me!r} completed key sharing; the threshold is "
+                f"{threshold}"
+            )
+
+        plus: list[bytes] = [self._s.self_mask_seed]
+        minus: list[bytes] = []
+        for v in sorted(held):
+            seed = self._pair_key(crypto.PURPOSE_MASK, v)
+            (plus if my_x < self._index(v) else minus).append(seed)
+        acc = x.astype(crypto.ring_dtype(p.ring_bits))  # a copy: the caller's x is kept
+        crypto.apply_masks(acc, plus, minus)
+        out = acc if acc.dtype == np.uint32 else acc.astype(np.uint32)
+        if p.ring_bits < 32:
+            out &= np.uint32((1 << p.ring_bits) - 1)
+        self._s.held = held
+        self._s.stage = Stage.UNMASK
+        return out
+
+    # -- stage 4 ---------------------------------------------------------------------------
+
+    def unmask(self, survivors: Sequence[str], dropped: Sequence[str]) -> UnmaskResponse:
+        """Stage 4: self-mask shares of surviving neighbours (and its own), key shares of
+        dropped neighbours.
+
+        Never both for one device: the answer is computed once and repeated verbatim for the
+        same request (idempotent retries); a different request is refused.
+        """
+        p = self._s.params
+        request = UnmaskRequest(
+            round_id=p.round_id, survivors=tuple(survivors), dropped=tuple(dropped)
+        )
+        if self._s.stage is Stage.DONE and self._s.unmask_response is not None:
+            if self._s.unmask_request is not None and (
+                set(request.survivors),
+                set(request.dropped),
+            ) == (set(self._s.unmask_request.survivors), set(self._s.unmask_request.dropped)):
+                return self._s.unmask_response
+            raise SecAggError("already answered a different unmask request in this round")
+        self._expect(Stage.UNMASK, "unmask")
+        assert self._s.roster is not None
+        me = self._s.device
+        alive, gone = set(request.survivors), set(request.dropped)
+        roster_ids = {a.device for a in self._s.roster.devices}
+        unknown = (alive | gone) - roster_ids
+        if unknown:
+            raise SecAggError(
+                f"unmask request names devices outside the roster: {sorted(unknown)[:5]}"
+            )
+        if me not in alive:
+            raise SecAggError(f"{me!r} sent its masked input but is not listed as a survivor")
+        _, threshold = resolve_graph(p, len(self._s.roster.devices))
+        if len(alive) < max(threshold, p.min_devices):
+            raise SecAggError(
+                f"only {len(alive)} survivors; revealing shares needs at least "
+                f"{max(threshold, p.min_devices)}"
+            )
+        assert self._s.own_share is not None
+        self_shares = [RevealedShare(owner=me, value=self._s.own_share.self_mask_share)]
+        key_shares = []
+        revealed: dict[str, Literal["self_mask", "key"]] = {me: "self_mask"}
+        for owner in sorted(self._s.held):
+            h = self._s.held[owner]
+            if owner in alive:
+                self_shares.append(RevealedShare(owner=owner, value=h.self_mask_share))
+                revealed[owner] = "self_mask"
+            elif owner in gone:
+                key_shares.append(RevealedShare(owner=owner, value=h.key_share))
+                revealed[owner] = "key"
+        response = UnmaskResponse(
+            round_id=p.round_id,
+            sender=me,
+            self_mask_shares=tuple(self_shares),
+            key_shares=tuple(key_shares),
+        )
+        self._s.revealed = revealed
+        self._s.unmask_request = request
+        self._s.unmask_response = response
+        self._s.stage = Stage.DONE
+        return response
+
+    def __repr__(self) -> str:
+        s = self._s
+        return f"SecAggClient({s.device!r}, round={s.params.round_id}, stage={s.stage.value})"

@@ -1,0 +1,229 @@
+"""Cryptographic building blocks of secure aggregation (all from ``cryptography``).
+
+* Key agreement: X25519. Every device has two key pairs per round: ``c`` (share encryption)
+  and ``s`` (pairwise masks).
+* Key derivation: HKDF-SHA256 over the X25519 shared secret with
+  ``info = "fedkeys/secagg/v1/" + purpose + round_id (8 bytes) + both device ids``
+  (length-prefixed, in sorted order so both ends derive the same key).
+* Share encryption: AES-256-GCM with a random 96-bit nonce; the associated data binds the
+  round id, the sender and the recipient, so a ciphertext cannot be replayed into another
+  round or re-addressed.
+* PRG: AES-256-CTR keyed with a 32-byte seed (counter block starts at zero; every seed
+  expands exactly one stream). The keystream is read as little-endian ring words (uint8,
+  uint16 or uint32: the narrowest holding ``k`` bits) with ``np.frombuffer``; words are
+  uniform modulo ``2**w`` and hence modulo ``2**k`` because ``2**k`` divides ``2**w``.
+  :func:`apply_masks` expands many seeds chunk by chunk (256 KiB) so the keystream is added
+  while still in cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+__all__ = [
+    "KEY_BYTES",
+    "NONCE_BYTES",
+    "PURPOSE_ENCRYPT",
+    "PURPOSE_MASK",
+    "DecryptionError",
+    "KeyPair",
+    "apply_masks",
+    "decrypt_share",
+    "derive_pair_key",
+    "encrypt_share",
+    "generate_keypair",
+    "mask_commitment",
+    "prg",
+    "private_from_bytes",
+    "public_from_private",
+    "ring_dtype",
+    "share_associated_data",
+]
+
+KEY_BYTES = 32
+NONCE_BYTES = 12
+PURPOSE_ENCRYPT = b"share-encryption"
+PURPOSE_MASK = b"pairwise-mask"
+_LABEL = b"fedkeys/secagg/v1/"
+_CHUNK_BYTES = 1 << 18  # PRG chunk: stays in L2 while it is added
+
+RingArray = npt.NDArray[np.unsignedinteger[Any]]
+
+
+class DecryptionError(ValueError):
+    """A share ciphertext failed authentication (tampered, misaddressed or wrong round)."""
+
+
+class KeyPair:
+    """An X25519 key pair with its raw 32-byte encodings."""
+
+    __slots__ = ("private", "private_bytes", "public_bytes")
+
+    def __init__(self, private: X25519PrivateKey) -> None:
+        self.private = private
+        self.private_bytes = private.private_bytes(
+            serialization.Encoding.Raw,
+            serialization.PrivateFormat.Raw,
+            serialization.NoEncryption(),
+        )
+        self.public_bytes = public_from_private(private)
+
+
+def generate_keypair() -> KeyPair:
+    """A fresh X25519 key pair (randomness from the OS via ``cryptography``)."""
+    return KeyPair(X25519PrivateKey.generate())
+
+
+def private_from_bytes(raw: bytes) -> X25519PrivateKey:
+    if len(raw) != KEY_BYTES:
+        raise ValueError(f"X25519 private key must have {KEY_BYTES} bytes, got {len(raw)}")
+    return X25519PrivateKey.from_private_bytes(raw)
+
+
+def public_from_private(private: X25519PrivateKey) -> bytes:
+    return private.public_key().public_bytes(
+        serialization.Encoding.Raw, serialization.PublicFormat.Raw
+    )
+
+
+def _ids(a: str, b: str) -> bytes:
+    lo, hi = sorted((a, b))
+    out = b""
+    for name in (lo, hi):
+        raw = name.encode()
+        out += struct.pack(">H", len(raw)) + raw
+    return out
+
+
+def derive_pair_key(
+    private: X25519PrivateKey,
+    peer_public: bytes,
+    *,
+    purpose: bytes,
+    round_id: int,
+    me: str,
+    peer: str,
+) -> bytes:
+    """32-byte key shared by ``me`` and ``peer``: HKDF-SHA256 of their X25519 secret.
+
+    Both ends derive the same key (device ids are put in sorted order). Raises ``ValueError``
+    for a low-order peer key (all-zero shared secret).
+    """
+    if me == peer:
+        raise ValueError("a device does not derive a key with itself")
+    try:
+        shared = private.exchange(X25519PublicKey.from_public_bytes(peer_public))
+    except ValueError as e:
+        raise ValueError(f"invalid X25519 public key of {peer!r} (low-order point)") from e
+    info = _LABEL + purpose + b"/" + struct.pack(">Q", round_id) + _ids(me, peer)
+    return HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=None, info=info).derive(shared)
+
+
+def share_associated_data(round_id: int, sender: str, recipient: str) -> bytes:
+    """AES-GCM associated data of a share ciphertext (direction matters: not sorted)."""
+    s, r = sender.encode(), recipient.encode()
+    return (
+        _LABEL
+        + b"share/"
+        + struct.pack(">QH", round_id, len(s))
+        + s
+        + struct.pack(">H", len(r))
+        + r
+    )
+
+
+def encrypt_share(
+    key: bytes, nonce: bytes, plaintext: bytes, *, round_id: int, sender: str, recipient: str
+) -> bytes:
+    """AES-256-GCM ciphertext (with its 16-byte tag) of a share bundle."""
+    if len(nonce) != NONCE_BYTES:
+        raise ValueError(f"nonce must have {NONCE_BYTES} bytes")
+    ad = share_associated_data(round_id, sender, recipient)
+    return AESGCM(key).encrypt(nonce, plaintext, ad)
+
+
+def decrypt_share(
+    key: bytes, nonce: bytes, ciphertext: bytes, *, round_id: int, sender: str, recipient: str
+) -> bytes:
+    """Plaintext of :func:`encrypt_share`; :class:`DecryptionError` if it does not verify."""
+    ad = share_associated_data(round_id, sender, recipient)
+    try:
+        return AESGCM(key).decrypt(nonce, ciphertext, ad)
+    except (InvalidTag, ValueError) as e:
+        raise DecryptionError(
+            f"share from {sender!r} to {recipient!r} in round {round_id} failed authentication"
+        ) from e
+
+
+def mask_commitment(round_id: int, device: str, seed: bytes) -> bytes:
+    """SHA-256 commitment to a self-mask seed, published so that a reconstruction can be
+    verified (a 32-byte uniformly random seed makes it hiding)."""
+    raw = device.encode()
+    return hashlib.sha256(
+        _LABEL + b"self-mask/" + struct.pack(">QH", round_id, len(raw)) + raw + seed
+    ).digest()
+
+
+def ring_dtype(bits: int) -> np.dtype[Any]:
+    """Narrowest unsigned word holding ``bits`` bits (masks are generated at this width)."""
+    if not 1 <= bits <= 32:
+        raise ValueError(f"ring bits must be in [1, 32], got {bits}")
+    return np.dtype("<u1" if bits <= 8 else "<u2" if bits <= 16 else "<u4")
+
+
+def _encryptor(seed: bytes) -> Any:
+    if len(seed) != KEY_BYTES:
+        raise ValueError(f"PRG seed must have {KEY_BYTES} bytes, got {len(seed)}")
+    return Cipher(algorithms.AES(seed), modes.CTR(bytes(16))).encryptor()
+
+
+def prg(seed: bytes, length: int, bits: int) -> RingArray:
+    """``length`` pseudo-random ring words (uniform mod ``2**bits``, not yet reduced)."""
+    dtype = ring_dtype(bits)
+    stream = _encryptor(seed).update(bytes(length * dtype.itemsize))
+    return np.frombuffer(stream, dtype=dtype).copy()
+
+
+def apply_masks(
+    acc: RingArray, add_seeds: Sequence[bytes], sub_seeds: Sequence[bytes] = ()
+) -> None:
+    """In place: ``acc += sum(prg(a)) - sum(prg(s))`` modulo ``2**(8 * itemsize)``.
+
+    ``acc`` is a 1-D array of the ring word dtype (see :func:`ring_dtype`). All streams are
+    expanded chunk by chunk with AES-256-CTR into one reused buffer and added while hot in
+    cache; exactly the same words as :func:`prg` produces for each seed.
+    """
+    if acc.ndim != 1 or acc.dtype.kind != "u":
+        raise ValueError("acc must be a 1-D unsigned array")
+    width = acc.dtype.itemsize
+    encs = [(_encryptor(s), True) for s in add_seeds] + [(_encryptor(s), False) for s in sub_seeds]
+    if not encs:
+        return
+    n = acc.shape[0]
+    chunk = max(1, _CHUNK_BYTES // width)
+    zeros = bytes(chunk * width)
+    buf = bytearray(chunk * width + 16)  # update_into needs block_size - 1 spare bytes
+    words = np.frombuffer(buf, dtype=acc.dtype.newbyteorder("<"), count=chunk)
+    for start in range(0, n, chunk):
+        stop = min(n, start + chunk)
+        size = stop - start
+        target = acc[start:stop]
+        src = zeros if size == chunk else zeros[: size * width]
+        for enc, positive in encs:
+            enc.update_into(src, buf)
+            if positive:
+                np.add(target, words[:size], out=target)
+            else:
+                np.subtract(target, words[:size], out=target)

@@ -1,0 +1,458 @@
+"""The coordinator side of secure aggregation: one method per stage, O(d) memory.
+
+Usage per round::
+
+    server = SecAggServer(params)
+    server.add_advertisement(adv)                  # stage 1, per device
+    roster = server.close_advertise()              # -> every device (ShareKeysRequest)
+    server.add_share_keys(msg)                     # stage 2, per device
+    server.close_share_keys()
+    req = server.masked_input_request(device)      # -> that device
+    server.add_masked_input(device, values)        # stage 3: added into the running sum
+    unmask_req = server.close_masked_input()       # -> every survivor
+    total = server.unmask(responses)               # stage 4: the exact modular sum
+
+Masked vectors are never stored: each is added into one running sum as it arrives. Apart
+from that vector, the state is small (keys, encrypted shares, revealed shares), and all of it
+is serialisable with :meth:`SecAggServer.to_bytes` (binary layout documented there) so the
+coordinator can keep it in its database and resume after a restart.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable
+
+import numpy as np
+import numpy.typing as npt
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from protocol._encoding import Bytes32
+from protocol.codec import CodecError, unpack_bits_add
+from protocol.secagg import crypto, shamir
+from protocol.secagg.common import (
+    DuplicateInputError,
+    SecAggError,
+    StageError,
+    UnrecoverableError,
+    check_ring_vector,
+    resolve_graph,
+)
+from protocol.secagg.graph import neighbour_graph
+from protocol.wire import (
+    AdvertiseKeys,
+    BadBodyError,
+    EncryptedShare,
+    MaskedInputRequest,
+    SecAggParams,
+    ShareKeys,
+    ShareKeysRequest,
+    Stage,
+    UnmaskRequest,
+    UnmaskResponse,
+    UpdateHeader,
+    verify_update,
+)
+
+__all__ = ["STATE_MAGIC", "STATE_VERSION", "SecAggServer"]
+
+STATE_MAGIC = b"FKSA"
+STATE_VERSION = 1
+_STATE_HEAD = struct.Struct("<4sHI")  # magic, version, JSON length
+
+
+class _ServerState(BaseModel):
+    """Everything but the running sum (see :meth:`SecAggServer.to_bytes`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    params: SecAggParams
+    stage: Stage = Stage.ADVERTISE_KEYS
+    advertised: dict[str, AdvertiseKeys] = Field(default_factory=dict)
+    roster: ShareKeysRequest | None = None
+    commitments: dict[str, Bytes32] = Field(default_factory=dict)
+    """Devices that completed stage 2 (U2) -> their self-mask commitments."""
+    excluded: list[str] = Field(default_factory=list)
+    """Devices that shared keys but had fewer than t - 1 neighbours that did: left out."""
+    mailbox: dict[str, list[EncryptedShare]] = Field(default_factory=dict)
+    """Recipient -> shares addressed to it (relayed in stage 3)."""
+    share_messages: dict[str, ShareKeys] = Field(default_factory=dict)
+    inputs: list[str] = Field(default_factory=list)
+    """Devices whose masked input is in the running sum (U3), in arrival order."""
+    unmask_request: UnmaskRequest | None = None
+    responses: dict[str, UnmaskResponse] = Field(default_factory=dict)
+
+
+class SecAggServer:
+    """Honest-but-curious aggregator of one round (see :mod:`protocol.secagg`)."""
+
+    def __init__(self, params: SecAggParams) -> None:
+        self._s = _ServerState(params=params)
+        self._dtype = crypto.ring_dtype(params.ring_bits)
+        self._sum = np.zeros(params.vector_length, dtype=self._dtype)
+        self._graph: dict[str, frozenset[str]] | None = None
+        self._index: dict[str, int] = {}
+
+    # -- state -----------------------------------------------------------------------------
+
+    @property
+    def params(self) -> SecAggParams:
+        return self._s.params
+
+    @property
+    def stage(self) -> Stage:
+        return self._s.stage
+
+    @property
+    def roster(self) -> ShareKeysRequest | None:
+        return self._s.roster
+
+    @property
+    def survivors(self) -> list[str]:
+        """Devices whose masked input has been added (U3)."""
+        return list(self._s.inputs)
+
+    @property
+    def excluded(self) -> list[str]:
+        return list(self._s.excluded)
+
+    def has_masked_input(self, device: str) -> bool:
+        return device in self._s.inputs
+
+    def to_bytes(self) -> bytes:
+        """Binary state: ``b"FKSA"``, uint16 version, uint32 JSON length (little-endian), the
+        JSON of the small state, then the running sum: ``vector_length`` little-endian words
+        of the ring word width (1, 2 or 4 bytes, see :func:`crypto.ring_dtype`)."""
+        meta = self._s.model_dump_json().encode()
+        return b"".join(
+            (
+                _STATE_HEAD.pack(STATE_MAGIC, STATE_VERSION, len(meta)),
+                meta,
+                self._sum.astype(self._dtype.newbyteorder("<")).tobytes(),
+            )
+        )
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> SecAggServer:
+        """Inverse of :meth:`to_bytes`; refuses anything malformed with :class:`SecAggError`."""
+        buf = memoryview(data)
+        if len(buf) < _STATE_HEAD.size:
+            raise SecAggError("server state truncated")
+        magic, version, n = _STATE_HEAD.unpack(buf[: _STATE_HEAD.size])
+        if magic != STATE_MAGIC or version != STATE_VERSION:
+            raise SecAggError(f"not a version-{STATE_VERSION} server state")
+        end = _STATE_HEAD.size + n
+        try:
+            state = _ServerState.model_validate_json(bytes(buf[_STATE_HEAD.size : end]))
+        except ValidationError as e:
+            raise SecAggError(f"invalid server state: {e}") from e
+        self = cls(state.params)
+        vec = buf[end:]
+        if len(vec) != state.params.vector_length * self._dtype.itemsize:
+            raise SecAggError("server state: running sum has the wrong length")
+        self._s = state
+        self._sum = np.frombuffer(vec, dtype=self._dtype.newbyteorder("<")).astype(self._dtype)
+        if state.roster is not None:
+            self._build_graph(state.roster)
+        return self
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    def _expect(self, stage: Stage, what: str) -> None:
+        if self._s.stage is not stage:
+            raise StageError(stage, self._s.stage, what)
+
+    def _check_round(self, round_id: int, what: str) -> None:
+        if round_id != self._s.params.round_id:
+            raise SecAggError(f"{what} is for round {round_id}, not {self._s.params.round_id}")
+
+    def _build_graph(self, roster: ShareKeysRequest) -> None:
+        ids = [a.device for a in roster.devices]
+        self._graph = neighbour_graph(ids, self._s.params.graph_seed, self._s.params.degree)
+        self._index = {d: i + 1 for i, d in enumerate(ids)}
+
+    def _neighbours(self, device: str) -> frozenset[str]:
+        assert self._graph is not None
+        return self._graph[device]
+
+    def _threshold(self) -> int:
+        assert self._s.roster is not None
+        return self._s.roster.threshold
+
+    # -- stage 1: advertise keys -----------------------------------------------------------
+
+    def add_advertisement(self, msg: AdvertiseKeys) -> None:
+        """Record a device's public keys (an identical resend is a no-op)."""
+        self._expect(Stage.ADVERTISE_KEYS, "add_advertisement")
+        self._check_round(msg.round_id, "advertisement")
+        old = self._s.advertised.get(msg.device)
+        if old is not None:
+            if old == msg:
+                return
+            raise DuplicateInputError(f"{msg.device!r} already advertised different keys")
+        if msg.cipher_public_key == msg.mask_public_key:
+            raise SecAggError(f"{msg.device!r} advertised the same key twice")
+        self._s.advertised[msg.device] = msg
+
+    def close_advertise(self) -> ShareKeysRequest:
+        """End stage 1: the roster (sorted) with the resolved graph degree and threshold."""
+        self._expect(Stage.ADVERTISE_KEYS, "close_advertise")
+        ads = [self._s.advertised[d] for d in sorted(self._s.advertised)]
+        keys = [a.cipher_public_key for a in ads] + [a.mask_public_key for a in ads]
+        if len(set(keys)) != len(keys):
+            raise SecAggError("two devices advertised the same public key")
+        degree, threshold = resolve_graph(self._s.params, len(ads))
+        roster = ShareKeysRequest(
+            round_id=self._s.params.round_id, devices=tuple(ads), degree=degree, threshold=threshold
+        )
+        self._s.roster = roster
+        self._build_graph(roster)
+        self._s.stage = Stage.SHARE_KEYS
+        return roster
+
+    # -- stage 2: share keys ---------------------------------------------------------------
+
+    def add_share_keys(self, msg: ShareKeys) -> None:
+        """Record a device's encrypted shares, one per neighbour (identical resend: no-op)."""
+        self._expect(Stage.SHARE_KEYS, "add_share_keys")
+        self._check_round(msg.round_id, "share-keys message")
+        if msg.sender not in self._index:
+            raise SecAggError(f"{msg.sender!r} is not in the roster")
+        old = self._s.share_messages.get(msg.sender)
+        if old is not None:
+            if old == msg:
+                return
+            raise DuplicateInputError(f"{msg.sender!r} already shared different keys")
+        want = self._neighbours(msg.sender)
+        got = {s.recipient for s in msg.shares}
+        if got != want:
+            missing, extra = sorted(want - got), sorted(got - want)
+            raise SecAggError(
+                f"{msg.sender!r} must send one share to each neighbour "
+                f"(missing {missing[:5]}, not neighbours {extra[:5]})"
+            )
+        self._s.share_messages[msg.sender] = msg
+        self._s.commitments[msg.sender] = msg.self_mask_commitment
+
+    def close_share_keys(self) -> list[str]:
+        """End stage 2. Devices with fewer than ``t - 1`` neighbours that shared keys are
+        excluded (repeatedly, since excluding one can starve another): even if they survived,
+        their self-mask seed could never be reconstructed (own share + ``t - 1``). A device with
+        exactly ``t - 1`` stays in; the round then fails only if it actually drops. Returns the
+        devices that go on to stage 3 (U2)."""
+        self._expect(Stage.SHARE_KEYS, "close_share_keys")
+        t = self._threshold()
+        active = set(self._s.share_messages)
+        changed = True
+        while changed:
+            starving = {u for u in active if len(self._neighbours(u) & active) < t - 1}
+            changed = bool(starving)
+            active -= starving
+        if len(active) < self._s.params.min_devices:
+            raise SecAggError(
+                f"only {len(active)} devices completed key sharing with >= {t - 1} neighbours; the "
+                f"round needs {self._s.params.min_devices}"
+            )
+        self._s.excluded = sorted(set(self._s.share_messages) - active)
+        for u in self._s.excluded:
+            del self._s.commitments[u]
+        mailbox: dict[str, list[EncryptedShare]] = {v: [] for v in sorted(active)}
+        for u in sorted(active):
+            for share in self._s.share_messages[u].shares:
+                if share.recipient in active:
+                    mailbox[share.recipient].append(share)
+        self._s.mailbox = mailbox
+        self._s.share_messages = {}
+        self._s.stage = Stage.MASKED_INPUT
+        return sorted(active)
+
+    # -- stage 3: masked input -------------------------------------------------------------
+
+    def masked_input_request(self, device: str) -> MaskedInputRequest:
+        """The shares relayed to ``device`` (only for devices in U2)."""
+        self._expect(Stage.MASKED_INPUT, "masked_input_request")
+        if device not in self._s.mailbox:
+            raise SecAggError(f"{device!r} did not complete key sharing (or was excluded)")
+        return MaskedInputRequest(
+            round_id=self._s.params.round_id,
+            recipient=device,
+            shares=tuple(self._s.mailbox[device]),
+        )
+
+    def add_masked_input(self, device: str, values: npt.ArrayLike) -> None:
+        """Add a device's masked vector into the running sum (mod ``2**k``)."""
+        self._expect(Stage.MASKED_INPUT, "add_masked_input")
+        if device not in self._s.mailbox:
+            raise SecAggError(f"{device!r} may not send a masked input in this round")
+        if device in self._s.inputs:
+            raise DuplicateInputError(f"{device!r} already sent its masked input")
+        v = check_ring_vector(values, self._s.params)
+        np.add(self._sum, v.astype(self._dtype, copy=False), out=self._sum)
+        self._s.inputs.append(device)
+
+    def add_masked_update(
+        self, device: str, data: bytes | memoryview, *, layout_hash: str, dim: int | None = None
+    ) -> UpdateHeader:
+        """Verify a device's binary masked upload (``wire.pack_update`` body) and add it into
+        the running sum without materialising the vector: the coordinator's usual path.
+
+        Raises a :class:`protocol.wire.WireError` for a malformed upload (nothing is added)."""
+        self._expect(Stage.MASKED_INPUT, "add_masked_update")
+        if device not in self._s.mailbox:
+            raise SecAggError(f"{device!r} may not send a masked input in this round")
+        if device in self._s.inputs:
+            raise DuplicateInputError(f"{device!r} already sent its masked input")
+        p = self._s.params
+        header, body = verify_update(
+            data,
+            expected_round=p.round_id,
+            expected_layout_hash=layout_hash,
+            expected_bits=p.ring_bits,
+            expected_length=p.vector_length,
+            expected_dim=dim,
+        )
+        try:
+            unpack_bits_add(body, p.ring_bits, self._sum)  # validates before adding
+        except CodecError as e:
+            raise BadBodyError(str(e)) from e
+        self._s.inputs.append(device)
+        return header
+
+    def close_masked_input(self) -> UnmaskRequest:
+        """End stage 3: who survived and who dropped, sent to every survivor.
+
+        Fails early (:class:`UnrecoverableError`) when some device in U2 cannot reach t
+        shares among the survivors (only survivors answer the unmask stage)."""
+        self._expect(Stage.MASKED_INPUT, "close_masked_input")
+        survivors = sorted(self._s.inputs)
+        dropped = sorted(set(self._s.mailbox) - set(survivors))
+        need = max(self._threshold(), self._s.params.min_devices)
+        if len(survivors) < need:
+            raise SecAggError(
+                f"only {len(survivors)} masked inputs arrived; the round needs {need}"
+            )
+        self._check_recoverable(set(survivors), set(self._s.mailbox))
+        self._s.unmask_request = UnmaskRequest(
+            round_id=self._s.params.round_id, survivors=tuple(survivors), dropped=tuple(dropped)
+        )
+        self._s.stage = Stage.UNMASK
+        return self._s.unmask_request
+
+    def _check_recoverable(self, holders: set[str], owners: set[str]) -> None:
+        """Every owner needs t shares among ``holders``: its neighbours', plus its own if it
+        is a holder itself (a survivor reveals its own self-mask share)."""
+        t = self._threshold()
+        short = {}
+        for u in sorted(owners):
+            have = len(self._neighbours(u) & holders) + (u in holders)
+            if have < t:
+                short[u] = have
+        if short:
+            detail = ", ".join(f"{u!r} ({h} of {t})" for u, h in list(short.items())[:20])
+            raise UnrecoverableError(
+                f"round {self._s.params.round_id} is unrecoverable: {len(short)} devices have "
+                f"fewer than t={t} neighbours able to reveal their shares: {detail}",
+                short,
+            )
+
+    # -- stage 4: unmask -------------------------------------------------------------------
+
+    def add_unmask_response(self, msg: UnmaskResponse) -> None:
+        """Record a survivor's revealed shares (checked against what it may reveal)."""
+        self._expect(Stage.UNMASK, "add_unmask_response")
+        self._check_round(msg.round_id, "unmask response")
+        req = self._s.unmask_request
+        assert req is not None
+        if msg.sender not in req.survivors:
+            raise SecAggError(f"{msg.sender!r} is not a survivor; its response is refused")
+        old = self._s.responses.get(msg.sender)
+        if old is not None:
+            if old == msg:
+                return
+            raise DuplicateInputError(f"{msg.sender!r} already answered the unmask stage")
+        held_from = (self._neighbours(msg.sender) & set(self._s.mailbox)) | {msg.sender}
+        alive, gone = set(req.survivors), set(req.dropped)
+        for s in msg.self_mask_shares:
+            if s.owner not in held_from or s.owner not in alive:
+                raise SecAggError(f"{msg.sender!r} revealed a self-mask share of {s.owner!r}")
+        for s in msg.key_shares:
+            if s.owner not in held_from or s.owner not in gone:
+                raise SecAggError(f"{msg.sender!r} revealed a key share of {s.owner!r}")
+        self._s.responses[msg.sender] = msg
+
+    def unmask(self, responses: Iterable[UnmaskResponse] = ()) -> npt.NDArray[np.uint32]:
+        """Reconstruct the secrets, remove every mask and return the exact sum mod ``2**k``.
+
+        Raises :class:`UnrecoverableError` naming the devices whose secrets have fewer than
+        t revealed shares, and :class:`SecAggError` if a reconstruction does not match the
+        device's public key or commitment: never a silently wrong sum.
+        """
+        for r in responses:
+            self.add_unmask_response(r)
+        self._expect(Stage.UNMASK, "unmask")
+        req = self._s.unmask_request
+        assert req is not None
+        p = self._s.params
+        t = self._threshold()
+        survivors, dropped = list(req.survivors), list(req.dropped)
+        self_shares: dict[str, list[tuple[int, int]]] = {u: [] for u in survivors}
+        key_shares: dict[str, list[tuple[int, int]]] = {u: [] for u in dropped}
+        for holder in sorted(self._s.responses):
+            x = self._index[holder]
+            for s in self._s.responses[holder].self_mask_shares:
+                self_shares[s.owner].append((x, shamir.share_from_bytes(s.value)))
+            for s in self._s.responses[holder].key_shares:
+                key_shares[s.owner].append((x, shamir.share_from_bytes(s.value)))
+        short = {u: len(v) for u, v in {**self_shares, **key_shares}.items() if len(v) < t}
+        if short:
+            detail = ", ".join(f"{u!r} ({h} of {t})" for u, h in list(short.items())[:20])
+            raise UnrecoverableError(
+                f"round {p.round_id} is unrecoverable: {len(short)} devices have fewer than "
+                f"t={t} revealed shares: {detail}",
+                short,
+            )
+
+        add: list[bytes] = []
+        sub: list[bytes] = []
+        for u in survivors:
+            seed = self._reconstruct(u, self_shares[u], t)
+            if crypto.mask_commitment(p.round_id, u, seed) != self._s.commitments[u]:
+                raise SecAggError(f"reconstructed self-mask seed of {u!r} fails its commitment")
+            sub.append(seed)
+        alive = set(survivors)
+        for u in dropped:
+            sk_raw = self._reconstruct(u, key_shares[u], t)
+            sk = crypto.private_from_bytes(sk_raw)
+            if crypto.public_from_private(sk) != self._s.advertised[u].mask_public_key:
+                raise SecAggError(f"reconstructed mask key of {u!r} fails its public key")
+            for v in sorted(self._neighbours(u) & alive):
+                seed = crypto.derive_pair_key(
+                    sk,
+                    self._s.advertised[v].mask_public_key,
+                    purpose=crypto.PURPOSE_MASK,
+                    round_id=p.round_id,
+                    me=u,
+                    peer=v,
+                )
+                # v added +PRG(s_uv) if v sorts before u, else -PRG(s_uv): take it back out.
+                (sub if self._index[v] < self._index[u] else add).append(seed)
+        total = self._sum.copy()
+        crypto.apply_masks(total, add, sub)
+        out = total.astype(np.uint32)
+        if p.ring_bits < 32:
+            out &= np.uint32((1 << p.ring_bits) - 1)
+        self._sum = out.astype(self._dtype)
+        self._s.stage = Stage.DONE
+        return out
+
+    def result(self) -> npt.NDArray[np.uint32]:
+        """The unmasked sum after :meth:`unmask` (e.g. after a restart)."""
+        self._expect(Stage.DONE, "result")
+        return self._sum.astype(np.uint32)
+
+    @staticmethod
+    def _reconstruct(owner: str, shares: list[tuple[int, int]], t: int) -> bytes:
+        try:
+            return shamir.reconstruct(shares, t)
+        except shamir.ShamirError as e:
+            raise SecAggError(f"cannot reconstruct the secret of {owner!r}: {e}") from e

@@ -1,0 +1,128 @@
+"""t-of-n Shamir secret sharing of 32-byte secrets over the prime field GF(2**521 - 1).
+
+The field is the Mersenne prime ``P = 2**521 - 1`` (a well-known prime, also the modulus of
+NIST P-521). Any 32-byte secret is an integer below ``2**256 < P``, so it embeds without
+reduction. A share is ``(x, f(x))`` for a random polynomial ``f`` of degree ``t - 1`` with
+``f(0) = secret``; ``x`` is the recipient's 1-based index in the round's roster. Any ``t``
+shares determine ``f`` (Lagrange interpolation at 0); ``t - 1`` shares are consistent with
+every secret, so they reveal nothing about it.
+
+Share values travel as ``SHARE_BYTES`` = 66 big-endian bytes.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable, Sequence
+
+__all__ = [
+    "PRIME",
+    "SECRET_BYTES",
+    "SHARE_BYTES",
+    "ShamirError",
+    "reconstruct",
+    "share_from_bytes",
+    "share_to_bytes",
+    "split",
+]
+
+PRIME = (1 << 521) - 1
+SECRET_BYTES = 32
+SHARE_BYTES = (PRIME.bit_length() + 7) // 8  # 66
+
+Share = tuple[int, int]
+RandomBytes = Callable[[int], bytes]
+
+
+class ShamirError(ValueError):
+    """Invalid sharing parameters or an inconsistent set of shares."""
+
+
+def _random_field_element(random_bytes: RandomBytes) -> int:
+    # 80 random bytes reduced mod P: statistical distance from uniform < 2**-118.
+    return int.from_bytes(random_bytes(80), "big") % PRIME
+
+
+def split(
+    secret: bytes,
+    xs: Sequence[int],
+    threshold: int,
+    *,
+    random_bytes: RandomBytes = secrets.token_bytes,
+) -> list[Share]:
+    """Shares ``(x, f(x))`` of ``secret`` for every ``x`` in ``xs`` (distinct, in [1, P)).
+
+    ``threshold`` t: any t shares reconstruct, t - 1 reveal nothing.
+    """
+    if len(secret) != SECRET_BYTES:
+        raise ShamirError(f"secret must have {SECRET_BYTES} bytes, got {len(secret)}")
+    if not 1 <= threshold <= len(xs):
+        raise ShamirError(f"threshold must be in [1, {len(xs)}], got {threshold}")
+    if len(set(xs)) != len(xs) or any(not 0 < x < PRIME for x in xs):
+        raise ShamirError("share points must be distinct and in [1, P)")
+    coeffs = [int.from_bytes(secret, "big")]
+    coeffs += [_random_field_element(random_bytes) for _ in range(threshold - 1)]
+    shares = []
+    for x in xs:
+        y = 0
+        for c in reversed(coeffs):  # Horner
+            y = (y * x + c) % PRIME
+        shares.append((x, y))
+    return shares
+
+
+def _interpolate_at(shares: Sequence[Share], at: int) -> int:
+    """f(at) for the unique polynomial of degree < len(shares) through ``shares``."""
+    total = 0
+    for i, (xi, yi) in enumerate(shares):
+        num, den = 1, 1
+        for j, (xj, _) in enumerate(shares):
+            if i != j:
+                num = num * (at - xj) % PRIME
+                den = den * (xi - xj) % PRIME
+        total = (total + yi * num * pow(den, -1, PRIME)) % PRIME
+    return total
+
+
+def reconstruct(shares: Sequence[Share], threshold: int) -> bytes:
+    """The 32-byte secret from at least ``threshold`` shares.
+
+    Uses the first ``threshold`` shares and checks that every extra share lies on the same
+    polynomial, so an inconsistent set raises :class:`ShamirError` instead of returning a
+    wrong secret. (With exactly ``threshold`` shares no check is possible: callers verify the
+    result against a public commitment.)
+    """
+    if threshold < 1:
+        raise ShamirError(f"threshold must be >= 1, got {threshold}")
+    if len(shares) < threshold:
+        raise ShamirError(f"need {threshold} shares, got {len(shares)}")
+    xs = [x for x, _ in shares]
+    if len(set(xs)) != len(xs):
+        raise ShamirError("duplicate share points")
+    if any(not (0 < x < PRIME and 0 <= y < PRIME) for x, y in shares):
+        raise ShamirError("share out of the field")
+    base = list(shares[:threshold])
+    for x, y in shares[threshold:]:
+        if _interpolate_at(base, x) != y:
+            raise ShamirError(f"share at x={x} is inconsistent with the others")
+    value = _interpolate_at(base, 0)
+    if value >= 1 << (8 * SECRET_BYTES):
+        raise ShamirError("reconstructed value is not a 32-byte secret (wrong or too few shares)")
+    return value.to_bytes(SECRET_BYTES, "big")
+
+
+def share_to_bytes(y: int) -> bytes:
+    """A share value as ``SHARE_BYTES`` big-endian bytes."""
+    if not 0 <= y < PRIME:
+        raise ShamirError("share value out of the field")
+    return y.to_bytes(SHARE_BYTES, "big")
+
+
+def share_from_bytes(data: bytes) -> int:
+    """Inverse of :func:`share_to_bytes` (refuses wrong lengths and values >= P)."""
+    if len(data) != SHARE_BYTES:
+        raise ShamirError(f"share must have {SHARE_BYTES} bytes, got {len(data)}")
+    y = int.from_bytes(data, "big")
+    if y >= PRIME:
+        raise ShamirError("share value out of the field")
+    return y

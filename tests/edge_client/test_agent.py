@@ -1,0 +1,241 @@
+"""The real device agent (ExecuTorch training, secure aggregation, HTTPS) against a real
+coordinator: rounds complete, only encoded updates and scalars leave the device, and faults
+(dropped connection mid-upload, unplugged mid-training, wrong CA, bad token) are handled."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from edge_client.agent import Agent, AgentConfig, NotEnrolled
+from edge_client.datastore import DataStore
+from edge_client.device_state import Conditions, StaticProvider
+from edge_client.transport import ApiError, Transport, TransportError
+from fedkeys.cli import main
+from model_export.data import load_chitchat, split_corpus
+from tests.coordinator.conftest import Server, start_server, stop_server
+from tests.coordinator.test_rounds import setup_task, task_config, wait_round
+
+pytestmark = pytest.mark.slow
+
+READY = Conditions(True, True, True, 90.0, 5000.0, "static")
+
+
+@pytest.fixture(scope="module")
+def user_texts() -> list[list[str]]:
+    fed = split_corpus(load_chitchat())["federated"]
+    users = sorted((u for u in fed if len(fed[u]) >= 60), key=lambda u: -len(fed[u]))[:6]
+    return [[m.text for m in fed[u][:80]] for u in users]
+
+
+def agent_cfg(server: Server, tmp: Path, name: str) -> AgentConfig:
+    return AgentConfig(
+        coordinator=server.url, state_dir=tmp / name, ca=server.ca, enroll_secret=server.enroll_secret,
+        min_examples=10, eval_holdout=10,
+    )
+
+
+class Recorder(httpx.BaseTransport):
+    """Forwards to the real network and keeps every request body the device sends."""
+
+    def __init__(self, ca: Path, fail_first_upload: bool = False) -> None:
+        self.inner = httpx.HTTPTransport(verify=str(ca))
+        self.bodies: list[tuple[str, str, bytes]] = []
+        self.fail_first_upload = fail_first_upload
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        body = request.read()
+        self.bodies.append((request.method, request.url.path, body))
+        response = self.inner.handle_request(request)
+        if self.fail_first_upload and request.url.path.endswith("/update"):
+            self.fail_first_upload = False
+            response.read()
+            raise httpx.ReadError("connection dropped after the body was sent")
+        return response
+
+
+def make_agent(server: Server, tmp: Path, name: str, texts: list[str], rec: Recorder | None = None,
+               provider: StaticProvider | None = None) -> Agent:
+    cfg = agent_cfg(server, tmp, name)
+    transport = Transport(cfg.coordinator, ca=cfg.ca, transport=rec, retries=8, backoff=0.2, max_backoff=2)
+    store = DataStore(cfg.state_dir / "messages.db")
+    store.add(texts)
+    return Agent(cfg, provider or StaticProvider(READY), store=store, transport=transport)
+
+
+def run_agents(agents: list[Agent], rounds: int, timeout: float = 240) -> None:
+    errors: list[BaseException] = []
+
+    def go(a: Agent) -> None:
+        try:
+            a.run(max_rounds=rounds, max_seconds=timeout)
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=go, args=(a,), daemon=True) for a in agents]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout + 30)
+    assert not errors, errors
+
+
+def test_agents_complete_secure_rounds_and_send_no_text(
+    sqlite_server: Server, tiny_bundle_dir: Path, tmp_path: Path, user_texts: list[list[str]]
+) -> None:
+    server = sqlite_server
+    cfg = task_config(clients_per_round=3, over_selection=1.0, min_reports=3, max_rounds=2,
+                      eligibility={"min_examples": 10}, deadlines={"selection": 10, "upload": 60},
+                      codec={"keep_fraction": 0.25, "bits": 8, "clip_norm": 1.0},
+                      training={"local_steps": 3, "lr": 0.1})
+    setup_task(server, tiny_bundle_dir.with_suffix(".tar"), cfg)
+    recs = [Recorder(server.ca) for _ in range(3)]
+    agents = [make_agent(server, tmp_path, f"dev{i}", user_texts[i], recs[i]) for i in range(3)]
+    run_agents(agents, rounds=2)
+    with server.admin() as admin:
+        versions = admin.get("/v1/admin/tasks/kb/versions").json()
+        rounds = admin.get("/v1/admin/tasks/kb/rounds").json()
+    assert [r["outcome"] for r in rounds] == ["committed", "committed"]
+    assert [v["version"] for v in versions] == [0, 1, 2]
+    for a in agents:
+        assert a.model_version == 2
+        assert all(r["completed"] for r in a.stats.rounds)
+        assert (a.cfg.state_dir / "device.json").stat().st_mode & 0o777 == 0o600
+    # nothing but keys, encrypted shares, the encoded masked update and scalars left the devices
+    for rec, texts in zip(recs, user_texts, strict=False):
+        words = {w for t in texts for w in t.lower().split() if len(w) >= 6 and w.isalpha()}
+        assert len(words) > 10
+        for method, path, body in rec.bodies:
+            if path.endswith("/update"):
+                assert body[:4] == b"FKUP" and body[6] == 1  # binary RING update: masked ring elements
+                continue
+            text = body.decode("utf-8", "replace").lower()
+            leaked = [w for w in words if w in text]
+            assert not leaked, (method, path, leaked[:5])
+            if body:
+                json.loads(body)  # every other body is a typed JSON message
+
+
+def test_dropped_connection_mid_upload_is_retried_idempotently(
+    sqlite_server: Server, tiny_bundle_dir: Path, tmp_path: Path, user_texts: list[list[str]]
+) -> None:
+    server = sqlite_server
+    cfg = task_config(clients_per_round=2, over_selection=1.0, min_reports=2, max_rounds=1,
+                      eligibility={"min_examples": 10}, training={"local_steps": 2})
+    setup_task(server, tiny_bundle_dir.with_suffix(".tar"), cfg)
+    flaky = Recorder(server.ca, fail_first_upload=True)
+    agents = [make_agent(server, tmp_path, "a", user_texts[0], flaky), make_agent(server, tmp_path, "b", user_texts[1])]
+    run_agents(agents, rounds=1)
+    rnd = wait_round(server)
+    assert rnd["outcome"] == "committed" and rnd["reported"] == 2
+    uploads = [b for m, p, b in flaky.bodies if p.endswith("/update")]
+    assert len(uploads) == 2 and uploads[0] == uploads[1]  # the same update, sent twice, counted once
+
+
+def test_unplugged_mid_training_leaves_cleanly(
+    sqlite_server: Server, tiny_bundle_dir: Path, tmp_path: Path, user_texts: list[list[str]]
+) -> None:
+    server = sqlite_server
+    cfg = task_config(clients_per_round=2, over_selection=1.5, min_reports=2, max_rounds=1,
+                      eligibility={"min_examples": 10}, deadlines={"upload": 8},
+                      training={"local_steps": 200, "max_seconds": 60})
+    setup_task(server, tiny_bundle_dir.with_suffix(".tar"), cfg)
+    unplug = StaticProvider(READY)
+    agents = [make_agent(server, tmp_path, f"d{i}", user_texts[i]) for i in range(2)]
+    agents.append(make_agent(server, tmp_path, "victim", user_texts[2], provider=unplug))
+    real_train = agents[2].local_train
+    calls: dict[str, Any] = {}
+
+    def unplug_after_start(plan: Any, weights: Any) -> Any:
+        timer = threading.Timer(0.3, lambda: setattr(unplug, "conditions", replace(READY, charging=False)))
+        timer.start()
+        calls["result"] = real_train(plan, weights)
+        return calls["result"]
+
+    agents[2].local_train = unplug_after_start  # type: ignore[method-assign]
+    run_agents(agents, rounds=1, timeout=90)
+    assert calls["result"].report.aborted
+    assert agents[2].stats.rounds and not agents[2].stats.rounds[0]["completed"]
+    rnd = wait_round(server)
+    assert rnd["outcome"] == "committed" and rnd["reported"] == 2
+
+
+def test_wrong_ca_is_refused(sqlite_server: Server, tmp_path: Path) -> None:
+    from coordinator.security import make_dev_certs
+
+    other = make_dev_certs(tmp_path / "other", ["127.0.0.1"])
+    cfg = replace(agent_cfg(sqlite_server, tmp_path, "x"), ca=other.ca_cert)
+    agent = Agent(cfg, StaticProvider(READY), transport=Transport(cfg.coordinator, ca=cfg.ca, retries=1, backoff=0.01))
+    with pytest.raises(TransportError, match="CERTIFICATE_VERIFY_FAILED|certificate verify failed"):
+        agent.enroll()
+    rc = main(["client", "--state-dir", str(tmp_path / "cli"), "enroll", "--coordinator", sqlite_server.url,
+               "--ca", str(other.ca_cert), "--enroll-secret", sqlite_server.enroll_secret])
+    assert rc == 2
+
+
+def test_bad_token_reenrols_or_fails_clearly(sqlite_server: Server, tmp_path: Path, user_texts: list[list[str]]) -> None:
+    agent = make_agent(sqlite_server, tmp_path, "t", user_texts[0])
+    first = agent.enroll()
+    agent.transport.token = "not-a-valid-token"
+    wait, _ = agent.step()  # 401 -> enrols again with the fleet secret
+    assert agent.device_id != first and agent.transport.token != "not-a-valid-token" and wait < 5
+    # without the secret: a clear error, no traceback
+    no_secret = Agent(replace(agent.cfg, enroll_secret=None, state_dir=tmp_path / "n"), StaticProvider(READY))
+    with pytest.raises(NotEnrolled):
+        no_secret.enroll()
+    bad = Transport(sqlite_server.url, ca=sqlite_server.ca, token="bogus", retries=0)
+    with pytest.raises(ApiError) as e:
+        bad.checkin(agent.state(READY))
+    assert e.value.status == 401
+
+
+def test_client_cli_local_data_and_status(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    d = str(tmp_path / "c")
+    assert main(["client", "--state-dir", d, "add-text", "hello", "there"]) == 0
+    f = tmp_path / "m.txt"
+    f.write_text("one\ntwo\n")
+    assert main(["client", "--state-dir", d, "import", str(f)]) == 0
+    assert main(["client", "--state-dir", d, "status"]) == 0
+    out = capsys.readouterr().out
+    status = json.loads(out[out.index("{"):])
+    assert status["local_data"]["messages"] == 3 and status["enrolled"] is False
+    assert main(["client", "--state-dir", d, "import", str(tmp_path / "missing.jsonl")]) == 2
+    assert main(["client", "--state-dir", d, "suggest", "hi"]) == 2  # no model yet: clear error
+
+
+def test_restarted_coordinator_mid_round(tmp_path: Path, tiny_bundle_dir: Path, user_texts: list[list[str]]) -> None:
+    db = f"sqlite:///{tmp_path / 'c.db'}"
+    server = start_server(tmp_path, db)
+    port = int(server.url.rsplit(":", 1)[1])
+    cfg = task_config(clients_per_round=2, over_selection=1.0, min_reports=2, max_rounds=1,
+                      eligibility={"min_examples": 10}, deadlines={"upload": 40, "unmask": 30},
+                      training={"local_steps": 40})
+    setup_task(server, tiny_bundle_dir.with_suffix(".tar"), cfg)
+    agents = [make_agent(server, tmp_path, f"r{i}", user_texts[i]) for i in range(2)]
+    thread = threading.Thread(target=run_agents, args=(agents, 1, 120), daemon=True)
+    thread.start()
+    end = time.time() + 60
+    with server.admin() as admin:
+        while time.time() < end:
+            rounds = admin.get("/v1/admin/tasks/kb/rounds").json()
+            if rounds and rounds[-1]["stage"] in ("masked_input",):
+                break
+            time.sleep(0.05)
+    stop_server(server)
+    restarted = start_server(tmp_path, db, port=port, tls_dir=tmp_path / "tls", admin_token=server.admin_token,
+                             enroll_secret=server.enroll_secret, data_dir=server.data_dir)
+    try:
+        thread.join(150)
+        rnd = wait_round(restarted)
+        assert rnd["outcome"] in ("committed", "failed")
+        for a in agents:
+            assert a.stats.rounds, "agent gave up instead of resuming"
+    finally:
+        stop_server(restarted)

@@ -1,0 +1,60 @@
+"""Transport retries and error mapping, against httpx's MockTransport (no network)."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from edge_client.transport import ApiError, Transport, TransportError
+from protocol._http_models import DeviceState
+
+
+def state() -> DeviceState:
+    return DeviceState(charging=True, idle=True, unmetered=True, battery_pct=90, free_storage_mb=100, client_version="0.1.0")
+
+
+def make(handler, retries: int = 4) -> tuple[Transport, list[float]]:  # type: ignore[no-untyped-def]
+    sleeps: list[float] = []
+    t = Transport("https://coord", token="tok", retries=retries, backoff=0.1, sleep=sleeps.append,
+                  transport=httpx.MockTransport(handler))
+    return t, sleeps
+
+
+def test_retries_5xx_429_and_connection_errors_then_succeeds() -> None:
+    calls = {"n": 0}
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls["n"] += 1
+        assert request.headers["authorization"] == "Bearer tok"
+        if calls["n"] == 1:
+            raise httpx.ConnectError("refused")
+        if calls["n"] == 2:
+            return httpx.Response(503, json={"detail": "busy"})
+        if calls["n"] == 3:
+            return httpx.Response(429, headers={"Retry-After": "7"}, json={"detail": "slow down"})
+        return httpx.Response(200, json={"action": "retry", "retry_after": 3.0})
+
+    t, sleeps = make(handler)
+    r = t.checkin(state())
+    assert r.action == "retry" and r.retry_after == 3.0
+    assert calls["n"] == 4
+    assert 3.5 <= sleeps[2] <= 10.5  # honours Retry-After (with jitter)
+
+
+def test_4xx_is_final_with_reason() -> None:
+    t, sleeps = make(lambda r: httpx.Response(409, json={"detail": "round 3 is in stage 'unmask'"}))
+    with pytest.raises(ApiError) as e:
+        t.status(3)
+    assert e.value.status == 409 and "unmask" in e.value.reason
+    assert sleeps == []
+
+
+def test_gives_up_after_retries() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("down")
+
+    t, sleeps = make(handler, retries=3)
+    with pytest.raises(TransportError, match="4 attempts"):
+        t.plan(1)
+    assert len(sleeps) == 3
+    assert sleeps == sorted(sleeps) or max(sleeps) <= 2  # exponential (jittered) backoff

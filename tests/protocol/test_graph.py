@@ -1,0 +1,78 @@
+"""SecAgg+ neighbour graph: regular, symmetric, deterministic, complete when small."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from protocol.secagg import graph
+from protocol.secagg.graph import GraphError
+
+
+@given(
+    n=st.integers(2, 150),
+    degree=st.one_of(st.none(), st.integers(1, 40)),
+    seed=st.binary(min_size=32, max_size=32),
+)
+@settings(max_examples=60, deadline=None)
+def test_graph_is_regular_symmetric_and_deterministic(
+    n: int, degree: int | None, seed: bytes
+) -> None:
+    devices = [f"dev{i}" for i in range(n)]
+    g = graph.neighbour_graph(devices, seed, degree)
+    k = graph.resolve_degree(n, degree)
+    assert set(g) == set(devices)
+    for u, nbrs in g.items():
+        assert u not in nbrs
+        assert len(nbrs) == k
+        assert all(u in g[v] for v in nbrs)
+    assert graph.neighbour_graph(list(reversed(devices)), seed, degree) == g
+    u = devices[n // 2]
+    assert graph.neighbours_of(u, devices, seed, degree) == g[u]
+
+
+def test_default_degree_and_threshold() -> None:
+    assert [graph.default_degree(n) for n in (2, 3, 5, 10, 50, 100, 200, 1000)] == [
+        1,
+        2,
+        4,
+        8,
+        12,
+        14,
+        16,
+        20,
+    ]
+    for n in (50, 100, 200, 1000):
+        assert graph.default_degree(n) == 2 * math.ceil(math.log2(n))
+    assert graph.default_threshold(14) == 8
+    assert graph.default_threshold(1) == 1
+    with pytest.raises(GraphError):
+        graph.default_degree(1)
+
+
+def test_small_rounds_use_the_complete_graph() -> None:
+    devices = [f"d{i}" for i in range(7)]  # 2 ceil(log2 7) = 6 = n - 1
+    g = graph.neighbour_graph(devices, bytes(32))
+    assert all(len(v) == 6 for v in g.values())
+    g8 = graph.neighbour_graph([*devices, "d7"], bytes(32))  # from 8 devices: sparse
+    assert all(len(v) == 6 for v in g8.values())
+
+
+def test_seed_changes_the_graph() -> None:
+    devices = [f"d{i}" for i in range(100)]
+    a = graph.neighbour_graph(devices, bytes(32))
+    b = graph.neighbour_graph(devices, b"\x01" * 32)
+    assert a != b
+    assert graph.default_degree(100) == 14 and all(len(v) == 14 for v in a.values())
+
+
+def test_invalid_graphs() -> None:
+    with pytest.raises(GraphError):
+        graph.neighbour_graph(["a", "a", "b"], bytes(32))
+    with pytest.raises(GraphError):
+        graph.resolve_degree(10, 0)
+    with pytest.raises(GraphError):
+        graph.neighbours_of("z", ["a", "b"], bytes(32))
