@@ -397,7 +397,7 @@ def encode(
     ``rng`` supplies the stochastic-rounding dither only (local, not secret). ``num_examples``
     sets the weight ``min(num_examples, weight_cap) / weight_cap`` (0 contributes nothing).
     """
-    k = ring_bits(params)  # validates the parameter set before doing any work
+    ring_bits(params)  # refuses a parameter set whose sums could overflow, before any work
     x = _as_float_vector(delta, check_finite=False)  # _l2_norm refuses NaN/Inf
     if num_examples < 0:
         raise CodecError(f"num_examples must be >= 0, got {num_examples}")
@@ -414,10 +414,7 @@ def encode(
     # float32 resolves a fraction of a level up to 16 bits; wider quantizers need float64
     work: type[np.floating[Any]] = np.float32 if params.bits <= 16 else np.float64
     gain = factor * levels / (2.0 * r)
-    if params.rotate:
-        t = _rotate_scaled(x, params, gain, work)
-    else:
-        t = np.multiply(x, work(gain), dtype=work)
+    t = _rotate_scaled(x, params, gain, work) if params.rotate else np.multiply(x, work(gain), dtype=work)
     idx = kept_indices(params, d)
     if idx.shape[0] < t.shape[0]:
         t = t[idx]
@@ -433,8 +430,7 @@ def encode(
     up = rng.random(t.shape[0], dtype=work) < t
     out = np.empty(t.shape[0] + 1, dtype=np.uint32)
     np.add(floor, up, out=out[:-1], casting="unsafe")
-    out[-1] = weight
-    assert k <= MAX_RING_BITS  # values are < 2**b <= 2**k by construction
+    out[-1] = weight  # every slot is < 2**b or <= weight_cap, hence < 2**ring_bits
     return EncodedUpdate(values=out, norm=norm, clipped=clipped, saturated=saturated, weight=weight)
 
 
@@ -708,9 +704,7 @@ def unpack_bits(data: bytes | memoryview, bits: int, m: int) -> RingVec:
     return out
 
 
-def unpack_bits_add(
-    data: bytes | memoryview, bits: int, acc: npt.NDArray[np.unsignedinteger[Any]]
-) -> None:
+def unpack_bits_add(data: bytes | memoryview, bits: int, acc: npt.NDArray[np.unsignedinteger[Any]]) -> None:
     """``acc += unpack_bits(data, bits, len(acc))`` modulo the width of ``acc``'s dtype,
     chunk by chunk: no vector-sized temporary (what a server adding uploads needs). The
     buffer is fully validated (size, padding bits) before ``acc`` is touched."""

@@ -450,15 +450,11 @@ def peek_header(data: bytes | memoryview) -> UpdateHeader:
     buf = memoryview(data).cast("B")
     if len(buf) < HEADER_SIZE:
         raise TruncatedError(f"update has {len(buf)} bytes, the header alone needs {HEADER_SIZE}")
-    magic, version, kind, bits, round_id, layout, keep, length, dim, crc = _HEADER.unpack(
-        buf[:HEADER_SIZE]
-    )
+    magic, version, kind, bits, round_id, layout, keep, length, dim, crc = _HEADER.unpack(buf[:HEADER_SIZE])
     if magic != MAGIC:
         raise BadMagicError(f"bad magic {bytes(magic)!r}, expected {MAGIC!r}")
     if version != WIRE_VERSION:
-        raise UnknownVersionError(
-            f"update format version {version}, this code speaks {WIRE_VERSION}"
-        )
+        raise UnknownVersionError(f"update format version {version}, this code speaks {WIRE_VERSION}")
     try:
         kind_enum = UpdateKind(kind)
     except ValueError as e:
@@ -507,9 +503,7 @@ def _parse(
     if expected_bits is not None and header.bits != expected_bits:
         raise BadHeaderError(f"update has {header.bits}-bit elements, expected {expected_bits}")
     if expected_length is not None and header.length != expected_length:
-        raise LengthMismatchError(
-            f"update has {header.length} elements, expected {expected_length}"
-        )
+        raise LengthMismatchError(f"update has {header.length} elements, expected {expected_length}")
     if expected_dim is not None and header.dim != expected_dim:
         raise LengthMismatchError(f"update dimension {header.dim}, expected {expected_dim}")
     if kind is UpdateKind.DENSE_F32 and header.length != header.dim:

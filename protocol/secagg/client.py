@@ -124,9 +124,7 @@ class SecAggClient:
         return self._s.model_dump_json().encode()
 
     @classmethod
-    def from_bytes(
-        cls, data: bytes, *, random_bytes: RandomBytes = secrets.token_bytes
-    ) -> SecAggClient:
+    def from_bytes(cls, data: bytes, *, random_bytes: RandomBytes = secrets.token_bytes) -> SecAggClient:
         try:
             state = _ClientState.model_validate_json(data)
         except ValidationError as e:
@@ -212,9 +210,7 @@ class SecAggClient:
         mine = [a for a in roster.devices if a.device == me]
         if not mine or mine[0] != self._advertisement():
             raise SecAggError("the roster does not carry this device's advertised keys")
-        keys = [a.cipher_public_key for a in roster.devices] + [
-            a.mask_public_key for a in roster.devices
-        ]
+        keys = [a.cipher_public_key for a in roster.devices] + [a.mask_public_key for a in roster.devices]
         if len(set(keys)) != len(keys):
             raise SecAggError("the roster repeats a public key")
         degree, threshold = resolve_graph(p, len(roster.devices))
@@ -317,13 +313,10 @@ class SecAggClient:
                 my_x,
             ):
                 raise SecAggError(f"share bundle from {enc.sender!r} has wrong metadata")
-            held[enc.sender] = _HeldShares(
-                self_mask_share=plain.self_mask_share, key_share=plain.key_share
-            )
+            held[enc.sender] = _HeldShares(self_mask_share=plain.self_mask_share, key_share=plain.key_share)
         if len(held) < threshold - 1:  # with its own share, t - 1 could still unmask it
             raise SecAggError(
-                f"only {len(held)} neighbours of {me!r} completed key sharing; the threshold is "
-                f"{threshold}"
+                f"only {len(held)} neighbours of {me!r} completed key sharing; the threshold is {threshold}"
             )
 
         plus: list[bytes] = [self._s.self_mask_seed]
@@ -350,9 +343,7 @@ class SecAggClient:
         same request (idempotent retries); a different request is refused.
         """
         p = self._s.params
-        request = UnmaskRequest(
-            round_id=p.round_id, survivors=tuple(survivors), dropped=tuple(dropped)
-        )
+        request = UnmaskRequest(round_id=p.round_id, survivors=tuple(survivors), dropped=tuple(dropped))
         if self._s.stage is Stage.DONE and self._s.unmask_response is not None:
             if self._s.unmask_request is not None and (
                 set(request.survivors),
@@ -367,9 +358,7 @@ class SecAggClient:
         roster_ids = {a.device for a in self._s.roster.devices}
         unknown = (alive | gone) - roster_ids
         if unknown:
-            raise SecAggError(
-                f"unmask request names devices outside the roster: {sorted(unknown)[:5]}"
-            )
+            raise SecAggError(f"unmask request names devices outside the roster: {sorted(unknown)[:5]}")
         if me not in alive:
             raise SecAggError(f"{me!r} sent its masked input but is not listed as a survivor")
         _, threshold = resolve_graph(p, len(self._s.roster.devices))

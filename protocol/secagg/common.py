@@ -85,9 +85,7 @@ def resolve_graph(params: SecAggParams, n: int) -> tuple[int, int]:
         raise SecAggError(str(e)) from e
     threshold = params.threshold if params.threshold is not None else default_threshold(degree)
     if threshold > degree:
-        raise SecAggError(
-            f"threshold {threshold} exceeds the neighbourhood size {degree} for {n} devices"
-        )
+        raise SecAggError(f"threshold {threshold} exceeds the neighbourhood size {degree} for {n} devices")
     return degree, threshold
 
 

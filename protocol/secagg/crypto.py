@@ -93,9 +93,7 @@ def private_from_bytes(raw: bytes) -> X25519PrivateKey:
 
 
 def public_from_private(private: X25519PrivateKey) -> bytes:
-    return private.public_key().public_bytes(
-        serialization.Encoding.Raw, serialization.PublicFormat.Raw
-    )
+    return private.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
 
 def _ids(a: str, b: str) -> bytes:
@@ -134,14 +132,7 @@ def derive_pair_key(
 def share_associated_data(round_id: int, sender: str, recipient: str) -> bytes:
     """AES-GCM associated data of a share ciphertext (direction matters: not sorted)."""
     s, r = sender.encode(), recipient.encode()
-    return (
-        _LABEL
-        + b"share/"
-        + struct.pack(">QH", round_id, len(s))
-        + s
-        + struct.pack(">H", len(r))
-        + r
-    )
+    return _LABEL + b"share/" + struct.pack(">QH", round_id, len(s)) + s + struct.pack(">H", len(r)) + r
 
 
 def encrypt_share(
@@ -196,9 +187,7 @@ def prg(seed: bytes, length: int, bits: int) -> RingArray:
     return np.frombuffer(stream, dtype=dtype).copy()
 
 
-def apply_masks(
-    acc: RingArray, add_seeds: Sequence[bytes], sub_seeds: Sequence[bytes] = ()
-) -> None:
+def apply_masks(acc: RingArray, add_seeds: Sequence[bytes], sub_seeds: Sequence[bytes] = ()) -> None:
     """In place: ``acc += sum(prg(a)) - sum(prg(s))`` modulo ``2**(8 * itemsize)``.
 
     ``acc`` is a 1-D array of the ring word dtype (see :func:`ring_dtype`). All streams are

@@ -328,9 +328,7 @@ class SecAggServer:
         dropped = sorted(set(self._s.mailbox) - set(survivors))
         need = max(self._threshold(), self._s.params.min_devices)
         if len(survivors) < need:
-            raise SecAggError(
-                f"only {len(survivors)} masked inputs arrived; the round needs {need}"
-            )
+            raise SecAggError(f"only {len(survivors)} masked inputs arrived; the round needs {need}")
         self._check_recoverable(set(survivors), set(self._s.mailbox))
         self._s.unmask_request = UnmaskRequest(
             round_id=self._s.params.round_id, survivors=tuple(survivors), dropped=tuple(dropped)

@@ -60,18 +60,14 @@ def run_round(
         if serialise:
             server = SecAggServer.from_bytes(server.to_bytes())
             for dev, c in list(log.clients.items()):
-                log.clients[dev] = SecAggClient.from_bytes(
-                    c.to_bytes(), random_bytes=det_random(dev)
-                )
+                log.clients[dev] = SecAggClient.from_bytes(c.to_bytes(), random_bytes=det_random(dev))
         log.server = server
         return server
 
     server = SecAggServer(params)
     log.server = server
     for dev in sorted(inputs):
-        log.clients[dev] = SecAggClient(
-            dev, params, random_bytes=det_random(f"{dev}/{params.round_id}")
-        )
+        log.clients[dev] = SecAggClient(dev, params, random_bytes=det_random(f"{dev}/{params.round_id}"))
     for dev, c in log.clients.items():
         if alive(dev, ADVERTISE):
             server.add_advertisement(c.advertise_keys())

@@ -55,9 +55,7 @@ def test_headroom_refusal_and_invalid_parameters() -> None:
     with pytest.raises(CodecError, match="more than 32"):
         codec.ring_bits(_params(bits=24, max_clients=1 << 9))
     with pytest.raises(CodecError, match="more than 32"):
-        codec.encode(
-            np.zeros(4, np.float32), _params(bits=20, max_clients=5000), np.random.default_rng()
-        )
+        codec.encode(np.zeros(4, np.float32), _params(bits=20, max_clients=5000), np.random.default_rng())
     for bad in (
         {"bits": 0},
         {"bits": 25},
@@ -183,9 +181,7 @@ def test_kept_subset_is_uniform_over_seeds() -> None:
     seed=st.integers(0, 2**32),
 )
 @settings(max_examples=60, deadline=None)
-def test_plain_quantization_error_is_below_one_level(
-    d: int, bits: int, scale: float, seed: int
-) -> None:
+def test_plain_quantization_error_is_below_one_level(d: int, bits: int, scale: float, seed: int) -> None:
     """rotate=False, p=1, range covering the clipped vector: |error| <= Delta per coordinate."""
     p = _params(rotate=False, bits=bits, clip_norm=1.0, range_factor=math.sqrt(d), seed=seed)
     rng = np.random.default_rng(seed)
@@ -367,9 +363,7 @@ def test_topk_clip_and_weighted_mean() -> None:
     ref = (codec.topk_decode(a) * 1 + codec.topk_decode(b) * 3) / 4
     np.testing.assert_allclose(mean, ref)
     with pytest.raises(CodecError):
-        codec.topk_decode(
-            codec.SparseUpdate(np.array([2, 1], np.uint32), np.ones(2, np.float32), 4)
-        )
+        codec.topk_decode(codec.SparseUpdate(np.array([2, 1], np.uint32), np.ones(2, np.float32), 4))
 
 
 # ---------------------------------------------------------------------------------------
@@ -393,9 +387,7 @@ def test_pack_layout_known_answers() -> None:
     # 12 bits: low bytes 0xBC 0x23, then one group of 4-bit highs 0xA | 0x1 << 4 in 4 bytes
     v = np.array([0xABC, 0x123], np.uint32)
     assert codec.pack_bits(v, 12) == bytes([0xBC, 0x23, 0x1A, 0, 0, 0])
-    assert codec.pack_bits(np.array([1, 0, 1, 1, 0, 0, 0, 1, 1], np.uint32), 1) == bytes(
-        [0b10001101, 0b1]
-    )
+    assert codec.pack_bits(np.array([1, 0, 1, 1, 0, 0, 0, 1, 1], np.uint32), 1) == bytes([0b10001101, 0b1])
     assert codec.pack_bits(np.array([0x123456], np.uint32), 24) == bytes([0x56, 0x34, 0x12])
     assert codec.pack_bits(np.array([0xDEADBEEF], np.uint32), 32) == bytes.fromhex("efbeadde")
 

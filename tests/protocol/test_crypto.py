@@ -38,9 +38,7 @@ def test_pair_keys_agree_and_bind_round_ids_and_purpose() -> None:
     }
     assert k_ab not in variants and len(variants) == 4
     with pytest.raises(ValueError, match="with itself"):
-        crypto.derive_pair_key(
-            a.private, b.public_bytes, purpose=b"x", round_id=1, me="a", peer="a"
-        )
+        crypto.derive_pair_key(a.private, b.public_bytes, purpose=b"x", round_id=1, me="a", peer="a")
     with pytest.raises(ValueError, match="low-order"):  # all-zero shared secret
         crypto.derive_pair_key(a.private, bytes(32), purpose=b"x", round_id=1, me="a", peer="b")
 
@@ -49,10 +47,7 @@ def test_share_encryption_rejects_tampering_and_misbinding() -> None:
     key = bytes(range(32))
     nonce = bytes(12)
     ct = crypto.encrypt_share(key, nonce, b"secret share", round_id=5, sender="u", recipient="v")
-    assert (
-        crypto.decrypt_share(key, nonce, ct, round_id=5, sender="u", recipient="v")
-        == b"secret share"
-    )
+    assert crypto.decrypt_share(key, nonce, ct, round_id=5, sender="u", recipient="v") == b"secret share"
     for i in range(len(ct)):
         bad = bytearray(ct)
         bad[i] ^= 0x01

@@ -18,9 +18,7 @@ from protocol.secagg.graph import GraphError
     seed=st.binary(min_size=32, max_size=32),
 )
 @settings(max_examples=60, deadline=None)
-def test_graph_is_regular_symmetric_and_deterministic(
-    n: int, degree: int | None, seed: bytes
-) -> None:
+def test_graph_is_regular_symmetric_and_deterministic(n: int, degree: int | None, seed: bytes) -> None:
     devices = [f"dev{i}" for i in range(n)]
     g = graph.neighbour_graph(devices, seed, degree)
     k = graph.resolve_degree(n, degree)

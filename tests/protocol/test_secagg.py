@@ -46,9 +46,7 @@ def _params(n_len: int, bits: int, **kw: object) -> SecAggParams:
 
 def _inputs(devices: list[str], length: int, bits: int, seed: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
-    return {
-        d: rng.integers(0, 1 << bits, length, dtype=np.uint64).astype(np.uint32) for d in devices
-    }
+    return {d: rng.integers(0, 1 << bits, length, dtype=np.uint64).astype(np.uint32) for d in devices}
 
 
 def _expected_outcome(
@@ -89,9 +87,7 @@ def rounds(draw: st.DrawFn) -> tuple[SecAggParams, list[str], dict[str, int], in
     threshold = draw(st.one_of(st.none(), st.integers(1, 6)))
     devices = [f"d{i}" for i in range(n)]
     # mostly completing devices, some dropping at each stage
-    stops = {
-        d: draw(st.sampled_from([COMPLETE] * 4 + [ADVERTISE, SHARE, MASK, UNMASK])) for d in devices
-    }
+    stops = {d: draw(st.sampled_from([COMPLETE] * 4 + [ADVERTISE, SHARE, MASK, UNMASK])) for d in devices}
     params = _params(length, bits, degree=degree, threshold=threshold)
     return params, devices, stops, draw(st.integers(0, 2**16))
 
@@ -293,9 +289,7 @@ def test_tampered_relayed_ciphertext_is_rejected() -> None:
     readdressed = MaskedInputRequest(
         round_id=req.round_id,
         recipient="d3",
-        shares=tuple(
-            s.model_copy(update={"recipient": "d3"}) for s in req.shares if s.sender != "d3"
-        ),
+        shares=tuple(s.model_copy(update={"recipient": "d3"}) for s in req.shares if s.sender != "d3"),
     )
     with pytest.raises(DecryptionError):
         clients["d3"].masked_input(x, readdressed)
@@ -313,9 +307,7 @@ def test_corrupted_revealed_share_never_gives_a_wrong_sum() -> None:
     s0 = r0.self_mask_shares[0]
     wrong = bytes(65) + bytes([s0.value[-1] ^ 1])
     responses[0] = r0.model_copy(
-        update={
-            "self_mask_shares": (s0.model_copy(update={"value": wrong}), *r0.self_mask_shares[1:])
-        }
+        update={"self_mask_shares": (s0.model_copy(update={"value": wrong}), *r0.self_mask_shares[1:])}
     )
     with pytest.raises(SecAggError, match="reconstruct"):
         server.unmask(responses)
@@ -333,9 +325,7 @@ def test_devices_left_with_too_few_sharing_neighbours_are_excluded() -> None:
     total = run_round(params, inputs, stops, log=log)
     assert log.server is not None and victim in log.server.excluded
     assert victim not in log.survivors
-    np.testing.assert_array_equal(
-        total, codec.ring_sum([inputs[d] for d in log.survivors], params.ring_bits)
-    )
+    np.testing.assert_array_equal(total, codec.ring_sum([inputs[d] for d in log.survivors], params.ring_bits))
 
 
 def test_server_state_survives_a_restart_mid_round() -> None:
@@ -424,9 +414,7 @@ def test_end_to_end_mean_from_float_updates() -> None:
     rng = np.random.default_rng(0)
     deltas = {f"d{i}": rng.normal(0, 0.05, d).astype(np.float32) for i in range(n)}
     counts = {f"d{i}": i % 5 + 1 for i in range(n)}
-    encoded = {
-        k: codec.encode(v, cp, rng, num_examples=counts[k]).values for k, v in deltas.items()
-    }
+    encoded = {k: codec.encode(v, cp, rng, num_examples=counts[k]).values for k, v in deltas.items()}
     stops = {"d3": MASK}
     total = run_round(params, encoded, stops)
     alive = [k for k in deltas if k != "d3"]

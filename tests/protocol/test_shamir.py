@@ -46,9 +46,7 @@ def test_field_is_the_mersenne_prime_and_holds_32_byte_secrets() -> None:
     data=st.data(),
 )
 @settings(max_examples=80, deadline=None)
-def test_any_t_shares_reconstruct_and_t_minus_1_do_not(
-    secret: bytes, n: int, data: st.DataObject
-) -> None:
+def test_any_t_shares_reconstruct_and_t_minus_1_do_not(secret: bytes, n: int, data: st.DataObject) -> None:
     t = data.draw(st.integers(1, n))
     xs = data.draw(st.lists(st.integers(1, 10_000), min_size=n, max_size=n, unique=True))
     shares = shamir.split(secret, xs, t)

@@ -95,18 +95,14 @@ def test_ring_roundtrip(bits: int, length: int, seed: int) -> None:
 
 def test_header_layout_is_as_documented() -> None:
     data, _ = _ring(13, 20)
-    magic, version, kind, bits, rnd, lh, keep, length, dim, crc = struct.unpack(
-        "<4sHBBQ32sdIII", data[:68]
-    )
+    magic, version, kind, bits, rnd, lh, keep, length, dim, crc = struct.unpack("<4sHBBQ32sdIII", data[:68])
     assert (magic, version, kind, bits, rnd) == (b"FKUP", 1, 1, 13, 9)
     assert (lh.hex(), keep, length, dim) == (HASH, 0.5, 20, D)
     assert crc == zlib.crc32(data[68:], zlib.crc32(data[:64]))
 
 
 def test_sparse_and_dense_roundtrip() -> None:
-    upd = codec.SparseUpdate(
-        np.array([1, 5, 42], np.uint32), np.array([0.5, -1.0, 2.0], np.float32), D
-    )
+    upd = codec.SparseUpdate(np.array([1, 5, 42], np.uint32), np.array([0.5, -1.0, 2.0], np.float32), D)
     h = UpdateHeader(
         kind=UpdateKind.SPARSE_F32,
         bits=32,
@@ -123,9 +119,7 @@ def test_sparse_and_dense_roundtrip() -> None:
     x = np.linspace(-1, 1, D, dtype=np.float32)
     hd = h.model_copy(update={"kind": UpdateKind.DENSE_F32, "length": D, "keep_fraction": 1.0})
     dense = wire.pack_dense_update(hd, x)
-    _, xb = wire.unpack_dense_update(
-        dense, expected_round=9, expected_layout_hash=HASH, expected_dim=D
-    )
+    _, xb = wire.unpack_dense_update(dense, expected_round=9, expected_layout_hash=HASH, expected_dim=D)
     np.testing.assert_array_equal(xb, x)
     with pytest.raises(UnexpectedKindError):
         _unpack(dense)
@@ -239,9 +233,7 @@ def test_bad_sparse_indices_are_refused() -> None:
         with pytest.raises(BadBodyError):
             wire.unpack_sparse_update(_reframe(buf), expected_round=9, expected_layout_hash=HASH)
     with pytest.raises(BadBodyError):
-        wire.pack_sparse_update(
-            h, codec.SparseUpdate(np.array([7, 3], np.uint32), np.ones(2, np.float32), D)
-        )
+        wire.pack_sparse_update(h, codec.SparseUpdate(np.array([7, 3], np.uint32), np.ones(2, np.float32), D))
 
 
 def test_pack_checks_header_against_values() -> None:
@@ -274,9 +266,7 @@ def test_messages_roundtrip_through_json_with_base64_bytes() -> None:
     js = adv.model_dump_json()
     assert "AQEBAQEB" in js  # base64 of 0x01 bytes
     assert AdvertiseKeys.model_validate_json(js) == adv
-    roster = ShareKeysRequest(
-        round_id=1, devices=(_adv("a", 1), _adv("b", 3)), degree=1, threshold=1
-    )
+    roster = ShareKeysRequest(round_id=1, devices=(_adv("a", 1), _adv("b", 3)), degree=1, threshold=1)
     assert ShareKeysRequest.model_validate_json(roster.model_dump_json()) == roster
     resp = UnmaskResponse(
         round_id=1,
@@ -289,9 +279,7 @@ def test_messages_roundtrip_through_json_with_base64_bytes() -> None:
 
 def test_messages_refuse_invalid_fields() -> None:
     with pytest.raises(ValidationError, match="exactly 32 bytes"):
-        AdvertiseKeys(
-            round_id=1, device="a", cipher_public_key=b"x" * 31, mask_public_key=b"y" * 32
-        )
+        AdvertiseKeys(round_id=1, device="a", cipher_public_key=b"x" * 31, mask_public_key=b"y" * 32)
     with pytest.raises(ValidationError):
         AdvertiseKeys.model_validate_json(
             '{"round_id":1,"device":"a","cipher_public_key":"!!","mask_public_key":"!!"}'
