@@ -7,7 +7,7 @@ Device-facing request/response models are part of the contract and live in
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -144,7 +144,8 @@ class TaskPublic(BaseModel):
 
 
 class RoundPublic(BaseModel):
-    number: int
+    id: int  # what devices see as round_id
+    number: int  # 1, 2, ... within the task
     kind: str
     stage: str
     outcome: str | None
@@ -158,7 +159,7 @@ class RoundPublic(BaseModel):
     bytes_out: int
     created_at: datetime
     finished_at: datetime | None
-    metrics: dict[str, float | int | str | None]
+    metrics: dict[str, Any]
 
 
 class VersionPublic(BaseModel):
@@ -169,4 +170,4 @@ class VersionPublic(BaseModel):
     created_at: datetime
     weights_sha256: str
     predict_published: bool
-    metrics: dict[str, float | int | str | None]
+    metrics: dict[str, Any]

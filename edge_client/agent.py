@@ -33,8 +33,8 @@ from edge_client.datastore import DataStore
 from edge_client.device_state import Conditions, StateProvider
 from edge_client.participation import Aborted, LocalResult, RoundOutcome, WeightsCache, run_round
 from edge_client.transport import ApiError, Transport, TransportError
-from protocol._http_models import DeviceState, EnrollRequest, EvalCounts, RoundPlan, TrainReport
 from protocol.layout import FloatVec
+from protocol.wire import DeviceState, EnrollRequest, EvalCounts, RoundPlan, TrainReport
 
 __all__ = ["CLIENT_VERSION", "Agent", "AgentConfig", "NotEnrolled"]
 
@@ -287,6 +287,13 @@ class Agent:
         return LocalResult(trainer.get_weights() - weights, len(msgs), report)
 
     def train_round(self, round_id: int) -> dict[str, Any]:
+        up, down = self.stats.bytes_up, self.stats.bytes_down
+        out = self._train_round(round_id)
+        out["bytes_up"] = self.stats.bytes_up - up
+        out["bytes_down"] = self.stats.bytes_down - down
+        return out
+
+    def _train_round(self, round_id: int) -> dict[str, Any]:
         device = self.device_id or ""
         try:
             out: RoundOutcome = run_round(

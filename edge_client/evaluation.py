@@ -13,7 +13,7 @@ import numpy as np
 from edge_client.runtime import Predictor
 from edge_client.text import targets
 from edge_client.tokenizer import BOS_ID, EOS_ID
-from protocol._http_models import EvalCounts
+from protocol.wire import EvalCounts
 
 __all__ = ["evaluate_messages"]
 

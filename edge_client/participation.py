@@ -18,12 +18,20 @@ import numpy as np
 import numpy.typing as npt
 
 from edge_client.transport import ApiError, Transport
-from protocol._http_models import RoundPlan, RoundStatus, TrainReport
 from protocol.codec import encode
 from protocol.delta import DeltaError, xor_undelta
 from protocol.layout import FloatVec
 from protocol.secagg.client import SecAggClient
-from protocol.wire import Stage, UpdateHeader, UpdateKind, pack_dense_update, pack_update
+from protocol.wire import (
+    RoundPlan,
+    RoundStatus,
+    Stage,
+    TrainReport,
+    UpdateHeader,
+    UpdateKind,
+    pack_dense_update,
+    pack_update,
+)
 
 __all__ = ["Aborted", "LocalResult", "RoundOutcome", "TrainFn", "WeightsCache", "run_round"]
 

@@ -18,22 +18,20 @@ from typing import Any, TypeVar
 import httpx
 from pydantic import BaseModel
 
-from protocol._http_models import (
+from protocol.wire import (
+    AdvertiseKeys,
     CheckinRequest,
     CheckinResponse,
     DeviceState,
     EnrollRequest,
     EnrollResponse,
     EvalCounts,
+    MaskedInputRequest,
     RoundPlan,
     RoundStatus,
-    TrainReport,
-)
-from protocol.wire import (
-    AdvertiseKeys,
-    MaskedInputRequest,
     ShareKeys,
     ShareKeysRequest,
+    TrainReport,
     UnmaskRequest,
     UnmaskResponse,
 )

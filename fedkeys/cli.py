@@ -53,9 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_suggest(sub)
     from coordinator.cli import add_parser as add_coordinator
     from edge_client.cli import add_parser as add_client
+    from simulator.cli import add_parser as add_simulate
 
     add_coordinator(sub)
     add_client(sub)
+    add_simulate(sub)
     return parser
 
 
@@ -156,9 +158,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         from coordinator.cli import run as handler
     elif args.command == "client":
         from edge_client.cli import run as handler
+    elif args.command == "simulate":
+        from simulator.cli import run as handler
     else:
         handler = handlers[(args.command, getattr(args, "action", None))]
-    user_errors: tuple[type[Exception], ...] = (UsageError, BundleError, CliError, ClientError)
+    from simulator.cli import SimError
+
+    user_errors: tuple[type[Exception], ...] = (UsageError, BundleError, CliError, ClientError, SimError)
     if args.command == "export":
         from model_export.data import CorpusError
 

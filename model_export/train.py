@@ -132,14 +132,18 @@ def train_lm(
     teacher: TransformerLM | None = None,
     checkpoint: Path | None = None,
     progress: Callable[[int, int, str], None] | None = None,
+    init: dict[str, Tensor] | None = None,
 ) -> TrainResult:
-    """Train a model from scratch (or resume ``checkpoint``); keeps the best validation state.
+    """Train a model from scratch, or from ``init`` (fine-tuning), or resume ``checkpoint``;
+    keeps the best validation state.
 
     ``progress(step, total, status)`` is called after every step (for a progress bar).
     """
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     lm = TransformerLM(model_cfg)
+    if init is not None:
+        lm.load_state_dict(init)
     decay = [p for n, p in lm.named_parameters() if p.dim() >= 2 and "emb" not in n]
     no_decay = [p for n, p in lm.named_parameters() if p.dim() < 2 or "emb" in n]
     opt = torch.optim.AdamW(

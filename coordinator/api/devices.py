@@ -19,21 +19,19 @@ from coordinator.api.deps import (
 )
 from coordinator.services import rounds
 from coordinator.services.devices import authenticate, enroll
-from protocol._http_models import (
+from protocol.wire import (
+    AdvertiseKeys,
     CheckinRequest,
     CheckinResponse,
     EnrollRequest,
     EnrollResponse,
     EvalCounts,
+    MaskedInputRequest,
     RoundPlan,
     RoundStatus,
-    TrainReport,
-)
-from protocol.wire import (
-    AdvertiseKeys,
-    MaskedInputRequest,
     ShareKeys,
     ShareKeysRequest,
+    TrainReport,
     UnmaskRequest,
     UnmaskResponse,
 )

@@ -47,26 +47,24 @@ from coordinator.db.models import (
 from coordinator.observability import Metrics, log_event
 from coordinator.schemas import TaskConfig
 from coordinator.services.storage import ArtifactStore
-from protocol._http_models import (
-    ArtifactRef,
-    CheckinResponse,
-    DeviceState,
-    EvalCounts,
-    RoundPlan,
-    RoundStatus,
-    TrainingPlan,
-    TrainReport,
-)
 from protocol.codec import CodecParams, encoded_length, ring_bits
 from protocol.secagg.common import SecAggError, secagg_params_for
 from protocol.secagg.server import SecAggServer
 from protocol.wire import (
     AdvertiseKeys,
+    ArtifactRef,
+    CheckinResponse,
+    DeviceState,
+    EvalCounts,
     MaskedInputRequest,
+    RoundPlan,
+    RoundStatus,
     SecAggParams,
     ShareKeys,
     ShareKeysRequest,
     Stage,
+    TrainingPlan,
+    TrainReport,
     UnmaskRequest,
     UnmaskResponse,
     UpdateKind,
@@ -487,7 +485,11 @@ def _lock(session: Session, round_id: int) -> Round:
 
 def _set_stage(ctx: RoundContext, rnd: Round, stage: str, seconds: float) -> None:
     now = ctx.now()
-    ctx.metrics.stage_seconds.labels(rnd.stage).observe((now - _utc(rnd.stage_started_at)).total_seconds())
+    took = (now - _utc(rnd.stage_started_at)).total_seconds()
+    ctx.metrics.stage_seconds.labels(rnd.stage).observe(took)
+    timings = dict(rnd.metrics.get("stage_seconds", {}))
+    timings[rnd.stage] = round(took, 3)
+    rnd.metrics = {**rnd.metrics, "stage_seconds": timings}
     rnd.stage = stage
     rnd.stage_started_at = now
     rnd.stage_deadline = now + timedelta(seconds=seconds)
@@ -519,12 +521,16 @@ def _participants(session: Session, round_id: int) -> list[Participant]:
     )
 
 
-def _drop_missing(session: Session, round_id: int, keep: set[str]) -> None:
-    """Every participant of the round not in ``keep`` is dropped."""
-    stmt = update(Participant).where(Participant.round_id == round_id)
+def _drop_missing(session: Session, rnd: Round, keep: set[str]) -> None:
+    """Every live participant of the round not in ``keep`` is dropped (counted per stage)."""
+    stmt = update(Participant).where(Participant.round_id == rnd.id, Participant.stage != DROPPED)
     if keep:
         stmt = stmt.where(Participant.device_id.not_in(keep))
-    session.execute(stmt.values(stage=DROPPED))
+    n = session.execute(stmt.values(stage=DROPPED)).rowcount  # type: ignore[attr-defined]
+    if n:
+        dropped = dict(rnd.metrics.get("dropped", {}))
+        dropped[rnd.stage] = dropped.get(rnd.stage, 0) + int(n)
+        rnd.metrics = {**rnd.metrics, "dropped": dropped}
 
 
 def _close_selection(session: Session, ctx: RoundContext, rnd: Round, task: Task, now: datetime) -> None:
@@ -614,7 +620,7 @@ def advance(session: Session, ctx: RoundContext, round_id: int) -> bool:
                     _fail(session, ctx, rnd, f"only {len(done)} devices advertised keys")
                     return True
                 server.close_advertise()
-                _drop_missing(session, rnd.id, {p.device_id for p in done})
+                _drop_missing(session, rnd, {p.device_id for p in done})
                 rnd.secagg_state = server.to_bytes()
                 _set_stage(ctx, rnd, Stage.SHARE_KEYS, d.share)
         elif stage == Stage.SHARE_KEYS:
@@ -622,7 +628,7 @@ def advance(session: Session, ctx: RoundContext, round_id: int) -> bool:
             if late or len(done) == len(live):
                 server = SecAggServer.from_bytes(_need(rnd.secagg_state))
                 active = set(server.close_share_keys())
-                _drop_missing(session, rnd.id, active)
+                _drop_missing(session, rnd, active)
                 rnd.secagg_state = server.to_bytes()
                 _set_stage(ctx, rnd, Stage.MASKED_INPUT, d.upload)
         elif stage in (Stage.MASKED_INPUT, UPLOAD):
@@ -636,7 +642,7 @@ def advance(session: Session, ctx: RoundContext, round_id: int) -> bool:
                         f"only {len(uploaded)} updates by the deadline; need {rnd.plan['min_reports']}",
                     )
                     return True
-                _drop_missing(session, rnd.id, uploaded)
+                _drop_missing(session, rnd, uploaded)
                 if stage == UPLOAD:
                     _set_stage(ctx, rnd, AGGREGATING, 0)
                 else:
@@ -681,6 +687,7 @@ def _finish_evaluation(session: Session, ctx: RoundContext, rnd: Round, task: Ta
         )
         mv = _version(session, task, rnd.base_version)
         mv.metrics = {**mv.metrics, **{f"federated_eval.{k}": v for k, v in metrics.items()}}
+    _drop_missing(session, rnd, {r.device_id for r in reports})
     rnd.metrics = {**rnd.metrics, **metrics}
     rnd.stage = DONE
     rnd.outcome = "committed" if reports else "failed"
@@ -688,7 +695,6 @@ def _finish_evaluation(session: Session, ctx: RoundContext, rnd: Round, task: Ta
         rnd.failure_reason = "no evaluation reports"
     rnd.reported = len(reports)
     rnd.finished_at = ctx.now()
-    _drop_missing(session, rnd.id, {r.device_id for r in reports})
     ctx.metrics.rounds.labels("evaluate", rnd.outcome).inc()
 
 

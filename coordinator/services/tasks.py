@@ -158,6 +158,7 @@ def list_rounds(session: Session, *, name: str, limit: int = 100) -> list[RoundP
     ).all()
     return [
         RoundPublic(
+            id=r.id,
             number=r.number,
             kind=r.kind,
             stage=r.stage,

@@ -11,10 +11,19 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from edge_client.transport import ApiError, Transport
-from protocol._http_models import DeviceState, EnrollRequest, RoundPlan, TrainReport
 from protocol.codec import encode, ring_bits
 from protocol.secagg.client import SecAggClient
-from protocol.wire import Stage, UpdateHeader, UpdateKind, pack_dense_update, pack_update
+from protocol.wire import (
+    DeviceState,
+    EnrollRequest,
+    RoundPlan,
+    Stage,
+    TrainReport,
+    UpdateHeader,
+    UpdateKind,
+    pack_dense_update,
+    pack_update,
+)
 
 STAGES = ("advertise", "share", "upload", "unmask")
 

@@ -37,8 +37,12 @@ def user_texts() -> list[list[str]]:
 
 def agent_cfg(server: Server, tmp: Path, name: str) -> AgentConfig:
     return AgentConfig(
-        coordinator=server.url, state_dir=tmp / name, ca=server.ca, enroll_secret=server.enroll_secret,
-        min_examples=10, eval_holdout=10,
+        coordinator=server.url,
+        state_dir=tmp / name,
+        ca=server.ca,
+        enroll_secret=server.enroll_secret,
+        min_examples=10,
+        eval_holdout=10,
     )
 
 
@@ -61,8 +65,14 @@ class Recorder(httpx.BaseTransport):
         return response
 
 
-def make_agent(server: Server, tmp: Path, name: str, texts: list[str], rec: Recorder | None = None,
-               provider: StaticProvider | None = None) -> Agent:
+def make_agent(
+    server: Server,
+    tmp: Path,
+    name: str,
+    texts: list[str],
+    rec: Recorder | None = None,
+    provider: StaticProvider | None = None,
+) -> Agent:
     cfg = agent_cfg(server, tmp, name)
     transport = Transport(cfg.coordinator, ca=cfg.ca, transport=rec, retries=8, backoff=0.2, max_backoff=2)
     store = DataStore(cfg.state_dir / "messages.db")
@@ -91,10 +101,16 @@ def test_agents_complete_secure_rounds_and_send_no_text(
     sqlite_server: Server, tiny_bundle_dir: Path, tmp_path: Path, user_texts: list[list[str]]
 ) -> None:
     server = sqlite_server
-    cfg = task_config(clients_per_round=3, over_selection=1.0, min_reports=3, max_rounds=2,
-                      eligibility={"min_examples": 10}, deadlines={"selection": 10, "upload": 60},
-                      codec={"keep_fraction": 0.25, "bits": 8, "clip_norm": 1.0},
-                      training={"local_steps": 3, "lr": 0.1})
+    cfg = task_config(
+        clients_per_round=3,
+        over_selection=1.0,
+        min_reports=3,
+        max_rounds=2,
+        eligibility={"min_examples": 10},
+        deadlines={"selection": 10, "upload": 60},
+        codec={"keep_fraction": 0.25, "bits": 8, "clip_norm": 1.0},
+        training={"local_steps": 3, "lr": 0.1},
+    )
     setup_task(server, tiny_bundle_dir.with_suffix(".tar"), cfg)
     recs = [Recorder(server.ca) for _ in range(3)]
     agents = [make_agent(server, tmp_path, f"dev{i}", user_texts[i], recs[i]) for i in range(3)]
@@ -127,11 +143,20 @@ def test_dropped_connection_mid_upload_is_retried_idempotently(
     sqlite_server: Server, tiny_bundle_dir: Path, tmp_path: Path, user_texts: list[list[str]]
 ) -> None:
     server = sqlite_server
-    cfg = task_config(clients_per_round=2, over_selection=1.0, min_reports=2, max_rounds=1,
-                      eligibility={"min_examples": 10}, training={"local_steps": 2})
+    cfg = task_config(
+        clients_per_round=2,
+        over_selection=1.0,
+        min_reports=2,
+        max_rounds=1,
+        eligibility={"min_examples": 10},
+        training={"local_steps": 2},
+    )
     setup_task(server, tiny_bundle_dir.with_suffix(".tar"), cfg)
     flaky = Recorder(server.ca, fail_first_upload=True)
-    agents = [make_agent(server, tmp_path, "a", user_texts[0], flaky), make_agent(server, tmp_path, "b", user_texts[1])]
+    agents = [
+        make_agent(server, tmp_path, "a", user_texts[0], flaky),
+        make_agent(server, tmp_path, "b", user_texts[1]),
+    ]
     run_agents(agents, rounds=1)
     rnd = wait_round(server)
     assert rnd["outcome"] == "committed" and rnd["reported"] == 2
@@ -143,9 +168,15 @@ def test_unplugged_mid_training_leaves_cleanly(
     sqlite_server: Server, tiny_bundle_dir: Path, tmp_path: Path, user_texts: list[list[str]]
 ) -> None:
     server = sqlite_server
-    cfg = task_config(clients_per_round=2, over_selection=1.5, min_reports=2, max_rounds=1,
-                      eligibility={"min_examples": 10}, deadlines={"upload": 8},
-                      training={"local_steps": 200, "max_seconds": 60})
+    cfg = task_config(
+        clients_per_round=2,
+        over_selection=1.5,
+        min_reports=2,
+        max_rounds=1,
+        eligibility={"min_examples": 10},
+        deadlines={"upload": 8},
+        training={"local_steps": 200, "max_seconds": 60},
+    )
     setup_task(server, tiny_bundle_dir.with_suffix(".tar"), cfg)
     unplug = StaticProvider(READY)
     agents = [make_agent(server, tmp_path, f"d{i}", user_texts[i]) for i in range(2)]
@@ -172,15 +203,31 @@ def test_wrong_ca_is_refused(sqlite_server: Server, tmp_path: Path) -> None:
 
     other = make_dev_certs(tmp_path / "other", ["127.0.0.1"])
     cfg = replace(agent_cfg(sqlite_server, tmp_path, "x"), ca=other.ca_cert)
-    agent = Agent(cfg, StaticProvider(READY), transport=Transport(cfg.coordinator, ca=cfg.ca, retries=1, backoff=0.01))
-    with pytest.raises(TransportError, match="CERTIFICATE_VERIFY_FAILED|certificate verify failed"):
+    agent = Agent(
+        cfg, StaticProvider(READY), transport=Transport(cfg.coordinator, ca=cfg.ca, retries=1, backoff=0.01)
+    )
+    with pytest.raises(TransportError, match=r"CERTIFICATE_VERIFY_FAILED|certificate verify failed"):
         agent.enroll()
-    rc = main(["client", "--state-dir", str(tmp_path / "cli"), "enroll", "--coordinator", sqlite_server.url,
-               "--ca", str(other.ca_cert), "--enroll-secret", sqlite_server.enroll_secret])
+    rc = main(
+        [
+            "client",
+            "--state-dir",
+            str(tmp_path / "cli"),
+            "enroll",
+            "--coordinator",
+            sqlite_server.url,
+            "--ca",
+            str(other.ca_cert),
+            "--enroll-secret",
+            sqlite_server.enroll_secret,
+        ]
+    )
     assert rc == 2
 
 
-def test_bad_token_reenrols_or_fails_clearly(sqlite_server: Server, tmp_path: Path, user_texts: list[list[str]]) -> None:
+def test_bad_token_reenrols_or_fails_clearly(
+    sqlite_server: Server, tmp_path: Path, user_texts: list[list[str]]
+) -> None:
     agent = make_agent(sqlite_server, tmp_path, "t", user_texts[0])
     first = agent.enroll()
     agent.transport.token = "not-a-valid-token"
@@ -204,19 +251,27 @@ def test_client_cli_local_data_and_status(tmp_path: Path, capsys: pytest.Capture
     assert main(["client", "--state-dir", d, "import", str(f)]) == 0
     assert main(["client", "--state-dir", d, "status"]) == 0
     out = capsys.readouterr().out
-    status = json.loads(out[out.index("{"):])
+    status = json.loads(out[out.index("{") :])
     assert status["local_data"]["messages"] == 3 and status["enrolled"] is False
     assert main(["client", "--state-dir", d, "import", str(tmp_path / "missing.jsonl")]) == 2
     assert main(["client", "--state-dir", d, "suggest", "hi"]) == 2  # no model yet: clear error
 
 
-def test_restarted_coordinator_mid_round(tmp_path: Path, tiny_bundle_dir: Path, user_texts: list[list[str]]) -> None:
+def test_restarted_coordinator_mid_round(
+    tmp_path: Path, tiny_bundle_dir: Path, user_texts: list[list[str]]
+) -> None:
     db = f"sqlite:///{tmp_path / 'c.db'}"
     server = start_server(tmp_path, db)
     port = int(server.url.rsplit(":", 1)[1])
-    cfg = task_config(clients_per_round=2, over_selection=1.0, min_reports=2, max_rounds=1,
-                      eligibility={"min_examples": 10}, deadlines={"upload": 40, "unmask": 30},
-                      training={"local_steps": 40})
+    cfg = task_config(
+        clients_per_round=2,
+        over_selection=1.0,
+        min_reports=2,
+        max_rounds=1,
+        eligibility={"min_examples": 10},
+        deadlines={"upload": 40, "unmask": 30},
+        training={"local_steps": 40},
+    )
     setup_task(server, tiny_bundle_dir.with_suffix(".tar"), cfg)
     agents = [make_agent(server, tmp_path, f"r{i}", user_texts[i]) for i in range(2)]
     thread = threading.Thread(target=run_agents, args=(agents, 1, 120), daemon=True)
@@ -229,8 +284,15 @@ def test_restarted_coordinator_mid_round(tmp_path: Path, tiny_bundle_dir: Path, 
                 break
             time.sleep(0.05)
     stop_server(server)
-    restarted = start_server(tmp_path, db, port=port, tls_dir=tmp_path / "tls", admin_token=server.admin_token,
-                             enroll_secret=server.enroll_secret, data_dir=server.data_dir)
+    restarted = start_server(
+        tmp_path,
+        db,
+        port=port,
+        tls_dir=tmp_path / "tls",
+        admin_token=server.admin_token,
+        enroll_secret=server.enroll_secret,
+        data_dir=server.data_dir,
+    )
     try:
         thread.join(150)
         rnd = wait_round(restarted)

@@ -39,7 +39,12 @@ def test_holdout_and_evaluation_texts(tmp_path: Path) -> None:
 def test_import_jsonl_and_text(tmp_path: Path) -> None:
     s = DataStore(tmp_path / "m.db")
     j = tmp_path / "a.jsonl"
-    j.write_text(json.dumps({"text": "hi", "timestamp": "2099-01-01T00:00:00Z"}) + "\n\n" + json.dumps({"text": "yo"}) + "\n")
+    j.write_text(
+        json.dumps({"text": "hi", "timestamp": "2099-01-01T00:00:00Z"})
+        + "\n\n"
+        + json.dumps({"text": "yo"})
+        + "\n"
+    )
     assert s.import_file(j) == 2
     t = tmp_path / "b.txt"
     t.write_text("one\n\ntwo\n")

@@ -20,16 +20,25 @@ def supply(root: Path, name: str, **files: str) -> None:
         (d / k).write_text(v + "\n")
 
 
-def tree(tmp: Path, *, iface: str = "wlan0", wireless: bool = True, load: str = "0.10 0.2 0.3 1/100 42") -> LinuxProvider:
+def tree(
+    tmp: Path, *, iface: str = "wlan0", wireless: bool = True, load: str = "0.10 0.2 0.3 1/100 42"
+) -> LinuxProvider:
     (tmp / "power_supply").mkdir(parents=True, exist_ok=True)
     (tmp / "net" / iface).mkdir(parents=True, exist_ok=True)
     if wireless:
         (tmp / "net" / iface / "wireless").mkdir(exist_ok=True)
-    (tmp / "route").write_text(ROUTE_HEADER + f"{iface}\t00000000\t0102A8C0\t0003\t0\t0\t600\t00000000\t0\t0\t0\n")
+    (tmp / "route").write_text(
+        ROUTE_HEADER + f"{iface}\t00000000\t0102A8C0\t0003\t0\t0\t600\t00000000\t0\t0\t0\n"
+    )
     (tmp / "loadavg").write_text(load + "\n")
     return LinuxProvider(
-        power_supply=tmp / "power_supply", net_class=tmp / "net", route_file=tmp / "route",
-        loadavg_file=tmp / "loadavg", storage_path=tmp, cpu_count=2, runner=lambda cmd: None,
+        power_supply=tmp / "power_supply",
+        net_class=tmp / "net",
+        route_file=tmp / "route",
+        loadavg_file=tmp / "loadavg",
+        storage_path=tmp,
+        cpu_count=2,
+        runner=lambda cmd: None,
     )
 
 
@@ -74,8 +83,12 @@ def test_garbage_values_are_not_eligible(tmp_path: Path) -> None:
 
 def test_missing_files_are_not_eligible(tmp_path: Path) -> None:
     p = LinuxProvider(
-        power_supply=tmp_path / "nope", net_class=tmp_path / "nope", route_file=tmp_path / "nope",
-        loadavg_file=tmp_path / "nope", storage_path=tmp_path, runner=lambda cmd: None,
+        power_supply=tmp_path / "nope",
+        net_class=tmp_path / "nope",
+        route_file=tmp_path / "nope",
+        loadavg_file=tmp_path / "nope",
+        storage_path=tmp_path,
+        runner=lambda cmd: None,
     )
     c = p.read()
     assert not (c.charging or c.idle or c.unmetered)
@@ -113,15 +126,29 @@ def test_logind_idle_hint_wins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
 
 
 def test_termux_recorded_outputs(tmp_path: Path) -> None:
-    battery = {"health": "GOOD", "percentage": 77, "plugged": "PLUGGED_AC", "status": "CHARGING", "temperature": 30.1}
+    battery = {
+        "health": "GOOD",
+        "percentage": 77,
+        "plugged": "PLUGGED_AC",
+        "status": "CHARGING",
+        "temperature": 30.1,
+    }
     wifi = {"bssid": "x", "ip": "192.168.1.20", "supplicant_state": "COMPLETED", "ssid": "home"}
-    p = TermuxProvider(storage_path=tmp_path, runner=recorded({
-        "termux-battery-status": json.dumps(battery), "termux-wifi-connectioninfo": json.dumps(wifi),
-    }))
+    p = TermuxProvider(
+        storage_path=tmp_path,
+        runner=recorded(
+            {
+                "termux-battery-status": json.dumps(battery),
+                "termux-wifi-connectioninfo": json.dumps(wifi),
+            }
+        ),
+    )
     c = p.read()
     assert c.charging and c.unmetered and c.battery_pct == 77.0 and c.source == "termux"
     unplugged = {**battery, "plugged": "UNPLUGGED", "status": "DISCHARGING"}
-    p.runner = recorded({"termux-battery-status": json.dumps(unplugged), "termux-wifi-connectioninfo": "{not json"})
+    p.runner = recorded(
+        {"termux-battery-status": json.dumps(unplugged), "termux-wifi-connectioninfo": "{not json"}
+    )
     c = p.read()
     assert not c.charging and not c.unmetered
     p.runner = recorded({})

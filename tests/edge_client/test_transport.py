@@ -6,17 +6,25 @@ import httpx
 import pytest
 
 from edge_client.transport import ApiError, Transport, TransportError
-from protocol._http_models import DeviceState
+from protocol.wire import DeviceState
 
 
 def state() -> DeviceState:
-    return DeviceState(charging=True, idle=True, unmetered=True, battery_pct=90, free_storage_mb=100, client_version="0.1.0")
+    return DeviceState(
+        charging=True, idle=True, unmetered=True, battery_pct=90, free_storage_mb=100, client_version="0.1.0"
+    )
 
 
 def make(handler, retries: int = 4) -> tuple[Transport, list[float]]:  # type: ignore[no-untyped-def]
     sleeps: list[float] = []
-    t = Transport("https://coord", token="tok", retries=retries, backoff=0.1, sleep=sleeps.append,
-                  transport=httpx.MockTransport(handler))
+    t = Transport(
+        "https://coord",
+        token="tok",
+        retries=retries,
+        backoff=0.1,
+        sleep=sleeps.append,
+        transport=httpx.MockTransport(handler),
+    )
     return t, sleeps
 
 

@@ -1,0 +1,225 @@
+"""``fedkeys simulate``: a device fleet against a real coordinator, with a report."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+__all__ = ["SimError", "add_parser", "run"]
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class SimError(Exception):
+    """A user mistake (bad arguments, unreachable coordinator): one line, exit code 2."""
+
+
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("simulate", help="simulate a device fleet against a real coordinator")
+    p.add_argument("--devices", type=int, default=100)
+    p.add_argument("--per-round", type=int, default=10, help="reports that close a round (K)")
+    p.add_argument("--rounds", type=int, default=30)
+    p.add_argument("--quick", action="store_true", help="a first look: 30 devices, 6 per round, 8 rounds")
+    p.add_argument(
+        "--compare",
+        action="store_true",
+        help="pretrained vs FL float32 vs FL compressed+secure vs central vs trigram",
+    )
+    p.add_argument(
+        "--bundle", type=Path, default=ROOT / "artifacts/demo/bundle", help="built if missing (demo profile)"
+    )
+    p.add_argument("--out", type=Path, default=ROOT / "artifacts/sim")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-secagg", action="store_true")
+    p.add_argument("--no-compress", action="store_true", help="plain float32 updates (implies --no-secagg)")
+    p.add_argument("--keep-fraction", type=float, default=None)
+    p.add_argument("--bits", type=int, default=None)
+    p.add_argument("--local-steps", type=int, default=None)
+    p.add_argument(
+        "--dropout", type=float, default=None, help="probability a selected device drops (default 0.08)"
+    )
+    p.add_argument("--day-seconds", type=float, default=None, help="real seconds per simulated day")
+    p.add_argument("--workers", type=int, default=0, help="worker processes (default: one per core)")
+    p.add_argument("--ray", action="store_true", help="run the fleet as tasks on a local Ray")
+    p.add_argument("--ray-address", default=None, help="an existing Ray cluster (ray://host:10001)")
+    p.add_argument("--noop-training", action="store_true", help="skip local training (overhead benchmark)")
+    p.add_argument("--central-steps", type=int, default=1500, help="central upper bound budget (--compare)")
+    p.add_argument("--coordinator", default=None, help="use this coordinator instead of starting one")
+    p.add_argument("--ca", type=Path, default=None)
+    p.add_argument("--forever", action="store_true", help="only run the fleet (tasks are made by the admin)")
+
+
+def _config(args: argparse.Namespace) -> Any:
+    from simulator.run import SimConfig
+
+    cfg = SimConfig(
+        devices=args.devices,
+        per_round=args.per_round,
+        rounds=args.rounds,
+        seed=args.seed,
+        workers=args.workers,
+    )
+    if args.quick:
+        cfg = replace(cfg, devices=30, per_round=6, rounds=8, eval_every=2, eval_messages=150, min_reports=4)
+    if args.no_compress:
+        cfg = replace(cfg, compress=False, secagg=False, name="fl-float32")
+    elif args.no_secagg:
+        cfg = replace(cfg, secagg=False, name="fl-compressed")
+    for flag, attr in (
+        ("keep_fraction", "keep_fraction"),
+        ("bits", "bits"),
+        ("local_steps", "local_steps"),
+        ("dropout", "dropout"),
+        ("day_seconds", "day_seconds"),
+    ):
+        if getattr(args, flag) is not None:
+            cfg = replace(cfg, **{attr: getattr(args, flag)})
+    if args.noop_training:
+        cfg = replace(cfg, noop_training=True, name="noop")
+    if args.ray or args.ray_address:
+        cfg = replace(cfg, ray_address=args.ray_address or "local")
+    if cfg.per_round > cfg.devices:
+        raise SimError("--per-round cannot exceed --devices")
+    if cfg.devices < 2 or cfg.rounds < 1:
+        raise SimError("need at least 2 devices and 1 round")
+    return cfg
+
+
+def _bundle(path: Path) -> Path:
+    if (path / "manifest.json").exists():
+        return path
+    from fedkeys.console import console, rich_progress
+    from model_export.pipeline import build
+    from model_export.profiles import get_profile
+
+    console.print(f"no bundle at {path}: building the demo profile (cached afterwards)")
+    with rich_progress() as progress:
+        build(get_profile("demo"), path, path.parent.parent / "work", progress=progress)
+    return path
+
+
+def _printer() -> Any:
+    from fedkeys.console import console
+
+    def show(ev: dict[str, Any]) -> None:
+        if ev["event"] == "round":
+            dropped = sum(ev.get("dropped", {}).values())
+            h = ev["sim_hour"]
+            console.print(
+                f"round {ev['round']:>3} {ev['outcome']:<9} selected {ev['selected']:>3} "
+                f"reported {ev['reported']:>3} dropped {dropped:>2}  {ev['wall_seconds']:>6.1f} s  "
+                f"sim {int(h):02d}:{int(h % 1 * 60):02d}"
+                + (
+                    f"  -> v{ev['new_version']}"
+                    if ev.get("new_version")
+                    else f"  ({ev.get('failure') or ''})"
+                )
+            )
+        elif ev["event"] == "eval":
+            console.print(
+                f"  heldout v{ev['version']}: top-1 {100 * ev['top1']:.2f}%  top-3 {100 * ev['top3']:.2f}%"
+            )
+        elif ev["event"] == "central":
+            console.print(
+                f"central upper bound: fine-tuning the student on the devices' messages ({ev['steps']} steps)"
+            )
+
+    return show
+
+
+def run(args: argparse.Namespace) -> None:
+    from fedkeys.console import console, print_table
+    from simulator.report import write_report
+    from simulator.run import CoordinatorHandle, local_coordinator, run_simulation
+
+    cfg = _config(args)
+    if args.forever:
+        _fleet_only(args, cfg)
+        return
+    bundle = _bundle(args.bundle)
+    out = args.out / time.strftime("%Y%m%d-%H%M%S")
+    show = _printer()
+    t0 = time.time()
+
+    def go(coord: CoordinatorHandle) -> None:
+        if args.compare:
+            from simulator.compare import compare
+
+            runs, rows, baselines = compare(cfg, bundle, out, coord, show, args.central_steps)
+        else:
+            res = run_simulation(cfg, bundle, out, coord, progress=show)
+            runs = [res]
+            s = res.summary()
+            rows = [
+                {
+                    "configuration": "pretrained student (no FL)",
+                    "top1": res.evals[0]["top1"],
+                    "top3": res.evals[0]["top3"],
+                },
+                {
+                    "configuration": cfg.name,
+                    "top1": s["top1_final"],
+                    "top3": s["top3_final"],
+                    "int8 top1": s["final_int8_top1"],
+                    "upload kB/device": (s["upload_bytes_per_device"] or 0) / 1e3,
+                    "rounds": s["rounds_committed"],
+                    "round s (median)": s["round_seconds_median"],
+                },
+            ]
+            baselines = {"pretrained": res.evals[0]["top1"]}
+        cols = list(dict.fromkeys(k for r in rows for k in r))
+        rows = [{k: r.get(k, "") for k in cols} for r in rows]
+        print_table("Simulation summary", cols, [[r[c] for c in cols] for r in rows])
+        path = write_report(
+            runs,
+            out,
+            summary_rows=rows,
+            baselines=baselines,
+            title=f"fedkeys simulation: {cfg.devices} devices, {cfg.per_round} per round",
+        )
+        (out / "summary.json").write_text(
+            json.dumps({"rows": rows, "minutes": (time.time() - t0) / 60}, indent=2, default=str)
+        )
+        console.print(f"report: {path}  ({(time.time() - t0) / 60:.1f} min)")
+
+    if args.coordinator:
+        if args.ca is None:
+            raise SimError("--coordinator needs --ca (the CA that signed its certificate)")
+        admin, secret = os.environ.get("FEDKEYS_ADMIN_TOKEN"), os.environ.get("FEDKEYS_ENROLLMENT_SECRET")
+        if not admin or not secret:
+            raise SimError("set FEDKEYS_ADMIN_TOKEN and FEDKEYS_ENROLLMENT_SECRET for --coordinator")
+        go(CoordinatorHandle(args.coordinator, args.ca, admin, secret))
+    else:
+        with local_coordinator(out / "coordinator") as coord:
+            go(coord)
+
+
+def _fleet_only(args: argparse.Namespace, cfg: Any) -> None:
+    """Devices only, against an existing coordinator, until killed (docker-compose's devices)."""
+    from simulator.fleet import FleetSpec, make_specs, run_worker
+    from simulator.run import _fleet_users
+
+    secret = os.environ.get("FEDKEYS_ENROLLMENT_SECRET")
+    if not args.coordinator or not args.ca or not secret:
+        raise SimError("--forever needs --coordinator, --ca and FEDKEYS_ENROLLMENT_SECRET")
+    specs = make_specs(_fleet_users(), cfg.devices, cfg.seed + os.getpid() % 10_000)
+    fleet = FleetSpec(
+        coordinator=args.coordinator,
+        ca=str(args.ca),
+        enroll_secret=secret,
+        seed=cfg.seed,
+        day_seconds=cfg.day_seconds,
+        start_hour=cfg.start_hour,
+        t0=time.time(),
+        dropout=cfg.dropout,
+        round_seconds=20.0,
+        stop_after=10 * 365 * 86400,
+        state_root=str(args.out / "fleet"),
+        noop_training=cfg.noop_training,
+    )
+    run_worker(specs, fleet)

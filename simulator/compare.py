@@ -1,0 +1,171 @@
+"""``fedkeys simulate --compare``: configurations side by side on the same seeds and fleet.
+
+- the pretrained (distilled) student with no federated training;
+- federated training with plain float32 updates, no secure aggregation;
+- federated training with the compressed codec and secure aggregation (the default);
+- the same student trained centrally on the union of the simulated devices' messages (what a
+  server holding their raw text would reach: the upper bound);
+- the word-trigram baseline (public data, and public + the devices' messages).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from simulator.fleet import make_specs
+from simulator.run import (
+    CoordinatorHandle,
+    SimConfig,
+    SimResult,
+    VersionEvaluator,
+    _fleet_users,
+    run_simulation,
+)
+
+__all__ = ["central_upper_bound", "compare", "trigram_rows"]
+
+log = logging.getLogger(__name__)
+
+
+def fleet_texts(cfg: SimConfig, holdout: int = 20) -> list[str]:
+    """The messages the simulated devices train on (their newest ``holdout`` excluded)."""
+    from edge_client.text import normalize
+
+    out: list[str] = []
+    for spec in make_specs(_fleet_users(), cfg.devices, cfg.seed):
+        keep = spec.texts[: max(len(spec.texts) - min(holdout, len(spec.texts) // 5), 0)][-cfg.max_examples :]
+        out.extend(t for t in (normalize(x) for x in keep) if t)
+    return out
+
+
+def central_upper_bound(
+    cfg: SimConfig, bundle_dir: Path, evaluator: VersionEvaluator, steps: int = 1500
+) -> dict[str, float]:
+    """Fine-tune the pretrained student on the union of the fleet's messages, centrally."""
+    import torch
+
+    from edge_client.batching import encode_messages, pack_batches
+    from model_export.export import model_from_bundle
+    from model_export.train import TrainConfig, train_lm
+
+    b = evaluator.bundle
+    base = model_from_bundle(b.root, b.manifest)
+    texts = fleet_texts(cfg)
+    rng = np.random.default_rng(cfg.seed)
+    order = rng.permutation(len(texts))
+    val = [texts[i] for i in order[: max(len(texts) // 20, 50)]]
+    train = [texts[i] for i in order[len(val) :]]
+    seq = base.cfg.max_seq_len
+    seqs = encode_messages(evaluator.tok, train, seq)
+    val_batches = list(pack_batches(encode_messages(evaluator.tok, val, seq), 32, seq))
+    torch.set_num_threads(2)
+    tc = TrainConfig(steps=steps, batch_size=32, lr=5e-4, warmup=50, eval_every=250, min_lr_ratio=0.1)
+    res = train_lm(replace(base.cfg, dropout=0.1), tc, seqs, val_batches, init=base.state_dict())
+    weights = b.manifest.train.layout.flatten(
+        {n: p.detach().numpy() for n, p in res.model.named_parameters()}
+    )
+    out = evaluator.eager(weights)
+    out.update(steps=steps, messages=len(train), val_loss=res.best_val_loss)
+    return out
+
+
+def trigram_rows(cfg: SimConfig, texts: list[str]) -> dict[str, dict[str, float]]:
+    from model_export.data import load_chitchat
+    from model_export.evaluate import EvalResult, count_suggestions
+    from model_export.ngram import TrigramLM
+    from model_export.pipeline import prepare_texts
+
+    split = prepare_texts(load_chitchat())
+    out = {}
+    for name, corpus in (
+        ("trigram (public)", split.public_train + split.public_val),
+        ("trigram (public + devices)", split.public_train + split.public_val + fleet_texts(cfg)),
+    ):
+        lm = TrigramLM().fit(corpus)
+        r = EvalResult.from_counts(name, count_suggestions(lm.suggest, texts, []), per_piece=False)
+        out[name] = {"top1": r.top1, "top3": r.top3}
+    return out
+
+
+def compare(
+    base: SimConfig,
+    bundle_dir: Path,
+    out_dir: Path,
+    coord: CoordinatorHandle,
+    progress: Any = None,
+    central_steps: int = 1500,
+) -> tuple[list[SimResult], list[dict[str, Any]], dict[str, float]]:
+    """Run the comparison; returns (runs, summary rows, baselines for the accuracy plot)."""
+    from simulator.run import heldout_sample
+
+    heldout = heldout_sample(base.eval_messages, base.seed)
+    configs = [
+        replace(base, name="fl-float32", secagg=False, compress=False),
+        replace(base, name="fl-secure-compressed", secagg=True, compress=True),
+    ]
+    runs = [
+        run_simulation(c, bundle_dir, out_dir, coord, heldout=heldout, progress=progress) for c in configs
+    ]
+    evaluator = VersionEvaluator(bundle_dir, heldout)
+    if progress:
+        progress({"event": "central", "steps": central_steps})
+    central = central_upper_bound(base, bundle_dir, evaluator, central_steps)
+    trigrams = trigram_rows(base, heldout)
+    pre = runs[0].evals[0]
+    rows: list[dict[str, Any]] = [
+        {
+            "configuration": "pretrained student (no FL)",
+            "top1": pre["top1"],
+            "top3": pre["top3"],
+            "upload kB/device": 0.0,
+            "rounds": 0,
+        }
+    ]
+    dense = 4 * evaluator.bundle.manifest.train.layout.size
+    for r in runs:
+        s = r.summary()
+        up = s["upload_bytes_per_device"] or float("nan")
+        rows.append(
+            {
+                "configuration": r.config.name,
+                "top1": s["top1_final"],
+                "top3": s["top3_final"],
+                "upload kB/device": up / 1e3,
+                "upload vs dense fp32": dense / up if np.isfinite(up) and up else float("nan"),
+                "rounds": s["rounds_committed"],
+                "round s (median)": s["round_seconds_median"],
+                "int8 top1": s["final_int8_top1"],
+            }
+        )
+    rows.append(
+        {
+            "configuration": "central (union of device data)",
+            "top1": central["top1"],
+            "top3": central["top3"],
+            "upload kB/device": float("nan"),
+            "rounds": 0,
+        }
+    )
+    for name, t in trigrams.items():
+        rows.append(
+            {
+                "configuration": name,
+                "top1": t["top1"],
+                "top3": t["top3"],
+                "upload kB/device": float("nan"),
+                "rounds": 0,
+            }
+        )
+    keys = sorted({k for r in rows for k in r}, key=lambda k: list(rows[1]).index(k) if k in rows[1] else 99)
+    rows = [{k: r.get(k, "") for k in keys} for r in rows]
+    baselines = {
+        "pretrained": pre["top1"],
+        "central": central["top1"],
+        **{k: v["top1"] for k, v in trigrams.items()},
+    }
+    return runs, rows, baselines

@@ -1,0 +1,229 @@
+"""A fleet of virtual devices, each a real ``edge_client`` agent with one real participant's
+messages, a simulated availability trace, a speed factor and random drop-outs.
+
+Devices run as threads inside worker processes (one per core by default, or Ray tasks): a
+device mostly waits (check-in intervals, stage deadlines), and the devices of one worker share
+one ExecuTorch training program behind a lock, as one core trains one model at a time.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["DeviceSpec", "FleetSpec", "SharedRuntime", "TraceProvider", "make_specs", "run_worker"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DeviceSpec:
+    index: int
+    user: str
+    texts: tuple[str, ...]  # the participant's messages, oldest first (they stay in the worker)
+    speed: float  # >= 1: local training takes this many times the measured time
+    device_class: str
+
+
+@dataclass(frozen=True)
+class FleetSpec:
+    """Everything a worker needs to run its devices (picklable for processes and Ray)."""
+
+    coordinator: str
+    ca: str
+    enroll_secret: str
+    seed: int
+    day_seconds: float
+    start_hour: float
+    t0: float
+    dropout: float  # probability that a selected device vanishes at a random point of a round
+    round_seconds: float  # typical real length of a round (drop-outs fall uniformly within it)
+    stop_after: float  # real seconds
+    state_root: str
+    noop_training: bool = False  # skip training (measures coordinator/protocol overhead)
+    min_examples: int = 20
+    stop_file: str = ""  # the run ends when this file exists
+
+
+class TraceProvider:
+    """Device conditions from the availability trace on the compressed clock, plus drop-outs:
+    ``vanish(seconds)`` makes the device ineligible (unplugged) for a while."""
+
+    def __init__(self, trace: Any, clock: Any) -> None:
+        from edge_client.device_state import Conditions
+
+        self.trace, self.clock = trace, clock
+        self._until = 0.0
+        self._on = Conditions(True, True, True, 90.0, 8000.0, "trace")
+        self._off = Conditions(False, False, True, 60.0, 8000.0, "trace")
+
+    def vanish(self, seconds: float) -> None:
+        self._until = time.time() + seconds
+
+    def read(self) -> Any:
+        now = time.time()
+        if now < self._until:
+            return self._off
+        return self._on if self.trace.eligible(self.clock.sim_seconds(now)) else self._off
+
+
+class SharedRuntime:
+    """One training program and predictor per worker process, used under a lock."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self._trainer: tuple[str, Any] | None = None
+        self._predictors: dict[str, Any] = {}
+
+    def trainer(self, bundle: Any) -> Any:
+        from edge_client.runtime import Trainer
+
+        key = bundle.root.name
+        if self._trainer is None or self._trainer[0] != key:
+            self._trainer = (key, Trainer.from_bundle(bundle))
+        return self._trainer[1]
+
+
+def make_specs(users: dict[str, list[str]], n: int, seed: int) -> list[DeviceSpec]:
+    """``n`` devices from the users with the most messages-per-seed draw (real, skewed sizes):
+    users are sampled uniformly among those with enough messages; speeds are log-normal."""
+    rng = random.Random(seed)
+    eligible = sorted(u for u, t in users.items() if len(t) >= 25)
+    if len(eligible) < n:
+        raise ValueError(f"only {len(eligible)} users have >= 25 messages; asked for {n} devices")
+    chosen = rng.sample(eligible, n)
+    classes = ["phone", "phone", "phone", "tablet", "rpi"]
+    specs = []
+    for i, user in enumerate(chosen):
+        speed = max(1.0, math.exp(rng.gauss(0.3, 0.5)))
+        specs.append(DeviceSpec(i, user, tuple(users[user]), speed, classes[i % len(classes)]))
+    return specs
+
+
+@dataclass
+class DeviceResult:
+    index: int
+    rounds: list[dict[str, Any]] = field(default_factory=list)
+    bytes_up: int = 0
+    bytes_down: int = 0
+    error: str = ""
+
+
+def _device_thread(
+    spec: DeviceSpec, fleet: FleetSpec, runtime: SharedRuntime, out: DeviceResult, stop: threading.Event
+) -> None:
+    import numpy as np
+
+    from edge_client.agent import Agent, AgentConfig
+    from edge_client.datastore import DataStore
+    from edge_client.participation import LocalResult
+    from edge_client.transport import Transport
+    from protocol.wire import TrainReport
+    from simulator.availability import DeviceTrace, FleetClock
+
+    clock = FleetClock(fleet.day_seconds, fleet.start_hour, fleet.t0)
+    provider = TraceProvider(DeviceTrace(fleet.seed, spec.index), clock)
+    state = Path(fleet.state_root) / f"device-{spec.index:05d}"
+    rng = random.Random(f"{fleet.seed}:{spec.index}")
+    store = DataStore(state / "messages.db")
+    if store.count() == 0:  # the participant's messages, re-dated into the last weeks
+        now = time.time()
+        n = len(spec.texts)
+        store.add((t, now - (n - i) * 600.0) for i, t in enumerate(spec.texts))
+    cfg = AgentConfig(
+        coordinator=fleet.coordinator,
+        state_dir=state,
+        ca=Path(fleet.ca),
+        enroll_secret=fleet.enroll_secret,
+        device_class=spec.device_class,
+        min_examples=fleet.min_examples,
+        eval_holdout=min(20, len(spec.texts) // 5),
+    )
+    transport = Transport(cfg.coordinator, ca=cfg.ca, retries=8, backoff=0.5, max_backoff=10)
+
+    def pause(seconds: float) -> None:
+        stop.wait(seconds)
+
+    agent = Agent(cfg, provider, store=store, transport=transport, sleep=pause, rng=rng)
+    agent.trainer = runtime.trainer  # type: ignore[method-assign]
+    real_train = agent.local_train
+
+    real_round = agent.train_round
+
+    def train_round(round_id: int) -> dict[str, Any]:
+        if rng.random() < fleet.dropout:  # vanish at a random point of this round (any stage)
+            timer = threading.Timer(rng.uniform(0, fleet.round_seconds), provider.vanish, args=(120.0,))
+            timer.daemon = True
+            timer.start()
+        return real_round(round_id)
+
+    agent.train_round = train_round  # type: ignore[method-assign]
+
+    def train(plan: Any, weights: Any) -> Any:
+        if fleet.noop_training:
+            report = TrainReport(loss_before=1.0, loss_after=1.0, examples=10, steps=1, seconds=0.0)
+            delta = np.zeros_like(weights)
+            return LocalResult(delta, 10, report)
+        with runtime.lock:
+            t0 = time.time()
+            result = real_train(plan, weights)
+            took = time.time() - t0
+        if spec.speed > 1 and not result.report.aborted:  # a slower phone: it takes longer
+            stop.wait(took * (spec.speed - 1))
+        return result
+
+    agent.local_train = train  # type: ignore[method-assign]
+
+    def stop_on() -> bool:
+        return stop.is_set() or bool(fleet.stop_file and os.path.exists(fleet.stop_file))
+
+    try:
+        agent.enroll()
+        end = time.time() + fleet.stop_after
+        while not stop_on() and time.time() < end:
+            try:
+                wait, _ = agent.step()
+            except Exception as e:  # a device error must not end the fleet
+                log.warning("device %d: %s", spec.index, e)
+                wait = 5.0
+            stop.wait(min(wait, max(end - time.time(), 0)))
+    except Exception as e:
+        out.error = f"{type(e).__name__}: {e}"
+    out.rounds = agent.stats.rounds
+    out.bytes_up, out.bytes_down = agent.stats.bytes_up, agent.stats.bytes_down
+
+
+def run_worker(specs: list[DeviceSpec], fleet: FleetSpec) -> list[dict[str, Any]]:
+    """Run these devices as threads until ``stop_after`` seconds or the stop file appears."""
+    logging.basicConfig(level=logging.WARNING)
+    for noisy in ("torchao", "torch", "executorch", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    from edge_client.runtime import set_threads
+
+    set_threads(1)
+    runtime = SharedRuntime()
+    stop = threading.Event()
+    results = [DeviceResult(s.index) for s in specs]
+    threads = [
+        threading.Thread(target=_device_thread, args=(s, fleet, runtime, r, stop), daemon=True)
+        for s, r in zip(specs, results, strict=True)
+    ]
+    for t in threads:
+        t.start()
+        time.sleep(0.01)
+    deadline = time.time() + fleet.stop_after + 5
+    while any(t.is_alive() for t in threads) and time.time() < deadline:
+        if fleet.stop_file and os.path.exists(fleet.stop_file):
+            stop.set()
+        time.sleep(0.2)
+    stop.set()
+    for t in threads:
+        t.join(timeout=30)
+    return [r.__dict__ for r in results]

@@ -1,0 +1,83 @@
+"""A small fleet end to end (tiny model, TLS, secure aggregation and compression), the
+availability traces, and the report files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from simulator.availability import AvailabilityModel, DeviceTrace, FleetClock, eligible_fraction
+from simulator.report import write_report
+from simulator.run import SimConfig, local_coordinator, run_simulation
+
+
+def test_traces_are_deterministic_per_seed_with_a_day_night_swing() -> None:
+    a = [DeviceTrace(7, i) for i in range(300)]
+    b = [DeviceTrace(7, i) for i in range(300)]
+    hours = [h * 3600 + 2 * 86400 for h in range(24)]
+    fa = [eligible_fraction(a, t) for t in hours]
+    assert fa == [eligible_fraction(b, t) for t in hours]
+    assert fa != [eligible_fraction([DeviceTrace(8, i) for i in range(300)], t) for t in hours]
+    night, day = max(fa), min(fa)
+    assert 2.5 < night / day < 8  # production fleets: about 4x
+    assert fa.index(night) in range(0, 7) or fa.index(night) >= 22  # peak at night
+    assert AvailabilityModel().night_coverage > 0.5
+
+
+def test_clock_compression() -> None:
+    c = FleetClock(day_seconds=240, start_hour=21.0, t0=1000.0)
+    assert c.hour(1000.0) == pytest.approx(21.0)
+    assert c.hour(1000.0 + 60) == pytest.approx(3.0)  # a quarter of a day later
+    assert c.real_seconds(3600) == pytest.approx(10.0)
+
+
+@pytest.mark.slow
+def test_small_fleet_end_to_end(tmp_path: Path, tiny_bundle_dir: Path) -> None:
+    cfg = SimConfig(
+        name="tiny",
+        devices=8,
+        per_round=3,
+        rounds=2,
+        min_reports=2,
+        over_selection=1.34,
+        eval_every=1,
+        eval_messages=20,
+        local_steps=2,
+        day_seconds=120.0,
+        start_hour=1.0,
+        dropout=0.1,
+        workers=2,
+        keep_fraction=0.25,
+        bits=6,
+        max_minutes=8,
+        deadlines={"selection": 4.0, "advertise": 5.0, "share": 5.0, "upload": 20.0, "unmask": 6.0},
+    )
+    with local_coordinator(tmp_path / "coord") as coord:
+        res = run_simulation(cfg, tiny_bundle_dir, tmp_path / "out", coord)
+    train = [r for r in res.rounds if r["kind"] == "train"]
+    assert len(train) >= 2
+    for r in train:
+        assert r["outcome"] in ("committed", "failed")
+        if r["outcome"] == "committed":
+            assert r["reported"] >= 2 and r["new_version"] >= 1
+            assert r["stage_seconds"].get("masked_input") is not None  # secure aggregation ran
+    committed = [r for r in train if r["outcome"] == "committed"]
+    assert committed, train
+    assert any(r.get("bytes_up_per_device", 0) > 0 for r in committed)
+    assert 0 in res.evals and max(res.evals) >= 1
+    assert 0 <= res.final["top1"] <= 1
+    s = res.summary()
+    assert s["rounds_committed"] == len(committed)
+    for f in ("rounds.json", "rounds.csv", "summary.json", "evals.json"):
+        assert (tmp_path / "out" / "tiny" / f).stat().st_size > 0
+    page = write_report(
+        [res],
+        tmp_path / "report",
+        summary_rows=[s],
+        baselines={"pretrained": res.evals[0]["top1"]},
+        title="test",
+    )
+    assert page.exists() and "<table>" in page.read_text()
+    pngs = list((tmp_path / "report").glob("*.png"))
+    assert len(pngs) >= 3 and all(p.stat().st_size > 5000 for p in pngs)  # non-empty plots
