@@ -284,7 +284,9 @@ class Agent:
         if stats.aborted or stats.steps == 0:
             return LocalResult(np.zeros_like(weights), 0, report.model_copy(update={"aborted": True}))
         self.store.mark_trained(m.id for m in msgs)
-        return LocalResult(trainer.get_weights() - weights, len(msgs), report)
+        delta = trainer.get_weights()
+        delta -= weights  # in place: one vector less in memory at the peak
+        return LocalResult(delta, len(msgs), report)
 
     def train_round(self, round_id: int) -> dict[str, Any]:
         up, down = self.stats.bytes_up, self.stats.bytes_down

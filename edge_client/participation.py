@@ -102,7 +102,7 @@ class WeightsCache:
             data = transport.download(plan.weights.url)
             if hashlib.sha256(data).hexdigest() != plan.weights.sha256:
                 raise Aborted("downloaded weights do not match their sha256")
-            vec = np.frombuffer(data, dtype="<f4").astype(np.float32)
+            vec = np.frombuffer(data, dtype="<f4").astype(np.float32, copy=False)
         self._by_sha[plan.weights.sha256] = (plan.model_version, vec)
         while len(self._by_sha) > self.max_items:
             oldest = min(self._by_sha, key=lambda k: self._by_sha[k][0])

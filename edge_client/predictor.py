@@ -67,6 +67,10 @@ class BeamSearch:
         self.beam = model.beam_batch
         self.max_pieces = max_pieces
         self._compat_cache: dict[tuple[str, bool], npt.NDArray[np.bool_]] = {}
+        # KV caches of the beams, allocated once and reused: [2 (keys, values), 2 (double
+        # buffer for reordering beams), L, B, H, S, Dh]. Fresh megabyte-sized arrays per call
+        # would cost page faults on every suggestion.
+        self._kv: FloatArray | None = None
 
     def _compatible(self, rest: str, first: bool) -> npt.NDArray[np.bool_]:
         """Pieces that may come next when ``rest`` of the typed prefix is still unmatched."""
@@ -99,8 +103,12 @@ class BeamSearch:
         scores = np.where(allowed, logp0, -np.inf)
         top = np.argsort(-scores)[: self.beam]
         hyps = [(self.tok.surface[t], float(scores[t]), int(t)) for t in top if np.isfinite(scores[t])]
-        kc = np.repeat(kc, self.beam, axis=1)
-        vc = np.repeat(vc, self.beam, axis=1)
+        shape = (2, 2, kc.shape[0], self.beam, *kc.shape[2:])
+        if self._kv is None or self._kv.shape != shape:
+            self._kv = np.empty(shape, dtype=np.float32)
+        cur = 0
+        np.copyto(self._kv[0, cur], kc)  # broadcast the context's cache to every beam
+        np.copyto(self._kv[1, cur], vc)
         ends = self.tok.ends_word
 
         for _ in range(self.max_pieces):
@@ -108,6 +116,7 @@ class BeamSearch:
                 break
             tokens = np.zeros(self.beam, dtype=np.int64)
             tokens[: len(hyps)] = [h[2] for h in hyps]
+            kc, vc = self._kv[0, cur], self._kv[1, cur]
             logp, k_new, v_new = self.model.step(tokens, pos, kc, vc)
             children: list[tuple[float, int, int, str]] = []
             for row, (surface, score, _) in enumerate(hyps):
@@ -132,8 +141,9 @@ class BeamSearch:
             vc[:, :, :, pos : pos + 1] = v_new
             parents = [c[1] for c in children]
             parents += [0] * (self.beam - len(parents))
-            kc = kc[:, parents]
-            vc = vc[:, parents]
+            np.take(kc, parents, axis=1, out=self._kv[0, 1 - cur])  # children inherit parents' caches
+            np.take(vc, parents, axis=1, out=self._kv[1, 1 - cur])
+            cur = 1 - cur
             hyps = [(c[3], c[0], c[2]) for c in children]
             pos += 1
         ranked = sorted(finished.items(), key=lambda kv: -kv[1])[:k]

@@ -5,10 +5,10 @@ What the device runs is exactly what ``model_export`` evaluates: both go through
 
 from __future__ import annotations
 
+import importlib
 import logging
 import math
 import time
-import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,23 +29,19 @@ __all__ = ["OptimizerConfig", "Predictor", "ProgramModel", "TrainStats", "Traine
 log = logging.getLogger(__name__)
 
 
-def _quiet_import() -> tuple[Any, Any, Any]:
-    """Import ExecuTorch's bindings without its 'experimental API' warnings."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        from executorch.extension.pybindings.portable_lib import _load_for_executorch_from_buffer
-        from executorch.extension.training import get_sgd_optimizer
-        from executorch.runtime import Runtime
-    return Runtime, _load_for_executorch_from_buffer, get_sgd_optimizer
+def _bindings() -> Any:
+    """ExecuTorch's C++ bindings, imported directly.
+
+    ``executorch.runtime`` and ``executorch.extension.training`` import the exporter
+    (``executorch.exir``, torchao): about 150 MB of resident memory a device does not need. The
+    bindings themselves only need libtorch loaded first (``import torch`` above).
+    """
+    return importlib.import_module("executorch.extension.pybindings._C")
 
 
 def set_threads(n: int) -> None:
     """Threads for ExecuTorch's XNNPACK threadpool and torch's own ops (1 = one core)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
-
-    _unsafe_reset_threadpool(max(1, n))
+    _bindings()._unsafe_reset_threadpool(max(1, n))
     torch.set_num_threads(max(1, n))
 
 
@@ -53,29 +49,35 @@ class ProgramModel:
     """``predict.pte`` as a :class:`~edge_client.predictor.StepModel`."""
 
     def __init__(self, program: Path, max_seq_len: int, beam_batch: int) -> None:
-        runtime_cls, _, _ = _quiet_import()
-        prog = runtime_cls.get().load_program(str(program))
-        self._prefill = prog.load_method("prefill")
-        self._step = prog.load_method("step")
-        self._score = prog.load_method("score")
+        c = _bindings()
+        self._program = c._load_program(
+            str(program),
+            enable_etdump=False,
+            debug_buffer_size=0,
+            program_verification=c.Verification.InternalConsistency,
+            data_path=None,
+        )
+        self._prefill = self._program.load_method("prefill")
+        self._step = self._program.load_method("step")
+        self._score = self._program.load_method("score")
         self.max_seq_len = max_seq_len
         self.beam_batch = beam_batch
 
     def prefill(self, ids: list[int]) -> tuple[FloatArray, FloatArray, FloatArray]:
         tokens = torch.zeros(1, self.max_seq_len, dtype=torch.long)
         tokens[0, : len(ids)] = torch.tensor(ids)
-        logp, k, v = self._prefill.execute([tokens, torch.tensor([len(ids)])])
-        return logp[0].numpy(), k.numpy().copy(), v.numpy().copy()
+        logp, k, v = self._prefill([tokens, torch.tensor([len(ids)])])
+        return logp[0].numpy(), k.numpy(), v.numpy()  # outputs are copies owned by us
 
     def step(
         self, tokens: npt.NDArray[np.int64], pos: int, k: FloatArray, v: FloatArray
     ) -> tuple[FloatArray, FloatArray, FloatArray]:
-        out = self._step.execute(
+        out = self._step(
             [
                 torch.from_numpy(tokens).view(-1, 1),
                 torch.tensor([pos]),
-                torch.from_numpy(np.ascontiguousarray(k)),
-                torch.from_numpy(np.ascontiguousarray(v)),
+                torch.from_numpy(k),  # views of the search's contiguous cache buffers
+                torch.from_numpy(v),
             ]
         )
         return out[0].numpy(), out[1].numpy(), out[2].numpy()
@@ -88,7 +90,7 @@ class ProgramModel:
         n = min(len(ids) - 1, s)
         tokens[0, :n] = torch.tensor(ids[:n])
         targets[0, :n] = torch.tensor(ids[1 : n + 1])
-        (logp,) = self._score.execute([tokens, targets])
+        (logp,) = self._score([tokens, targets])
         return np.asarray(logp[0, :n].numpy(), dtype=np.float32)
 
 
@@ -113,7 +115,7 @@ class Predictor:
 
 @dataclass(frozen=True)
 class OptimizerConfig:
-    """Device-side optimizer. SGD runs in ExecuTorch; Adam updates the live tensors in torch."""
+    """Device-side optimizer, applied in place to the program's live parameter tensors."""
 
     name: Literal["sgd", "adam"] = "sgd"
     lr: float = 0.05
@@ -143,9 +145,8 @@ class Trainer:
     """
 
     def __init__(self, program: Path, layout: Layout, batch_size: int, seq_len: int) -> None:
-        _, load, _ = _quiet_import()
-        self._buffer = program.read_bytes()  # the module reads the program from this memory
-        self._module = load(self._buffer)
+        # From the file (memory-mapped by ExecuTorch), not from a Python bytes copy of it.
+        self._module = _bindings()._load_for_executorch(str(program))
         self.layout = layout
         self.batch_size, self.seq_len = batch_size, seq_len
         self._grad_start = self._module.run_method("__et_training_gradients_index_forward", ())[0]
@@ -209,12 +210,8 @@ class Trainer:
         ``should_continue()`` is asked before each step (device still eligible?); when it says
         no, training stops and the stats say ``aborted``.
         """
-        _, _, get_sgd = _quiet_import()
-        sgd = None
-        if opt.name == "sgd":
-            sgd = get_sgd(dict(self.params), opt.lr, opt.momentum, 0.0, opt.weight_decay, False)
-        m = {n: torch.zeros_like(p) for n, p in self.params.items()} if opt.name == "adam" else {}
-        vv = {n: torch.zeros_like(p) for n, p in self.params.items()} if opt.name == "adam" else {}
+        m: dict[str, torch.Tensor] = {}  # SGD momentum buffers, or Adam's first moments
+        vv: dict[str, torch.Tensor] = {}  # Adam's second moments
         losses: list[float] = []
         examples, steps, aborted = 0, 0, False
         t0 = time.perf_counter()
@@ -227,8 +224,9 @@ class Trainer:
             out = self._run(b)
             losses.append(float(out[0].item()))
             grads = dict(zip(self._names, out[self._grad_start : self._param_start], strict=True))
-            if sgd is not None:
-                sgd.step(grads)  # reads the gradients before the next run overwrites them
+            # the gradients alias the program's memory: used before the next run overwrites them
+            if opt.name == "sgd":
+                self._sgd(grads, m, opt)
             else:
                 self._adam(grads, m, vv, steps + 1, opt)
             steps += 1
@@ -237,6 +235,24 @@ class Trainer:
         if not losses:
             return TrainStats(0, 0, math.nan, math.nan, math.nan, secs, aborted)
         return TrainStats(steps, examples, float(np.mean(losses)), losses[0], losses[-1], secs, aborted)
+
+    @torch.no_grad()
+    def _sgd(
+        self, grads: dict[str, torch.Tensor], buf: dict[str, torch.Tensor], opt: OptimizerConfig
+    ) -> None:
+        """SGD with optional momentum and weight decay, in place on the live parameters."""
+        for name, p in self.params.items():
+            g = grads[name]
+            if opt.weight_decay:
+                g = g.add(p, alpha=opt.weight_decay)
+            if opt.momentum:
+                b = buf.get(name)
+                if b is None:
+                    b = buf[name] = g.clone()
+                else:
+                    b.mul_(opt.momentum).add_(g)
+                g = b
+            p.add_(g, alpha=-opt.lr)
 
     @torch.no_grad()
     def _adam(
@@ -251,6 +267,8 @@ class Trainer:
         c1, c2 = 1 - b1**t, 1 - b2**t
         for name, p in self.params.items():
             g = grads[name]
+            if name not in m:
+                m[name], v[name] = torch.zeros_like(p), torch.zeros_like(p)
             if opt.weight_decay:
                 p.mul_(1 - opt.lr * opt.weight_decay)
             m[name].mul_(b1).add_(g, alpha=1 - b1)

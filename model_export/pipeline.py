@@ -22,7 +22,7 @@ import torch
 from edge_client.batching import Batch, IntArray, encode_messages, pack_batches
 from edge_client.bundle import Bundle, load_bundle
 from edge_client.predictor import BeamSearch
-from edge_client.runtime import ProgramModel
+from edge_client.runtime import ProgramModel, set_threads
 from edge_client.tokenizer import Tokenizer
 from model_export.data import Corpus, load_corpus, normalize, split_corpus
 from model_export.evaluate import (
@@ -191,14 +191,7 @@ def _eval_program_chunk(
 ) -> Counts:
     """Evaluate one share of the messages in this process (a pool worker or the caller)."""
     if threads:
-        import warnings
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
-
-        _unsafe_reset_threadpool(threads)
-        torch.set_num_threads(threads)
+        set_threads(threads)
     model = ProgramModel(spec.program, spec.max_seq_len, spec.beam_batch)
     tok = Tokenizer(spec.tokenizer)
     search = BeamSearch(model, tok)

@@ -52,6 +52,8 @@ _DEMO = Profile(
     student=ModelConfig(max_seq_len=48, d_model=192, n_layers=4, n_heads=4, d_ff=768, dropout=0.1),
     # T=1, alpha=0.5 beat T=2/alpha=0.7 and T=2/alpha=0.9 on validation loss (bench/RESULTS.md)
     student_train=TrainConfig(steps=1000, batch_size=32, lr=3e-3, eval_every=200, temperature=1.0, alpha=0.5),
+    # 4 rows x 48 slots per device step: the training arena is 45 MB (70 MB at 8 rows)
+    bundle=BundleSpec(train_batch=4, beam_batch=8),
     eval_messages=1000,
     ksr_messages=150,
 )
