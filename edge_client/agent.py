@@ -306,6 +306,7 @@ class Agent:
                 weights_cache=self.weights,
                 sleep=self._sleep,
                 should_continue=lambda: not self.stopped and self.provider.read().eligible,
+                stopping=lambda: self.stopped,
             )
         except Aborted as e:
             log.info("round %d: left (%s)", round_id, e)

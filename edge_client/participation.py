@@ -147,6 +147,7 @@ def run_round(
     rng: np.random.Generator | None = None,
     sleep: Callable[[float], None] = time.sleep,
     should_continue: Callable[[], bool] = lambda: True,
+    stopping: Callable[[], bool] = lambda: False,
     max_wait: float = 3600.0,
 ) -> RoundOutcome:
     """Take part in a training round from plan to result. Network faults are retried by the
@@ -224,6 +225,9 @@ def run_round(
         times["encode"] = time.time() - t
         transport.upload(round_id, body, result.examples)
         transport.report(round_id, result.report)
+        # After the upload the device only answers small messages: it stays in the round even
+        # if it stops being eligible for training (only a shutdown makes it leave).
+        wait["should_continue"] = lambda: not stopping()
         if secagg is not None:
             st = _wait_for(transport, round_id, Stage.UNMASK, **wait)  # type: ignore[arg-type]
             if st.participant_stage == "dropped" or st.stage != Stage.UNMASK:

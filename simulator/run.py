@@ -67,7 +67,7 @@ class SimConfig:
     over_selection: float = 1.3
     min_reports: int = 5
     dropout: float = 0.08
-    day_seconds: float = 300.0  # real seconds per simulated day
+    day_seconds: float = 600.0  # real seconds per simulated day
     start_hour: float = 21.0
     deadlines: dict[str, float] = field(
         default_factory=lambda: {

@@ -93,20 +93,24 @@ def aggregate(factory: sessionmaker[Session], ctx: RoundContext, round_id: int) 
         ).one()
         cfg = TaskConfig.model_validate(task.config)
         d = rnd.plan["dim"]
+        failure: Exception | None = None
         try:
             delta, n = _mean_delta(rnd, d)
             if not np.isfinite(delta).all():
                 raise CodecError("aggregate contains NaN or Inf")
         except (SecAggError, CodecError, ValueError) as e:
-            with session.begin():
-                rnd = session.get(Round, round_id, with_for_update=True, populate_existing=True)
-                if rnd is not None and rnd.stage == AGGREGATING:
-                    _fail(session, ctx, rnd, f"aggregation: {e}")
-            return None
-        weights = ctx.store.load_weights(base.weights_file)
-        state = ctx.store.load_optimizer_state(task.name, base.version)
-        opt = make_optimizer(cfg.server_optimizer)
-        new_weights, new_state = opt.step(weights, delta, state)
+            failure = e
+        else:
+            weights = ctx.store.load_weights(base.weights_file)
+            state = ctx.store.load_optimizer_state(task.name, base.version)
+            opt = make_optimizer(cfg.server_optimizer)
+            new_weights, new_state = opt.step(weights, delta, state)
+    if failure is not None:
+        with factory() as session, session.begin():
+            rnd = session.get(Round, round_id, with_for_update=True, populate_existing=True)
+            if rnd is not None and rnd.stage == AGGREGATING:
+                _fail(session, ctx, rnd, f"aggregation: {failure}")
+        return None
     with factory() as session, session.begin():
         rnd = session.get(Round, round_id, with_for_update=True, populate_existing=True)
         if rnd is None or rnd.stage != AGGREGATING or rnd.claimed_at is None or _utc(rnd.claimed_at) != claim:

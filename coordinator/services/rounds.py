@@ -111,6 +111,7 @@ UPLOAD = "upload"
 EVALUATING = "evaluating"
 AGGREGATING = "aggregating"
 DONE = "done"
+SELECTION_PATIENCE = 10  # selection windows a round waits for enough eligible devices
 # participant stages besides the completed round stage names
 SELECTED = "selected"
 DROPPED = "dropped"
@@ -382,7 +383,8 @@ def _pace(ctx: RoundContext, session: Session, rnd: Round, cfg: TaskConfig) -> C
         remaining = (_utc(rnd.stage_deadline) - now).total_seconds() + d.unmask
     rate = float(rnd.metrics.get("candidate_rate", 0.0)) if rnd.metrics else 0.0
     pool = rnd.selection_target * cfg.selection_pool
-    window = min(max(pool / rate, 1.0), 120.0) if rate > 0 else 5.0
+    # spread returns over a window the pool fills in, but never wider than a selection window
+    window = min(max(pool / rate, 1.0) if rate > 0 else 5.0, cfg.deadlines.selection)
     return _retry(ctx, max(remaining, ctx.settings.min_retry_seconds), "no round needs devices now", window)
 
 
@@ -732,7 +734,7 @@ def round_for_device(session: Session, round_id: int, device: Device) -> tuple[R
 def status(session: Session, ctx: RoundContext, *, round_id: int, device: Device) -> RoundStatus:
     rnd, part = round_for_device(session, round_id, device)
     remaining = max((_utc(rnd.stage_deadline) - ctx.now()).total_seconds(), 0.0)
-    poll = 0.0 if rnd.stage == DONE else min(max(remaining / 4, 0.2), 5.0)
+    poll = 0.0 if rnd.stage == DONE else min(max(remaining / 8, 0.2), 2.0)
     return RoundStatus(
         round_id=rnd.id,
         stage=rnd.stage,
