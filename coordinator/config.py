@@ -22,12 +22,16 @@ class Settings(BaseSettings):
     # security
     enrollment_secret: SecretStr = Field(default=SecretStr(""), description="fleet enrolment secret")
     admin_token: SecretStr = Field(default=SecretStr(""), description="bearer token of the admin API")
-    max_body_bytes: int = 64 * 1024 * 1024  # larger request bodies are refused with 413
+    max_body_bytes: int = 64 * 1024 * 1024  # larger device request bodies are refused with 413
+    max_bundle_bytes: int = 2 * 1024 * 1024 * 1024  # admin bundle uploads (a whole model)
     rate_limit_per_minute: int = 600  # requests per device per minute (429 beyond)
     # scheduling
     tick_seconds: float = 0.5  # how often each worker checks round deadlines
     idle_retry_seconds: float = 60.0  # retry_after when no round needs devices
     min_retry_seconds: float = 1.0
+    # candidates in a selecting round's pool come back this often: selection closes the moment
+    # the pool fills, and the selected must advertise keys within the advertise deadline
+    candidate_poll_seconds: float = 1.0
     max_retry_seconds: float = 900.0
     # publishing new predict.pte for committed versions (needs the export extra)
     publish_predict: bool = True

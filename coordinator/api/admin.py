@@ -98,7 +98,7 @@ def rollback(name: TaskPath, body: Rollback, _: AdminDep, session: SessionDep) -
 )
 async def upload_bundle(name: TaskPath, request: Request, _: AdminDep, ctx: ContextDep) -> VersionPublic:
     """A bundle tarball (``fedkeys export build`` writes one): its weights become a new version."""
-    body = await read_body(request, ctx.settings.max_body_bytes)
+    body = await read_body(request, ctx.settings.max_bundle_bytes)
     app = request.app
 
     def work() -> VersionPublic:

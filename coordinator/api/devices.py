@@ -61,10 +61,22 @@ def enroll_device(body: EnrollRequest, session: SessionDep, settings: SettingsDe
 
 @router.post("/checkin")
 def checkin(
-    body: CheckinRequest, device: CurrentDevice, session: SessionDep, ctx: ContextDep
+    body: CheckinRequest, request: Request, session: SessionDep, ctx: ContextDep, settings: SettingsDep
 ) -> CheckinResponse:
     """Report the device's state; get ``retry_after`` (pace steering) or an assignment."""
-    response = rounds.checkin(session, ctx, device=device, state=body.state)
+    st = body.state
+    device = authenticate(
+        session,
+        token=_bearer(request),
+        rate_limit_per_minute=settings.rate_limit_per_minute,
+        checkin={
+            "last_checkin_at": ctx.now(),
+            "client_version": st.client_version,
+            "device_class": st.device_class,
+            "data_bucket": max(0, int(st.examples).bit_length()),
+        },
+    )
+    response = rounds.checkin(session, ctx, device=device, state=st)
     ctx.metrics.checkins.labels(response.action).inc()
     return response
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from datetime import UTC, datetime
 
-from sqlalchemy import select, update
+from sqlalchemy import case, update
 from sqlalchemy.orm import Session
 
 from coordinator.db.models import Device
@@ -51,21 +51,31 @@ def enroll(
     return device.id, token
 
 
-def authenticate(session: Session, *, token: str, rate_limit_per_minute: int) -> Device:
-    """The device owning ``token``; counts the request against its per-minute budget.
+def authenticate(
+    session: Session, *, token: str, rate_limit_per_minute: int, checkin: dict[str, object] | None = None
+) -> Device:
+    """The device owning ``token``, in one round trip: the same statement counts the request
+    against the device's per-minute budget (and, for a check-in, records its state).
 
-    The counter lives in the device row (no process memory), updated in the same transaction
-    as the request's own work.
+    The counter lives in the device row (no process memory). A refused request rolls back with
+    its transaction, so hammering a limit does not extend it.
     """
-    device = session.scalars(select(Device).where(Device.token_hash == hash_token(token))).one_or_none()
-    if device is None:
-        raise AuthError("unknown or revoked device token")
     now = time.time()
     minute = int(now // 60)
-    if device.rate_window != minute:
-        session.execute(update(Device).where(Device.id == device.id).values(rate_window=minute, rate_count=1))
-    else:
-        if device.rate_count >= rate_limit_per_minute:
-            raise RateLimited(retry_after=60 - now % 60)
-        session.execute(update(Device).where(Device.id == device.id).values(rate_count=Device.rate_count + 1))
+    values: dict[str, object] = {
+        "rate_count": case((Device.rate_window == minute, Device.rate_count + 1), else_=1),
+        "rate_window": minute,
+        **(checkin or {}),
+    }
+    device = session.execute(
+        update(Device)
+        .where(Device.token_hash == hash_token(token))
+        .values(**values)
+        .returning(Device)
+        .execution_options(synchronize_session=False)
+    ).scalar_one_or_none()
+    if device is None:
+        raise AuthError("unknown or revoked device token")
+    if device.rate_count > rate_limit_per_minute:
+        raise RateLimited(retry_after=60 - now % 60)
     return device

@@ -24,6 +24,7 @@ import logging
 import math
 import random
 import secrets
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -130,6 +131,24 @@ class Forbidden(Exception):
     """403: the device was not selected for this round."""
 
 
+@dataclass(frozen=True)
+class RoundView:
+    """What a check-in needs to know about a task's open round (cached for a moment)."""
+
+    round_id: int
+    task_id: int
+    task: str
+    number: int
+    kind: str
+    stage: str
+    stage_deadline: datetime
+    created_at: datetime
+    selection_target: int
+    cfg: TaskConfig
+    candidate_rate: float
+    recent_durations: tuple[float, ...]  # seconds of the task's last finished rounds
+
+
 @dataclass
 class RoundContext:
     settings: Settings
@@ -137,6 +156,8 @@ class RoundContext:
     metrics: Metrics
     now: Callable[[], datetime] = lambda: datetime.now(UTC)
     jitter: random.Random = field(default_factory=random.Random)  # pace-steering spread
+    view_ttl: float = 0.5  # seconds a worker reuses its view of the open rounds
+    _views: tuple[float, list[RoundView]] | None = None
 
 
 def _utc(dt: datetime) -> datetime:
@@ -274,6 +295,53 @@ def open_rounds(session: Session, ctx: RoundContext) -> list[Round]:
     return out
 
 
+def round_views(session: Session, ctx: RoundContext) -> list[RoundView]:
+    """The open rounds of active tasks, as of at most ``view_ttl`` ago.
+
+    Between rounds most check-ins only need a ``retry_after``: they are answered from this
+    per-worker snapshot (soft state; every decision that changes a round reads and locks the
+    database). While a round is selecting, the snapshot is refreshed on every check-in.
+    """
+    mono = time.monotonic()
+    cached = ctx._views
+    if (
+        cached is not None
+        and mono - cached[0] < ctx.view_ttl
+        and all(v.stage != SELECTING for v in cached[1])
+    ):
+        return cached[1]
+    views = []
+    for rnd in open_rounds(session, ctx):
+        task = session.get(Task, rnd.task_id)
+        assert task is not None
+        recent = session.execute(
+            select(Round.created_at, Round.finished_at)
+            .where(Round.task_id == rnd.task_id, Round.finished_at.is_not(None))
+            .order_by(Round.id.desc())
+            .limit(5)
+        ).all()
+        views.append(
+            RoundView(
+                round_id=rnd.id,
+                task_id=task.id,
+                task=task.name,
+                number=rnd.number,
+                kind=rnd.kind,
+                stage=rnd.stage,
+                stage_deadline=_utc(rnd.stage_deadline),
+                created_at=_utc(rnd.created_at),
+                selection_target=rnd.selection_target,
+                cfg=_cfg(task),
+                candidate_rate=float((rnd.metrics or {}).get("candidate_rate", 0.0)),
+                recent_durations=tuple(
+                    (_utc(f) - _utc(c)).total_seconds() for c, f in recent if f is not None
+                ),
+            )
+        )
+    ctx._views = (mono, views)
+    return views
+
+
 def plan_for(session: Session, ctx: RoundContext, rnd: Round, base_url: str) -> RoundPlan:
     """The device-facing plan of a round (URLs relative to ``base_url``)."""
     p = rnd.plan
@@ -359,7 +427,7 @@ def _retry(ctx: RoundContext, seconds: float, reason: str, spread: float = 0.0) 
     return CheckinResponse(action="retry", retry_after=round(value, 3), reason=reason)
 
 
-def _pace(ctx: RoundContext, session: Session, rnd: Round, cfg: TaskConfig) -> CheckinResponse:
+def _pace(ctx: RoundContext, view: RoundView) -> CheckinResponse:
     """retry_after for a device while the open round needs nobody.
 
     The next selection starts roughly when this round ends: the median length of recent
@@ -368,21 +436,15 @@ def _pace(ctx: RoundContext, session: Session, rnd: Round, cfg: TaskConfig) -> C
     check-in rate seen at the last selection fills the next pool about twice over.
     """
     now = ctx.now()
-    recent = session.execute(
-        select(Round.created_at, Round.finished_at)
-        .where(Round.task_id == rnd.task_id, Round.finished_at.is_not(None))
-        .order_by(Round.id.desc())
-        .limit(5)
-    ).all()
-    elapsed = (now - _utc(rnd.created_at)).total_seconds()
-    if recent:
-        durations = sorted((_utc(f) - _utc(c)).total_seconds() for c, f in recent if f is not None)
+    cfg = view.cfg
+    elapsed = (now - view.created_at).total_seconds()
+    if view.recent_durations:
+        durations = sorted(view.recent_durations)
         remaining = durations[len(durations) // 2] - elapsed
     else:
-        d = cfg.deadlines
-        remaining = (_utc(rnd.stage_deadline) - now).total_seconds() + d.unmask
-    rate = float(rnd.metrics.get("candidate_rate", 0.0)) if rnd.metrics else 0.0
-    pool = rnd.selection_target * cfg.selection_pool
+        remaining = (view.stage_deadline - now).total_seconds() + cfg.deadlines.unmask
+    rate = view.candidate_rate
+    pool = view.selection_target * cfg.selection_pool
     # spread returns over a window the pool fills in, but never wider than a selection window
     window = min(max(pool / rate, 1.0) if rate > 0 else 5.0, cfg.deadlines.selection)
     return _retry(ctx, max(remaining, ctx.settings.min_retry_seconds), "no round needs devices now", window)
@@ -405,72 +467,59 @@ def _assignment(rnd: Round, task: Task) -> CheckinResponse:
     )
 
 
-def _bucket(examples: int) -> int:
-    return max(0, int(examples).bit_length())
-
-
 def checkin(session: Session, ctx: RoundContext, *, device: Device, state: DeviceState) -> CheckinResponse:
+    """One check-in: the device's own round if it is in one, a place in a selecting round's
+    pool if it is eligible, otherwise a ``retry_after``. The device row was already updated
+    (last check-in, versions) by :func:`coordinator.services.devices.authenticate`."""
     now = ctx.now()
-    session.execute(
-        update(Device)
-        .where(Device.id == device.id)
-        .values(
-            last_checkin_at=now,
-            client_version=state.client_version,
-            device_class=state.device_class,
-            data_bucket=_bucket(state.examples),
-        )
-    )
     current = _participation(session, device.id)
     if current is not None:
         _, rnd, task = current
         return _assignment(rnd, task)
-    rounds = open_rounds(session, ctx)
-    if not rounds:
-        return _retry(
-            ctx,
-            ctx.settings.idle_retry_seconds * 0.5,
-            "no active task",
-            ctx.settings.idle_retry_seconds,
-        )
-    for rnd in rounds:
-        owner = session.get(Task, rnd.task_id)
-        assert owner is not None
-        cfg = _cfg(owner)
+    views = round_views(session, ctx)
+    idle = ctx.settings.idle_retry_seconds
+    if not views:
+        return _retry(ctx, idle * 0.5, "no active task", idle)
+    for view in views:
+        cfg = view.cfg
         pol = cfg.eligibility
         if pol.device_classes is not None and state.device_class not in pol.device_classes:
             continue
-        if rnd.stage != SELECTING:
-            return _pace(ctx, session, rnd, cfg)
+        if view.stage != SELECTING:
+            return _pace(ctx, view)
         reason = eligibility(cfg, state)
-        if reason is None and device.last_round_number >= rnd.number - cfg.cooldown_rounds:
+        if reason is None and device.last_round_number >= view.number - cfg.cooldown_rounds:
             reason = "cooling down after a recent round"
         if reason is not None:
-            idle = ctx.settings.idle_retry_seconds
             return _retry(ctx, idle * 0.5, reason, idle)
-        if session.get(Candidate, (rnd.id, device.id)) is None:
+        if session.get(Candidate, (view.round_id, device.id)) is None:
             session.add(
-                Candidate(round_id=rnd.id, device_id=device.id, checked_in_at=now, examples=state.examples)
+                Candidate(
+                    round_id=view.round_id, device_id=device.id, checked_in_at=now, examples=state.examples
+                )
             )
             session.flush()
         pool = (
-            session.scalar(select(func.count()).select_from(Candidate).where(Candidate.round_id == rnd.id))
+            session.scalar(
+                select(func.count()).select_from(Candidate).where(Candidate.round_id == view.round_id)
+            )
             or 0
         )
-        if pool >= math.ceil(rnd.selection_target * cfg.selection_pool):
-            advance(session, ctx, rnd.id)
-            mine = session.get(Participant, (rnd.id, device.id))
+        if pool >= math.ceil(view.selection_target * cfg.selection_pool):
+            advance(session, ctx, view.round_id, wait=False)
+            mine = session.get(Participant, (view.round_id, device.id))
             if mine is not None:
-                return _assignment(rnd, owner)
-            return _pace(ctx, session, rnd, cfg)
-        wait = (_utc(rnd.stage_deadline) - now).total_seconds()
-        return _retry(ctx, max(wait, 0.2), "candidate: selection closes soon", 1.0)
-    return _retry(
-        ctx,
-        ctx.settings.idle_retry_seconds * 0.5,
-        "not in any task's population",
-        ctx.settings.idle_retry_seconds,
-    )
+                return CheckinResponse(
+                    action="evaluate" if view.kind == "evaluate" else "train",
+                    round_id=view.round_id,
+                    task=view.task,
+                )
+            ctx._views = None
+            return _retry(ctx, ctx.settings.min_retry_seconds, "pool full", cfg.deadlines.selection)
+        wait = (view.stage_deadline - now).total_seconds()
+        poll = ctx.settings.candidate_poll_seconds
+        return _retry(ctx, min(max(wait, 0.2), poll), "candidate: selection closes soon", poll / 2)
+    return _retry(ctx, idle * 0.5, "not in any task's population", idle)
 
 
 # ----------------------------------------------------------------------------------------
@@ -483,6 +532,17 @@ def _lock(session: Session, round_id: int) -> Round:
     if rnd is None:
         raise Gone(f"no round {round_id}")
     return rnd
+
+
+def _try_lock(session: Session, round_id: int) -> Round | None:
+    """The round, locked, or None if another transaction holds it (PostgreSQL ``SKIP LOCKED``;
+    SQLite transactions are serialised already)."""
+    return session.execute(
+        select(Round)
+        .where(Round.id == round_id)
+        .with_for_update(skip_locked=True)
+        .execution_options(populate_existing=True)
+    ).scalar_one_or_none()
 
 
 def _set_stage(ctx: RoundContext, rnd: Round, stage: str, seconds: float) -> None:
@@ -588,13 +648,23 @@ def _close_selection(session: Session, ctx: RoundContext, rnd: Round, task: Task
         _set_stage(ctx, rnd, UPLOAD, d.upload)
 
 
-def advance(session: Session, ctx: RoundContext, round_id: int) -> bool:
+def advance(session: Session, ctx: RoundContext, round_id: int, *, wait: bool = True) -> bool:
     """Move a round on if its stage is complete or past its deadline. True if it moved.
 
     Returns with the round in AGGREGATING when the heavy work is due: the caller runs
     :func:`coordinator.services.aggregate.aggregate` outside the transaction.
+
+    ``wait=False`` gives up at once if another transaction holds the round. A check-in holds its
+    own device row when it gets here, and closing a selection locks the chosen devices' rows,
+    so waiting there could deadlock against another check-in; whoever holds the round closes it.
     """
-    rnd = _lock(session, round_id)
+    if wait:
+        rnd = _lock(session, round_id)
+    else:
+        maybe = _try_lock(session, round_id)
+        if maybe is None:
+            return False
+        rnd = maybe
     task = session.get(Task, rnd.task_id)
     assert task is not None
     cfg = _cfg(task)

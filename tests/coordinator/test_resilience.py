@@ -11,9 +11,9 @@ import numpy as np
 import psycopg
 import pytest
 
-from tests.coordinator.conftest import start_server, stop_server
 from tests.coordinator.scripted import ScriptedDevice, ready_state, run_devices
 from tests.coordinator.test_rounds import make_devices, setup_task, task_config, wait_round
+from tests.servers import start_server, stop_server
 
 pytestmark = pytest.mark.slow
 

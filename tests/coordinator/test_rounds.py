@@ -10,8 +10,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tests.coordinator.conftest import Server
 from tests.coordinator.scripted import ScriptedDevice, run_devices
+from tests.servers import Server
 
 pytestmark = pytest.mark.slow
 

@@ -12,8 +12,8 @@ import requests
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 
-from tests.coordinator.conftest import Server, start_server, stop_server
 from tests.coordinator.test_rounds import task_config
+from tests.servers import Server, start_server, stop_server
 
 pytestmark = pytest.mark.slow
 

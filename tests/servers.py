@@ -1,6 +1,5 @@
-"""Fixtures for coordinator tests: a database of its own per test (SQLite file or a fresh
-PostgreSQL database on 127.0.0.1:5432, dropped afterwards) and a real coordinator process
-(uvicorn over TLS on a free loopback port)."""
+"""Real coordinator processes for tests and benchmarks: uvicorn over TLS on a free loopback port,
+against a SQLite file or a fresh PostgreSQL database of its own (see the fixtures in conftest.py)."""
 
 from __future__ import annotations
 
@@ -12,17 +11,17 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-import pytest
 
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/test"
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 
 
-def _pg_available() -> bool:
+def pg_available() -> bool:
     try:
         import psycopg
 
@@ -32,13 +31,11 @@ def _pg_available() -> bool:
         return False
 
 
-@pytest.fixture
-def pg_url() -> Iterator[str]:
-    """A fresh PostgreSQL database with a random name, dropped after the test."""
+@contextmanager
+def fresh_pg_database() -> Iterator[str]:
+    """A PostgreSQL database with a random name (CI reuses the server), dropped afterwards."""
     import psycopg
 
-    if not _pg_available():
-        pytest.fail("PostgreSQL at 127.0.0.1:5432 is not reachable (the tests need it)")
     name = f"fedkeys_test_{secrets.token_hex(6)}"
     with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
@@ -52,14 +49,6 @@ def pg_url() -> Iterator[str]:
                 (name,),
             )
             conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'coordinator.db'}"
-    else:
-        yield request.getfixturevalue("pg_url")
 
 
 def free_port() -> int:
@@ -171,21 +160,3 @@ def stop_server(server: Server, sig: int = signal.SIGTERM) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(server.proc.pid, signal.SIGKILL)
         server.proc.wait()
-
-
-@pytest.fixture
-def server(tmp_path: Path, db_url: str) -> Iterator[Server]:
-    s = start_server(tmp_path, db_url)
-    try:
-        yield s
-    finally:
-        stop_server(s)
-
-
-@pytest.fixture
-def sqlite_server(tmp_path: Path) -> Iterator[Server]:
-    s = start_server(tmp_path, f"sqlite:///{tmp_path / 'coordinator.db'}")
-    try:
-        yield s
-    finally:
-        stop_server(s)

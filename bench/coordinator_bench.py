@@ -1,0 +1,298 @@
+"""Coordinator benchmarks (issue 4), recorded in bench/RESULTS.md:
+
+1. Check-in throughput and latency (p50/p99) under concurrent load from a separate process,
+   PostgreSQL, TLS (goal: >= 1,000 check-ins/s with p99 < 50 ms on this 2-core machine).
+2. Check-in cost with 100k and 1M registered devices (must stay flat).
+3. Upload ingest rate of masked updates into the running sum (MB/s).
+
+    .venv/bin/python bench/coordinator_bench.py [--workers 2] [--seconds 20] [--skip-1m]
+
+The load generator is an asyncio process with keep-alive HTTPS connections; it shares the two
+cores with the coordinator, so the figures are what one machine does end to end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import os
+import platform
+import secrets
+import statistics
+import subprocess
+import sys
+import time
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.model_bench import _record  # noqa: E402
+from tests.servers import PG_ADMIN, start_server, stop_server  # noqa: E402
+
+STATE = {
+    "charging": True,
+    "idle": True,
+    "unmetered": True,
+    "battery_pct": 90.0,
+    "free_storage_mb": 5000.0,
+    "client_version": "0.1.0",
+    "examples": 100,
+    "device_class": "phone",
+}
+
+
+def create_db() -> tuple[str, str]:
+    import psycopg
+
+    name = f"fedkeys_bench_{secrets.token_hex(4)}"
+    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    return name, f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+
+
+def drop_db(name: str) -> None:
+    import psycopg
+
+    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+        conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
+
+
+def bulk_devices(dbname: str, n: int, prefix: str) -> list[str]:
+    """Register ``n`` devices directly in the database (COPY); returns tokens of 2,000 of them."""
+    import psycopg
+
+    tokens = []
+    with psycopg.connect(f"postgresql://postgres@127.0.0.1:5432/{dbname}") as conn, conn.cursor() as cur:
+        with cur.copy(
+            "COPY devices (id, token_hash, created_at, platform, device_class, client_version, participations,"
+            " last_round_number, data_bucket, rate_window, rate_count) FROM STDIN"
+        ) as copy:
+            for i in range(n):
+                token = f"{prefix}-{i}-bench-token"
+                if i % max(n // 2000, 1) == 0:
+                    tokens.append(token)
+                digest = hashlib.sha256(token.encode()).hexdigest()
+                copy.write_row(
+                    (
+                        f"{prefix}{i:030d}"[-32:],
+                        digest,
+                        "2026-01-01T00:00:00Z",
+                        "bench",
+                        "phone",
+                        "0.1.0",
+                        0,
+                        -1_000_000_000,
+                        7,
+                        0,
+                        0,
+                    )
+                )
+        conn.commit()
+    return tokens
+
+
+async def load(url: str, ca: str, tokens: list[str], seconds: float, concurrency: int) -> dict[str, float]:
+    import httpx
+
+    lat: list[float] = []
+    errors = 0
+    stop = time.perf_counter() + seconds
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, verify=ca, limits=limits, timeout=30) as client:
+
+        async def worker(i: int) -> None:
+            nonlocal errors
+            token = tokens[i % len(tokens)]
+            headers = {"Authorization": f"Bearer {token}"}
+            body = json.dumps({"state": STATE})
+            k = 0
+            while time.perf_counter() < stop:
+                t0 = time.perf_counter()
+                r = await client.post(
+                    "/v1/checkin", content=body, headers={**headers, "Content-Type": "application/json"}
+                )
+                lat.append(time.perf_counter() - t0)
+                if r.status_code != 200:
+                    errors += 1
+                k += 1
+                token = tokens[(i + k * concurrency) % len(tokens)]
+                headers = {"Authorization": f"Bearer {token}"}
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker(i) for i in range(concurrency)))
+        took = time.perf_counter() - t0
+    lat.sort()
+    return {
+        "requests": len(lat),
+        "rps": len(lat) / took,
+        "p50_ms": 1000 * statistics.median(lat),
+        "p99_ms": 1000 * lat[int(0.99 * len(lat)) - 1],
+        "errors": errors,
+    }
+
+
+def run_load(url: str, ca: str, tokens: list[str], seconds: float, concurrency: int) -> dict[str, float]:
+    """In a separate process (the load must not share the coordinator's interpreter)."""
+    tf = Path(f"/tmp/fedkeys-bench-tokens-{os.getpid()}.json")
+    tf.write_text(json.dumps(tokens))
+    out = subprocess.run(
+        [
+            sys.executable,
+            __file__,
+            "--load",
+            url,
+            "--ca",
+            ca,
+            "--tokens",
+            str(tf),
+            "--seconds",
+            str(seconds),
+            "--concurrency",
+            str(concurrency),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+def ingest(server: Any, tiny_tar: Path, n_devices: int = 30) -> dict[str, float]:
+    """Masked uploads of a secure round streamed into the running sum: MB/s at the API."""
+    from tests.coordinator.scripted import ScriptedDevice
+    from tests.coordinator.test_rounds import setup_task, task_config
+
+    cfg = task_config(
+        clients_per_round=n_devices,
+        over_selection=1.0,
+        min_reports=2,
+        selection_pool=1.0,
+        codec={"keep_fraction": 1.0, "bits": 8, "rotate": False},
+        deadlines={"selection": 60, "advertise": 60, "share": 60, "upload": 120, "unmask": 60},
+    )
+    w0 = setup_task(server, tiny_tar, cfg, name="ingest")
+    import numpy as np
+
+    devs = []
+    rng = np.random.default_rng(0)
+    for _ in range(n_devices):
+        d = ScriptedDevice(
+            server.url,
+            str(server.ca),
+            server.enroll_secret,
+            (rng.normal(0, 1e-3, w0.shape)).astype(np.float32),
+            examples=10,
+        )
+        d.enroll()
+        devs.append(d)
+    timings: list[float] = []
+    sizes: list[int] = []
+    import threading
+
+    from edge_client.transport import Transport
+
+    orig = Transport.upload
+
+    def timed(self: Transport, round_id: int, body: bytes, examples: int) -> bool:
+        t0 = time.perf_counter()
+        ok = orig(self, round_id, body, examples)
+        timings.append(time.perf_counter() - t0)
+        sizes.append(len(body))
+        return ok
+
+    Transport.upload = timed  # type: ignore[method-assign]
+    try:
+        threads = [threading.Thread(target=d.run) for d in devs]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        Transport.upload = orig  # type: ignore[method-assign]
+    total_mb = sum(sizes) / 1e6
+    return {
+        "uploads": len(sizes),
+        "mb_per_upload": total_mb / max(len(sizes), 1),
+        "mean_upload_ms": 1000 * statistics.fmean(timings),
+        "mb_per_s_serial": total_mb / sum(timings),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--seconds", type=float, default=15)
+    ap.add_argument("--concurrency", type=int, default=64)
+    ap.add_argument("--skip-1m", action="store_true")
+    ap.add_argument("--load", default=None)
+    ap.add_argument("--ca", default=None)
+    ap.add_argument("--tokens", default=None)
+    args = ap.parse_args()
+    if args.load:
+        tokens = json.loads(Path(args.tokens).read_text())
+        print(json.dumps(asyncio.run(load(args.load, args.ca, tokens, args.seconds, args.concurrency))))
+        return
+    import tempfile
+
+    rows = []
+    dbname, url = create_db()
+    tmp = Path(tempfile.mkdtemp(prefix="fedkeys-bench-"))
+    try:
+        server = start_server(
+            tmp, url, workers=args.workers, extra_env={"FEDKEYS_RATE_LIMIT_PER_MINUTE": "1000000"}
+        )
+        try:
+            for n, label in ((1_000, "1k"), (100_000, "100k"), (1_000_000, "1M")):
+                if label == "1M" and args.skip_1m:
+                    continue
+                have = sum(r["registered"] for r in rows)
+                tokens = bulk_devices(dbname, n - have, f"d{label}")
+                res = run_load(server.url, str(server.ca), tokens, args.seconds, args.concurrency)
+                res["registered"] = n - have
+                res["devices"] = n
+                rows.append(res)
+                print(label, res, flush=True)
+            tiny = ROOT / ".cache" / "test-bundles"
+            tars = sorted(tiny.glob("*/bundle.tar"), key=lambda p: p.stat().st_mtime)
+            ing = ingest(server, tars[-1]) if tars else {}
+        finally:
+            stop_server(server)
+    finally:
+        drop_db(dbname)
+    lines = [
+        "## Coordinator (issue 4)",
+        "",
+        f"{date.today()}, {platform.machine()}, {os.cpu_count()} cores; PostgreSQL 15 on loopback, TLS, "
+        f"{args.workers} uvicorn workers; load from a separate asyncio process ({args.concurrency} keep-alive "
+        f"connections, {args.seconds:.0f} s per point) on the same 2 cores. Check-ins of eligible devices with "
+        "an active task between rounds (the common case: pace steering answers).",
+        "",
+        "| registered devices | check-ins/s | p50 | p99 | errors | goal |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['devices']:,} | {r['rps']:.0f} | {r['p50_ms']:.1f} ms | {r['p99_ms']:.1f} ms | "
+            f"{r['errors']} | >= 1,000/s, p99 < 50 ms |"
+        )
+    if ing:
+        lines += [
+            "",
+            f"Masked-update ingest (secure round, {ing['uploads']} uploads of {ing['mb_per_upload']:.2f} MB, "
+            f"parsed, checked and added into the running sum): {ing['mb_per_s_serial']:.1f} MB/s per upload "
+            f"stream, {ing['mean_upload_ms']:.0f} ms per upload.",
+        ]
+    body = "\n".join(lines)
+    print(body)
+    _record("Coordinator (issue 4)", body)
+
+
+if __name__ == "__main__":
+    main()
