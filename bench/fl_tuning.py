@@ -1,0 +1,197 @@
+"""Choosing the simulator's federated defaults quickly (issue 6): an in-process emulation of
+the fleet's rounds on the same devices, data and codec, without the network.
+
+Each round samples ``per_round`` of the fleet's devices, trains each for ``local_steps`` SGD
+steps in eager torch on its own newest messages (the same batches the device runtime packs),
+encodes the deltas with the real codec (clip, rotation, round-shared subset, stochastic
+quantization; the modular sum is exact, so secure aggregation changes nothing here), decodes the
+sum and applies the coordinator's server optimizer. Heldout top-1 is measured with the same
+beam search as the simulator. It is a tuning aid: the recorded targets come from real
+``fedkeys simulate --compare`` runs.
+
+    .venv/bin/python bench/fl_tuning.py --bundle artifacts/demo/bundle --grid default
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+@dataclass(frozen=True)
+class Trial:
+    name: str
+    devices: int = 100
+    per_round: int = 10
+    rounds: int = 30
+    local_steps: int = 10
+    client_lr: float = 0.1
+    batch: int = 4
+    compress: bool = True
+    rotate: bool = True
+    keep_fraction: float = 1 / 16
+    bits: int = 6
+    clip_norm: float = 2.0
+    range_factor: float = 4.0
+    weight_cap: int = 16
+    server: str = "fedavgm"
+    server_lr: float = 1.0
+    momentum: float = 0.5
+    max_examples: int = 400
+    seed: int = 0
+    eval_messages: int = 600
+
+
+def device_texts(devices: int, seed: int, max_examples: int, holdout: int = 20) -> list[list[str]]:
+    from edge_client.text import normalize
+    from simulator.fleet import make_specs
+    from simulator.run import _fleet_users
+
+    out = []
+    for spec in make_specs(_fleet_users(), devices, seed):
+        keep = spec.texts[: max(len(spec.texts) - min(holdout, len(spec.texts) // 5), 0)][-max_examples:]
+        out.append([t for t in (normalize(x) for x in keep) if t])
+    return out
+
+
+def run_trial(trial: Trial, bundle_dir: str) -> dict[str, Any]:
+    import torch
+
+    from coordinator.optimizers import make_optimizer
+    from coordinator.schemas import ServerOptimizer
+    from edge_client.batching import encode_messages, pack_batches
+    from model_export.export import model_from_bundle
+    from protocol.codec import CodecParams, decode_sum, encode, ring_bits
+    from simulator.run import VersionEvaluator, heldout_sample
+
+    torch.set_num_threads(1)
+    torch.manual_seed(trial.seed)
+    evaluator = VersionEvaluator(Path(bundle_dir), heldout_sample(trial.eval_messages, 0))
+    b = evaluator.bundle
+    layout = b.manifest.train.layout
+    lm = model_from_bundle(b.root, b.manifest)
+    lm.eval()  # the devices' train.pte runs without dropout
+    params = dict(lm.named_parameters())
+    seq = b.manifest.train.seq_len
+    texts = device_texts(trial.devices, trial.seed, trial.max_examples)
+    data = [encode_messages(evaluator.tok, t, seq) for t in texts]
+    counts = [len(t) for t in texts]
+    w = layout.flatten({n: p.detach().numpy() for n, p in params.items()}).astype(np.float32)
+    opt = make_optimizer(
+        ServerOptimizer(name=trial.server, lr=trial.server_lr, momentum=trial.momentum)  # type: ignore[arg-type]
+    )
+    state: dict[str, Any] = {}
+    rng = np.random.default_rng(trial.seed)
+    history = [{"round": 0, **evaluator.eager(w)}]
+    t0 = time.time()
+    k_bits = 32
+    for rnd in range(1, trial.rounds + 1):
+        chosen = rng.choice(trial.devices, trial.per_round, replace=False)
+        codec = CodecParams(
+            clip_norm=trial.clip_norm,
+            rotate=trial.rotate,
+            keep_fraction=trial.keep_fraction,
+            bits=trial.bits,
+            max_clients=math.ceil(trial.per_round * 1.3),
+            range_factor=trial.range_factor,
+            weight_cap=trial.weight_cap,
+            seed=rng.bytes(32),
+        )
+        deltas, weights = [], []
+        for dev in chosen:
+            start = {n: torch.from_numpy(v.copy()) for n, v in layout.unflatten(w).items()}
+            with torch.no_grad():
+                for n, p in params.items():
+                    p.copy_(start[n])
+            local_rng = np.random.default_rng(rng.integers(1 << 30))
+            steps = 0
+            while steps < trial.local_steps and data[dev]:  # epochs over the device's messages
+                for bt in pack_batches(data[dev], trial.batch, seq, local_rng):
+                    if steps >= trial.local_steps:
+                        break
+                    tensors = (
+                        torch.from_numpy(a) for a in (bt.tokens, bt.targets, bt.positions, bt.segments)
+                    )
+                    loss = lm.loss(*tensors)
+                    lm.zero_grad(set_to_none=True)
+                    loss.backward()
+                    with torch.no_grad():
+                        for p in params.values():
+                            if p.grad is not None:
+                                p.add_(p.grad, alpha=-trial.client_lr)
+                    steps += 1
+            new = layout.flatten({n: p.detach().numpy() for n, p in params.items()})
+            deltas.append((new - w).astype(np.float32))
+            weights.append(counts[dev])
+        if trial.compress:
+            k_bits = ring_bits(codec)
+            encs = [encode(d, codec, rng, num_examples=c) for d, c in zip(deltas, weights, strict=True)]
+            total = np.sum([e.values.astype(np.uint64) for e in encs], axis=0) % (1 << k_bits)
+            mean = decode_sum(total, codec, len(encs), w.size)
+        else:
+            ws = np.minimum(np.array(weights, np.float64), trial.weight_cap)
+            mean = (sum(wi * d for wi, d in zip(ws, deltas, strict=True)) / ws.sum()).astype(np.float32)
+        w, state = opt.step(w, mean, state)
+        if rnd % 10 == 0 or rnd == trial.rounds:
+            history.append({"round": rnd, **evaluator.eager(w)})
+    from protocol.codec import encoded_length
+
+    up = math.ceil(encoded_length(codec, w.size) * k_bits / 8) if trial.compress else 4 * w.size
+    return {
+        "trial": asdict(trial),
+        "history": history,
+        "seconds": time.time() - t0,
+        "upload_bytes": up,
+        "dense_bytes": 4 * w.size,
+    }
+
+
+GRIDS: dict[str, list[Trial]] = {
+    "default": [
+        Trial("float32 fedavg lr1", compress=False, server="fedavg"),
+        Trial("float32 fedavgm .5", compress=False),
+        Trial(
+            "p1/16 b6 fedavgm .5",
+        ),
+        Trial("p1/16 b6 fedavgm lr.25 m.9", server_lr=0.25, momentum=0.9),
+    ],
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--bundle", default=str(ROOT / "artifacts/demo/bundle"))
+    ap.add_argument("--grid", default="default")
+    ap.add_argument("--trials", default="", help="JSON list of Trial overrides instead of a grid")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--out", type=Path, default=ROOT / "artifacts/fl_tuning.jsonl")
+    args = ap.parse_args()
+    trials = [replace(Trial("x"), **o) for o in json.loads(args.trials)] if args.trials else GRIDS[args.grid]
+    with ProcessPoolExecutor(args.workers) as pool, args.out.open("a") as f:
+        for res in pool.map(run_trial, trials, [args.bundle] * len(trials)):
+            f.write(json.dumps(res) + "\n")
+            f.flush()
+            h = res["history"]
+            print(
+                f"{res['trial']['name']:<32} "
+                + " ".join(f"r{x['round']}:{x['top1']:.4f}" for x in h)
+                + f" ppl {h[-1]['ppl_piece']:.1f} up {res['dense_bytes'] / res['upload_bytes']:.1f}x"
+                f" {res['seconds']:.0f}s",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()
