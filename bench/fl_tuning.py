@@ -54,18 +54,6 @@ class Trial:
     eval_messages: int = 600
 
 
-def device_texts(devices: int, seed: int, max_examples: int, holdout: int = 20) -> list[list[str]]:
-    from edge_client.text import normalize
-    from simulator.fleet import make_specs
-    from simulator.run import _fleet_users
-
-    out = []
-    for spec in make_specs(_fleet_users(), devices, seed):
-        keep = spec.texts[: max(len(spec.texts) - min(holdout, len(spec.texts) // 5), 0)][-max_examples:]
-        out.append([t for t in (normalize(x) for x in keep) if t])
-    return out
-
-
 def run_trial(trial: Trial, bundle_dir: str) -> dict[str, Any]:
     import torch
 
@@ -74,6 +62,7 @@ def run_trial(trial: Trial, bundle_dir: str) -> dict[str, Any]:
     from edge_client.batching import encode_messages, pack_batches
     from model_export.export import model_from_bundle
     from protocol.codec import CodecParams, decode_sum, encode, ring_bits
+    from simulator.compare import device_texts
     from simulator.run import VersionEvaluator, heldout_sample
 
     torch.set_num_threads(1)

@@ -32,15 +32,20 @@ __all__ = ["central_upper_bound", "compare", "trigram_rows"]
 log = logging.getLogger(__name__)
 
 
-def fleet_texts(cfg: SimConfig, holdout: int = 20) -> list[str]:
-    """The messages the simulated devices train on (their newest ``holdout`` excluded)."""
+def device_texts(devices: int, seed: int, max_examples: int, holdout: int = 20) -> list[list[str]]:
+    """Each simulated device's training messages (its newest ``holdout`` excluded)."""
     from edge_client.text import normalize
 
-    out: list[str] = []
-    for spec in make_specs(_fleet_users(), cfg.devices, cfg.seed):
-        keep = spec.texts[: max(len(spec.texts) - min(holdout, len(spec.texts) // 5), 0)][-cfg.max_examples :]
-        out.extend(t for t in (normalize(x) for x in keep) if t)
+    out: list[list[str]] = []
+    for spec in make_specs(_fleet_users(), devices, seed):
+        keep = spec.texts[: max(len(spec.texts) - min(holdout, len(spec.texts) // 5), 0)][-max_examples:]
+        out.append([t for t in (normalize(x) for x in keep) if t])
     return out
+
+
+def fleet_texts(cfg: SimConfig, holdout: int = 20) -> list[str]:
+    """The messages the simulated devices train on (their newest ``holdout`` excluded)."""
+    return [t for texts in device_texts(cfg.devices, cfg.seed, cfg.max_examples, holdout) for t in texts]
 
 
 def central_upper_bound(
