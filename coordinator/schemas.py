@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 __all__ = [
     "CodecSettings",
@@ -65,7 +65,18 @@ class CodecSettings(_Model):
     keep_fraction: float = Field(default=1 / 16, gt=0, le=1)
     bits: int = Field(default=8, ge=1, le=24)
     range_factor: float = Field(default=4.0, gt=0)
-    weight_cap: int = Field(default=256, ge=1)
+    # Example count at which a device's weight saturates. Small caps keep the weight slot from
+    # widening the ring (bits of the sum = max(b + log2 n, log2(n * cap))) and give every
+    # well-filled device the same say; devices below min_examples are not eligible anyway.
+    weight_cap: int = Field(default=16, ge=1)
+    rotation_block: int | None = Field(default=None, ge=1 << 8, le=1 << 30)  # None = automatic
+
+    @field_validator("rotation_block")
+    @classmethod
+    def _pow2(cls, value: int | None) -> int | None:
+        if value is not None and value & (value - 1):
+            raise ValueError(f"rotation_block must be a power of two, got {value}")
+        return value
 
 
 class SecAggSettings(_Model):

@@ -9,9 +9,14 @@ vectors modulo ``2**k`` and decode only the sum:
 1. ``x = delta * w * min(1, C / ||delta||)``: L2 clipping to ``clip_norm`` C, and the
    example-count weight ``w = min(num_examples, weight_cap) / weight_cap`` in ``[0, 1]`` (so
    ``||x|| <= C`` still holds and the quantization range below covers weighted updates too).
-2. Optional randomised Hadamard rotation: pad to ``D = 2**ceil(log2 d)``, flip signs with a
-   seeded Rademacher vector, apply the orthonormal Walsh-Hadamard transform (O(D log D)).
-   It spreads the energy so that every coordinate is about ``||x|| / sqrt(D)``.
+2. Optional randomised Hadamard rotation: pad to ``D`` (a multiple of the block size ``B``,
+   a power of two, see :func:`rotation_block`), flip signs with a seeded Rademacher vector and
+   apply the orthonormal Walsh-Hadamard transform of size ``B`` to each of the ``D / B``
+   interleaved blocks (block ``j`` holds coordinates ``j, j + D/B, j + 2D/B, ...``), in
+   O(D log B). It spreads the energy so that every coordinate is about ``||x|| / sqrt(D)``.
+   Blocks keep the padding small: one power-of-two block would pad a 2.57M-parameter model to
+   4.19M coordinates (+63% upload), five interleaved blocks of 2**19 pad it to 2.62M (+2%);
+   interleaving spreads every parameter tensor over all blocks, so their energies stay even.
 3. Keep a round-shared random subset of ``m = ceil(p * D)`` coordinates (``p`` =
    ``keep_fraction``), chosen from the round seed: identical on every device, so the masked
    sums stay aligned. The decoder scales by ``D / m`` (= 1/p up to rounding), which makes the
@@ -74,6 +79,7 @@ __all__ = [
     "ring_bits",
     "ring_sum",
     "rotate",
+    "rotation_block",
     "rotation_signs",
     "sparse_weighted_mean",
     "topk_decode",
@@ -126,6 +132,8 @@ class CodecParams(BaseModel):
     """alpha: quantization range is ``[-R, R]``, ``R = alpha * C / sqrt(D)``."""
     weight_cap: int = Field(default=1, ge=1, le=1 << 24)
     """Example count at which a device's weight saturates; 1 = every device weighs the same."""
+    rotation_block: int | None = Field(default=None, ge=1 << 8, le=1 << 30)
+    """Largest Hadamard block (a power of two); None picks it from d (:func:`rotation_block`)."""
     seed: Annotated[B64Bytes, Field(min_length=16, max_length=64)]
     """Round seed (16..64 bytes, or an int < 2**256 stored as 32 big-endian bytes)."""
 
@@ -133,6 +141,13 @@ class CodecParams(BaseModel):
     @classmethod
     def _seed(cls, value: Any) -> Any:
         return _seed_bytes(value)
+
+    @field_validator("rotation_block")
+    @classmethod
+    def _block_pow2(cls, value: int | None) -> int | None:
+        if value is not None and value & (value - 1):
+            raise ValueError(f"rotation_block must be a power of two, got {value}")
+        return value
 
     @field_validator("seed")
     @classmethod
@@ -179,10 +194,32 @@ def _check_dim(d: int) -> None:
         raise CodecError(f"vector length must be in [1, 2**31], got {d}")
 
 
-def padded_dim(params: CodecParams, d: int) -> int:
-    """D: ``d`` rounded up to a power of two when rotating, else ``d``."""
+_AUTO_MIN_BLOCK = 1 << 10
+_AUTO_MAX_PADDING = 1 / 16
+
+
+def rotation_block(params: CodecParams, d: int) -> int:
+    """B: the Hadamard block size for a length-``d`` vector (``d`` itself without rotation).
+
+    ``params.rotation_block`` caps it; by default it is the largest power of two, at most
+    ``2**ceil(log2 d)`` and at least 1024, whose padding (``ceil(d / B) * B - d``) stays
+    within 1/16 of ``d``: one block when ``d`` is close to a power of two, a few otherwise.
+    """
     _check_dim(d)
-    return 1 << (d - 1).bit_length() if params.rotate else d
+    if not params.rotate:
+        return d
+    block = 1 << (d - 1).bit_length()
+    if params.rotation_block is not None:
+        return min(block, params.rotation_block)
+    while block > _AUTO_MIN_BLOCK and -(-d // block) * block - d > d * _AUTO_MAX_PADDING:
+        block >>= 1
+    return block
+
+
+def padded_dim(params: CodecParams, d: int) -> int:
+    """D: ``d`` rounded up to a multiple of the rotation block when rotating, else ``d``."""
+    block = rotation_block(params, d)
+    return -(-d // block) * block
 
 
 def kept_count(params: CodecParams, d: int) -> int:
@@ -288,19 +325,22 @@ def _hadamard(log2n: int, dtype: str) -> npt.NDArray[Any]:
 _FWHT_BLOCK = 4  # 16x16 Hadamard blocks: one batched GEMM per 4 butterfly levels
 
 
-def _fwht_raw(a: npt.NDArray[Any]) -> npt.NDArray[Any]:
-    """Unnormalised ``H_D a`` for a contiguous float array; ``a`` is overwritten (used as
-    scratch) and the result is returned (it may be ``a`` itself or a new array).
+def _fwht_raw(a: npt.NDArray[Any], blocks: int = 1) -> npt.NDArray[Any]:
+    """Unnormalised ``H_B`` applied to each of the ``blocks`` interleaved blocks of a
+    contiguous float array (``B = len(a) / blocks``, a power of two; ``blocks = 1`` is the
+    plain ``H_D a``); ``a`` is overwritten (used as scratch) and the result is returned (it
+    may be ``a`` itself or a new array).
 
-    ``H_D`` is the Kronecker product of small Hadamard blocks ``H_f`` (``f = 16``), so the
+    ``H_B`` is the Kronecker product of small Hadamard blocks ``H_f`` (``f = 16``), so the
     transform is one batched matrix product per block of 4 index bits: viewing the vector as
     ``(D / (f * s), f, s)`` for stride ``s`` = 1, 16, 256, ..., multiply every ``(f, s)``
-    slice by ``H_f``. No transposes, ``log16(D)`` passes over memory, BLAS does the flops.
+    slice by ``H_f``. No transposes, ``log16(B)`` passes over memory, BLAS does the flops.
+    Starting at stride ``blocks`` instead of 1 transforms the slot index ``i // blocks`` and
+    leaves the block index ``i % blocks`` alone: that is the interleaved block transform.
     """
-    big_d = a.shape[0]
-    levels = big_d.bit_length() - 1
+    levels = (a.shape[0] // blocks).bit_length() - 1
     b = np.empty_like(a)
-    stride = 1
+    stride = blocks
     while levels > 0:
         c = min(_FWHT_BLOCK, levels)
         levels -= c
@@ -335,22 +375,31 @@ def _rotate_scaled(
 ) -> npt.NDArray[Any]:
     """``scale * rotate(x)`` with the scale folded into the sign flip (one pass saved)."""
     d = x.shape[0]
+    block = rotation_block(params, d)
     big_d = padded_dim(params, d)
     padded = np.empty(big_d, dtype=dtype)
-    np.multiply(x, dtype(scale / math.sqrt(big_d)), out=padded[:d], dtype=dtype)
+    np.multiply(x, dtype(scale / math.sqrt(block)), out=padded[:d], dtype=dtype)
     padded[d:] = 0.0
     padded *= rotation_signs(params, d)
-    return _fwht_raw(padded)
+    return _fwht_raw(padded, big_d // block)
 
 
 def rotate(x: FloatVec, params: CodecParams) -> FloatVec:
-    """Randomised Hadamard rotation of a length-d vector: ``H (s * pad(x)) / sqrt(D)``."""
+    """Randomised Hadamard rotation of a length-d vector: ``H (s * pad(x))``, where ``H`` is
+    the orthonormal Walsh-Hadamard transform of each interleaved block (see the module doc)."""
     return _rotate_scaled(np.asarray(x, dtype=np.float32), params, 1.0)
 
 
 def unrotate(y: npt.NDArray[Any], params: CodecParams, d: int) -> npt.NDArray[Any]:
-    """Inverse of :func:`rotate`: ``(s * H y / sqrt(D))[:d]`` (keeps ``y``'s float dtype)."""
-    z = fwht(y)
+    """Inverse of :func:`rotate`: ``(s * H y)[:d]`` (keeps ``y``'s float dtype)."""
+    y = np.asarray(y)
+    block = rotation_block(params, d)
+    big_d = padded_dim(params, d)
+    if y.ndim != 1 or y.shape[0] != big_d:
+        raise CodecError(f"rotated vector has shape {y.shape}, expected ({big_d},)")
+    dtype = y.dtype if y.dtype in (np.float32, np.float64) else np.dtype(np.float64)
+    z = _fwht_raw(y.astype(dtype, copy=True), big_d // block)
+    z *= dtype.type(1.0 / math.sqrt(block))
     z *= rotation_signs(params, d).astype(z.dtype)
     return z[:d]
 

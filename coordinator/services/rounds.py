@@ -257,6 +257,7 @@ def _open_round(session: Session, ctx: RoundContext, task: Task) -> Round | None
             max_clients=target,
             range_factor=cfg.codec.range_factor,
             weight_cap=cfg.codec.weight_cap,
+            rotation_block=cfg.codec.rotation_block,
             seed=secrets.token_bytes(32),
         )
         plan["codec"] = codec.model_dump(mode="json")

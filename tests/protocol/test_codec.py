@@ -140,6 +140,68 @@ def test_rotation_spreads_a_spike() -> None:
     np.testing.assert_allclose(np.abs(y), 1 / 32, rtol=1e-6)
 
 
+def test_blocked_rotation_matches_the_reference() -> None:
+    """Block j of B = 256 holds coordinates j, j + 4, ...; each gets H_256 / 16."""
+    d, block = 1000, 256
+    p = _params(seed=5, rotation_block=block)
+    assert codec.rotation_block(p, d) == block and codec.padded_dim(p, d) == 1024
+    x = np.random.default_rng(5).normal(size=d)
+    padded = np.zeros(1024)
+    padded[:d] = x
+    padded *= codec.rotation_signs(p, d)
+    ref = np.empty(1024)
+    for j in range(4):
+        ref[j::4] = _sylvester(8) @ padded[j::4] / 16
+    y = codec.rotate(x.astype(np.float32), p)
+    np.testing.assert_allclose(y, ref, atol=1e-5)
+    np.testing.assert_allclose(codec.unrotate(y.astype(np.float64), p, d), x, atol=1e-5)
+
+
+@given(d=st.integers(1, 1 << 24))
+@settings(max_examples=200, deadline=None)
+def test_automatic_rotation_block_pads_little(d: int) -> None:
+    p = _params()
+    block = codec.rotation_block(p, d)
+    big_d = codec.padded_dim(p, d)
+    assert block & (block - 1) == 0 and big_d % block == 0 and big_d >= d
+    if d <= 1024 or (big_d - d <= d / 16 and big_d == 1 << (d - 1).bit_length()):
+        assert block == big_d  # one block: the plain Hadamard rotation
+    else:
+        assert big_d - d <= max(d / 16, 1023)
+        assert block >= 1024
+
+
+def test_rotation_block_of_the_demo_model() -> None:
+    """2,566,848 parameters: five blocks of 2**19 (+2%) instead of one of 2**22 (+63%)."""
+    p = _params()
+    assert codec.rotation_block(p, 2_566_848) == 1 << 19
+    assert codec.padded_dim(p, 2_566_848) == 5 << 19
+    assert codec.padded_dim(_params(rotation_block=1 << 30), 2_566_848) == 1 << 22
+    assert codec.padded_dim(_params(rotate=False), 2_566_848) == 2_566_848
+
+
+def test_rotation_block_must_be_a_power_of_two() -> None:
+    with pytest.raises(ValidationError, match="power of two"):
+        _params(rotation_block=3 << 10)
+
+
+def test_blocked_rotation_spreads_one_layers_delta() -> None:
+    """A delta living in one contiguous tensor (a tenth of the vector) still spreads over
+    every block: no coordinate far beyond ||x|| / sqrt(D), and about as many clamped at
+    range_factor 4 as for a Gaussian (P(|z| > 4) = 6.3e-5)."""
+    d = 300_000
+    p = _params(seed=9, bits=8, clip_norm=1.0)
+    assert codec.padded_dim(p, d) // codec.rotation_block(p, d) > 1
+    x = np.zeros(d, np.float32)
+    x[40_000:70_000] = np.random.default_rng(9).normal(size=30_000)
+    x /= np.linalg.norm(x)
+    y = codec.rotate(x, p)
+    sigma = 1 / math.sqrt(codec.padded_dim(p, d))
+    assert np.abs(y).max() < 6 * sigma
+    big_d = codec.padded_dim(p, d)
+    assert codec.encode(x, p, np.random.default_rng(0)).saturated <= 2 * 6.3e-5 * big_d
+
+
 @given(d=st.integers(1, 5000), frac=st.floats(0.01, 1.0), seed=st.integers(0, 2**32))
 @settings(max_examples=40, deadline=None)
 def test_kept_subset_is_shared_sorted_and_sized(d: int, frac: float, seed: int) -> None:
