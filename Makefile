@@ -21,10 +21,14 @@ $(STAMP): pyproject.toml
 	rm -f $(VENV)/.installed-*
 	touch $@
 
+# The main job: build the demo bundle (cached), show a few suggestions, then federated training of
+# a simulated fleet (100 devices, 10 per round, 30 rounds, secure aggregation and compression)
+# against a coordinator started over TLS; ends with the summary table and the report's path.
 demo: setup
-	$(BIN)/fedkeys export build --profile demo --out $(ART)/demo/bundle --work $(ART)/work
-	@for t in "how are " "i am going to the " "what do you th" "see you tomor"; do \
+	$(BIN)/fedkeys export build --profile demo --out $(ART)/demo/bundle --work $(ART)/work --no-eval
+	@for t in "how are " "see you tomor"; do \
 	  echo "--- suggestions after '$$t'"; $(BIN)/fedkeys suggest --bundle $(ART)/demo/bundle "$$t"; done
+	$(BIN)/fedkeys simulate --bundle $(ART)/demo/bundle --out $(ART)/sim
 
 lint: setup
 	$(BIN)/ruff check .

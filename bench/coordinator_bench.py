@@ -19,7 +19,6 @@ import hashlib
 import json
 import os
 import platform
-import secrets
 import statistics
 import subprocess
 import sys
@@ -32,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.model_bench import _record  # noqa: E402
-from tests.servers import PG_ADMIN, start_server, stop_server  # noqa: E402
+from tests.servers import fresh_pg_database, start_server, stop_server, tiny_build  # noqa: E402
 
 STATE = {
     "charging": True,
@@ -46,29 +45,13 @@ STATE = {
 }
 
 
-def create_db() -> tuple[str, str]:
-    import psycopg
-
-    name = f"fedkeys_bench_{secrets.token_hex(4)}"
-    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    return name, f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
-
-
-def drop_db(name: str) -> None:
-    import psycopg
-
-    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-        conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
-
-
-def bulk_devices(dbname: str, n: int, prefix: str) -> list[str]:
+def bulk_devices(db_url: str, n: int, prefix: str) -> list[str]:
     """Register ``n`` devices directly in the database (COPY); returns tokens of 2,000 of them."""
     import psycopg
 
     tokens = []
-    with psycopg.connect(f"postgresql://postgres@127.0.0.1:5432/{dbname}") as conn, conn.cursor() as cur:
+    dsn = db_url.replace("postgresql+psycopg://", "postgresql://")
+    with psycopg.connect(dsn) as conn, conn.cursor() as cur:
         with cur.copy(
             "COPY devices (id, token_hash, created_at, platform, device_class, client_version, participations,"
             " last_round_number, data_bucket, rate_window, rate_count) FROM STDIN"
@@ -241,31 +224,46 @@ def main() -> None:
         return
     import tempfile
 
-    rows = []
-    dbname, url = create_db()
+    from tests.coordinator.test_rounds import setup_task, task_config
+
+    rows: list[dict[str, Any]] = []
+    tar = tiny_build() / "bundle.tar"
     tmp = Path(tempfile.mkdtemp(prefix="fedkeys-bench-"))
-    try:
+    with fresh_pg_database() as url:
         server = start_server(
             tmp, url, workers=args.workers, extra_env={"FEDKEYS_RATE_LIMIT_PER_MINUTE": "1000000"}
         )
         try:
+            # An active task: eligible check-ins go through pace steering and candidate
+            # selection (rounds open, select candidates and, with nobody training, fail at their
+            # deadlines and reopen), as in production between and during rounds.
+            setup_task(
+                server,
+                tar,
+                task_config(
+                    clients_per_round=100,
+                    min_reports=50,
+                    max_rounds=None,
+                    eligibility={"min_examples": 10},
+                    deadlines={"selection": 10, "advertise": 5, "share": 5, "upload": 5, "unmask": 5},
+                ),
+                name="bench",
+            )
             for n, label in ((1_000, "1k"), (100_000, "100k"), (1_000_000, "1M")):
                 if label == "1M" and args.skip_1m:
                     continue
                 have = sum(r["registered"] for r in rows)
-                tokens = bulk_devices(dbname, n - have, f"d{label}")
+                tokens = bulk_devices(url, n - have, f"d{label}")
                 res = run_load(server.url, str(server.ca), tokens, args.seconds, args.concurrency)
                 res["registered"] = n - have
                 res["devices"] = n
                 rows.append(res)
                 print(label, res, flush=True)
-            tiny = ROOT / ".cache" / "test-bundles"
-            tars = sorted(tiny.glob("*/bundle.tar"), key=lambda p: p.stat().st_mtime)
-            ing = ingest(server, tars[-1]) if tars else {}
+            with server.admin() as admin:
+                admin.post("/v1/admin/tasks/bench/pause").raise_for_status()
+            ing = ingest(server, tar)
         finally:
             stop_server(server)
-    finally:
-        drop_db(dbname)
     lines = [
         "## Coordinator (issue 4)",
         "",

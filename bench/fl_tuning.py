@@ -42,16 +42,17 @@ class Trial:
     compress: bool = True
     rotate: bool = True
     keep_fraction: float = 1 / 16
-    bits: int = 6
+    bits: int = 5
     clip_norm: float = 2.0
     range_factor: float = 4.0
     weight_cap: int = 16
-    server: str = "fedavgm"
-    server_lr: float = 1.0
-    momentum: float = 0.5
+    server: str = "fedadam"
+    server_lr: float = 1e-3
+    momentum: float = 0.9
     max_examples: int = 400
     seed: int = 0
-    eval_messages: int = 600
+    eval_messages: int = 1000
+    eval_every: int = 0  # 0: only the final version (the pretrained one is measured once by main)
 
 
 def run_trial(trial: Trial, bundle_dir: str) -> dict[str, Any]:
@@ -83,7 +84,9 @@ def run_trial(trial: Trial, bundle_dir: str) -> dict[str, Any]:
     )
     state: dict[str, Any] = {}
     rng = np.random.default_rng(trial.seed)
-    history = [{"round": 0, **evaluator.eager(w)}]
+    history: list[dict[str, Any]] = []
+    sat: list[float] = []
+    norms: list[float] = []
     t0 = time.time()
     k_bits = 32
     for rnd in range(1, trial.rounds + 1):
@@ -127,13 +130,15 @@ def run_trial(trial: Trial, bundle_dir: str) -> dict[str, Any]:
         if trial.compress:
             k_bits = ring_bits(codec)
             encs = [encode(d, codec, rng, num_examples=c) for d, c in zip(deltas, weights, strict=True)]
+            sat.append(float(np.mean([e.saturated / (e.values.size - 1) for e in encs])))
+            norms.extend(e.norm for e in encs)
             total = np.sum([e.values.astype(np.uint64) for e in encs], axis=0) % (1 << k_bits)
             mean = decode_sum(total, codec, len(encs), w.size)
         else:
             ws = np.minimum(np.array(weights, np.float64), trial.weight_cap)
             mean = (sum(wi * d for wi, d in zip(ws, deltas, strict=True)) / ws.sum()).astype(np.float32)
         w, state = opt.step(w, mean, state)
-        if rnd % 10 == 0 or rnd == trial.rounds:
+        if (trial.eval_every and rnd % trial.eval_every == 0) or rnd == trial.rounds:
             history.append({"round": rnd, **evaluator.eager(w)})
     from protocol.codec import encoded_length
 
@@ -143,18 +148,38 @@ def run_trial(trial: Trial, bundle_dir: str) -> dict[str, Any]:
         "history": history,
         "seconds": time.time() - t0,
         "upload_bytes": up,
+        "saturated_fraction": float(np.mean(sat)) if sat else 0.0,
+        "delta_norm_median": float(np.median(norms)) if norms else None,
         "dense_bytes": 4 * w.size,
     }
 
 
+# What chose the simulator's defaults (results in bench/RESULTS.md, "Choosing the FL defaults").
 GRIDS: dict[str, list[Trial]] = {
     "default": [
-        Trial("float32 fedavg lr1", compress=False, server="fedavg"),
-        Trial("float32 fedavgm .5", compress=False),
+        Trial("f32 fedavgm lr1 m.5", compress=False, server="fedavgm", server_lr=1.0, momentum=0.5),
+        Trial("p1/16 b6 fedavgm lr1 m.5", bits=6, server="fedavgm", server_lr=1.0, momentum=0.5),
         Trial(
-            "p1/16 b6 fedavgm .5",
+            "f32 30 steps lr.3 fedavgm lr.5 m.8",
+            compress=False,
+            local_steps=30,
+            client_lr=0.3,
+            server="fedavgm",
+            server_lr=0.5,
+            momentum=0.8,
         ),
-        Trial("p1/16 b6 fedavgm lr.25 m.9", server_lr=0.25, momentum=0.9),
+        Trial(
+            "p1/16 b6 30 steps lr.3 fedavgm lr.5 m.8",
+            bits=6,
+            local_steps=30,
+            client_lr=0.3,
+            server="fedavgm",
+            server_lr=0.5,
+            momentum=0.8,
+        ),
+        Trial("f32 fedadam 1e-3", compress=False),
+        Trial("p1/16 b6 fedadam 1e-3", bits=6),
+        Trial("p1/16 b5 fedadam 1e-3 (default)"),
     ],
 }
 
@@ -165,9 +190,16 @@ def main() -> None:
     ap.add_argument("--grid", default="default")
     ap.add_argument("--trials", default="", help="JSON list of Trial overrides instead of a grid")
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--baseline", action="store_true", help="also measure the pretrained student")
     ap.add_argument("--out", type=Path, default=ROOT / "artifacts/fl_tuning.jsonl")
     args = ap.parse_args()
     trials = [replace(Trial("x"), **o) for o in json.loads(args.trials)] if args.trials else GRIDS[args.grid]
+    if args.baseline:
+        from simulator.run import VersionEvaluator, heldout_sample
+
+        ev = VersionEvaluator(Path(args.bundle), heldout_sample(trials[0].eval_messages, 0))
+        r0 = ev.eager(ev.bundle.initial_weights())
+        print(f"{'pretrained':<32} top1 {r0['top1']:.4f} top3 {r0['top3']:.4f} ppl {r0['ppl_piece']:.1f}")
     with ProcessPoolExecutor(args.workers) as pool, args.out.open("a") as f:
         for res in pool.map(run_trial, trials, [args.bundle] * len(trials)):
             f.write(json.dumps(res) + "\n")
@@ -175,8 +207,9 @@ def main() -> None:
             h = res["history"]
             print(
                 f"{res['trial']['name']:<32} "
-                + " ".join(f"r{x['round']}:{x['top1']:.4f}" for x in h)
+                + " ".join(f"r{x['round']}:{x['top1']:.4f}/{x['top3']:.4f}" for x in h)
                 + f" ppl {h[-1]['ppl_piece']:.1f} up {res['dense_bytes'] / res['upload_bytes']:.1f}x"
+                + f" sat {res['saturated_fraction']:.1e} |d| {res['delta_norm_median'] or 0:.2f}"
                 f" {res['seconds']:.0f}s",
                 flush=True,
             )

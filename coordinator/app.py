@@ -22,6 +22,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 from sqlalchemy import select, text
 from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from coordinator.api import admin, artifacts, devices
 from coordinator.api.deps import BodyTooLarge
@@ -97,6 +98,7 @@ def _install_errors(app: FastAPI) -> None:
     app.add_exception_handler(RateLimited, rate_limited)
     app.add_exception_handler(IntegrityError, conflict)
     app.add_exception_handler(OperationalError, busy)
+    app.add_exception_handler(PoolTimeout, busy)  # every connection in use for pool_timeout
 
 
 def tick(app: FastAPI) -> None:

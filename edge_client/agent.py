@@ -101,6 +101,7 @@ class Agent:
         self._trainers: dict[str, Any] = {}
         self._failures = 0
         self.model_version: int | None = None
+        self.last_training: TrainReport | None = None  # of the round in progress (history)
 
     # -- identity -------------------------------------------------------------------------
 
@@ -281,6 +282,7 @@ class Agent:
             seconds=stats.seconds,
             aborted=stats.aborted,
         )
+        self.last_training = report
         if stats.aborted or stats.steps == 0:
             return LocalResult(np.zeros_like(weights), 0, report.model_copy(update={"aborted": True}))
         self.store.mark_trained(m.id for m in msgs)
@@ -297,6 +299,7 @@ class Agent:
 
     def _train_round(self, round_id: int) -> dict[str, Any]:
         device = self.device_id or ""
+        self.last_training = None
         try:
             out: RoundOutcome = run_round(
                 self.transport,
@@ -321,6 +324,7 @@ class Agent:
             "new_version": out.new_version,
             "reason": out.reason,
             "seconds": out.stage_seconds,
+            "training": self.last_training.model_dump() if self.last_training else None,
         }
 
     def predictor_for(self, plan: RoundPlan) -> Any:

@@ -44,6 +44,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "--dropout", type=float, default=None, help="probability a selected device drops (default 0.08)"
     )
     p.add_argument("--day-seconds", type=float, default=None, help="real seconds per simulated day")
+    p.add_argument("--eval-every", type=int, default=None, help="heldout evaluation every N versions (5)")
+    p.add_argument("--eval-messages", type=int, default=None, help="heldout messages per evaluation (300)")
     p.add_argument("--workers", type=int, default=0, help="worker processes (default: one per core)")
     p.add_argument("--ray", action="store_true", help="run the fleet as tasks on a local Ray")
     p.add_argument("--ray-address", default=None, help="an existing Ray cluster (ray://host:10001)")
@@ -76,6 +78,8 @@ def _config(args: argparse.Namespace) -> Any:
         ("local_steps", "local_steps"),
         ("dropout", "dropout"),
         ("day_seconds", "day_seconds"),
+        ("eval_every", "eval_every"),
+        ("eval_messages", "eval_messages"),
     ):
         if getattr(args, flag) is not None:
             cfg = replace(cfg, **{attr: getattr(args, flag)})
@@ -87,6 +91,8 @@ def _config(args: argparse.Namespace) -> Any:
         raise SimError("--per-round cannot exceed --devices")
     if cfg.devices < 2 or cfg.rounds < 1:
         raise SimError("need at least 2 devices and 1 round")
+    if cfg.eval_every < 1 or cfg.eval_messages < 1:
+        raise SimError("--eval-every and --eval-messages must be positive")
     return cfg
 
 
@@ -101,6 +107,14 @@ def _bundle(path: Path) -> Path:
     with rich_progress() as progress:
         build(get_profile("demo"), path, path.parent.parent / "work", progress=progress)
     return path
+
+
+def _dense_ratio(bundle: Path, upload: float | None) -> float:
+    """How many times smaller a device's upload was than a dense float32 update."""
+    from edge_client.bundle import load_bundle
+
+    dense = 4 * load_bundle(bundle).manifest.train.layout.size
+    return dense / upload if upload else float("nan")
 
 
 def _printer() -> Any:
@@ -152,9 +166,14 @@ def run(args: argparse.Namespace) -> None:
 
             runs, rows, baselines = compare(cfg, bundle, out, coord, show, args.central_steps)
         else:
-            res = run_simulation(cfg, bundle, out, coord, progress=show)
+            from simulator.compare import trigram_rows
+            from simulator.run import heldout_sample
+
+            heldout = heldout_sample(cfg.eval_messages, cfg.seed)
+            res = run_simulation(cfg, bundle, out, coord, heldout=heldout, progress=show)
             runs = [res]
             s = res.summary()
+            trigrams = trigram_rows(cfg, heldout)
             rows = [
                 {
                     "configuration": "pretrained student (no FL)",
@@ -167,11 +186,13 @@ def run(args: argparse.Namespace) -> None:
                     "top3": s["top3_final"],
                     "int8 top1": s["final_int8_top1"],
                     "upload kB/device": (s["upload_bytes_per_device"] or 0) / 1e3,
+                    "upload vs dense fp32": _dense_ratio(bundle, s["upload_bytes_per_device"]),
                     "rounds": s["rounds_committed"],
                     "round s (median)": s["round_seconds_median"],
                 },
+                *({"configuration": k, "top1": v["top1"], "top3": v["top3"]} for k, v in trigrams.items()),
             ]
-            baselines = {"pretrained": res.evals[0]["top1"]}
+            baselines = {"pretrained": res.evals[0]["top1"], **{k: v["top1"] for k, v in trigrams.items()}}
         cols = list(dict.fromkeys(k for r in rows for k in r))
         rows = [{k: r.get(k, "") for k in cols} for r in rows]
         print_table("Simulation summary", cols, [[r[c] for c in cols] for r in rows])

@@ -1,47 +1,23 @@
 """Shared fixtures. The tiny model bundle is built once per code version and shared between
-pytest-xdist workers through a file lock (building it takes about a minute). Coordinator
+pytest-xdist workers through a file lock (tests.servers.tiny_build). Coordinator
 fixtures start the real server (uvicorn over TLS on loopback) against a SQLite file or a fresh
 PostgreSQL database of the test's own."""
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
-import logging
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests import servers
 from tests.servers import Server, fresh_pg_database, pg_available, start_server, stop_server
-
-ROOT = Path(__file__).resolve().parents[1]
-CACHE = ROOT / ".cache" / "test-bundles"
-
-
-def _code_hash() -> str:
-    h = hashlib.sha256()
-    for pkg in ("model_export", "edge_client", "protocol"):
-        for f in sorted((ROOT / pkg).rglob("*.py")):
-            h.update(f.read_bytes())
-    return h.hexdigest()[:16]
 
 
 @pytest.fixture(scope="session")
-def tiny_build() -> Iterator[Path]:
-    """Directory holding ``bundle/`` (tiny profile, full trainable set, int8) and ``work/``."""
-    from model_export.pipeline import build
-    from model_export.profiles import get_profile
-
-    root = CACHE / _code_hash()
-    root.mkdir(parents=True, exist_ok=True)
-    with (root / ".lock").open("w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (root / "bundle" / "manifest.json").exists():
-            logging.getLogger(__name__).info("building the tiny bundle in %s", root)
-            build(get_profile("tiny"), root / "bundle", root / "work", evaluate=False)
-        fcntl.flock(lock, fcntl.LOCK_UN)
-    yield root
+def tiny_build() -> Path:
+    """Directory holding ``bundle/`` (tiny profile) and ``work/``: see tests.servers.tiny_build."""
+    return servers.tiny_build()
 
 
 @pytest.fixture(scope="session")

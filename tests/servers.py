@@ -3,22 +3,59 @@ against a SQLite file or a fresh PostgreSQL database of its own (see the fixture
 
 from __future__ import annotations
 
-import os
+import fcntl
+import hashlib
+import logging
 import secrets
-import signal
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-import httpx
+from coordinator.launch import LocalCoordinator, free_port, start_local, stop_local
+
+__all__ = [
+    "PG_ADMIN",
+    "Server",
+    "free_port",
+    "fresh_pg_database",
+    "pg_available",
+    "start_server",
+    "stop_server",
+    "tiny_build",
+]
 
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/test"
 ROOT = Path(__file__).resolve().parents[1]
+TINY_CACHE = ROOT / ".cache" / "test-bundles"
+
+
+def _code_hash() -> str:
+    h = hashlib.sha256()
+    for pkg in ("model_export", "edge_client", "protocol"):
+        for f in sorted((ROOT / pkg).rglob("*.py")):
+            h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def tiny_build() -> Path:
+    """Directory holding ``bundle/`` (tiny profile, full trainable set, int8) and ``work/``.
+
+    Built once per version of the code that shapes it and shared between pytest-xdist workers
+    and benchmarks through a file lock (building it takes about a minute).
+    """
+    from model_export.pipeline import build
+    from model_export.profiles import get_profile
+
+    root = TINY_CACHE / _code_hash()
+    root.mkdir(parents=True, exist_ok=True)
+    with (root / ".lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (root / "bundle" / "manifest.json").exists():
+            logging.getLogger(__name__).info("building the tiny bundle in %s", root)
+            build(get_profile("tiny"), root / "bundle", root / "work", evaluate=False)
+        fcntl.flock(lock, fcntl.LOCK_UN)
+    return root
 
 
 def pg_available() -> bool:
@@ -51,112 +88,12 @@ def fresh_pg_database() -> Iterator[str]:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+Server = LocalCoordinator
 
 
-@dataclass
-class Server:
-    url: str
-    ca: Path
-    admin_token: str
-    enroll_secret: str
-    data_dir: Path
-    db_url: str
-    proc: subprocess.Popen[bytes] | None = None
-    log: Path | None = None
-
-    def admin(self) -> httpx.Client:
-        return httpx.Client(
-            base_url=self.url,
-            verify=str(self.ca),
-            headers={"Authorization": f"Bearer {self.admin_token}"},
-            timeout=60,
-        )
-
-    def client(self, token: str | None = None) -> httpx.Client:
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
-        return httpx.Client(base_url=self.url, verify=str(self.ca), headers=headers, timeout=60)
+def start_server(tmp: Path, db_url: str, **kw: Any) -> Server:
+    """A coordinator for a test: see coordinator.launch.start_local (same keywords)."""
+    return start_local(tmp, db_url, ready_timeout=60, **kw)
 
 
-def start_server(
-    tmp: Path,
-    db_url: str,
-    *,
-    port: int | None = None,
-    workers: int = 1,
-    extra_env: dict[str, str] | None = None,
-    tls_dir: Path | None = None,
-    admin_token: str | None = None,
-    enroll_secret: str | None = None,
-    data_dir: Path | None = None,
-) -> Server:
-    from coordinator.security import make_dev_certs
-
-    tls = tls_dir or tmp / "tls"
-    if not (tls / "server.pem").exists():
-        make_dev_certs(tls, ["127.0.0.1", "localhost"])
-    port = port or free_port()
-    admin_token = admin_token or secrets.token_urlsafe(16)
-    enroll_secret = enroll_secret or secrets.token_urlsafe(16)
-    data = data_dir or tmp / "data"
-    env = {
-        **os.environ,
-        "FEDKEYS_DATABASE_URL": db_url,
-        "FEDKEYS_DATA_DIR": str(data),
-        "FEDKEYS_ADMIN_TOKEN": admin_token,
-        "FEDKEYS_ENROLLMENT_SECRET": enroll_secret,
-        "FEDKEYS_TICK_SECONDS": "0.2",
-        "FEDKEYS_PUBLISH_PREDICT": "false",
-        "FEDKEYS_LOG_JSON": "true",
-        **(extra_env or {}),
-    }
-    log = tmp / f"server-{port}.log"
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "fedkeys.cli",
-            "coordinator",
-            "serve",
-            "--port",
-            str(port),
-            "--tls-dir",
-            str(tls),
-            "--workers",
-            str(workers),
-        ],
-        env=env,
-        cwd=ROOT,
-        stdout=log.open("wb"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    server = Server(
-        f"https://127.0.0.1:{port}", tls / "ca.pem", admin_token, enroll_secret, data, db_url, proc, log
-    )
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"coordinator exited: {log.read_text()[-3000:]}")
-        try:
-            if httpx.get(f"{server.url}/readyz", verify=str(server.ca), timeout=1).status_code == 200:
-                return server
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    stop_server(server)
-    raise RuntimeError("coordinator did not become ready")
-
-
-def stop_server(server: Server, sig: int = signal.SIGTERM) -> None:
-    if server.proc is None or server.proc.poll() is not None:
-        return
-    os.killpg(server.proc.pid, sig)
-    try:
-        server.proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(server.proc.pid, signal.SIGKILL)
-        server.proc.wait()
+stop_server = stop_local

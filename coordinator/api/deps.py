@@ -39,7 +39,10 @@ def _context(request: Request) -> RoundContext:
 
 
 def _session(request: Request) -> Iterator[Session]:
-    """A transaction spanning the request: committed when the route returns normally."""
+    """A transaction spanning the route: committed when it returns normally, *before* the
+    response is sent (``scope="function"``). With FastAPI's default ("request") the commit ran
+    after the response had gone out: a client could be told 200 for a write that then failed
+    to commit, and SQLite's write lock was held while a download streamed."""
     factory = request.app.state.sessions
     with factory() as session, session.begin():
         yield session
@@ -52,7 +55,7 @@ TaskPath = Annotated[str, Path(pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$", descriptio
 
 SettingsDep = Annotated[Settings, Depends(_settings)]
 ContextDep = Annotated[RoundContext, Depends(_context)]
-SessionDep = Annotated[Session, Depends(_session)]
+SessionDep = Annotated[Session, Depends(_session, scope="function")]
 
 
 def _bearer(request: Request) -> str:

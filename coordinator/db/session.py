@@ -25,6 +25,10 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
     if u.get_backend_name() == "sqlite":
         if u.database and u.database != ":memory:":
             Path(u.database).parent.mkdir(parents=True, exist_ok=True)
+        # One writer at a time anyway: a pool as large as uvicorn's thread pool (40) lets requests
+        # queue on SQLite's busy handler (FIFO-ish, 30 s) rather than time out on the pool.
+        kwargs.setdefault("pool_size", 40)
+        kwargs.setdefault("max_overflow", 0)
         engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False}, **kwargs)
 
         @event.listens_for(engine, "connect")

@@ -3,7 +3,9 @@ availability traces, and the report files."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -32,9 +34,8 @@ def test_clock_compression() -> None:
     assert c.real_seconds(3600) == pytest.approx(10.0)
 
 
-@pytest.mark.slow
-def test_small_fleet_end_to_end(tmp_path: Path, tiny_bundle_dir: Path) -> None:
-    cfg = SimConfig(
+def _small(**over: Any) -> SimConfig:
+    base = SimConfig(
         name="tiny",
         devices=8,
         per_round=3,
@@ -53,6 +54,12 @@ def test_small_fleet_end_to_end(tmp_path: Path, tiny_bundle_dir: Path) -> None:
         max_minutes=8,
         deadlines={"selection": 4.0, "advertise": 5.0, "share": 5.0, "upload": 20.0, "unmask": 6.0},
     )
+    return replace(base, **over)
+
+
+@pytest.mark.slow
+def test_small_fleet_end_to_end(tmp_path: Path, tiny_bundle_dir: Path) -> None:
+    cfg = _small()
     with local_coordinator(tmp_path / "coord") as coord:
         res = run_simulation(cfg, tiny_bundle_dir, tmp_path / "out", coord)
     train = [r for r in res.rounds if r["kind"] == "train"]
@@ -81,3 +88,22 @@ def test_small_fleet_end_to_end(tmp_path: Path, tiny_bundle_dir: Path) -> None:
     assert page.exists() and "<table>" in page.read_text()
     pngs = list((tmp_path / "report").glob("*.png"))
     assert len(pngs) >= 3 and all(p.stat().st_size > 5000 for p in pngs)  # non-empty plots
+
+
+@pytest.mark.slow
+def test_small_fleet_on_a_local_ray(tmp_path: Path, tiny_bundle_dir: Path) -> None:
+    """The same fleet as Ray tasks on a single-node Ray started by the simulator."""
+    import ray
+
+    cfg = _small(name="ray", devices=6, rounds=1, dropout=0.0, ray_address="local")
+    try:
+        with local_coordinator(tmp_path / "coord") as coord:
+            res = run_simulation(cfg, tiny_bundle_dir, tmp_path / "out", coord)
+        assert ray.is_initialized()  # the fleet really ran on Ray
+    finally:
+        ray.shutdown()
+    committed = [r for r in res.rounds if r["kind"] == "train" and r["outcome"] == "committed"]
+    assert committed, res.rounds
+    assert committed[0]["stage_seconds"].get("masked_input") is not None
+    assert {d["index"] for d in res.devices} == set(range(6))  # every device reported back
+    assert any(d["bytes_up"] > 0 for d in res.devices)
