@@ -174,7 +174,11 @@ def main() -> None:
     from edge_client.bundle import load_bundle
     from model_export.data import load_chitchat, split_corpus
     from model_export.evaluate import eval_messages
+    from simulator.run import SimConfig
 
+    sim = SimConfig()
+    load = os.getloadavg()[0]
+    load_note = f" (load average {load:.1f} before the run: other work was running)" if load > 0.5 else ""
     manifest = load_bundle(args.bundle).manifest
     dense = 4 * manifest.train.layout.size
     with tempfile.TemporaryDirectory(prefix="fedkeys-client-bench-") as tmp:
@@ -198,8 +202,10 @@ def main() -> None:
         + ") "
         f"against a local coordinator (TLS, SQLite); demo bundle "
         f"({manifest.train.layout.size:,} trainable parameters), the simulator's default round "
-        "(10 local SGD steps of 4 rows, secure aggregation, rotation + 1/16 of the coordinates at "
-        "6 bits). The devices share the 2 cores; per-process figures from `wait4`.",
+        f"({sim.local_steps} local SGD steps of 4 rows, secure aggregation, rotation + "
+        f"{sim.keep_fraction:.4g} of the coordinates at {sim.bits} bits; with {args.devices} inputs the "
+        "ring needs fewer bits than in a 13-device round). The devices share the 2 cores"
+        f"{load_note}; per-process figures from `wait4`.",
         "",
         "| device | outcome | process wall s | process CPU s | peak RSS | local steps | train s | "
         "steps/s | bytes up | up vs dense fp32 | bytes down |",

@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.model_bench import _record  # noqa: E402
+from tests.servers import fresh_pg_database  # noqa: E402
 
 STAGES = ("selecting", "advertise_keys", "share_keys", "masked_input", "unmask", "aggregating")
 
@@ -37,7 +38,7 @@ def main() -> None:
     ap.add_argument("--devices", type=int, default=1000)
     ap.add_argument("--per-round", type=int, default=100)
     ap.add_argument("--rounds", type=int, default=6)
-    ap.add_argument("--coordinator-workers", type=int, default=1)
+    ap.add_argument("--coordinator-workers", type=int, default=2)
     args = ap.parse_args()
     if not (args.bundle / "manifest.json").exists():
         print(f"no bundle at {args.bundle}: run `make demo` first", file=sys.stderr)
@@ -57,7 +58,12 @@ def main() -> None:
         max_minutes=30,
     )
     tmp = Path(tempfile.mkdtemp(prefix="fedkeys-overhead-"))
-    with local_coordinator(tmp / "coord", workers=args.coordinator_workers) as coord:
+    # PostgreSQL, as a deployment of this size would run: SQLite serialises every transaction
+    # and 1,000 devices polling during selection saturate its single writer.
+    with (
+        fresh_pg_database() as db_url,
+        local_coordinator(tmp / "coord", workers=args.coordinator_workers, db_url=db_url) as coord,
+    ):
         res = run_simulation(cfg, args.bundle, tmp / "out", coord)
     train = [r for r in res.rounds if r["kind"] == "train"]
     committed = [r for r in train if r["outcome"] == "committed"]
@@ -67,8 +73,8 @@ def main() -> None:
         f"{date.today()}, {platform.machine()}, {os.cpu_count()} cores. `bench/sim_overhead.py "
         f"--devices {args.devices} --per-round {args.per_round} --rounds {args.rounds}`: no-op training, "
         f"demo model size ({res.summary()['upload_bytes_per_device'] or 0:.0f} B uploaded per device), "
-        "compression (rotation, 1/16 of the coordinates, 6 bits) and secure aggregation on, TLS, "
-        f"SQLite, {args.coordinator_workers} coordinator worker(s); the devices run as threads in "
+        "compression (rotation, 1/16 of the coordinates, 5 bits) and secure aggregation on, TLS, "
+        f"PostgreSQL, {args.coordinator_workers} coordinator worker(s); the devices run as threads in "
         f"{os.cpu_count()} processes on the same 2 cores. Wall = round created -> committed "
         "(selection included).",
         "",

@@ -44,7 +44,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "--dropout", type=float, default=None, help="probability a selected device drops (default 0.08)"
     )
     p.add_argument("--day-seconds", type=float, default=None, help="real seconds per simulated day")
-    p.add_argument("--eval-every", type=int, default=None, help="heldout evaluation every N versions (5)")
+    p.add_argument("--eval-every", type=int, default=None, help="heldout evaluation every N versions (10)")
     p.add_argument("--eval-messages", type=int, default=None, help="heldout messages per evaluation (300)")
     p.add_argument("--workers", type=int, default=0, help="worker processes (default: one per core)")
     p.add_argument("--ray", action="store_true", help="run the fleet as tasks on a local Ray")

@@ -93,12 +93,17 @@ class SharedRuntime:
 
 def make_specs(users: dict[str, list[str]], n: int, seed: int) -> list[DeviceSpec]:
     """``n`` devices from the users with the most messages-per-seed draw (real, skewed sizes):
-    users are sampled uniformly among those with enough messages; speeds are log-normal."""
+    users are sampled uniformly among those with at least 25 messages (473 of them in the
+    federated split; beyond that a person has several devices); speeds are log-normal."""
     rng = random.Random(seed)
     eligible = sorted(u for u, t in users.items() if len(t) >= 25)
-    if len(eligible) < n:
-        raise ValueError(f"only {len(eligible)} users have >= 25 messages; asked for {n} devices")
-    chosen = rng.sample(eligible, n)
+    if not eligible:
+        raise ValueError("no user has >= 25 messages")
+    chosen = rng.sample(eligible, min(n, len(eligible)))
+    while len(chosen) < n:  # larger fleets than participants: several devices per person
+        chosen += rng.sample(eligible, min(n - len(chosen), len(eligible)))
+    if n > len(eligible):
+        log.warning("%d devices from %d participants: some people have several devices", n, len(eligible))
     classes = ["phone", "phone", "phone", "tablet", "rpi"]
     specs = []
     for i, user in enumerate(chosen):

@@ -79,7 +79,7 @@ class SimConfig:
         }
     )
     seed: int = 0
-    eval_every: int = 5
+    eval_every: int = 10  # heldout evaluation of every 10th version (and the last)
     eval_messages: int = 300
     noop_training: bool = False
     workers: int = 0  # 0 = one per core
@@ -139,13 +139,15 @@ class CoordinatorHandle:
 
 @contextmanager
 def local_coordinator(
-    workdir: Path, *, workers: int = 1, publish: bool = False
+    workdir: Path, *, workers: int = 1, publish: bool = False, db_url: str | None = None
 ) -> Iterator[CoordinatorHandle]:
-    """A coordinator process on loopback: TLS with a fresh dev CA, SQLite in ``workdir``."""
+    """A coordinator process on loopback: TLS with a fresh dev CA, SQLite in ``workdir``
+    unless ``db_url`` names another database (PostgreSQL for large fleets)."""
     from coordinator.launch import start_local, stop_local
 
     proc = start_local(
         workdir,
+        db_url,
         workers=workers,
         extra_env={
             "FEDKEYS_TICK_SECONDS": "0.25",
