@@ -95,7 +95,17 @@ def test_small_fleet_on_a_local_ray(tmp_path: Path, tiny_bundle_dir: Path) -> No
     """The same fleet as Ray tasks on a single-node Ray started by the simulator."""
     import ray
 
-    cfg = _small(name="ray", devices=6, rounds=1, dropout=0.0, ray_address="local")
+    # Ray's workers start slowly on a busy machine: a slow simulated clock (it stays night, when
+    # devices are eligible), a longer selection window and a few rounds, one of which must commit.
+    cfg = _small(
+        name="ray",
+        devices=6,
+        rounds=3,
+        dropout=0.0,
+        day_seconds=3600.0,
+        ray_address="local",
+        deadlines={"selection": 20.0, "advertise": 10.0, "share": 10.0, "upload": 60.0, "unmask": 10.0},
+    )
     try:
         with local_coordinator(tmp_path / "coord") as coord:
             res = run_simulation(cfg, tiny_bundle_dir, tmp_path / "out", coord)
@@ -103,7 +113,7 @@ def test_small_fleet_on_a_local_ray(tmp_path: Path, tiny_bundle_dir: Path) -> No
     finally:
         ray.shutdown()
     committed = [r for r in res.rounds if r["kind"] == "train" and r["outcome"] == "committed"]
-    assert committed, res.rounds
+    assert committed, [(r["outcome"], r["failure"], r["selected"], r["reported"]) for r in res.rounds]
     assert committed[0]["stage_seconds"].get("masked_input") is not None
     assert {d["index"] for d in res.devices} == set(range(6))  # every device reported back
     assert any(d["bytes_up"] > 0 for d in res.devices)
