@@ -45,7 +45,7 @@ def _small(**over: Any) -> SimConfig:
         eval_every=1,
         eval_messages=20,
         local_steps=2,
-        day_seconds=120.0,
+        day_seconds=600.0,  # the test stays within the simulated night (devices eligible)
         start_hour=1.0,
         dropout=0.1,
         workers=2,
