@@ -11,6 +11,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from protocol.codec import check_rotation_block
+
 __all__ = [
     "CodecSettings",
     "DeadlineSettings",
@@ -74,9 +76,7 @@ class CodecSettings(_Model):
     @field_validator("rotation_block")
     @classmethod
     def _pow2(cls, value: int | None) -> int | None:
-        if value is not None and value & (value - 1):
-            raise ValueError(f"rotation_block must be a power of two, got {value}")
-        return value
+        return check_rotation_block(value)
 
 
 class SecAggSettings(_Model):

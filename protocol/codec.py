@@ -65,6 +65,7 @@ __all__ = [
     "CodecParams",
     "EncodedUpdate",
     "SparseUpdate",
+    "check_rotation_block",
     "decode_sum",
     "encode",
     "encoded_length",
@@ -113,6 +114,13 @@ def _seed_bytes(value: Any) -> bytes:
     return value  # type: ignore[no-any-return]
 
 
+def check_rotation_block(value: int | None) -> int | None:
+    """Validator shared with the coordinator's task settings: None or a power of two."""
+    if value is not None and value & (value - 1):
+        raise ValueError(f"rotation_block must be a power of two, got {value}")
+    return value
+
+
 class CodecParams(BaseModel):
     """Round-wide codec settings: every device and the server use the same ones."""
 
@@ -145,9 +153,7 @@ class CodecParams(BaseModel):
     @field_validator("rotation_block")
     @classmethod
     def _block_pow2(cls, value: int | None) -> int | None:
-        if value is not None and value & (value - 1):
-            raise ValueError(f"rotation_block must be a power of two, got {value}")
-        return value
+        return check_rotation_block(value)
 
     @field_validator("seed")
     @classmethod
