@@ -128,7 +128,8 @@ def one_round(bundle: Path, devices: int, work: Path) -> list[dict[str, Any]]:
                     "stages": train.get("seconds") or {},
                 }
             )
-        rounds = coord.admin().get("/v1/admin/tasks/bench/rounds").json()
+        with coord.admin() as admin:
+            rounds = admin.get("/v1/admin/tasks/bench/rounds").json()
         for r in results:
             r["round_outcome"] = rounds[-1]["outcome"] if rounds else None
             r["round_wall_s"] = time.time() - t0
