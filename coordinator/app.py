@@ -28,11 +28,13 @@ from coordinator.api import admin, artifacts, devices
 from coordinator.api.deps import BodyTooLarge
 from coordinator.config import Settings
 from coordinator.db.migrate import upgrade
-from coordinator.db.models import Round
+from coordinator.db.models import Round, Task
 from coordinator.db.session import make_engine, make_sessionmaker
 from coordinator.observability import Metrics, configure_logging
+from coordinator.schemas import TaskConfig
 from coordinator.services.aggregate import aggregate, pending_aggregations, publish_pending
 from coordinator.services.devices import AuthError, RateLimited
+from coordinator.services.privacy import privacy_status
 from coordinator.services.rounds import (
     DONE,
     Forbidden,
@@ -46,6 +48,7 @@ from coordinator.services.storage import ArtifactStore
 from coordinator.services.tasks import Conflict, NotFound
 from edge_client.bundle import BundleError
 from protocol.codec import CodecError
+from protocol.dp import DPError
 from protocol.layout import LayoutError
 from protocol.secagg.common import SecAggError
 from protocol.wire import WireError
@@ -74,6 +77,7 @@ def _install_errors(app: FastAPI) -> None:
         (SecAggError, 422),
         (BundleError, 422),
         (ValidationError, 422),
+        (DPError, 422),
     ]
     for exc_type, code in mapping:
 
@@ -212,6 +216,15 @@ def create_app(settings: Settings | None = None, *, background: bool = True) -> 
 
     @app.get("/metrics", tags=["ops"], response_class=PlainTextResponse)
     def prometheus() -> PlainTextResponse:
+        # the privacy budget lives in the database: read at scrape time, so every worker agrees
+        with sessions() as session:
+            for task in session.scalars(select(Task)).all():
+                cfg = TaskConfig.model_validate(task.config)
+                st = privacy_status(session, task, cfg)
+                if st is not None:
+                    metrics.epsilon_spent.labels(task.name).set(st.epsilon_spent)
+                    if st.target_epsilon is not None:
+                        metrics.epsilon_target.labels(task.name).set(st.target_epsilon)
         return PlainTextResponse(generate_latest(metrics.registry).decode(), media_type=CONTENT_TYPE_LATEST)
 
     _ = RequestValidationError  # FastAPI answers 422 for request validation by itself

@@ -7,7 +7,7 @@ import logging
 import time
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 __all__ = ["Metrics", "configure_logging", "log_event"]
 
@@ -28,6 +28,15 @@ class Metrics:
             "Duration of round stages",
             ["stage"],
             buckets=(0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800),
+            registry=r,
+        )
+        self.epsilon_spent = Gauge(
+            "fedkeys_privacy_epsilon_spent", "Differential-privacy budget spent by task", ["task"], registry=r
+        )
+        self.epsilon_target = Gauge(
+            "fedkeys_privacy_epsilon_target",
+            "Differential-privacy budget target by task",
+            ["task"],
             registry=r,
         )
         self.request_seconds = Histogram(

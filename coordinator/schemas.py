@@ -6,6 +6,7 @@ Device-facing request/response models are part of the contract and live in
 
 from __future__ import annotations
 
+import math
 from datetime import datetime
 from typing import Any, Literal
 
@@ -17,6 +18,8 @@ __all__ = [
     "CodecSettings",
     "DeadlineSettings",
     "EligibilityPolicy",
+    "PrivacySettings",
+    "PrivacyStatus",
     "RoundPublic",
     "SecAggSettings",
     "ServerOptimizer",
@@ -96,6 +99,33 @@ class ServerOptimizer(_Model):
     tau: float = Field(default=1e-3, gt=0)  # FedAdam adaptivity
 
 
+class PrivacySettings(_Model):
+    """User-level differential privacy (protocol.dp, coordinator.privacy).
+
+    ``central``: the coordinator adds Gaussian noise to the unmasked sum. ``distributed``: each
+    device adds discrete Gaussian noise before masking (needs secure aggregation), so the
+    coordinator never holds a less noisy value. The noise multiplier is given, or calibrated
+    from ``target_epsilon`` over ``max_rounds``; with a target, a round that would exceed it
+    is not started.
+    """
+
+    mode: Literal["off", "central", "distributed"] = "off"
+    noise_multiplier: float | None = Field(default=None, gt=0, le=1000)
+    target_epsilon: float | None = Field(default=None, gt=0)
+    delta: float | None = Field(default=None, gt=0, lt=1)  # None = 1 / population**1.1
+    population: int | None = Field(default=None, ge=1)
+    """Devices the task may draw from: the accountant's sampling rate is the selected share of
+    it (an approximation: selection is not Poisson). None = no amplification by sampling."""
+    adaptive_clip: bool = False  # Andrew et al. 2021: move clip_norm to a quantile of the norms
+    target_quantile: float = Field(default=0.5, gt=0, lt=1)
+    clip_lr: float = Field(default=0.2, ge=0, le=10)
+    count_noise: float | None = Field(default=None, gt=0)  # None = clients_per_round / 20
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode != "off"
+
+
 class DeadlineSettings(_Model):
     """Seconds each stage may take before the round moves on without the stragglers."""
 
@@ -117,6 +147,7 @@ class TaskConfig(_Model):
     secagg: SecAggSettings = Field(default_factory=SecAggSettings)
     server_optimizer: ServerOptimizer = Field(default_factory=ServerOptimizer)
     deadlines: DeadlineSettings = Field(default_factory=DeadlineSettings)
+    privacy: PrivacySettings = Field(default_factory=PrivacySettings)
     max_rounds: int | None = Field(default=None, ge=1)  # stop (pause) after this many rounds
     eval_every_rounds: int = Field(default=0, ge=0)  # 0 = no federated evaluation rounds
     eval_clients: int = Field(default=10, ge=1)
@@ -133,7 +164,27 @@ class TaskConfig(_Model):
             raise ValueError("secure aggregation needs codec.compress (ring-encoded updates)")
         if self.secagg.enabled and self.min_reports < 2:
             raise ValueError("secure aggregation needs min_reports >= 2")
+        dp = self.privacy
+        if dp.enabled:
+            if not self.codec.compress:
+                raise ValueError("differential privacy needs codec.compress (clipped updates)")
+            if self.codec.weight_cap != 1:
+                raise ValueError(
+                    "differential privacy weighs devices equally: set codec.weight_cap to 1 "
+                    "(example-count weights would need noise of their own)"
+                )
+            if dp.mode == "distributed" and not self.secagg.enabled:
+                raise ValueError("distributed DP needs secure aggregation (secagg.enabled)")
+            if dp.noise_multiplier is None and (dp.target_epsilon is None or self.max_rounds is None):
+                raise ValueError("privacy needs noise_multiplier, or target_epsilon and max_rounds")
+            if dp.delta is None and dp.population is None:
+                raise ValueError("privacy needs delta or population (delta = 1/population**1.1)")
         return self
+
+    @property
+    def selection_size(self) -> int:
+        """Devices a training round selects: clients_per_round with over-selection."""
+        return math.ceil(self.clients_per_round * self.over_selection)
 
 
 class TaskCreate(_Model):
@@ -145,13 +196,29 @@ class TaskUpdate(_Model):
     config: TaskConfig
 
 
+class PrivacyStatus(BaseModel):
+    """The privacy budget of a DP task: what has been spent and what the next round costs."""
+
+    mode: str
+    noise_multiplier: float  # joint multiplier of each round (update and clip count)
+    sampling_rate: float
+    delta: float
+    epsilon_spent: float
+    rounds_charged: int  # rounds whose noisy sum the coordinator could compute
+    target_epsilon: float | None
+    epsilon_after_next_round: float
+    exhausted: bool
+
+
 class TaskPublic(BaseModel):
     name: str
     status: str
+    status_reason: str | None = None
     current_version: int | None
     rounds_started: int
     config: TaskConfig
     created_at: datetime
+    privacy: PrivacyStatus | None = None
 
 
 class RoundPublic(BaseModel):

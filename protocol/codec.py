@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import secrets
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Annotated, Any
@@ -58,6 +59,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from protocol._encoding import B64Bytes
+from protocol.dp import NOISE_TAIL, sample_discrete_gaussian
 
 __all__ = [
     "MAX_RING_BITS",
@@ -85,6 +87,7 @@ __all__ = [
     "sparse_weighted_mean",
     "topk_decode",
     "topk_encode",
+    "unclipped_count",
     "unpack_bits",
     "unpack_bits_add",
     "unrotate",
@@ -142,6 +145,13 @@ class CodecParams(BaseModel):
     """Example count at which a device's weight saturates; 1 = every device weighs the same."""
     rotation_block: int | None = Field(default=None, ge=1 << 8, le=1 << 30)
     """Largest Hadamard block (a power of two); None picks it from d (:func:`rotation_block`)."""
+    noise_std: float = Field(default=0.0, ge=0, allow_inf_nan=False)
+    """Distributed DP: standard deviation (in quantization levels) of the discrete Gaussian
+    each device adds to every kept coordinate before masking; 0 = no noise (see protocol.dp)."""
+    count_slot: bool = False
+    """Adaptive clipping: one more slot, 1 when the device's norm was within ``clip_norm``."""
+    count_noise_std: float = Field(default=0.0, ge=0, allow_inf_nan=False)
+    """Distributed DP: per-device discrete Gaussian noise on the count slot."""
     seed: Annotated[B64Bytes, Field(min_length=16, max_length=64)]
     """Round seed (16..64 bytes, or an int < 2**256 stored as 32 big-endian bytes)."""
 
@@ -236,8 +246,9 @@ def kept_count(params: CodecParams, d: int) -> int:
 
 
 def encoded_length(params: CodecParams, d: int) -> int:
-    """Ring elements per encoded update: the kept coordinates plus the weight slot."""
-    return kept_count(params, d) + 1
+    """Ring elements per encoded update: the kept coordinates, the weight slot and, with
+    adaptive clipping, the count slot."""
+    return kept_count(params, d) + 1 + int(params.count_slot)
 
 
 def quant_range(params: CodecParams, d: int) -> float:
@@ -254,13 +265,27 @@ def ring_bits(params: CodecParams) -> int:
     """
     n = params.max_clients
     levels = (1 << params.bits) - 1
-    need = max((n * levels).bit_length(), (n * params.weight_cap).bit_length(), 1)
+    need = max(
+        _span_bits(n * levels, params.noise_std, n),
+        (n * params.weight_cap).bit_length(),
+        _span_bits(n, params.count_noise_std, n) if params.count_slot else 1,
+        1,
+    )
     if need > MAX_RING_BITS:
         raise CodecError(
-            f"the sum of {n} inputs at {params.bits} bits (weight cap {params.weight_cap}) needs "
-            f"{need} ring bits, more than {MAX_RING_BITS}: lower bits, max_clients or weight_cap"
+            f"the sum of {n} inputs at {params.bits} bits (weight cap {params.weight_cap}, "
+            f"noise {params.noise_std:g}) needs {need} ring bits, more than {MAX_RING_BITS}: "
+            "lower bits, max_clients, weight_cap or the noise"
         )
     return need
+
+
+def _span_bits(span: int, noise_std: float, n: int) -> int:
+    """Bits for sums in ``[0, span]``; with noise, for the centred sum ``+- span/2`` plus
+    ``NOISE_TAIL`` standard deviations of ``n`` devices' summed noise (decoded centred)."""
+    if noise_std == 0:
+        return span.bit_length()
+    return math.ceil(span + 2 * NOISE_TAIL * noise_std * math.sqrt(n)).bit_length()
 
 
 # ----------------------------------------------------------------------------------------
@@ -446,11 +471,15 @@ def encode(
     rng: np.random.Generator,
     *,
     num_examples: int = 1,
+    noise_rng: np.random.Generator | None = None,
 ) -> EncodedUpdate:
     """Encode one device's float delta into ``encoded_length(params, d)`` ring elements.
 
     ``rng`` supplies the stochastic-rounding dither only (local, not secret). ``num_examples``
     sets the weight ``min(num_examples, weight_cap) / weight_cap`` (0 contributes nothing).
+    With ``params.noise_std > 0`` (distributed DP) the quantized coordinates get discrete
+    Gaussian noise from ``noise_rng`` (default: a generator seeded with 128 bits from the OS;
+    the noise must stay secret from the server) and are reduced modulo ``2**ring_bits``.
     """
     ring_bits(params)  # refuses a parameter set whose sums could overflow, before any work
     x = _as_float_vector(delta, check_finite=False)  # _l2_norm refuses NaN/Inf
@@ -483,10 +512,28 @@ def encode(
     t -= floor  # fractional part, exact in floating point
     # unbiased stochastic rounding: up with probability equal to the fractional part
     up = rng.random(t.shape[0], dtype=work) < t
-    out = np.empty(t.shape[0] + 1, dtype=np.uint32)
-    np.add(floor, up, out=out[:-1], casting="unsafe")
-    out[-1] = weight  # every slot is < 2**b or <= weight_cap, hence < 2**ring_bits
+    m = t.shape[0]
+    out = np.empty(encoded_length(params, d), dtype=np.uint32)
+    np.add(floor, up, out=out[:m], casting="unsafe")
+    out[m] = weight  # every slot is < 2**b or <= weight_cap, hence < 2**ring_bits
+    if params.count_slot:
+        out[m + 1] = 0 if clipped else 1
+    if params.noise_std > 0 or params.count_noise_std > 0:
+        _add_noise(out, params, m, noise_rng)
     return EncodedUpdate(values=out, norm=norm, clipped=clipped, saturated=saturated, weight=weight)
+
+
+def _add_noise(out: RingVec, params: CodecParams, m: int, noise_rng: np.random.Generator | None) -> None:
+    """Distributed DP: discrete Gaussian noise on the value (and count) slots, mod 2**k."""
+    if noise_rng is None:
+        noise_rng = np.random.default_rng(secrets.randbits(128))
+    mask = np.int64((1 << ring_bits(params)) - 1)
+    if params.noise_std > 0:
+        noisy = out[:m].astype(np.int64) + sample_discrete_gaussian(params.noise_std, m, noise_rng)
+        out[:m] = noisy & mask  # two's complement: & is the non-negative residue mod 2**k
+    if params.count_slot and params.count_noise_std > 0:
+        c = int(out[m + 1]) + int(sample_discrete_gaussian(params.count_noise_std, 1, noise_rng)[0])
+        out[m + 1] = c & int(mask)
 
 
 def ring_sum(vectors: list[RingVec], bits: int) -> RingVec:
@@ -501,18 +548,54 @@ def ring_sum(vectors: list[RingVec], bits: int) -> RingVec:
     return acc
 
 
-def decode_sum(sum_values: npt.ArrayLike, params: CodecParams, n_clients: int, d: int) -> FloatVec:
+def _centred(values: npt.NDArray[Any], offset: int, k: int) -> npt.NDArray[np.int64]:
+    """Integer sums from their residues mod 2**k, assuming they lie within
+    ``offset +- 2**(k-1)`` (noisy sums: the ring width guarantees it, see :func:`ring_bits`)."""
+    c = (values.astype(np.int64) - offset) & ((1 << k) - 1)
+    c[c >= 1 << (k - 1)] -= 1 << k
+    return c + offset
+
+
+def unclipped_count(sum_values: npt.ArrayLike, params: CodecParams, n_clients: int, d: int) -> int:
+    """Adaptive clipping: the (distributed-noisy) number of summed devices whose norm was
+    within the clip, from the count slot of the sum of ``n_clients`` encoded updates."""
+    if not params.count_slot:
+        raise CodecError("these codec parameters have no count slot")
+    s = np.asarray(sum_values)
+    m = kept_count(params, d)
+    if s.ndim != 1 or s.shape[0] != m + 2:
+        raise CodecError(f"sum has shape {s.shape}, expected ({m + 2},)")
+    slot = s[m + 1 : m + 2]
+    if params.count_noise_std > 0:
+        return int(_centred(slot, n_clients // 2, ring_bits(params))[0])
+    return int(slot[0])
+
+
+def decode_sum(
+    sum_values: npt.ArrayLike,
+    params: CodecParams,
+    n_clients: int,
+    d: int,
+    *,
+    central_noise_std: float = 0.0,
+    rng: np.random.Generator | None = None,
+) -> FloatVec:
     """Weighted mean float delta from the modular sum of ``n_clients`` encoded updates.
 
     Undoes the quantization offset (``n_clients * R``), the subsampling (scale ``D / m``) and
     the rotation, then divides by the summed weight. ``n_clients`` is the number of inputs in
-    the sum (the surviving devices), at most ``max_clients``.
+    the sum (the surviving devices), at most ``max_clients``. Sums of noisy inputs
+    (``params.noise_std > 0``) are read centred (see :func:`ring_bits`). ``central_noise_std``
+    adds ``N(0, sigma^2)`` (in quantization levels, drawn from ``rng``) to every kept
+    coordinate of the integer sum first: central DP, applied where one device's influence
+    is bounded by :func:`protocol.dp.level_sensitivity`.
     """
     k = ring_bits(params)
     s = np.asarray(sum_values)
     m = kept_count(params, d)
-    if s.ndim != 1 or s.shape[0] != m + 1:
-        raise CodecError(f"sum has shape {s.shape}, expected ({m + 1},)")
+    want = encoded_length(params, d)
+    if s.ndim != 1 or s.shape[0] != want:
+        raise CodecError(f"sum has shape {s.shape}, expected ({want},)")
     if s.dtype.kind not in "ui":
         raise CodecError(f"sum must be integers, got {s.dtype}")
     if s.size and (int(s.min()) < 0 or int(s.max()) >= 1 << k):
@@ -531,7 +614,13 @@ def decode_sum(sum_values: npt.ArrayLike, params: CodecParams, n_clients: int, d
     levels = (1 << params.bits) - 1
     r = quant_range(params, d)
     big_d = padded_dim(params, d)
-    vals = s[:m].astype(np.float64) * (2.0 * r / levels) - n_clients * r
+    ints = _centred(s[:m], (n_clients * levels) // 2, k) if params.noise_std > 0 else s[:m]
+    vals = ints.astype(np.float64)
+    if central_noise_std > 0:
+        if rng is None:
+            raise CodecError("central noise needs an rng")
+        vals += rng.normal(0.0, central_noise_std, m)
+    vals = vals * (2.0 * r / levels) - n_clients * r
     if m < big_d:
         full = np.zeros(big_d, dtype=np.float64)
         full[kept_indices(params, d)] = vals * (big_d / m)

@@ -33,6 +33,20 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument(
         "--bundle", type=Path, default=ROOT / "artifacts/demo/bundle", help="built if missing (demo profile)"
     )
+    p.add_argument(
+        "--privacy", choices=["off", "central", "distributed"], default=None, help="differential privacy mode"
+    )
+    p.add_argument(
+        "--target-epsilon", type=float, default=None, help="budget; delta = 1/devices^1.1"
+    )
+    p.add_argument("--noise-multiplier", type=float, default=None)
+    p.add_argument("--adaptive-clip", action="store_true", help="quantile-based adaptive clipping")
+    p.add_argument(
+        "--privacy-sweep",
+        default=None,
+        metavar="EPSILONS",
+        help="accuracy against epsilon, e.g. 1,3,8,inf (mode from --privacy, default distributed)",
+    )
     p.add_argument("--out", type=Path, default=ROOT / "artifacts/sim")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-secagg", action="store_true")
@@ -83,6 +97,24 @@ def _config(args: argparse.Namespace) -> Any:
     ):
         if getattr(args, flag) is not None:
             cfg = replace(cfg, **{attr: getattr(args, flag)})
+    if args.privacy_sweep is not None:
+        cfg = replace(cfg, privacy=args.privacy or "distributed", adaptive_clip=args.adaptive_clip)
+        if cfg.privacy == "off":
+            raise SimError("--privacy-sweep needs --privacy central or distributed")
+        if args.compare:
+            raise SimError("--privacy-sweep and --compare are separate runs: pick one")
+    elif args.privacy not in (None, "off"):
+        if args.target_epsilon is None and args.noise_multiplier is None:
+            raise SimError("--privacy needs --target-epsilon or --noise-multiplier")
+        cfg = replace(
+            cfg,
+            privacy=args.privacy,
+            target_epsilon=args.target_epsilon,
+            noise_multiplier=args.noise_multiplier,
+            adaptive_clip=args.adaptive_clip,
+            weight_cap=1,
+            name=f"fl-{args.privacy}-dp",
+        )
     if args.noop_training:
         cfg = replace(cfg, noop_training=True, name="noop")
     if args.ray or args.ray_address:
@@ -94,6 +126,18 @@ def _config(args: argparse.Namespace) -> Any:
     if cfg.eval_every < 1 or cfg.eval_messages < 1:
         raise SimError("--eval-every and --eval-messages must be positive")
     return cfg
+
+
+def _epsilons(text: str) -> list[float]:
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise SimError(
+            f"--privacy-sweep takes numbers separated by commas (inf allowed), got {text!r}"
+        ) from None
+    if not values or any(not v > 0 for v in values):
+        raise SimError("--privacy-sweep needs positive epsilons")
+    return values
 
 
 def _bundle(path: Path) -> Path:
@@ -161,7 +205,15 @@ def run(args: argparse.Namespace) -> None:
     t0 = time.time()
 
     def go(coord: CoordinatorHandle) -> None:
-        if args.compare:
+        privacy_rows = None
+        if args.privacy_sweep is not None:
+            from simulator.compare import privacy_sweep
+
+            runs, rows, baselines = privacy_sweep(
+                cfg, bundle, out, coord, _epsilons(args.privacy_sweep), show
+            )
+            privacy_rows = rows
+        elif args.compare:
             from simulator.compare import compare
 
             runs, rows, baselines = compare(cfg, bundle, out, coord, show, args.central_steps)
@@ -187,6 +239,7 @@ def run(args: argparse.Namespace) -> None:
                     "int8 top1": s["final_int8_top1"],
                     "upload kB/device": (s["upload_bytes_per_device"] or 0) / 1e3,
                     "upload vs dense fp32": _dense_ratio(bundle, s["upload_bytes_per_device"]),
+                    **({"epsilon": s["epsilon"], "delta": s["delta"]} if s["epsilon"] is not None else {}),
                     "rounds": s["rounds_committed"],
                     "round s (median)": s["round_seconds_median"],
                 },
@@ -202,6 +255,7 @@ def run(args: argparse.Namespace) -> None:
             summary_rows=rows,
             baselines=baselines,
             title=f"fedkeys simulation: {cfg.devices} devices, {cfg.per_round} per round",
+            privacy_rows=privacy_rows,
         )
         (out / "summary.json").write_text(
             json.dumps({"rows": rows, "minutes": (time.time() - t0) / 60}, indent=2, default=str)

@@ -6,11 +6,15 @@
 - the same student trained centrally on the union of the simulated devices' messages (what a
   server holding their raw text would reach: the upper bound);
 - the word-trigram baseline (public data, and public + the devices' messages).
+
+``fedkeys simulate --privacy-sweep 1,3,8,inf``: the utility/privacy table
+(:func:`privacy_sweep`).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -27,7 +31,7 @@ from simulator.run import (
     run_simulation,
 )
 
-__all__ = ["central_upper_bound", "compare", "trigram_rows"]
+__all__ = ["central_upper_bound", "compare", "privacy_sweep", "trigram_rows"]
 
 log = logging.getLogger(__name__)
 
@@ -174,3 +178,58 @@ def compare(
         **{k: v["top1"] for k, v in trigrams.items()},
     }
     return runs, rows, baselines
+
+
+def privacy_sweep(
+    base: SimConfig,
+    bundle_dir: Path,
+    out_dir: Path,
+    coord: CoordinatorHandle,
+    epsilons: list[float],
+    progress: Any = None,
+) -> tuple[list[SimResult], list[dict[str, Any]], dict[str, float]]:
+    """Heldout accuracy against epsilon: one run per target (``inf`` = the same configuration
+    without noise), on the same fleet, seeds and heldout sample. Every run weighs devices
+    equally (weight_cap 1, which DP needs) so that only the noise differs."""
+    from simulator.run import heldout_sample
+
+    heldout = heldout_sample(base.eval_messages, base.seed)
+    runs = []
+    for eps in epsilons:
+        private = math.isfinite(eps)
+        cfg = replace(
+            base,
+            name=f"{base.privacy}-eps{eps:g}" if private else "non-private",
+            weight_cap=1,
+            privacy=base.privacy if private else "off",
+            target_epsilon=eps if private else None,
+        )
+        runs.append(run_simulation(cfg, bundle_dir, out_dir, coord, heldout=heldout, progress=progress))
+    pre = runs[0].evals[0]
+    rows: list[dict[str, Any]] = [
+        {
+            "configuration": "pretrained student (no FL)",
+            "epsilon": "",
+            "top1": pre["top1"],
+            "top3": pre["top3"],
+        }
+    ]
+    free = next((r for r in runs if r.privacy is None), None)
+    for r in runs:
+        s = r.summary()
+        rows.append(
+            {
+                "configuration": r.config.name,
+                "epsilon": s["epsilon"] if s["epsilon"] is not None else math.inf,
+                "delta": s["delta"] if s["delta"] is not None else "",
+                "noise multiplier": s["noise_multiplier"] if s["noise_multiplier"] is not None else 0.0,
+                "top1": s["top1_final"],
+                "top3": s["top3_final"],
+                "vs pretrained": (s["top1_final"] or 0) - pre["top1"],
+                "vs non-private": (s["top1_final"] or 0) - free.summary()["top1_final"] if free else "",
+                "rounds": s["rounds_committed"],
+            }
+        )
+    cols = list(dict.fromkeys(k for r in rows for k in r))
+    rows = [{k: r.get(k, "") for k in cols} for r in rows]
+    return runs, rows, {"pretrained": pre["top1"]}

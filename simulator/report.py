@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["write_report"]
+__all__ = ["plot_privacy", "write_report"]
 
 
 def _plt() -> Any:
@@ -98,6 +98,33 @@ def plot_participation(run: Any, out: Path) -> Path:
     return path
 
 
+def plot_privacy(rows: list[dict[str, Any]], pretrained: float, out: Path) -> Path:
+    """Top-1 against epsilon (log scale; the non-private run drawn at the right edge)."""
+    plt = _plt()
+    pts = [(r["epsilon"], r["top1"]) for r in rows if isinstance(r.get("epsilon"), float)]
+    finite = sorted((e, t) for e, t in pts if e != float("inf"))
+    free = [t for e, t in pts if e == float("inf")]
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    if finite:
+        ax.plot(
+            [e for e, _ in finite], [100 * t for _, t in finite], marker="o", label="private (spent epsilon)"
+        )
+    right = 2 * max([e for e, _ in finite], default=10.0)
+    for t in free:
+        ax.scatter([right], [100 * t], marker="*", s=120, color="C2", label="non-private (epsilon = inf)")
+    ax.axhline(100 * pretrained, ls="--", lw=1, color="C3", label="pretrained student")
+    ax.set_xscale("log")
+    ax.set_xlabel("epsilon spent (delta = 1/N^1.1)")
+    ax.set_ylabel("heldout top-1 next-word accuracy (%)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = out / "privacy.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def _table(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return "<p>(none)</p>"
@@ -120,10 +147,13 @@ def write_report(
     summary_rows: list[dict[str, Any]],
     baselines: dict[str, float],
     title: str,
+    privacy_rows: list[dict[str, Any]] | None = None,
 ) -> Path:
     """Write PNG plots and ``report.html`` into ``out``; returns the HTML path."""
     out.mkdir(parents=True, exist_ok=True)
     images = [plot_accuracy(runs, baselines, out), plot_bytes(runs, out)]
+    if privacy_rows:
+        images.insert(0, plot_privacy(privacy_rows, baselines["pretrained"], out))
     images += [plot_participation(r, out) for r in runs if r.rounds]
     per_round = "".join(
         f"<h3>{html.escape(r.config.name)}</h3>"

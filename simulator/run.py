@@ -85,6 +85,23 @@ class SimConfig:
     workers: int = 0  # 0 = one per core
     ray_address: str | None = None  # "local" or ray://host:port
     max_minutes: float = 60.0
+    # differential privacy (coordinator PrivacySettings): "off", "central" or "distributed";
+    # the fleet is the population the accountant samples from, delta = 1/devices**1.1
+    privacy: str = "off"
+    target_epsilon: float | None = None
+    noise_multiplier: float | None = None
+    adaptive_clip: bool = False
+
+    def privacy_config(self) -> dict[str, Any]:
+        if self.privacy == "off":
+            return {"mode": "off"}
+        return {
+            "mode": self.privacy,
+            "target_epsilon": self.target_epsilon,
+            "noise_multiplier": self.noise_multiplier,
+            "population": self.devices,
+            "adaptive_clip": self.adaptive_clip,
+        }
 
     def task_config(self) -> dict[str, Any]:
         return {
@@ -116,6 +133,7 @@ class SimConfig:
                 "momentum": self.server_momentum,
             },
             "deadlines": self.deadlines,
+            "privacy": self.privacy_config(),
             "max_rounds": self.rounds,
         }
 
@@ -218,6 +236,7 @@ class SimResult:
     devices: list[dict[str, Any]]
     seconds: float
     out_dir: Path
+    privacy: dict[str, Any] | None = None  # the task's privacy status at the end (admin API)
 
     def summary(self) -> dict[str, Any]:
         committed = [r for r in self.rounds if r["outcome"] == "committed" and r["kind"] == "train"]
@@ -238,6 +257,9 @@ class SimResult:
             "round_seconds_median": float(np.median(walls)) if walls else None,
             "participants_mean": float(np.mean([r["reported"] for r in committed])) if committed else 0.0,
             "seconds": self.seconds,
+            "epsilon": self.privacy["epsilon_spent"] if self.privacy else None,
+            "delta": self.privacy["delta"] if self.privacy else None,
+            "noise_multiplier": self.privacy["noise_multiplier"] if self.privacy else None,
         }
 
 
@@ -339,6 +361,7 @@ def run_simulation(
     pending: list[int] = []
     seen: set[int] = set()
     deadline = t_start + cfg.max_minutes * 60
+    privacy: dict[str, Any] | None = None
     while time.time() < deadline:
         time.sleep(1.0)
         try:
@@ -349,6 +372,7 @@ def run_simulation(
                 task_info = admin.get(f"/v1/admin/tasks/{task}")
                 task_info.raise_for_status()
                 status = task_info.json()["status"]
+                privacy = task_info.json().get("privacy")
         except httpx.HTTPStatusError as e:
             if e.response.status_code < 500:
                 raise
@@ -390,7 +414,7 @@ def run_simulation(
     final = evaluator.program(observer.weights(last) if last else base_weights, out_dir)
     _attach_device_bytes(rounds, devices)
     result = SimResult(
-        cfg, rounds, dict(sorted(evals.items())), final, devices, time.time() - t_start, out_dir
+        cfg, rounds, dict(sorted(evals.items())), final, devices, time.time() - t_start, out_dir, privacy
     )
     _write_records(result)
     return result
@@ -441,6 +465,7 @@ def _round_record(r: dict[str, Any], t0: float, day_seconds: float, start_hour: 
         "t": round(created - t0, 2),
         "mean_loss_before": m.get("mean_loss_before"),
         "mean_loss_after": m.get("mean_loss_after"),
+        "dp": m.get("dp"),
     }
 
 

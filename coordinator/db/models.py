@@ -69,6 +69,7 @@ class Task(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     name: Mapped[str] = mapped_column(String(64), unique=True)
     status: Mapped[str] = mapped_column(String(16), default="paused")  # active | paused
+    status_reason: Mapped[str | None] = mapped_column(String(512))  # why it paused itself
     config: Mapped[dict[str, Any]]
     current_version: Mapped[int | None]
     next_round: Mapped[int] = mapped_column(Integer, default=1)
@@ -128,6 +129,10 @@ class Round(Base):
     metrics: Mapped[dict[str, Any]]
     finished_at: Mapped[datetime | None]
     claimed_at: Mapped[datetime | None]  # aggregation claimed by a worker (stale claims expire)
+    # DP tasks: the round's sampling rate and joint noise multiplier, set once the coordinator
+    # could compute its noisy sum (uploads closed); the accountant composes these
+    dp_q: Mapped[float | None] = mapped_column(Float)
+    dp_z: Mapped[float | None] = mapped_column(Float)
 
 
 class Participant(Base):

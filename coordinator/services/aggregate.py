@@ -9,6 +9,7 @@ commits the result in one transaction that re-checks the claim.
 from __future__ import annotations
 
 import logging
+import secrets
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -21,7 +22,8 @@ from coordinator.observability import log_event
 from coordinator.optimizers import OptimizerState, make_optimizer
 from coordinator.schemas import TaskConfig
 from coordinator.services.rounds import AGGREGATING, DONE, RoundContext, _fail, _utc
-from protocol.codec import CodecError, CodecParams, decode_sum
+from protocol.codec import CodecError, CodecParams, decode_sum, unclipped_count
+from protocol.dp import gaussian_noise, next_clip_norm
 from protocol.secagg.common import SecAggError
 from protocol.secagg.server import SecAggServer
 
@@ -55,25 +57,52 @@ def _claim(factory: sessionmaker[Session], ctx: RoundContext, round_id: int) -> 
         return now
 
 
-def _mean_delta(rnd: Round, d: int) -> tuple[np.ndarray[Any, np.dtype[np.float32]], int]:
+def _ring(rnd: Round) -> tuple[np.ndarray[Any, np.dtype[np.uint32]], int]:
+    """The integer sum of a compressed round and the number of inputs in it."""
     plan = rnd.plan
     if plan.get("secagg") is not None:
         server = SecAggServer.from_bytes(rnd.secagg_state or b"")
-        ring = server.unmask()
-        survivors = len(plan["unmask"]["survivors"])
-        return decode_sum(ring, CodecParams.model_validate(plan["codec"]), survivors, d), survivors
+        return server.unmask().astype(np.uint32, copy=False), len(plan["unmask"]["survivors"])
     if rnd.sum_blob is None:
         raise CodecError("no update arrived")
-    if plan.get("codec") is not None:
-        # compressed without secure aggregation: a plain integer sum, which the codec's ring
-        # width keeps below 2**k for up to max_clients inputs
-        codec = CodecParams.model_validate(plan["codec"])
-        ring = np.frombuffer(rnd.sum_blob, dtype=np.uint64).astype(np.uint32)
-        return decode_sum(ring, codec, rnd.reported, d), rnd.reported
-    total = np.frombuffer(rnd.sum_blob, dtype=np.float64)
-    if rnd.weight_sum <= 0:
-        raise CodecError("summed weight is 0")
-    return (total / rnd.weight_sum).astype(np.float32), rnd.reported
+    # compressed without secure aggregation: a plain integer sum, which the codec's ring
+    # width keeps below 2**k for up to max_clients inputs
+    return np.frombuffer(rnd.sum_blob, dtype=np.uint64).astype(np.uint32), rnd.reported
+
+
+def _mean_delta(
+    rnd: Round, d: int, rng: np.random.Generator
+) -> tuple[np.ndarray[Any, np.dtype[np.float32]], int, dict[str, Any]]:
+    """The mean delta, the number of summed devices and DP diagnostics (empty without DP)."""
+    plan = rnd.plan
+    if plan.get("codec") is None:
+        if rnd.sum_blob is None:
+            raise CodecError("no update arrived")
+        total = np.frombuffer(rnd.sum_blob, dtype=np.float64)
+        if rnd.weight_sum <= 0:
+            raise CodecError("summed weight is 0")
+        return (total / rnd.weight_sum).astype(np.float32), rnd.reported, {}
+    codec = CodecParams.model_validate(plan["codec"])
+    ring, n = _ring(rnd)
+    dp = plan.get("dp")
+    if dp is None:
+        return decode_sum(ring, codec, n, d), n, {}
+    mean = decode_sum(ring, codec, n, d, central_noise_std=float(dp["central_std"]), rng=rng)
+    info: dict[str, Any] = dict(rnd.metrics.get("dp") or {})  # set when the round opened
+    if codec.count_slot:
+        count = unclipped_count(ring, codec, n, d) + float(
+            gaussian_noise(float(dp["central_count_std"]), 1, rng)[0]
+        )
+        info["unclipped_fraction"] = count / n  # noisy: only its use below is private
+    return mean, n, info
+
+
+def _next_clip(cfg: TaskConfig, info: dict[str, Any]) -> None:
+    if "unclipped_fraction" in info:
+        p = cfg.privacy
+        info["next_clip_norm"] = next_clip_norm(
+            info["clip_norm"], info["unclipped_fraction"], p.target_quantile, p.clip_lr
+        )
 
 
 def aggregate(factory: sessionmaker[Session], ctx: RoundContext, round_id: int) -> int | None:
@@ -95,7 +124,8 @@ def aggregate(factory: sessionmaker[Session], ctx: RoundContext, round_id: int) 
         d = rnd.plan["dim"]
         failure: Exception | None = None
         try:
-            delta, n = _mean_delta(rnd, d)
+            delta, n, dp_info = _mean_delta(rnd, d, np.random.default_rng(secrets.randbits(128)))
+            _next_clip(cfg, dp_info)
             if not np.isfinite(delta).all():
                 raise CodecError("aggregate contains NaN or Inf")
         except (SecAggError, CodecError, ValueError) as e:
@@ -126,6 +156,8 @@ def aggregate(factory: sessionmaker[Session], ctx: RoundContext, round_id: int) 
             "reports": n,
             "update_norm": float(np.linalg.norm(delta)),
         }
+        if dp_info:
+            metrics["dp"] = dp_info
         if reports:
             metrics["mean_loss_before"] = float(np.mean([r["loss_before"] for r in reports]))
             metrics["mean_loss_after"] = float(np.mean([r["loss_after"] for r in reports]))

@@ -46,9 +46,11 @@ from coordinator.db.models import (
     Task,
 )
 from coordinator.observability import Metrics, log_event
+from coordinator.privacy import PrivacyPlan
 from coordinator.schemas import TaskConfig
+from coordinator.services.privacy import charge, current_clip, privacy_plan, refusal
 from coordinator.services.storage import ArtifactStore
-from protocol.codec import CodecParams, encoded_length, ring_bits
+from protocol.codec import CodecError, CodecParams, encoded_length, ring_bits
 from protocol.secagg.common import SecAggError, secagg_params_for
 from protocol.secagg.server import SecAggServer
 from protocol.wire import (
@@ -215,7 +217,46 @@ def _open_round(session: Session, ctx: RoundContext, task: Task) -> Round | None
     mv = _version(session, task, task.current_version)
     bundle = ctx.store.bundle(mv.bundle_dir)
     layout = bundle.manifest.train.layout
-    target = math.ceil(cfg.clients_per_round * cfg.over_selection) if kind == "train" else cfg.eval_clients
+    target = cfg.selection_size if kind == "train" else cfg.eval_clients
+    codec: CodecParams | None = None
+    dp_plan: PrivacyPlan | None = None
+    if kind == "train" and cfg.codec.compress:
+        codec = CodecParams(
+            clip_norm=current_clip(session, task, cfg),
+            rotate=cfg.codec.rotate,
+            keep_fraction=cfg.codec.keep_fraction,
+            bits=cfg.codec.bits,
+            max_clients=target,
+            range_factor=cfg.codec.range_factor,
+            weight_cap=cfg.codec.weight_cap,
+            rotation_block=cfg.codec.rotation_block,
+            count_slot=cfg.privacy.enabled and cfg.privacy.adaptive_clip,
+            seed=secrets.token_bytes(32),
+        )
+        if cfg.privacy.enabled:
+            try:
+                dp_plan = privacy_plan(cfg, codec, layout.size)
+            except ValueError as e:  # DPError too; create/update refuse such settings already
+                task.status = "paused"
+                task.status_reason = f"privacy settings cannot be honoured: {e}"
+                log_event(log, "task paused", task=task.name, reason=task.status_reason)
+                return None
+            reason = refusal(session, task, cfg, next_z=dp_plan.z)
+            if reason is not None:
+                task.status = "paused"
+                task.status_reason = reason
+                log_event(log, "task paused", task=task.name, reason=reason)
+                return None
+            codec = codec.model_copy(
+                update={"noise_std": dp_plan.device_std, "count_noise_std": dp_plan.device_count_std}
+            )
+            try:
+                ring_bits(codec)
+            except CodecError as e:
+                task.status = "paused"
+                task.status_reason = f"the round's noise does not fit the ring: {e}"
+                log_event(log, "task paused", task=task.name, reason=task.status_reason)
+                return None
     rnd = Round(
         task_id=task.id,
         number=number,
@@ -227,7 +268,7 @@ def _open_round(session: Session, ctx: RoundContext, task: Task) -> Round | None
         stage_started_at=now,
         stage_deadline=now + timedelta(seconds=cfg.deadlines.selection),
         selection_target=target,
-        metrics={},
+        metrics={} if dp_plan is None or codec is None else {"dp": _dp_metrics(dp_plan, codec)},
     )
     session.add(rnd)
     task.next_round = number + 1
@@ -248,18 +289,9 @@ def _open_round(session: Session, ctx: RoundContext, task: Task) -> Round | None
         "codec": None,
         "secagg": None,
     }
-    if kind == "train" and cfg.codec.compress:
-        codec = CodecParams(
-            clip_norm=cfg.codec.clip_norm,
-            rotate=cfg.codec.rotate,
-            keep_fraction=cfg.codec.keep_fraction,
-            bits=cfg.codec.bits,
-            max_clients=target,
-            range_factor=cfg.codec.range_factor,
-            weight_cap=cfg.codec.weight_cap,
-            rotation_block=cfg.codec.rotation_block,
-            seed=secrets.token_bytes(32),
-        )
+    if dp_plan is not None:
+        plan["dp"] = dp_plan.to_json()
+    if codec is not None:
         plan["codec"] = codec.model_dump(mode="json")
         if cfg.secagg.enabled:
             sec = secagg_params_for(
@@ -275,6 +307,16 @@ def _open_round(session: Session, ctx: RoundContext, task: Task) -> Round | None
     rnd.plan = plan
     log_event(log, "round opened", task=task.name, round=rnd.id, stage=SELECTING, version=mv.version)
     return rnd
+
+
+def _dp_metrics(dp: PrivacyPlan, codec: CodecParams) -> dict[str, Any]:
+    return {
+        "mode": dp.mode,
+        "noise_multiplier": dp.z,
+        "sampling_rate": dp.q,
+        "clip_norm": codec.clip_norm,
+        "noise_std_levels": dp.z_update * dp.sensitivity,
+    }
 
 
 def open_rounds(session: Session, ctx: RoundContext) -> list[Round]:
@@ -716,6 +758,7 @@ def advance(session: Session, ctx: RoundContext, round_id: int, *, wait: bool = 
                     )
                     return True
                 _drop_missing(session, rnd, uploaded)
+                charge(rnd)  # from here on the coordinator can compute the (noisy) sum
                 if stage == UPLOAD:
                     _set_stage(ctx, rnd, AGGREGATING, 0)
                 else:

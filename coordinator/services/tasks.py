@@ -10,6 +10,8 @@ from sqlalchemy.orm import Session
 
 from coordinator.db.models import ModelVersion, Round, Task
 from coordinator.schemas import RoundPublic, TaskConfig, TaskPublic, VersionPublic
+from coordinator.services.privacy import check as check_privacy
+from coordinator.services.privacy import privacy_status, refusal
 from coordinator.services.storage import ArtifactStore
 
 __all__ = [
@@ -51,19 +53,23 @@ def get_task(session: Session, name: str, *, lock: bool = False) -> Task:
 
 def task_public(session: Session, task: Task) -> TaskPublic:
     started = session.scalar(select(func.count()).select_from(Round).where(Round.task_id == task.id)) or 0
+    cfg = TaskConfig.model_validate(task.config)
     return TaskPublic(
         name=task.name,
         status=task.status,
+        status_reason=task.status_reason,
         current_version=task.current_version,
         rounds_started=started,
-        config=TaskConfig.model_validate(task.config),
+        config=cfg,
         created_at=task.created_at,
+        privacy=privacy_status(session, task, cfg),
     )
 
 
 def create_task(session: Session, *, name: str, config: TaskConfig) -> Task:
     if session.scalars(select(Task).where(Task.name == name)).one_or_none() is not None:
         raise Conflict(f"task {name!r} exists already")
+    check_privacy(config)
     now = _now()
     task = Task(
         name=name,
@@ -79,6 +85,7 @@ def create_task(session: Session, *, name: str, config: TaskConfig) -> Task:
 
 def update_task(session: Session, *, name: str, config: TaskConfig) -> Task:
     task = get_task(session, name, lock=True)
+    check_privacy(config)
     task.config = config.model_dump(mode="json")
     task.updated_at = _now()
     return task
@@ -88,6 +95,11 @@ def set_status(session: Session, *, name: str, status: str) -> Task:
     task = get_task(session, name, lock=True)
     if status == "active" and task.current_version is None:
         raise Conflict(f"task {name!r} has no model yet: upload a bundle first")
+    if status == "active":
+        reason = refusal(session, task, TaskConfig.model_validate(task.config))
+        if reason is not None:
+            raise Conflict(f"task {name!r} cannot start: {reason}")
+    task.status_reason = None
     task.status = status
     task.updated_at = _now()
     return task

@@ -117,3 +117,47 @@ def test_small_fleet_on_a_local_ray(tmp_path: Path, tiny_bundle_dir: Path) -> No
     assert committed[0]["stage_seconds"].get("masked_input") is not None
     assert {d["index"] for d in res.devices} == set(range(6))  # every device reported back
     assert any(d["bytes_up"] > 0 for d in res.devices)
+
+
+@pytest.mark.slow
+def test_privacy_sweep_reports_epsilon_and_accuracy(tmp_path: Path, tiny_bundle_dir: Path) -> None:
+    """Distributed DP with secure aggregation end to end, then the same fleet without noise:
+    the table carries the spent epsilon and the plot is drawn."""
+    from simulator.compare import privacy_sweep
+
+    cfg = _small(privacy="distributed", adaptive_clip=True, dropout=0.0)
+    with local_coordinator(tmp_path / "coord") as coord:
+        runs, rows, baselines = privacy_sweep(
+            cfg, tiny_bundle_dir, tmp_path / "out", coord, [8.0, float("inf")]
+        )
+    private, free = runs
+    assert private.privacy is not None and free.privacy is None
+    committed = [r for r in private.rounds if r["kind"] == "train" and r["outcome"] == "committed"]
+    assert committed, private.rounds
+    assert committed[0]["stage_seconds"].get("masked_input") is not None  # secure aggregation ran
+    assert committed[0]["dp"]["mode"] == "distributed" and "next_clip_norm" in committed[0]["dp"]
+    eps_row = next(r for r in rows if r["configuration"] == "distributed-eps8")
+    assert 0 < eps_row["epsilon"] <= 8.0
+    assert eps_row["epsilon"] == pytest.approx(private.privacy["epsilon_spent"])
+    assert next(r for r in rows if r["configuration"] == "non-private")["epsilon"] == float("inf")
+    page = write_report(
+        runs, tmp_path / "report", summary_rows=rows, baselines=baselines, title="dp", privacy_rows=rows
+    )
+    assert "epsilon" in page.read_text()
+    assert (tmp_path / "report" / "privacy.png").stat().st_size > 5000
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--privacy-sweep", "1,x"],
+        ["--privacy-sweep", "0,inf"],
+        ["--privacy-sweep", "8", "--privacy", "off"],
+        ["--privacy", "central"],  # neither a target nor a multiplier
+    ],
+)
+def test_privacy_flags_refuse_bad_input(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    from fedkeys.cli import main
+
+    assert main(["simulate", *argv]) == 2
+    assert "privacy" in capsys.readouterr().err
