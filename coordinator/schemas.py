@@ -22,6 +22,9 @@ __all__ = [
     "PrivacyStatus",
     "RoundPublic",
     "SecAggSettings",
+    "SelectionBucket",
+    "SelectionSettings",
+    "SelectionStats",
     "ServerOptimizer",
     "TaskConfig",
     "TaskCreate",
@@ -126,6 +129,18 @@ class PrivacySettings(_Model):
         return self.mode != "off"
 
 
+class SelectionSettings(_Model):
+    """Which of the eligible devices that checked in a round takes (coordinator.selection)."""
+
+    strategy: Literal["random", "least-recent", "oort"] = "least-recent"
+    exploration: float = Field(default=0.2, ge=0, le=1)  # oort: share of slots for unseen devices
+    speed_penalty: float = Field(default=2.0, ge=0, le=10)  # oort: alpha
+    preferred_seconds: float | None = Field(default=None, gt=0)  # oort: T; None = median
+    min_weight: float = Field(default=0.01, gt=0, le=1)  # oort: fairness floor of the weights
+    stratum: Literal["none", "data_bucket", "device_class"] = "none"
+    max_share: float = Field(default=1.0, gt=0, le=1)  # cap per stratum (share of the slots)
+
+
 class DeadlineSettings(_Model):
     """Seconds each stage may take before the round moves on without the stragglers."""
 
@@ -148,6 +163,7 @@ class TaskConfig(_Model):
     server_optimizer: ServerOptimizer = Field(default_factory=ServerOptimizer)
     deadlines: DeadlineSettings = Field(default_factory=DeadlineSettings)
     privacy: PrivacySettings = Field(default_factory=PrivacySettings)
+    selection: SelectionSettings = Field(default_factory=SelectionSettings)
     max_rounds: int | None = Field(default=None, ge=1)  # stop (pause) after this many rounds
     eval_every_rounds: int = Field(default=0, ge=0)  # 0 = no federated evaluation rounds
     eval_clients: int = Field(default=10, ge=1)
@@ -208,6 +224,20 @@ class PrivacyStatus(BaseModel):
     target_epsilon: float | None
     epsilon_after_next_round: float
     exhausted: bool
+
+
+class SelectionBucket(BaseModel):
+    stratum: str  # "data_bucket" (log2 of local examples) or "device_class"
+    value: str
+    devices: int  # enrolled devices in this bucket
+    devices_selected: int  # of them, selected at least once by this task
+    selections: int  # selections of devices in this bucket by this task
+
+
+class SelectionStats(BaseModel):
+    strategy: str
+    rounds: int
+    buckets: list[SelectionBucket]
 
 
 class TaskPublic(BaseModel):

@@ -36,9 +36,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument(
         "--privacy", choices=["off", "central", "distributed"], default=None, help="differential privacy mode"
     )
-    p.add_argument(
-        "--target-epsilon", type=float, default=None, help="budget; delta = 1/devices^1.1"
-    )
+    p.add_argument("--target-epsilon", type=float, default=None, help="budget; delta = 1/devices^1.1")
     p.add_argument("--noise-multiplier", type=float, default=None)
     p.add_argument("--adaptive-clip", action="store_true", help="quantile-based adaptive clipping")
     p.add_argument(
@@ -47,6 +45,16 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         metavar="EPSILONS",
         help="accuracy against epsilon, e.g. 1,3,8,inf (mode from --privacy, default distributed)",
     )
+    p.add_argument(
+        "--strategy", choices=["random", "least-recent", "oort"], default=None, help="client selection"
+    )
+    p.add_argument(
+        "--selection-compare",
+        default=None,
+        metavar="STRATEGIES",
+        help="time to accuracy per selection strategy, e.g. random,least-recent,oort",
+    )
+    p.add_argument("--target-top1", type=float, default=None, help="accuracy target of --selection-compare")
     p.add_argument("--out", type=Path, default=ROOT / "artifacts/sim")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-secagg", action="store_true")
@@ -115,6 +123,12 @@ def _config(args: argparse.Namespace) -> Any:
             weight_cap=1,
             name=f"fl-{args.privacy}-dp",
         )
+    if args.strategy is not None:
+        cfg = replace(cfg, selection=args.strategy)
+    if args.selection_compare is not None and (args.compare or args.privacy_sweep is not None):
+        raise SimError("--selection-compare runs on its own: drop --compare / --privacy-sweep")
+    if args.target_top1 is not None and not 0 < args.target_top1 < 1:
+        raise SimError("--target-top1 is a fraction in (0, 1), e.g. 0.171")
     if args.noop_training:
         cfg = replace(cfg, noop_training=True, name="noop")
     if args.ray or args.ray_address:
@@ -138,6 +152,16 @@ def _epsilons(text: str) -> list[float]:
     if not values or any(not v > 0 for v in values):
         raise SimError("--privacy-sweep needs positive epsilons")
     return values
+
+
+def _strategies(text: str) -> list[str]:
+    names = [x.strip() for x in text.split(",") if x.strip()]
+    bad = [x for x in names if x not in ("random", "least-recent", "oort")]
+    if not names or bad:
+        raise SimError(
+            f"--selection-compare takes random, least-recent, oort (comma-separated), not {text!r}"
+        )
+    return names
 
 
 def _bundle(path: Path) -> Path:
@@ -206,7 +230,16 @@ def run(args: argparse.Namespace) -> None:
 
     def go(coord: CoordinatorHandle) -> None:
         privacy_rows = None
-        if args.privacy_sweep is not None:
+        time_plot = False
+        if args.selection_compare is not None:
+            from simulator.compare import selection_compare
+
+            strategies = _strategies(args.selection_compare)
+            runs, rows, baselines = selection_compare(
+                cfg, bundle, out, coord, strategies, args.target_top1, show
+            )
+            time_plot = True
+        elif args.privacy_sweep is not None:
             from simulator.compare import privacy_sweep
 
             runs, rows, baselines = privacy_sweep(
@@ -256,6 +289,7 @@ def run(args: argparse.Namespace) -> None:
             baselines=baselines,
             title=f"fedkeys simulation: {cfg.devices} devices, {cfg.per_round} per round",
             privacy_rows=privacy_rows,
+            time_plot=time_plot,
         )
         (out / "summary.json").write_text(
             json.dumps({"rows": rows, "minutes": (time.time() - t0) / 60}, indent=2, default=str)

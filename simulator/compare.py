@@ -8,7 +8,8 @@
 - the word-trigram baseline (public data, and public + the devices' messages).
 
 ``fedkeys simulate --privacy-sweep 1,3,8,inf``: the utility/privacy table
-(:func:`privacy_sweep`).
+(:func:`privacy_sweep`). ``fedkeys simulate --selection-compare random,least-recent,oort``:
+time to accuracy per selection strategy (:func:`selection_compare`).
 """
 
 from __future__ import annotations
@@ -31,7 +32,15 @@ from simulator.run import (
     run_simulation,
 )
 
-__all__ = ["central_upper_bound", "compare", "privacy_sweep", "trigram_rows"]
+__all__ = [
+    "central_upper_bound",
+    "compare",
+    "participation",
+    "privacy_sweep",
+    "selection_compare",
+    "time_to_target",
+    "trigram_rows",
+]
 
 log = logging.getLogger(__name__)
 
@@ -233,3 +242,95 @@ def privacy_sweep(
     cols = list(dict.fromkeys(k for r in rows for k in r))
     rows = [{k: r.get(k, "") for k in cols} for r in rows]
     return runs, rows, {"pretrained": pre["top1"]}
+
+
+def _sim_hours(cfg: SimConfig, seconds: float) -> float:
+    return seconds * 24 / cfg.day_seconds
+
+
+def time_to_target(run: SimResult, target: float) -> dict[str, Any]:
+    """Rounds, simulated hours and uploaded bytes until the first evaluated version whose
+    heldout top-1 reaches ``target`` (None if it never does)."""
+    hit = next((v for v in sorted(run.evals) if v > 0 and run.evals[v]["top1"] >= target), None)
+    if hit is None:
+        return {"version": None, "rounds": None, "sim_hours": None, "upload_MB": None}
+    upto = [r for r in run.rounds if r["kind"] == "train" and (r["new_version"] or 0) <= hit]
+    upto = [r for r in upto if r["outcome"] == "failed" or r["new_version"] is not None]
+    done = next(r for r in run.rounds if r.get("new_version") == hit)
+    finished = done["t"] + done["wall_seconds"]
+    up = sum(b["bytes_up"] for r in upto for b in r.get("device_bytes", []))
+    return {
+        "version": hit,
+        "rounds": len(upto),
+        "sim_hours": _sim_hours(run.config, finished),
+        "upload_MB": up / 1e6,
+    }
+
+
+def participation(run: SimResult) -> dict[str, float]:
+    """How evenly the training rounds spread over the fleet."""
+    counts = [
+        sum(1 for r in d.get("rounds", []) if r.get("kind") == "train" and r.get("completed"))
+        for d in run.devices
+    ]
+    if not counts:
+        return {"devices_participating": 0.0, "max_participations": 0.0, "gini": 0.0}
+    xs = sorted(counts)
+    n, total = len(xs), sum(xs)
+    gini = (2 * sum((i + 1) * x for i, x in enumerate(xs)) / (n * total) - (n + 1) / n) if total else 0.0
+    return {
+        "devices_participating": float(sum(1 for c in counts if c > 0)),
+        "max_participations": float(max(counts)),
+        "gini": float(gini),
+    }
+
+
+def selection_compare(
+    base: SimConfig,
+    bundle_dir: Path,
+    out_dir: Path,
+    coord: CoordinatorHandle,
+    strategies: list[str],
+    target: float | None = None,
+    progress: Any = None,
+) -> tuple[list[SimResult], list[dict[str, Any]], dict[str, float]]:
+    """Time to accuracy per selection strategy, on the same fleet (speeds, data, availability)
+    and seeds. ``target`` defaults to the best top-1 that every strategy reached, so each row
+    says how long that strategy took to get there."""
+    from simulator.run import heldout_sample
+
+    heldout = heldout_sample(base.eval_messages, base.seed)
+    runs = [
+        run_simulation(
+            replace(base, name=f"select-{s}", selection=s),
+            bundle_dir,
+            out_dir,
+            coord,
+            heldout=heldout,
+            progress=progress,
+        )
+        for s in strategies
+    ]
+    pre = runs[0].evals[0]["top1"]
+    if target is None:
+        target = min(
+            max(v["top1"] for k, v in r.evals.items() if k > 0) if len(r.evals) > 1 else pre for r in runs
+        )
+    rows: list[dict[str, Any]] = []
+    for r in runs:
+        s = r.summary()
+        tt = time_to_target(r, target)
+        rows.append(
+            {
+                "strategy": r.config.selection,
+                "target top1": target,
+                "rounds to target": tt["rounds"],
+                "sim hours to target": tt["sim_hours"],
+                "upload MB to target": tt["upload_MB"],
+                "final top1": s["top1_final"],
+                "rounds committed": s["rounds_committed"],
+                "round s (median)": s["round_seconds_median"],
+                **participation(r),
+            }
+        )
+    return runs, rows, {"pretrained": pre, "target": target}

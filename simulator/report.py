@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["plot_privacy", "write_report"]
+__all__ = ["plot_privacy", "plot_time_to_accuracy", "write_report"]
 
 
 def _plt() -> Any:
@@ -125,6 +125,29 @@ def plot_privacy(rows: list[dict[str, Any]], pretrained: float, out: Path) -> Pa
     return path
 
 
+def plot_time_to_accuracy(runs: Sequence[Any], baselines: dict[str, float], out: Path) -> Path:
+    """Heldout top-1 against simulated hours, one line per run."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for r in runs:
+        end = {x["new_version"]: x["t"] + x["wall_seconds"] for x in r.rounds if x.get("new_version")}
+        pts = sorted(
+            (end.get(v, 0.0) * 24 / r.config.day_seconds, 100 * e["top1"]) for v, e in r.evals.items()
+        )
+        ax.plot(*zip(*pts, strict=True), marker="o", label=r.config.name)
+    for i, (name, value) in enumerate(baselines.items()):
+        ax.axhline(100 * value, ls="--", lw=1, color=f"C{len(runs) + i}", label=name)
+    ax.set_xlabel("simulated hours")
+    ax.set_ylabel("heldout top-1 next-word accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = out / "time_to_accuracy.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def _table(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return "<p>(none)</p>"
@@ -148,12 +171,15 @@ def write_report(
     baselines: dict[str, float],
     title: str,
     privacy_rows: list[dict[str, Any]] | None = None,
+    time_plot: bool = False,
 ) -> Path:
     """Write PNG plots and ``report.html`` into ``out``; returns the HTML path."""
     out.mkdir(parents=True, exist_ok=True)
     images = [plot_accuracy(runs, baselines, out), plot_bytes(runs, out)]
     if privacy_rows:
         images.insert(0, plot_privacy(privacy_rows, baselines["pretrained"], out))
+    if time_plot:
+        images.insert(0, plot_time_to_accuracy(runs, baselines, out))
     images += [plot_participation(r, out) for r in runs if r.rounds]
     per_round = "".join(
         f"<h3>{html.escape(r.config.name)}</h3>"

@@ -91,6 +91,7 @@ class SimConfig:
     target_epsilon: float | None = None
     noise_multiplier: float | None = None
     adaptive_clip: bool = False
+    selection: str = "least-recent"  # coordinator SelectionSettings.strategy
 
     def privacy_config(self) -> dict[str, Any]:
         if self.privacy == "off":
@@ -134,6 +135,7 @@ class SimConfig:
             },
             "deadlines": self.deadlines,
             "privacy": self.privacy_config(),
+            "selection": {"strategy": self.selection},
             "max_rounds": self.rounds,
         }
 

@@ -18,7 +18,14 @@ from coordinator.api.deps import (
     read_body,
 )
 from coordinator.db.models import Device
-from coordinator.schemas import RoundPublic, TaskCreate, TaskPublic, TaskUpdate, VersionPublic
+from coordinator.schemas import (
+    RoundPublic,
+    SelectionStats,
+    TaskCreate,
+    TaskPublic,
+    TaskUpdate,
+    VersionPublic,
+)
 from coordinator.services import tasks
 
 __all__ = ["router"]
@@ -110,6 +117,12 @@ async def upload_bundle(name: TaskPath, request: Request, _: AdminDep, ctx: Cont
                 return tasks.list_versions(session, name=name)[-1]
 
     return await run_in_threadpool(work)
+
+
+@router.get("/tasks/{name}/selection")
+def selection(name: TaskPath, _: AdminDep, session: SessionDep) -> SelectionStats:
+    """How often the task selected devices of each data bucket and device class."""
+    return tasks.selection_stats(session, name=name)
 
 
 @router.get("/devices/summary")

@@ -59,6 +59,11 @@ class Device(Base):
     participations: Mapped[int] = mapped_column(Integer, default=0)
     last_round_number: Mapped[int] = mapped_column(Integer, default=-(10**9))  # for the cooldown
     data_bucket: Mapped[int] = mapped_column(Integer, default=0)  # log2 bucket of local examples
+    # selection signals (oort), from what the device reported: loss before its last local
+    # training, that round's number, and the seconds from selection to its upload
+    util_loss: Mapped[float | None] = mapped_column(Float)
+    util_round: Mapped[int | None] = mapped_column(Integer)
+    util_seconds: Mapped[float | None] = mapped_column(Float)
     rate_window: Mapped[int] = mapped_column(BigInteger, default=0)  # minute of the counter
     rate_count: Mapped[int] = mapped_column(Integer, default=0)
 

@@ -48,6 +48,9 @@ from coordinator.db.models import (
 from coordinator.observability import Metrics, log_event
 from coordinator.privacy import PrivacyPlan
 from coordinator.schemas import TaskConfig
+from coordinator.selection import Candidate as SelectionCandidate
+from coordinator.selection import SelectionPolicy
+from coordinator.selection import select as select_devices
 from coordinator.services.privacy import charge, current_clip, privacy_plan, refusal
 from coordinator.services.storage import ArtifactStore
 from protocol.codec import CodecError, CodecParams, encoded_length, ring_bits
@@ -656,13 +659,25 @@ def _close_selection(session: Session, ctx: RoundContext, rnd: Round, task: Task
             )
         return
     seed = hashlib.sha256(f"{rnd.id}".encode()).digest()
-
-    def priority(row: Any) -> tuple[float, int, bytes]:
-        dev: Device = row[1]
-        last = _ts(dev.last_selected_at) if dev.last_selected_at else 0.0
-        return (last, dev.participations, hashlib.sha256(seed + dev.id.encode()).digest())
-
-    chosen = sorted(rows, key=priority)[: rnd.selection_target]
+    cands = [
+        SelectionCandidate(
+            device_id=dev.id,
+            examples=cand.examples,
+            device_class=dev.device_class,
+            data_bucket=dev.data_bucket,
+            last_selected=_ts(dev.last_selected_at) if dev.last_selected_at else 0.0,
+            participations=dev.participations,
+            last_round=dev.util_round,
+            loss=dev.util_loss,
+            seconds=dev.util_seconds,
+        )
+        for cand, dev in rows
+    ]
+    s = cfg.selection
+    policy = SelectionPolicy(**s.model_dump()) if rnd.kind == "train" else SelectionPolicy()
+    picked = select_devices(cands, rnd.selection_target, policy, seed=seed, round_number=rnd.number)
+    by_id = {dev.id: (cand, dev) for cand, dev in rows}
+    chosen = [by_id[i] for i in picked]
     for i, (_, dev) in enumerate(chosen, 1):
         session.add(Participant(round_id=rnd.id, device_id=dev.id, index=i, stage=SELECTED, selected_at=now))
     ids = [dev.id for _, dev in chosen]
@@ -991,6 +1006,7 @@ def upload(
         rnd.weight_sum += weight
         part.stage = UPLOAD
     part.upload_bytes = len(body)
+    device.util_seconds = (ctx.now() - _utc(part.selected_at)).total_seconds()  # oort's speed
     rnd.reported += 1
     rnd.bytes_in += len(body)
     session.flush()
@@ -1049,6 +1065,8 @@ def report(session: Session, *, round_id: int, device: Device, msg: TrainReport)
     if rnd.kind != "train":
         raise StageConflict("training reports belong to training rounds")
     part.report = msg.model_dump()
+    device.util_loss = msg.loss_before  # oort's statistical utility (with the example count)
+    device.util_round = rnd.number
 
 
 def evaluation(

@@ -8,8 +8,15 @@ from pathlib import Path
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from coordinator.db.models import ModelVersion, Round, Task
-from coordinator.schemas import RoundPublic, TaskConfig, TaskPublic, VersionPublic
+from coordinator.db.models import Device, ModelVersion, Participant, Round, Task
+from coordinator.schemas import (
+    RoundPublic,
+    SelectionBucket,
+    SelectionStats,
+    TaskConfig,
+    TaskPublic,
+    VersionPublic,
+)
 from coordinator.services.privacy import check as check_privacy
 from coordinator.services.privacy import privacy_status, refusal
 from coordinator.services.storage import ArtifactStore
@@ -22,6 +29,7 @@ __all__ = [
     "list_rounds",
     "list_versions",
     "rollback",
+    "selection_stats",
     "set_status",
     "task_public",
     "update_task",
@@ -212,3 +220,36 @@ def list_versions(session: Session, *, name: str) -> list[VersionPublic]:
         )
         for mv, number in rows
     ]
+
+
+def selection_stats(session: Session, *, name: str) -> SelectionStats:
+    """Selections of the task per data bucket and per device class (the fairness view)."""
+    task = get_task(session, name)
+    cfg = TaskConfig.model_validate(task.config)
+    rounds = session.scalar(
+        select(func.count()).select_from(Round).where(Round.task_id == task.id, Round.kind == "train")
+    )
+    buckets = []
+    for stratum, col in (("data_bucket", Device.data_bucket), ("device_class", Device.device_class)):
+        enrolled = dict(session.execute(select(col, func.count()).group_by(col)).all())
+        picked = session.execute(
+            select(col, func.count(func.distinct(Participant.device_id)), func.count())
+            .select_from(Participant)
+            .join(Round, Round.id == Participant.round_id)
+            .join(Device, Device.id == Participant.device_id)
+            .where(Round.task_id == task.id, Round.kind == "train")
+            .group_by(col)
+        ).all()
+        got = {k: (int(a), int(b)) for k, a, b in picked}
+        for value in sorted(enrolled, key=str):
+            devs, sel = got.get(value, (0, 0))
+            buckets.append(
+                SelectionBucket(
+                    stratum=stratum,
+                    value=f"<2^{value}" if stratum == "data_bucket" else str(value),
+                    devices=int(enrolled[value]),
+                    devices_selected=devs,
+                    selections=sel,
+                )
+            )
+    return SelectionStats(strategy=cfg.selection.strategy, rounds=int(rounds or 0), buckets=buckets)

@@ -137,3 +137,31 @@ def test_too_few_devices_fail_the_round_and_keep_the_model(
         task = admin.get("/v1/admin/tasks/kb").json()
     assert task["current_version"] == 0
     assert not (server.data_dir / "weights" / "kb" / "v1.f32").exists()
+
+
+def test_oort_selection_with_a_stratum_cap_and_the_selection_view(
+    sqlite_server: Server, tiny_bundle_dir: Path
+) -> None:
+    server = sqlite_server
+    cfg = task_config(
+        clients_per_round=4,
+        over_selection=1.0,
+        min_reports=2,
+        selection={"strategy": "oort", "stratum": "data_bucket", "max_share": 0.5},
+    )
+    w0 = setup_task(server, tiny_bundle_dir.with_suffix(".tar"), cfg)
+    devs = make_devices(server, w0, 6)
+    run_devices(devs)
+    rnd = wait_round(server)
+    assert rnd["outcome"] == "committed", rnd
+    with server.admin() as admin:
+        view = admin.get("/v1/admin/tasks/kb/selection").json()
+    assert view["strategy"] == "oort" and view["rounds"] >= 1
+    buckets = [b for b in view["buckets"] if b["stratum"] == "data_bucket"]
+    assert sum(b["selections"] for b in buckets) == rnd["selected"]
+    assert sum(b["devices"] for b in buckets) == 6
+    # the scripted devices all report 100 examples at check-in: one data bucket, so the cap
+    # (half of the 4 slots) lets at most 2 of them in
+    assert rnd["selected"] <= 2
+    by_class = [b for b in view["buckets"] if b["stratum"] == "device_class"]
+    assert sum(b["selections"] for b in by_class) == rnd["selected"]

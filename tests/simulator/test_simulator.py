@@ -161,3 +161,62 @@ def test_privacy_flags_refuse_bad_input(argv: list[str], capsys: pytest.CaptureF
 
     assert main(["simulate", *argv]) == 2
     assert "privacy" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_central_dp_with_secure_aggregation_in_the_simulator(tmp_path: Path, tiny_bundle_dir: Path) -> None:
+    from simulator.compare import privacy_sweep
+
+    cfg = _small(privacy="central", dropout=0.0)
+    with local_coordinator(tmp_path / "coord") as coord:
+        runs, _, _ = privacy_sweep(cfg, tiny_bundle_dir, tmp_path / "out", coord, [8.0])
+    (run,) = runs
+    committed = [r for r in run.rounds if r["kind"] == "train" and r["outcome"] == "committed"]
+    assert committed and committed[0]["dp"]["mode"] == "central"
+    assert committed[0]["stage_seconds"].get("masked_input") is not None
+    assert run.privacy is not None and 0 < run.privacy["epsilon_spent"] <= 8.0
+    assert run.privacy["rounds_charged"] == len(committed)
+
+
+def test_time_to_target_and_participation_from_records() -> None:
+    from simulator.compare import participation, time_to_target
+    from simulator.run import SimResult
+
+    cfg = _small(day_seconds=240.0)  # 10 real seconds = 1 simulated hour
+    rounds = [
+        {
+            "kind": "train",
+            "outcome": "committed",
+            "new_version": 1,
+            "t": 0.0,
+            "wall_seconds": 10.0,
+            "device_bytes": [{"bytes_up": 1000}, {"bytes_up": 1000}],
+        },
+        {"kind": "train", "outcome": "failed", "new_version": None, "t": 12.0, "wall_seconds": 5.0},
+        {
+            "kind": "train",
+            "outcome": "committed",
+            "new_version": 2,
+            "t": 20.0,
+            "wall_seconds": 10.0,
+            "device_bytes": [{"bytes_up": 3000}],
+        },
+    ]
+    evals = {0: {"top1": 0.10}, 1: {"top1": 0.11}, 2: {"top1": 0.13}}
+    devices = [
+        {"rounds": [{"kind": "train", "completed": True}] * 2},
+        {"rounds": [{"kind": "train", "completed": True}]},
+        {"rounds": []},
+    ]
+    res = SimResult(cfg, rounds, evals, {}, devices, 1.0, Path("."))
+    tt = time_to_target(res, 0.12)
+    assert tt == {
+        "version": 2,
+        "rounds": 3,
+        "sim_hours": pytest.approx(3.0),
+        "upload_MB": pytest.approx(0.005),
+    }
+    assert time_to_target(res, 0.5)["version"] is None
+    p = participation(res)
+    assert p["devices_participating"] == 2 and p["max_participations"] == 2
+    assert p["gini"] == pytest.approx(2 * (1 * 0 + 2 * 1 + 3 * 2) / (3 * 3) - 4 / 3)
