@@ -54,6 +54,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         metavar="STRATEGIES",
         help="time to accuracy per selection strategy, e.g. random,least-recent,oort",
     )
+    p.add_argument(
+        "--speed-spread", type=float, default=None, help="sigma of log device speed (0.5; 1.0 = 5x tail)"
+    )
     p.add_argument("--target-top1", type=float, default=None, help="accuracy target of --selection-compare")
     p.add_argument("--out", type=Path, default=ROOT / "artifacts/sim")
     p.add_argument("--seed", type=int, default=0)
@@ -123,6 +126,10 @@ def _config(args: argparse.Namespace) -> Any:
             weight_cap=1,
             name=f"fl-{args.privacy}-dp",
         )
+    if args.speed_spread is not None:
+        if not 0 <= args.speed_spread <= 3:
+            raise SimError("--speed-spread must be in [0, 3]")
+        cfg = replace(cfg, speed_sigma=args.speed_spread)
     if args.strategy is not None:
         cfg = replace(cfg, selection=args.strategy)
     if args.selection_compare is not None and (args.compare or args.privacy_sweep is not None):

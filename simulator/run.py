@@ -92,6 +92,7 @@ class SimConfig:
     noise_multiplier: float | None = None
     adaptive_clip: bool = False
     selection: str = "least-recent"  # coordinator SelectionSettings.strategy
+    speed_sigma: float = 0.5  # spread of device speeds (simulator.fleet.make_specs)
 
     def privacy_config(self) -> dict[str, Any]:
         if self.privacy == "off":
@@ -327,7 +328,7 @@ def run_simulation(
         r = admin.post("/v1/admin/tasks", json={"name": task, "config": cfg.task_config()})
         r.raise_for_status()
         admin.post(f"/v1/admin/tasks/{task}/bundle", content=tar.read_bytes()).raise_for_status()
-    specs = make_specs(_fleet_users(), cfg.devices, cfg.seed)
+    specs = make_specs(_fleet_users(), cfg.devices, cfg.seed, cfg.speed_sigma)
     evaluator = VersionEvaluator(
         bundle_dir, heldout if heldout is not None else heldout_sample(cfg.eval_messages, cfg.seed)
     )
