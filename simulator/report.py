@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import html
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,23 +20,37 @@ def _plt() -> Any:
     return plt
 
 
-def plot_accuracy(runs: Sequence[Any], baselines: dict[str, float], out: Path) -> Path:
+def _accuracy_lines(
+    runs: Sequence[Any],
+    baselines: dict[str, float],
+    out: Path,
+    points: Callable[[Any], list[tuple[float, float]]],
+    xlabel: str,
+    name: str,
+) -> Path:
+    """Top-1 (%) of every run against ``points(run)``'s x, with the baselines as dashed lines."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for r in runs:
-        xs = sorted(r.evals)
-        ax.plot(xs, [100 * r.evals[v]["top1"] for v in xs], marker="o", label=r.config.name)
-    for i, (name, value) in enumerate(baselines.items()):
-        ax.axhline(100 * value, ls="--", lw=1, color=f"C{len(runs) + i}", label=name)
-    ax.set_xlabel("model version (committed rounds)")
+        ax.plot(*zip(*points(r), strict=True), marker="o", label=r.config.name)
+    for i, (label, value) in enumerate(baselines.items()):
+        ax.axhline(100 * value, ls="--", lw=1, color=f"C{len(runs) + i}", label=label)
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("heldout top-1 next-word accuracy (%)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    path = out / "accuracy.png"
+    path = out / name
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def plot_accuracy(runs: Sequence[Any], baselines: dict[str, float], out: Path) -> Path:
+    def points(r: Any) -> list[tuple[float, float]]:
+        return [(v, 100 * r.evals[v]["top1"]) for v in sorted(r.evals)]
+
+    return _accuracy_lines(runs, baselines, out, points, "model version (committed rounds)", "accuracy.png")
 
 
 def plot_bytes(runs: Sequence[Any], out: Path) -> Path:
@@ -127,25 +141,14 @@ def plot_privacy(rows: list[dict[str, Any]], pretrained: float, out: Path) -> Pa
 
 def plot_time_to_accuracy(runs: Sequence[Any], baselines: dict[str, float], out: Path) -> Path:
     """Heldout top-1 against simulated hours, one line per run."""
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    for r in runs:
+
+    def points(r: Any) -> list[tuple[float, float]]:
         end = {x["new_version"]: x["t"] + x["wall_seconds"] for x in r.rounds if x.get("new_version")}
-        pts = sorted(
+        return sorted(
             (end.get(v, 0.0) * 24 / r.config.day_seconds, 100 * e["top1"]) for v, e in r.evals.items()
         )
-        ax.plot(*zip(*pts, strict=True), marker="o", label=r.config.name)
-    for i, (name, value) in enumerate(baselines.items()):
-        ax.axhline(100 * value, ls="--", lw=1, color=f"C{len(runs) + i}", label=name)
-    ax.set_xlabel("simulated hours")
-    ax.set_ylabel("heldout top-1 next-word accuracy (%)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = out / "time_to_accuracy.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+
+    return _accuracy_lines(runs, baselines, out, points, "simulated hours", "time_to_accuracy.png")
 
 
 def _table(rows: list[dict[str, Any]]) -> str:
