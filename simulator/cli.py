@@ -230,6 +230,10 @@ def run(args: argparse.Namespace) -> None:
     if args.forever:
         _fleet_only(args, cfg)
         return
+    # Every argument is checked before the (possibly long) bundle build: a typo costs nothing.
+    strategies = _strategies(args.selection_compare) if args.selection_compare is not None else []
+    epsilons = _epsilons(args.privacy_sweep) if args.privacy_sweep is not None else []
+    external = _external_coordinator(args)
     bundle = _bundle(args.bundle)
     out = args.out / time.strftime("%Y%m%d-%H%M%S")
     show = _printer()
@@ -241,7 +245,6 @@ def run(args: argparse.Namespace) -> None:
         if args.selection_compare is not None:
             from simulator.compare import selection_compare
 
-            strategies = _strategies(args.selection_compare)
             runs, rows, baselines = selection_compare(
                 cfg, bundle, out, coord, strategies, args.target_top1, show
             )
@@ -249,9 +252,7 @@ def run(args: argparse.Namespace) -> None:
         elif args.privacy_sweep is not None:
             from simulator.compare import privacy_sweep
 
-            runs, rows, baselines = privacy_sweep(
-                cfg, bundle, out, coord, _epsilons(args.privacy_sweep), show
-            )
+            runs, rows, baselines = privacy_sweep(cfg, bundle, out, coord, epsilons, show)
             privacy_rows = rows
         elif args.compare:
             from simulator.compare import compare
@@ -303,16 +304,25 @@ def run(args: argparse.Namespace) -> None:
         )
         console.print(f"report: {path}  ({(time.time() - t0) / 60:.1f} min)")
 
-    if args.coordinator:
-        if args.ca is None:
-            raise SimError("--coordinator needs --ca (the CA that signed its certificate)")
-        admin, secret = os.environ.get("FEDKEYS_ADMIN_TOKEN"), os.environ.get("FEDKEYS_ENROLLMENT_SECRET")
-        if not admin or not secret:
-            raise SimError("set FEDKEYS_ADMIN_TOKEN and FEDKEYS_ENROLLMENT_SECRET for --coordinator")
-        go(CoordinatorHandle(args.coordinator, args.ca, admin, secret))
+    if external is not None:
+        go(external)
     else:
         with local_coordinator(out / "coordinator") as coord:
             go(coord)
+
+
+def _external_coordinator(args: argparse.Namespace) -> Any:
+    """The coordinator given by ``--coordinator`` (checked up front), or None to start one."""
+    if not args.coordinator:
+        return None
+    from simulator.run import CoordinatorHandle
+
+    if args.ca is None:
+        raise SimError("--coordinator needs --ca (the CA that signed its certificate)")
+    admin, secret = os.environ.get("FEDKEYS_ADMIN_TOKEN"), os.environ.get("FEDKEYS_ENROLLMENT_SECRET")
+    if not admin or not secret:
+        raise SimError("set FEDKEYS_ADMIN_TOKEN and FEDKEYS_ENROLLMENT_SECRET for --coordinator")
+    return CoordinatorHandle(args.coordinator, args.ca, admin, secret)
 
 
 def _fleet_only(args: argparse.Namespace, cfg: Any) -> None:

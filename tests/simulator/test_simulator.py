@@ -154,13 +154,23 @@ def test_privacy_sweep_reports_epsilon_and_accuracy(tmp_path: Path, tiny_bundle_
         ["--privacy-sweep", "0,inf"],
         ["--privacy-sweep", "8", "--privacy", "off"],
         ["--privacy", "central"],  # neither a target nor a multiplier
+        ["--selection-compare", "random,best"],
+        ["--coordinator", "https://127.0.0.1:1"],  # without --ca
     ],
 )
-def test_privacy_flags_refuse_bad_input(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+def test_simulate_refuses_bad_flags_before_building_anything(
+    argv: list[str], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import simulator.cli
     from fedkeys.cli import main
 
-    assert main(["simulate", *argv]) == 2
-    assert "privacy" in capsys.readouterr().err
+    def no_build(path: Path) -> Path:
+        raise AssertionError("arguments must be checked before the bundle is built")
+
+    monkeypatch.setattr(simulator.cli, "_bundle", no_build)
+    assert main(["simulate", "--bundle", "/nonexistent/bundle", *argv]) == 2
+    err = capsys.readouterr().err
+    assert any(word in err for word in ("privacy", "selection", "--ca")), err
 
 
 @pytest.mark.slow
