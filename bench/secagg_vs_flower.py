@@ -31,6 +31,7 @@ import json
 import math
 import os
 import platform
+import queue
 import subprocess
 import sys
 import tempfile
@@ -75,7 +76,9 @@ def client_update(cid: int, d: int) -> Any:
     """The update a simulated client returns (identical for ours and Flower)."""
     import numpy as np
 
-    return np.random.default_rng(cid).random(d, dtype=np.float32) - np.float32(0.5)
+    x = np.random.default_rng(cid).random(d, dtype=np.float32)
+    x -= np.float32(0.5)
+    return x
 
 
 # ======================================================================================
@@ -247,24 +250,46 @@ def _w_share(args: tuple[bytes, str, str, str]) -> tuple[str, bytes, str]:
     return client.device, client.to_bytes(), msg.model_dump_json()
 
 
-def _w_masked(args: tuple[bytes, str, int, int, str, str, str]) -> tuple[str, bytes, str, int]:
-    """Encode, mask and pack one client's update. The binary upload travels to the server
-    process through shared memory (the simulation's transport; a pipe would add two copies
-    of every body), returned as (device, state, shm name, body length)."""
+def _segment(name: str) -> Any:
+    """A transport segment attached once per worker and kept mapped (see our_round)."""
     from multiprocessing import resource_tracker, shared_memory
 
+    cache: dict[str, Any] = _W.setdefault("segments", {})
+    if name not in cache:
+        shm = shared_memory.SharedMemory(name=name)
+        resource_tracker.unregister(shm._name, "shared_memory")  # type: ignore[attr-defined]
+        cache[name] = shm
+    return cache[name]
+
+
+def _w_masked(
+    args: tuple[bytes, str, int, int, str, str, str, str],
+) -> tuple[str, bytes, str, int, dict[str, float]]:
+    """Encode, mask and pack one client's update. The binary upload travels to the server
+    process through shared memory (the simulation's transport, like Flower's Ray object
+    store; a pipe would add two copies of every body): it is packed straight into a
+    transport segment lent by the server (wire.pack_update_into, the same bytes as
+    wire.pack_update). Returns (device, state, segment name, body length, CPU seconds per
+    step)."""
     import numpy as np
 
     from protocol import codec, wire
     from protocol.secagg import SecAggClient
 
-    state, request_json, cid, d, layout_hash, codec_json, secagg_json = args
+    state, request_json, cid, d, layout_hash, codec_json, secagg_json, segment = args
     cp, sp = _params(codec_json, secagg_json)
+    steps: dict[str, float] = {}
+    t0 = time.process_time()
     client = SecAggClient.from_bytes(state)
     request = wire.MaskedInputRequest.model_validate_json(request_json)
+    t1 = time.process_time()
     delta = client_update(cid, d)
+    t2 = time.process_time()
     encoded = codec.encode(delta, cp, np.random.default_rng(1_000_000 + cid))
+    t3 = time.process_time()
     masked = client.masked_input(encoded.values, request)
+    t4 = time.process_time()
+    steps.update(state=t1 - t0, update=t2 - t1, encode=t3 - t2, mask=t4 - t3)
     header = wire.UpdateHeader(
         kind=wire.UpdateKind.RING,
         bits=sp.ring_bits,
@@ -274,13 +299,12 @@ def _w_masked(args: tuple[bytes, str, int, int, str, str, str]) -> tuple[str, by
         length=sp.vector_length,
         dim=d,
     )
-    body = wire.pack_update(header, masked)
-    shm = shared_memory.SharedMemory(create=True, size=len(body))
-    shm.buf[: len(body)] = body
-    name = shm.name
-    shm.close()
-    resource_tracker.unregister(shm._name, "shared_memory")  # type: ignore[attr-defined]
-    return client.device, client.to_bytes(), name, len(body)
+    size = wire.pack_update_into(header, masked, _segment(segment).buf)
+    t5 = time.process_time()
+    steps["pack"] = t5 - t4
+    out_state = client.to_bytes()
+    steps["state"] += time.process_time() - t5
+    return client.device, out_state, segment, size, steps
 
 
 def _w_unmask(args: tuple[bytes, str, str, str]) -> str:
@@ -320,10 +344,14 @@ def our_round(pool: Any, n: int, d: int, config: dict[str, Any], seed: int) -> d
     t0 = time.perf_counter()
     states: dict[str, bytes] = {}
     client_cpu = 0.0
+    stage_cpu = dict.fromkeys(("advertise", "share_keys", "masked_input", "unmask"), 0.0)
+    step_cpu: dict[str, float] = {}
+    server_add_cpu = 0.0
     cpu0 = time.process_time()
     jobs_a = [(_w_advertise, (dv, cj, sj)) for dv in devices]
     for cpu, (dev, state, msg) in pool.imap_unordered(_task, jobs_a):
         client_cpu += cpu
+        stage_cpu["advertise"] += cpu
         states[dev] = state
         upload[dev] += len(msg)
         server.add_advertisement(wire.AdvertiseKeys.model_validate_json(msg))
@@ -334,6 +362,7 @@ def our_round(pool: Any, n: int, d: int, config: dict[str, Any], seed: int) -> d
     jobs = [(_w_share, (states[dv], roster_json, cj, sj)) for dv in devices]
     for cpu, (dev, state, msg) in pool.imap_unordered(_task, jobs):
         client_cpu += cpu
+        stage_cpu["share_keys"] += cpu
         states[dev] = state
         upload[dev] += len(msg)
         server.add_share_keys(wire.ShareKeys.model_validate_json(msg))
@@ -342,32 +371,52 @@ def our_round(pool: Any, n: int, d: int, config: dict[str, Any], seed: int) -> d
 
     dropped = set(rng.choice(active, size=round(DROP_FRACTION * len(active)), replace=False))
     t0 = time.perf_counter()
-    jobs_m = [
-        (
-            _w_masked,
-            (
-                states[dv],
-                server.masked_input_request(dv).model_dump_json(),
-                cid_of[dv],
-                d,
-                layout_hash,
-                cj,
-                sj,
-            ),
+    # Transport: a fixed set of shared-memory segments, each lent to one upload at a time and
+    # returned once the server has added it (created inside the timed round; workers keep
+    # them mapped, so each page is faulted in once per process, not once per upload).
+    size = wire.update_size(
+        wire.UpdateHeader(
+            kind=wire.UpdateKind.RING,
+            bits=sp.ring_bits,
+            round_id=sp.round_id,
+            layout_hash=layout_hash,
+            keep_fraction=cp.keep_fraction,
+            length=sp.vector_length,
+            dim=d,
         )
-        for dv in active
-        if dv not in dropped
-    ]
+    )
+    segments = {}
+    free: queue.Queue[str] = queue.Queue()
+    for _ in range(2 * (os.cpu_count() or 1) + 2):
+        shm = shared_memory.SharedMemory(create=True, size=size)
+        segments[shm.name] = shm
+        free.put(shm.name)
+
+    def jobs_m() -> Any:  # consumed by the pool's task thread: waits for a free segment
+        for dv in active:
+            if dv not in dropped:
+                request = server.masked_input_request(dv).model_dump_json()
+                args = (states[dv], request, cid_of[dv], d, layout_hash, cj, sj, free.get())
+                yield (_w_masked, args)
+
     body_bytes = 0
-    for cpu, (dev, state, shm_name, size) in pool.imap_unordered(_task, jobs_m):
-        client_cpu += cpu
-        states[dev] = state
-        upload[dev] += size
-        body_bytes = size
-        shm = shared_memory.SharedMemory(name=shm_name)
-        try:
-            server.add_masked_update(dev, shm.buf[:size], layout_hash=layout_hash, dim=d)
-        finally:
+    try:
+        for cpu, (dev, state, name, size, steps) in pool.imap_unordered(_task, jobs_m()):
+            client_cpu += cpu
+            stage_cpu["masked_input"] += cpu
+            for k, v in steps.items():
+                step_cpu[k] = step_cpu.get(k, 0.0) + v
+            states[dev] = state
+            upload[dev] += size
+            body_bytes = size
+            c0 = time.process_time()
+            view = segments[name].buf
+            assert view is not None
+            server.add_masked_update(dev, view[:size], layout_hash=layout_hash, dim=d)
+            server_add_cpu += time.process_time() - c0
+            free.put(name)
+    finally:
+        for shm in segments.values():
             shm.close()
             shm.unlink()
     unmask_json = server.close_masked_input().model_dump_json()
@@ -378,9 +427,12 @@ def our_round(pool: Any, n: int, d: int, config: dict[str, Any], seed: int) -> d
     jobs_u = [(_w_unmask, (states[dv], unmask_json, cj, sj)) for dv in survivors]
     for dv, (cpu, msg) in zip(survivors, pool.imap(_task, jobs_u), strict=True):
         client_cpu += cpu
+        stage_cpu["unmask"] += cpu
         upload[dv] += len(msg)
         server.add_unmask_response(wire.UnmaskResponse.model_validate_json(msg))
+    c0 = time.process_time()
     total = server.unmask()
+    server_unmask_cpu = time.process_time() - c0
     stage_s["unmask"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -414,6 +466,10 @@ def our_round(pool: Any, n: int, d: int, config: dict[str, Any], seed: int) -> d
         "time_s": elapsed,
         "client_cpu_s": client_cpu,
         "server_cpu_s": server_cpu,
+        "client_stage_cpu_s": stage_cpu,
+        "masked_step_cpu_s": step_cpu,
+        "server_add_cpu_s": server_add_cpu,
+        "server_unmask_cpu_s": server_unmask_cpu,
         "stages_s": stage_s,
         "exact": exact,
         "rel_err": rel_err,
@@ -430,21 +486,35 @@ def our_round(pool: Any, n: int, d: int, config: dict[str, Any], seed: int) -> d
 
 
 def measure_prg_rate(total_bytes: int = 1 << 30) -> dict[str, float]:
-    """AES-CTR keystream rate on one core (bytes/s), generated as apply_masks does."""
+    """Keystream rates on one core (bytes per CPU second, best of 3): AES-256-CTR through
+    OpenSSL's CTR mode ("aes256_ctr") and through its GCM kernel ("aes256_gcm": the same
+    keystream from counter block 2, see protocol.secagg.crypto._Keystream), AES-128 the
+    same two ways, and ChaCha20. "aes256" is the faster AES-256 path: the PRG the masks use
+    and the floor's rate."""
     from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
     out = {}
     chunk = 1 << 18
     zeros, buf = bytes(chunk), bytearray(chunk + 16)
-    for name, key in (("aes256", bytes(range(32))), ("aes128", bytes(range(16)))):
-        enc = Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor()
+    k32, k16 = bytes(range(32)), bytes(range(16))
+    ciphers: dict[str, Any] = {
+        "aes256_ctr": lambda: Cipher(algorithms.AES(k32), modes.CTR(bytes(16))),
+        "aes256_gcm": lambda: Cipher(algorithms.AES(k32), modes.GCM(bytes(12))),
+        "aes128_ctr": lambda: Cipher(algorithms.AES(k16), modes.CTR(bytes(16))),
+        "aes128_gcm": lambda: Cipher(algorithms.AES(k16), modes.GCM(bytes(12))),
+        "chacha20": lambda: Cipher(algorithms.ChaCha20(k32, bytes(16)), None),
+    }
+    for name, make in ciphers.items():
+        enc = make().encryptor()
         best = math.inf
         for _ in range(3):
-            t0 = time.perf_counter()
+            t0 = time.process_time()
             for _ in range(total_bytes // chunk // 3):
                 enc.update_into(zeros, buf)
-            best = min(best, time.perf_counter() - t0)
+            best = min(best, time.process_time() - t0)
         out[name] = (total_bytes // chunk // 3) * chunk / best
+    out["aes256"] = max(out["aes256_ctr"], out["aes256_gcm"])
+    out["aes128"] = max(out["aes128_ctr"], out["aes128_gcm"])
     return out
 
 
@@ -497,7 +567,7 @@ def main() -> None:
     print(f"# machine: {platform.processor() or platform.machine()}, {cores} cores, ", end="")
     print(f"python {platform.python_version()}, load {_loadavg():.2f}")
     prg = measure_prg_rate()
-    print(f"# AES-256-CTR {prg['aes256'] / 1e9:.2f} GB/s, AES-128-CTR {prg['aes128'] / 1e9:.2f} GB/s")
+    print("# keystream GB/s per CPU second: " + prg_line(prg))
 
     results: dict[str, Any] = {"cores": cores, "d": args.d, "prg": prg, "ours": {}, "flower": {}}
     for name in args.configs:
@@ -525,6 +595,7 @@ def main() -> None:
                     + " ".join(f"{k}={v:.2f}" for k, v in r["stages_s"].items()),
                     flush=True,
                 )
+                print("      " + per_client_line(r, n), flush=True)
 
     flower_py: Path | None = None
     if not args.no_flower and args.flower_n:
@@ -548,12 +619,34 @@ def main() -> None:
         args.json.write_text(json.dumps(results, indent=1, default=str))
 
 
+def prg_line(prg: dict[str, float]) -> str:
+    names = ("aes256_ctr", "aes256_gcm", "aes128_ctr", "aes128_gcm", "chacha20")
+    return ", ".join(f"{k} {prg[k] / 1e9:.2f}" for k in names if k in prg)
+
+
+def per_client_line(r: dict[str, Any], n: int) -> str:
+    """CPU milliseconds per client (stage-3 steps per surviving client) and on the server."""
+    surv = r["survivors"]
+    st = r["client_stage_cpu_s"]
+    steps = r["masked_step_cpu_s"]
+    parts = [f"{k} {1e3 * st[k] / n:.1f}" for k in ("advertise", "share_keys")]
+    parts.append(f"masked_input {1e3 * st['masked_input'] / surv:.1f} (")
+    parts[-1] += ", ".join(f"{k} {1e3 * v / surv:.1f}" for k, v in steps.items()) + ")"
+    parts.append(f"unmask {1e3 * st['unmask'] / surv:.1f}")
+    server = (
+        f"server: verify+add {1e3 * r['server_add_cpu_s'] / surv:.1f} per upload, "
+        f"unmask {1e3 * r['server_unmask_cpu_s']:.0f} total"
+    )
+    return "CPU ms per client: " + "; ".join(parts) + " | " + server
+
+
 def report(results: dict[str, Any], d: int) -> str:
     """Markdown tables of one run."""
     cores = results["cores"]
     lines = [
-        f"d = {d:,}, {cores} cores; PRG: AES-256-CTR {results['prg']['aes256'] / 1e9:.2f} GB/s "
-        f"on one core (AES-128: {results['prg']['aes128'] / 1e9:.2f} GB/s).",
+        f"d = {d:,}, {cores} cores; keystream rate on one core, GB per CPU second: "
+        f"{prg_line(results['prg'])}. The masks' PRG and the floor: AES-256-CTR at "
+        f"{results['prg']['aes256'] / 1e9:.2f} GB/s.",
         "",
         "| config | n | k bits | ours (s) | Flower SecAgg+ (s) | Flower FedAvg (s) "
         "| Flower SecAgg+ / ours | masked upload / client | + JSON msgs | dense float32 "

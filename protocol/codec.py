@@ -293,15 +293,18 @@ def _span_bits(span: int, noise_std: float, n: int) -> int:
 # ----------------------------------------------------------------------------------------
 
 
-def _stream(seed: bytes, label: bytes, nbytes: int) -> bytes:
-    """``nbytes`` of AES-256-CTR keystream under ``SHA-256(label || seed)``.
+def _stream_cipher(seed: bytes, label: bytes) -> Any:
+    """AES-256-CTR under ``SHA-256("fedkeys/codec/v1/" || label || 0 || seed)``, counter
+    block 0: its keystream (read chunk by chunk) is the round-shared randomness.
 
     Not secret material: it picks the rotation signs and the kept subset. AES-CTR (rather than
     numpy's generators) keeps the choice identical across numpy versions and platforms.
     """
     key = hashlib.sha256(b"fedkeys/codec/v1/" + label + b"\x00" + seed).digest()
-    enc = Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor()
-    return enc.update(bytes(nbytes))
+    return Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor()
+
+
+_STREAM_CHUNK = 1 << 16  # coordinates per chunk of round-shared randomness
 
 
 def _readonly(a: npt.NDArray[Any]) -> npt.NDArray[Any]:
@@ -309,11 +312,19 @@ def _readonly(a: npt.NDArray[Any]) -> npt.NDArray[Any]:
     return a
 
 
-@lru_cache(maxsize=8)
+@lru_cache(maxsize=2)
 def _signs_cached(seed: bytes, big_d: int) -> FloatVec:
-    bits = np.unpackbits(np.frombuffer(_stream(seed, b"signs", (big_d + 7) // 8), np.uint8))
-    signs = 1.0 - 2.0 * bits[:big_d].astype(np.float32)
-    return _readonly(signs.astype(np.float32))
+    """Sign ``i`` is ``-1`` where bit ``i`` (little-endian within each byte) of the "signs"
+    stream is set; built chunk by chunk (no temporary beyond the result)."""
+    enc = _stream_cipher(seed, b"signs")
+    signs = np.empty(big_d, dtype=np.float32)
+    for start in range(0, big_d, _STREAM_CHUNK):  # a multiple of 8: whole bytes per chunk
+        stop = min(big_d, start + _STREAM_CHUNK)
+        raw = np.frombuffer(enc.update(bytes((stop - start + 7) // 8)), np.uint8)
+        bits = np.unpackbits(raw, count=stop - start)
+        np.multiply(bits, np.float32(-2.0), out=signs[start:stop])
+        signs[start:stop] += np.float32(1.0)
+    return _readonly(signs)
 
 
 def rotation_signs(params: CodecParams, d: int) -> FloatVec:
@@ -321,18 +332,79 @@ def rotation_signs(params: CodecParams, d: int) -> FloatVec:
     return _signs_cached(params.seed, padded_dim(params, d))
 
 
-@lru_cache(maxsize=8)
+def _subset_key_chunks(seed: bytes, big_d: int) -> Any:
+    """``(start, keys)`` chunk by chunk: key ``i`` is the ``i``-th little-endian uint64 of the
+    "subset" stream with its low ``ceil(log2 D)`` bits replaced by ``i``. All keys are
+    distinct, so "the m smallest keys" is unique and does not depend on the selection
+    algorithm; the index is recovered from a key's low bits."""
+    enc = _stream_cipher(seed, b"subset")
+    low = np.uint64(max(1, (big_d - 1).bit_length()))
+    for start in range(0, big_d, _STREAM_CHUNK):
+        stop = min(big_d, start + _STREAM_CHUNK)
+        keys = np.frombuffer(enc.update(bytes(8 * (stop - start))), dtype="<u8").astype(np.uint64)
+        keys >>= low
+        keys <<= low
+        keys |= np.arange(start, stop, dtype=np.uint64)
+        yield start, keys
+
+
+_SUBSET_MARGIN = 8.0  # standard deviations of candidates beyond the expected count
+
+
+def _extreme_keys(seed: bytes, big_d: int, count: int, largest: bool) -> npt.NDArray[np.uint64]:
+    """The ``count`` smallest (or largest) keys of :func:`_subset_key_chunks`, unordered.
+
+    One streaming pass keeps only the keys beyond a threshold set so that about ``count``
+    plus eight standard deviations (and 64) of them pass: the keys' high bits are uniform,
+    so fewer than ``count`` passing has probability below 1e-15; if it happens anyway the
+    pass is repeated with a wider margin. Memory: about 8 bytes per kept key (not 32 bytes
+    per coordinate as sorting all keys would take).
+    """
+    want = max(1, count + int(_SUBSET_MARGIN * math.sqrt(count)) + 64)
+    while True:
+        cut = None if want >= big_d else (want << 64) // big_d  # P(key < cut) ~ want / D
+        if cut is not None and largest:
+            cut = (1 << 64) - cut
+        cand = np.empty(min(big_d, want + want // 8), dtype=np.uint64)
+        n = 0
+        for _, chunk in _subset_key_chunks(seed, big_d):
+            keys = chunk
+            if cut is not None:
+                keys = chunk[chunk >= np.uint64(cut)] if largest else chunk[chunk < np.uint64(cut)]
+            if n + keys.shape[0] > cand.shape[0]:
+                cand = np.concatenate((cand[:n], np.empty(max(keys.shape[0], n // 4), np.uint64)))
+            cand[n : n + keys.shape[0]] = keys
+            n += keys.shape[0]
+        if n >= count:
+            break
+        want = 2 * want + 64  # astronomically rare: more keys needed beyond the threshold
+    cand = cand[:n]
+    if n > count:
+        if largest:
+            cand.partition(n - count)
+            return cand[n - count :]
+        cand.partition(count - 1)
+    return cand[:count]
+
+
+@lru_cache(maxsize=2)
 def _subset_cached(seed: bytes, big_d: int, m: int) -> npt.NDArray[np.intp]:
+    """Indices of the ``m`` smallest keys (see :func:`_subset_key_chunks`), sorted. Above
+    half of the coordinates it finds the ``D - m`` largest (the complement) instead, so the
+    candidates never take more than 4 bytes per coordinate."""
     if m >= big_d:
         return _readonly(np.arange(big_d, dtype=np.intp))
-    keys = np.frombuffer(_stream(seed, b"subset", 8 * big_d), dtype="<u8").astype(np.uint64)
-    # Replace the low bits by the index: all keys distinct, so "the m smallest" is unique and
-    # does not depend on the selection algorithm.
-    low = max(1, (big_d - 1).bit_length())
-    keys = ((keys >> np.uint64(low)) << np.uint64(low)) | np.arange(big_d, dtype=np.uint64)
-    idx = np.argpartition(keys, m - 1)[:m]
-    idx.sort()
-    return _readonly(idx.astype(np.intp))
+    lowmask = np.uint64((1 << max(1, (big_d - 1).bit_length())) - 1)
+    if 2 * m <= big_d:
+        keys = _extreme_keys(seed, big_d, m, largest=False)
+        keys &= lowmask
+        keys.sort()
+        return _readonly(keys.view(np.int64).astype(np.intp, copy=False))
+    dropped = _extreme_keys(seed, big_d, big_d - m, largest=True)
+    dropped &= lowmask
+    keep = np.ones(big_d, dtype=bool)
+    keep[dropped.view(np.int64)] = False
+    return _readonly(np.flatnonzero(keep).astype(np.intp, copy=False))
 
 
 def kept_indices(params: CodecParams, d: int) -> npt.NDArray[np.intp]:
@@ -354,36 +426,92 @@ def _hadamard(log2n: int, dtype: str) -> npt.NDArray[Any]:
 
 
 _FWHT_BLOCK = 4  # 16x16 Hadamard blocks: one batched GEMM per 4 butterfly levels
+_FWHT_CHUNK_BYTES = 1 << 18  # the levels that fit in such a contiguous chunk run in cache
 
 
-def _fwht_raw(a: npt.NDArray[Any], blocks: int = 1) -> npt.NDArray[Any]:
-    """Unnormalised ``H_B`` applied to each of the ``blocks`` interleaved blocks of a
-    contiguous float array (``B = len(a) / blocks``, a power of two; ``blocks = 1`` is the
-    plain ``H_D a``); ``a`` is overwritten (used as scratch) and the result is returned (it
-    may be ``a`` itself or a new array).
+def _level_split(levels: int) -> list[int]:
+    """Passes of at most ``_FWHT_BLOCK`` levels each (the last one smaller)."""
+    out = [_FWHT_BLOCK] * (levels // _FWHT_BLOCK)
+    if levels % _FWHT_BLOCK:
+        out.append(levels % _FWHT_BLOCK)
+    return out
+
+
+def _hadamard_pass(h: npt.NDArray[Any], src: npt.NDArray[Any], dst: npt.NDArray[Any], stride: int) -> None:
+    """``dst = H_f`` applied along the axis of stride ``stride`` (``f = len(h)``)."""
+    f = h.shape[0]
+    if stride == 1:
+        np.matmul(src.reshape(-1, f), h, out=dst.reshape(-1, f))  # H is symmetric
+    else:
+        np.matmul(h, src.reshape(-1, f, stride), out=dst.reshape(-1, f, stride))
+
+
+def _wht(
+    src: npt.NDArray[Any],
+    total: int,
+    blocks: int,
+    dtype: type[np.floating[Any]],
+    *,
+    scale: float = 1.0,
+    signs: npt.NDArray[Any] | None = None,
+) -> npt.NDArray[Any]:
+    """``scale * H_B`` applied to each of the ``blocks`` interleaved blocks of
+    ``pad(src) * signs`` (zero-padded to ``total = blocks * B``, ``B`` a power of two): a
+    new ``dtype`` array; ``src`` is only read.
 
     ``H_B`` is the Kronecker product of small Hadamard blocks ``H_f`` (``f = 16``), so the
     transform is one batched matrix product per block of 4 index bits: viewing the vector as
     ``(D / (f * s), f, s)`` for stride ``s`` = 1, 16, 256, ..., multiply every ``(f, s)``
-    slice by ``H_f``. No transposes, ``log16(B)`` passes over memory, BLAS does the flops.
-    Starting at stride ``blocks`` instead of 1 transforms the slot index ``i // blocks`` and
-    leaves the block index ``i % blocks`` alone: that is the interleaved block transform.
+    slice by ``H_f``. No transposes, BLAS does the flops. Starting at stride ``blocks``
+    instead of 1 transforms the slot index ``i // blocks`` and leaves the block index
+    ``i % blocks`` alone: that is the interleaved block transform. The levels whose groups
+    fit in a contiguous chunk of ``_FWHT_CHUNK_BYTES`` run chunk by chunk in two small
+    buffers (in L2, with the sign flip applied while loading); only the remaining top levels
+    pass over the whole vector. The scale is folded into the first Hadamard block.
     """
-    levels = (a.shape[0] // blocks).bit_length() - 1
-    b = np.empty_like(a)
-    stride = blocks
-    while levels > 0:
-        c = min(_FWHT_BLOCK, levels)
-        levels -= c
-        f = 1 << c
-        h = _hadamard(c, a.dtype.name)
-        if stride == 1:
-            np.matmul(a.reshape(-1, f), h, out=b.reshape(-1, f))  # H is symmetric
+    levels = (total // blocks).bit_length() - 1
+    local = levels
+    while local > 0 and (blocks << local) * np.dtype(dtype).itemsize > _FWHT_CHUNK_BYTES:
+        local -= 1
+    chunk = blocks << local
+    passes = _level_split(local) + _level_split(levels - local)
+    hs = [_hadamard(c, np.dtype(dtype).name) for c in passes]
+    if hs:
+        hs[0] = hs[0] * dtype(scale)
+    n = src.shape[0]
+    out = np.empty(total, dtype=dtype)
+    buf = (np.empty(chunk, dtype=dtype), np.empty(chunk, dtype=dtype))
+    n_local = len(_level_split(local))
+    for s in range(0, total, chunk):
+        e = s + chunk
+        k = max(0, min(n, e) - s)
+        cur = buf[0] if n_local else out[s:e]
+        if signs is None:
+            np.copyto(cur[:k], src[s : s + k])
         else:
-            np.matmul(h, a.reshape(-1, f, stride), out=b.reshape(-1, f, stride))
-        a, b = b, a
+            np.multiply(src[s : s + k], signs[s : s + k], out=cur[:k])
+        cur[k:] = 0.0
+        if not hs:
+            cur *= dtype(scale)
+        stride = blocks
+        for i in range(n_local):
+            dst = out[s:e] if i == n_local - 1 else buf[1] if cur is buf[0] else buf[0]
+            _hadamard_pass(hs[i], cur, dst, stride)
+            cur = dst
+            stride *= hs[i].shape[0]
+    for h in hs[n_local:]:
+        # in place, a slab of columns at a time through the small buffer
+        f = h.shape[0]
+        view = out.reshape(-1, f, stride)
+        width = max(1, chunk // (view.shape[0] * f))
+        slab = buf[0] if view.shape[0] * f * width <= chunk else np.empty(view.shape[0] * f * width, dtype)
+        for j in range(0, stride, width):
+            cols = view[:, :, j : j + width]
+            tmp = slab[: cols.size].reshape(cols.shape)
+            np.matmul(h, cols, out=tmp)
+            cols[...] = tmp
         stride *= f
-    return a
+    return out
 
 
 def fwht(x: npt.NDArray[Any]) -> npt.NDArray[Any]:
@@ -396,23 +524,19 @@ def fwht(x: npt.NDArray[Any]) -> npt.NDArray[Any]:
     if x.ndim != 1 or big_d & (big_d - 1) or big_d == 0:
         raise CodecError(f"fwht needs a 1-D power-of-two length, got shape {x.shape}")
     dtype = x.dtype if x.dtype in (np.float32, np.float64) else np.dtype(np.float64)
-    y = _fwht_raw(x.astype(dtype, copy=True))
-    y *= dtype.type(1.0 / math.sqrt(big_d))
-    return y
+    return _wht(x, big_d, 1, dtype.type, scale=1.0 / math.sqrt(big_d))
 
 
 def _rotate_scaled(
     x: FloatVec, params: CodecParams, scale: float, dtype: type[np.floating[Any]] = np.float32
 ) -> npt.NDArray[Any]:
-    """``scale * rotate(x)`` with the scale folded into the sign flip (one pass saved)."""
+    """``scale * rotate(x)``: the sign flip while loading chunks, the scale in the first
+    Hadamard block (no pass of its own, no padded copy of ``x``)."""
     d = x.shape[0]
     block = rotation_block(params, d)
     big_d = padded_dim(params, d)
-    padded = np.empty(big_d, dtype=dtype)
-    np.multiply(x, dtype(scale / math.sqrt(block)), out=padded[:d], dtype=dtype)
-    padded[d:] = 0.0
-    padded *= rotation_signs(params, d)
-    return _fwht_raw(padded, big_d // block)
+    signs = rotation_signs(params, d)
+    return _wht(x, big_d, big_d // block, dtype, scale=scale / math.sqrt(block), signs=signs)
 
 
 def rotate(x: FloatVec, params: CodecParams) -> FloatVec:
@@ -429,10 +553,9 @@ def unrotate(y: npt.NDArray[Any], params: CodecParams, d: int) -> npt.NDArray[An
     if y.ndim != 1 or y.shape[0] != big_d:
         raise CodecError(f"rotated vector has shape {y.shape}, expected ({big_d},)")
     dtype = y.dtype if y.dtype in (np.float32, np.float64) else np.dtype(np.float64)
-    z = _fwht_raw(y.astype(dtype, copy=True), big_d // block)
-    z *= dtype.type(1.0 / math.sqrt(block))
-    z *= rotation_signs(params, d).astype(z.dtype)
-    return z[:d]
+    z = _wht(y, big_d, big_d // block, dtype.type, scale=1.0 / math.sqrt(block))[:d]
+    z *= rotation_signs(params, d)[:d]
+    return z
 
 
 # ----------------------------------------------------------------------------------------
@@ -465,6 +588,86 @@ def _l2_norm(x: FloatVec) -> float:
     return amax * math.sqrt(float(np.dot(scaled, scaled)))
 
 
+_Q_CHUNK = 1 << 15  # elements per quantization chunk: every temporary stays in L1/L2
+
+
+def _fixed_point(bits: int) -> tuple[type[np.floating[Any]], type[np.signedinteger[Any]], int]:
+    """(float dtype, integer dtype, S) of the stochastic rounding of a ``bits``-bit quantizer:
+    float32 and int32 with ``S = 31 - bits`` up to 16 bits (float32 resolves a fraction of a
+    level there), float64 and int64 with ``S = 63 - bits`` beyond."""
+    if bits <= 16:
+        return np.float32, np.int32, 31 - bits
+    return np.float64, np.int64, 63 - bits
+
+
+def _quantize_into(
+    src: npt.NDArray[Any],
+    idx: npt.NDArray[np.intp] | None,
+    scale: float | None,
+    bits: int,
+    rng: np.random.Generator,
+    out: RingVec,
+) -> int:
+    """Unbiased stochastic rounding, chunk by chunk, of ``t = src[idx] * scale + levels/2``
+    (``src`` already scaled when ``scale`` is None, and then overwritten) into ``out``;
+    returns the number of clamped coordinates.
+
+    ``t`` is in units of ``2**-S`` levels (see :func:`_fixed_point`), clamped to
+    ``[0, levels * 2**S]`` and truncated to an integer ``a``; with ``u`` uniform on
+    ``[0, 2**S)``, ``q = (a + u) >> S`` is ``floor(a / 2**S) + 1`` with probability equal to
+    the fractional part of ``a / 2**S`` (exactly: no float rounding in the comparison). The
+    truncation of ``t`` to ``a`` moves it by less than ``2**-S`` levels (2**-15 at 16 bits),
+    below the float rounding of ``t`` itself. ``u`` is the top ``S`` bits of an AES-256-CTR
+    keystream word (4 bytes per coordinate up to 16 bits, 8 beyond) keyed with 32 bytes
+    drawn from ``rng``: uniform, and four times faster than numpy's float generator.
+    """
+    work, itype, shift = _fixed_point(bits)
+    levels = (1 << bits) - 1
+    top = float(levels << shift)
+    eps = 1e-3 * (1 << shift)  # excursions below 1e-3 of a level are float rounding
+    offset = work(levels * 2.0 ** (shift - 1))
+    n = out.shape[0]
+    c = min(n, _Q_CHUNK)
+    word = np.dtype(itype).itemsize
+    tbuf = np.empty(c, dtype=work)
+    gbuf = np.empty(c, dtype=src.dtype) if idx is not None and scale is not None else tbuf
+    abuf = np.empty(c, dtype=itype)
+    zeros = bytes(c * word)
+    ksraw = bytearray(c * word + 16)  # update_into needs block_size - 1 spare bytes
+    ks = np.frombuffer(ksraw, dtype=np.dtype(f"<u{word}"), count=c)
+    dither = Cipher(algorithms.AES(rng.bytes(32)), modes.CTR(bytes(16))).encryptor()
+    out_int = out.view(np.int32)
+    saturated = 0
+    for s in range(0, n, c):
+        e = min(n, s + c)
+        k = e - s
+        if idx is None:
+            part = src[s:e]
+        else:
+            part = gbuf[:k]
+            np.take(src, idx[s:e], out=part, mode="clip")  # indices are valid: no checks
+        if scale is None:
+            t = part
+        else:
+            t = tbuf[:k]
+            np.multiply(part, scale, out=t)
+        np.add(t, offset, out=t)
+        if float(t.min()) < 0.0 or float(t.max()) > top:
+            saturated += int(np.count_nonzero((t < -eps) | (t > top + eps)))
+            np.clip(t, 0.0, top, out=t)
+        a = abuf[:k]
+        np.copyto(a, t, casting="unsafe")  # t >= 0: truncation
+        dither.update_into(zeros if k == c else zeros[: k * word], ksraw)
+        u = ks[:k]
+        np.right_shift(u, bits + 1, out=u)  # uniform on [0, 2**S)
+        np.add(a, u.view(itype), out=a)
+        if itype is np.int32:
+            np.right_shift(a, shift, out=out_int[s:e])
+        else:
+            np.right_shift(a, shift, out=out[s:e], casting="unsafe")
+    return saturated
+
+
 def encode(
     delta: npt.ArrayLike,
     params: CodecParams,
@@ -494,27 +697,19 @@ def encode(
     levels = (1 << params.bits) - 1
     r = quant_range(params, d)
     # t = (y + R) * levels / (2R) with y = factor * x (rotated, subsampled): the scalings are
-    # folded into one multiply, the offset added after the (linear) rotation.
-    # float32 resolves a fraction of a level up to 16 bits; wider quantizers need float64
-    work: type[np.floating[Any]] = np.float32 if params.bits <= 16 else np.float64
-    gain = factor * levels / (2.0 * r)
-    t = _rotate_scaled(x, params, gain, work) if params.rotate else np.multiply(x, work(gain), dtype=work)
-    idx = kept_indices(params, d)
-    if idx.shape[0] < t.shape[0]:
-        t = t[idx]
-    t += work(levels / 2.0)
-    saturated = 0
-    if t.size and (float(t.min()) < 0.0 or float(t.max()) > levels):
-        # count real clamping only, not float rounding at the range's edge (1e-3 of a level)
-        saturated = int(np.count_nonzero((t < -1e-3) | (t > levels + 1e-3)))
-        np.clip(t, 0, levels, out=t)
-    floor = np.floor(t)
-    t -= floor  # fractional part, exact in floating point
-    # unbiased stochastic rounding: up with probability equal to the fractional part
-    up = rng.random(t.shape[0], dtype=work) < t
-    m = t.shape[0]
+    # folded into one multiply, the offset added after the (linear) rotation. t is carried in
+    # fixed point (units of 2**-S levels, see _quantize_into), the 2**S folded in as well.
+    work, _, shift = _fixed_point(params.bits)
+    gain = factor * levels / (2.0 * r) * 2.0**shift
+    big_d = padded_dim(params, d)
+    m = kept_count(params, d)
+    idx = kept_indices(params, d) if m < big_d else None
     out = np.empty(encoded_length(params, d), dtype=np.uint32)
-    np.add(floor, up, out=out[:m], casting="unsafe")
+    if params.rotate:
+        rotated = _rotate_scaled(x, params, gain, work)
+        saturated = _quantize_into(rotated, idx, None, params.bits, rng, out[:m])
+    else:
+        saturated = _quantize_into(x, idx, gain, params.bits, rng, out[:m])
     out[m] = weight  # every slot is < 2**b or <= weight_cap, hence < 2**ring_bits
     if params.count_slot:
         out[m + 1] = 0 if clipped else 1
@@ -726,6 +921,53 @@ def packed_size(m: int, bits: int) -> int:
 
 
 _LOW_DTYPES = {1: "<u1", 2: "<u2", 4: "<u4"}
+_PACK_CHUNK = 1 << 17  # elements per chunk (a multiple of 8): the scratch stays in L2
+_UNPACK_CHUNK = _PACK_CHUNK
+_U64 = np.dtype("<u8")
+_ALL64 = (1 << 64) - 1
+# SWAR steps over one uint64 per group of 8 fields: the half-lane width h (8, 16, 32 bits)
+# and the mask of the low half of every 2h-bit lane.
+_LANES = ((8, 0x00FF00FF00FF00FF), (16, 0x0000FFFF0000FFFF), (32, 0x00000000FFFFFFFF))
+
+
+def _replicate(field: int, lane: int) -> int:
+    return sum(field << (lane * i) for i in range(64 // lane))
+
+
+@lru_cache(maxsize=8)
+def _swar_consts(rest: int) -> tuple[tuple[np.uint64, np.uint64, np.uint64, np.uint64], ...]:
+    """Per step: (shift, low-half mask, high-half mask, mask of the low field per lane)."""
+    out = []
+    for h, lo in _LANES:
+        w = rest * h // 8  # field width before this step: rest, 2 rest, 4 rest
+        field = _replicate((1 << w) - 1, 2 * h)
+        out.append((np.uint64(h - w), np.uint64(lo), np.uint64(_ALL64 ^ lo), np.uint64(field)))
+    return tuple(out)
+
+
+@lru_cache(maxsize=8)
+def _group_dtype(rest: int) -> np.dtype[Any]:
+    """The first ``rest`` bytes of every 8-byte word, as one opaque field (a strided view)."""
+    return np.dtype({"names": ["g"], "formats": [f"V{rest}"], "offsets": [0], "itemsize": 8})
+
+
+def _squeeze(x: npt.NDArray[np.uint64], rest: int, tmp: npt.NDArray[np.uint64]) -> None:
+    """In place: each word holds 8 byte-fields ``< 2**rest`` -> their ``8 rest``-bit
+    little-endian concatenation ``sum_j f_j << (rest j)`` (three pairwise merges)."""
+    for shift, lo, hi, _ in _swar_consts(rest):
+        np.bitwise_and(x, hi, out=tmp)
+        np.right_shift(tmp, shift, out=tmp)
+        np.bitwise_and(x, lo, out=x)
+        np.bitwise_or(x, tmp, out=x)
+
+
+def _spread(x: npt.NDArray[np.uint64], rest: int, tmp: npt.NDArray[np.uint64]) -> None:
+    """Inverse of :func:`_squeeze`: each ``8 rest``-bit word -> 8 byte-fields."""
+    for shift, _, hi, field in reversed(_swar_consts(rest)):
+        np.left_shift(x, shift, out=tmp)
+        np.bitwise_and(tmp, hi, out=tmp)
+        np.bitwise_and(x, field, out=x)
+        np.bitwise_or(x, tmp, out=x)
 
 
 def pack_bits(values: npt.NDArray[np.unsignedinteger[Any]], bits: int) -> bytes:
@@ -754,7 +996,12 @@ def pack_bits(values: npt.NDArray[np.unsignedinteger[Any]], bits: int) -> bytes:
 def pack_bits_into(
     values: npt.NDArray[np.unsignedinteger[Any]], bits: int, out: npt.NDArray[np.uint8]
 ) -> None:
-    """:func:`pack_bits` writing into ``out`` (a uint8 array of ``packed_size`` bytes)."""
+    """:func:`pack_bits` writing into ``out`` (a uint8 array of ``packed_size`` bytes).
+
+    Chunk by chunk (L2-sized scratch, no vector-sized temporary): the low bytes by casting
+    stores, the high ``r`` bits of 8 elements gathered into one uint64 and squeezed together
+    with three SWAR merges, then stored ``r`` bytes per group.
+    """
     v = values
     if v.ndim != 1 or v.dtype.kind != "u":
         raise CodecError(f"pack_bits needs a 1-D unsigned array, got {v.dtype} {v.shape}")
@@ -767,84 +1014,107 @@ def pack_bits_into(
     if int(v.max()) >> bits:
         raise CodecError(f"value {int(v.max())} does not fit in {bits} bits")
     whole, rest = divmod(bits, 8)
-    low = out[: m * whole]
-    if whole in _LOW_DTYPES:
-        np.copyto(low.view(_LOW_DTYPES[whole]), v, casting="unsafe")  # keeps the low bytes
-    elif whole == 3:
-        np.copyto(low[: 2 * m].view("<u2"), v, casting="unsafe")
-        np.copyto(low[2 * m :], v >> 16, casting="unsafe")
+    base = m * whole
     if rest:
-        groups = (m + 7) // 8
-        hi = np.zeros(groups * 8, dtype=np.uint32)
-        np.right_shift(v, 8 * whole, out=hi[:m], casting="unsafe")
-        # two half-groups of 4 fields (4r <= 28 bits) in uint32, then one uint64 per group
-        h = hi.reshape(groups, 2, 4)
-        half = h[:, :, 0].copy()
-        for j in range(1, 4):
-            half |= h[:, :, j] << np.uint32(rest * j)
-        h64 = half.astype(np.uint64)
-        word = h64[:, 0] | (h64[:, 1] << np.uint64(4 * rest))
-        high = out[m * whole :].reshape(groups, rest)
-        high[:] = word.astype("<u8", copy=False).view(np.uint8).reshape(groups, 8)[:, :rest]
+        groups = (min(m, _PACK_CHUNK) + 7) // 8
+        hib = np.empty(8 * groups, dtype=np.uint8)
+        tmp = np.empty(groups, dtype=_U64)
+        gdt = _group_dtype(rest)
+        vdt = f"V{rest}"
+    for s in range(0, m, _PACK_CHUNK):
+        e = min(m, s + _PACK_CHUNK)
+        vc = v[s:e]
+        if whole in _LOW_DTYPES:
+            np.copyto(out[s * whole : e * whole].view(_LOW_DTYPES[whole]), vc, casting="unsafe")
+        elif whole == 3:
+            np.copyto(out[2 * s : 2 * e].view("<u2"), vc, casting="unsafe")
+            np.right_shift(vc, 16, out=out[2 * m + s : 2 * m + e], casting="unsafe")
+        if rest:
+            n = e - s
+            g = (n + 7) // 8
+            h = hib[: 8 * g]
+            np.right_shift(vc, 8 * whole, out=h[:n], casting="unsafe")
+            h[n:] = 0
+            x = h.view(_U64)
+            _squeeze(x, rest, tmp[:g])
+            g0 = base + (s // 8) * rest
+            out[g0 : g0 + g * rest].view(vdt)[:] = x.view(gdt)["g"]
 
 
-_UNPACK_CHUNK = 1 << 16  # elements per chunk (a multiple of 8): temporaries stay in cache
-
-
-def _check_packed(data: bytes | memoryview, bits: int, m: int) -> memoryview:
+def _check_packed(data: bytes | memoryview, bits: int, m: int) -> npt.NDArray[np.uint8]:
+    """The packed buffer as a uint8 array, after checking its size and padding bits."""
     size = packed_size(m, bits)
     buf = memoryview(data).cast("B")
     if len(buf) != size:
         raise CodecError(f"packed data has {len(buf)} bytes, {m} x {bits}-bit needs {size}")
-    return buf
-
-
-def _unpack_range(buf: memoryview, bits: int, m: int, start: int, stop: int) -> RingVec:
-    """Elements ``start..stop`` (``start`` a multiple of 8) of a :func:`pack_bits` buffer."""
-    whole, rest = divmod(bits, 8)
-    n = stop - start
-    if whole in _LOW_DTYPES:
-        dt = np.dtype(_LOW_DTYPES[whole])
-        out = np.frombuffer(buf[start * whole : stop * whole], dtype=dt).astype(np.uint32)
-    elif whole == 3:
-        out = np.frombuffer(buf[2 * m + start : 2 * m + stop], np.uint8).astype(np.uint32)
-        out <<= np.uint32(16)
-        out |= np.frombuffer(buf[2 * start : 2 * stop], "<u2")
-    else:
-        out = np.zeros(n, dtype=np.uint32)
-    if rest:
-        g0, g1 = start // 8, (stop + 7) // 8
-        groups = g1 - g0
-        base = m * whole
-        raw = np.zeros((groups, 8), dtype=np.uint8)
-        raw[:, :rest] = np.frombuffer(buf[base + g0 * rest : base + g1 * rest], np.uint8).reshape(
-            groups, rest
-        )
-        word = raw.view("<u8").reshape(groups).astype(np.uint64, copy=False)
-        field = np.uint32((1 << rest) - 1)
-        halves = np.empty((groups, 2), dtype=np.uint32)
-        halves[:, 0] = word & np.uint64((1 << (4 * rest)) - 1)
-        halves[:, 1] = word >> np.uint64(4 * rest)
-        hi = np.empty((groups, 2, 4), dtype=np.uint32)
-        for j in range(4):
-            np.bitwise_and(halves >> np.uint32(rest * j), field, out=hi[:, :, j])
-        flat = hi.reshape(-1)
-        if np.any(flat[n:]):
+    src = np.frombuffer(buf, dtype=np.uint8)
+    rest = bits % 8
+    if rest and m % 8:
+        last = int.from_bytes(src[size - rest :].tobytes(), "little")
+        if last >> (rest * (m % 8)):
             raise CodecError("nonzero padding bits after the last element")
-        top = flat[:n]
-        if whole:
-            top <<= np.uint32(8 * whole)
-        out |= top
-    return out
+    return src
+
+
+class _Unpacker:
+    """Chunks of a validated :func:`pack_bits` buffer as words of the ring dtype."""
+
+    def __init__(self, src: npt.NDArray[np.uint8], bits: int, m: int) -> None:
+        self.src, self.bits, self.m = src, bits, m
+        self.whole, self.rest = divmod(bits, 8)
+        self.dtype = np.dtype("<u1" if bits <= 8 else "<u2" if bits <= 16 else "<u4")
+        chunk = min(m, _UNPACK_CHUNK)
+        groups = (chunk + 7) // 8
+        direct = self.rest == 0 and self.whole in _LOW_DTYPES
+        self.val = np.empty(0 if direct else chunk, dtype=self.dtype)
+        if self.rest:
+            self.grp = np.empty(8 * groups, dtype=np.uint8)
+            self.tmp = np.empty(groups, dtype=_U64)
+            self.keep = np.uint64((1 << (8 * self.rest)) - 1)
+
+    def chunk(self, s: int, e: int) -> npt.NDArray[Any]:
+        """Elements ``s..e`` (``s`` a multiple of 8); the array is reused by the next call."""
+        src, m, whole, rest = self.src, self.m, self.whole, self.rest
+        n = e - s
+        if rest == 0 and whole in _LOW_DTYPES:
+            return src[s * whole : e * whole].view(_LOW_DTYPES[whole])
+        val = self.val[:n]
+        if rest:
+            g = (n + 7) // 8
+            g0 = m * whole + (s // 8) * rest
+            grp = self.grp[: 8 * g]
+            grp.view(_group_dtype(rest))["g"][:] = src[g0 : g0 + g * rest].view(f"V{rest}")
+            x = grp.view(_U64)
+            np.bitwise_and(x, self.keep, out=x)  # bytes rest..7 hold the previous chunk
+            _spread(x, rest, self.tmp[:g])
+            hi = grp[:n]
+            if whole == 0:
+                return hi
+            np.copyto(val, hi)
+        if whole == 1:
+            val <<= 8
+            val |= src[s:e]
+        elif whole == 2:
+            val <<= 16
+            val |= src[2 * s : 2 * e].view("<u2")
+        elif whole == 3:
+            if rest:
+                val <<= 8
+                val |= src[2 * m + s : 2 * m + e]
+            else:
+                np.copyto(val, src[2 * m + s : 2 * m + e])
+            val <<= 16
+            val |= src[2 * s : 2 * e].view("<u2")
+        return val
 
 
 def unpack_bits(data: bytes | memoryview, bits: int, m: int) -> RingVec:
     """Inverse of :func:`pack_bits`: ``m`` uint32 values (padding bits must be zero)."""
-    buf = _check_packed(data, bits, m)
+    unpacker = _Unpacker(_check_packed(data, bits, m), bits, m)
     out = np.empty(m, dtype=np.uint32)
     for start in range(0, m, _UNPACK_CHUNK):
         stop = min(m, start + _UNPACK_CHUNK)
-        out[start:stop] = _unpack_range(buf, bits, m, start, stop)
+        out[start:stop] = unpacker.chunk(start, stop)
     return out
 
 
@@ -855,10 +1125,8 @@ def unpack_bits_add(data: bytes | memoryview, bits: int, acc: npt.NDArray[np.uns
     if acc.ndim != 1 or acc.dtype.kind != "u":
         raise CodecError("acc must be a 1-D unsigned array")
     m = acc.shape[0]
-    buf = _check_packed(data, bits, m)
-    if m % 8:
-        _unpack_range(buf, bits, m, m - m % 8, m)  # raises on nonzero padding bits
+    unpacker = _Unpacker(_check_packed(data, bits, m), bits, m)
     for start in range(0, m, _UNPACK_CHUNK):
         stop = min(m, start + _UNPACK_CHUNK)
         target = acc[start:stop]
-        np.add(target, _unpack_range(buf, bits, m, start, stop), out=target, casting="unsafe")
+        np.add(target, unpacker.chunk(start, stop), out=target, casting="unsafe")

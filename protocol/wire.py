@@ -82,10 +82,12 @@ __all__ = [
     "pack_dense_update",
     "pack_sparse_update",
     "pack_update",
+    "pack_update_into",
     "peek_header",
     "unpack_dense_update",
     "unpack_sparse_update",
     "unpack_update",
+    "update_size",
     "verify_update",
 ]
 
@@ -418,21 +420,39 @@ def _check_pack_header(header: UpdateHeader, kind: UpdateKind, length: int) -> N
         raise BadHeaderError("float updates have bits = 32")
 
 
-def pack_update(header: UpdateHeader, values: npt.NDArray[np.unsignedinteger[Any]]) -> bytes:
-    """Header + bit-packed ring elements (kind RING; each value ``< 2**header.bits``)."""
+def update_size(header: UpdateHeader) -> int:
+    """Bytes of the framed update (header + body) that ``header`` describes."""
+    return HEADER_SIZE + _body_size(header.kind, header.bits, header.length)
+
+
+def pack_update_into(
+    header: UpdateHeader, values: npt.NDArray[np.unsignedinteger[Any]], out: bytearray | memoryview
+) -> int:
+    """:func:`pack_update` written into ``out`` (at least :func:`update_size` bytes, e.g. a
+    transport buffer): the values are bit-packed in place, then the CRC is computed over the
+    packed bytes. Returns the number of bytes written."""
     v = np.asarray(values)
     _check_pack_header(header, UpdateKind.RING, int(v.shape[0]) if v.ndim == 1 else -1)
-    size = packed_size(header.length, header.bits)
-    buf = bytearray(HEADER_SIZE + size)  # packed in place: no copy of the body
-    body = np.frombuffer(buf, dtype=np.uint8, offset=HEADER_SIZE)
+    total = update_size(header)
+    buf = memoryview(out).cast("B")
+    if len(buf) < total:
+        raise BadBodyError(f"output buffer has {len(buf)} bytes, the update needs {total}")
+    body = np.frombuffer(buf, dtype=np.uint8, count=total - HEADER_SIZE, offset=HEADER_SIZE)
     try:
         pack_bits_into(v, header.bits, body)
     except CodecError as e:
         raise BadBodyError(str(e)) from e
     head = _head(header)
     buf[: HEADER_SIZE - 4] = head
-    crc = zlib.crc32(memoryview(buf)[HEADER_SIZE:], zlib.crc32(head))
+    crc = zlib.crc32(buf[HEADER_SIZE:total], zlib.crc32(head))
     struct.pack_into("<I", buf, HEADER_SIZE - 4, crc)
+    return total
+
+
+def pack_update(header: UpdateHeader, values: npt.NDArray[np.unsignedinteger[Any]]) -> bytes:
+    """Header + bit-packed ring elements (kind RING; each value ``< 2**header.bits``)."""
+    buf = bytearray(update_size(header))  # packed in place, then one copy into bytes
+    pack_update_into(header, values, buf)
     return bytes(buf)
 
 

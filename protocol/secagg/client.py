@@ -10,11 +10,15 @@ Usage per round (messages from :mod:`protocol.wire`)::
     resp = client.unmask(req.survivors, req.dropped)     # -> server
 
 The whole state is serialisable (:meth:`SecAggClient.to_bytes`) so a device that restarts
-mid-round can continue; it contains the round's private keys, so store it like a secret.
+mid-round can continue; it contains the round's private keys, so store it like a secret. It
+is O(degree) apart from the roster's device ids: of the roster the client keeps the ids (for
+Shamir points and the mask signs), its neighbours' mask keys and a digest (to recognise a
+retried roster), not every device's keys.
 """
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 from collections.abc import Callable, Sequence
 from typing import Literal
@@ -68,8 +72,13 @@ class _ClientState(BaseModel):
     cipher_private_key: Bytes32
     mask_private_key: Bytes32
     self_mask_seed: Bytes32
-    roster: ShareKeysRequest | None = None
+    roster_digest: Bytes32 | None = None
+    """SHA-256 of the roster message this device shared keys for (retries must match)."""
+    roster_ids: list[str] = Field(default_factory=list)
+    """The roster's device ids in order: 1-based position = Shamir point and mask-sign order."""
     neighbours: list[str] = Field(default_factory=list)
+    mask_public_keys: dict[str, Bytes32] = Field(default_factory=dict)
+    """The neighbours' advertised mask keys (the pairwise masks are derived in stage 3)."""
     share_keys_response: ShareKeys | None = None
     cipher_keys: dict[str, Bytes32] = Field(default_factory=dict)
     """AES-GCM key shared with each neighbour (derived in stage 2, reused in stage 3)."""
@@ -80,6 +89,10 @@ class _ClientState(BaseModel):
     unmask_request: UnmaskRequest | None = None
     unmask_response: UnmaskResponse | None = None
     revealed: dict[str, Literal["self_mask", "key"]] = Field(default_factory=dict)
+
+
+def _roster_digest(roster: ShareKeysRequest) -> bytes:
+    return hashlib.sha256(roster.model_dump_json().encode()).digest()
 
 
 class SecAggClient:
@@ -143,17 +156,13 @@ class SecAggClient:
 
     def _index(self, device: str) -> int:
         """1-based roster position: the device's Shamir point and mask-sign order."""
-        assert self._s.roster is not None
+        assert self._s.roster_digest is not None
         if self._positions is None:
-            self._positions = {a.device: i + 1 for i, a in enumerate(self._s.roster.devices)}
+            self._positions = {d: i + 1 for i, d in enumerate(self._s.roster_ids)}
         try:
             return self._positions[device]
         except KeyError:
             raise SecAggError(f"{device!r} is not in the roster") from None
-
-    def _entry(self, device: str) -> AdvertiseKeys:
-        assert self._s.roster is not None
-        return self._s.roster.devices[self._index(device) - 1]
 
     # -- stage 1 ---------------------------------------------------------------------------
 
@@ -165,13 +174,9 @@ class SecAggClient:
         self._s.stage = Stage.SHARE_KEYS
         return self._advertisement()
 
-    def _pair_key(self, purpose: bytes, peer: str) -> bytes:
-        entry = self._entry(peer)
-        private, public = (
-            (self._cipher, entry.cipher_public_key)
-            if purpose == crypto.PURPOSE_ENCRYPT
-            else (self._mask, entry.mask_public_key)
-        )
+    def _pair_key(self, purpose: bytes, peer: str, public: bytes) -> bytes:
+        """The HKDF key shared with ``peer`` (whose advertised key for ``purpose`` is ``public``)."""
+        private = self._cipher if purpose == crypto.PURPOSE_ENCRYPT else self._mask
         try:
             return crypto.derive_pair_key(
                 private,
@@ -199,7 +204,7 @@ class SecAggClient:
         encrypted for its recipient. Asked again with the same roster, returns the same
         message (idempotent retries)."""
         if self._s.stage is Stage.MASKED_INPUT and self._s.share_keys_response is not None:
-            if roster == self._s.roster:
+            if _roster_digest(roster) == self._s.roster_digest:
                 return self._s.share_keys_response
             raise SecAggError("already shared keys for a different roster in this round")
         self._expect(Stage.SHARE_KEYS, "share_keys")
@@ -219,10 +224,14 @@ class SecAggClient:
                 f"roster says degree {roster.degree}, threshold {roster.threshold}; "
                 f"the round parameters give {degree}, {threshold}"
             )
-        self._s.roster = roster
         ids = [a.device for a in roster.devices]
+        self._s.roster_digest = _roster_digest(roster)
+        self._s.roster_ids = ids
+        self._positions = None
         neighbours = sorted(neighbours_of(me, ids, p.graph_seed, p.degree))
+        entries = {v: roster.devices[self._index(v) - 1] for v in neighbours}
         self._s.neighbours = neighbours
+        self._s.mask_public_keys = {v: entries[v].mask_public_key for v in neighbours}
 
         # One share per neighbour plus one kept by the device itself (as in Flower): a
         # survivor reveals its own self-mask share, so it needs only t - 1 neighbours.
@@ -243,7 +252,7 @@ class SecAggClient:
                 self_mask_share=shamir.share_to_bytes(yb),
                 key_share=shamir.share_to_bytes(yk),
             )
-            key = self._pair_key(crypto.PURPOSE_ENCRYPT, v)
+            key = self._pair_key(crypto.PURPOSE_ENCRYPT, v, entries[v].cipher_public_key)
             self._s.cipher_keys[v] = key
             nonce = self._random(crypto.NONCE_BYTES)
             ct = crypto.encrypt_share(
@@ -285,8 +294,7 @@ class SecAggClient:
         else:
             received = received_ciphertexts
         x = check_ring_vector(encoded_values, p)
-        assert self._s.roster is not None
-        _, threshold = resolve_graph(p, len(self._s.roster.devices))
+        _, threshold = resolve_graph(p, len(self._s.roster_ids))
 
         neighbours = set(self._s.neighbours)
         held: dict[str, _HeldShares] = {}
@@ -322,13 +330,9 @@ class SecAggClient:
         plus: list[bytes] = [self._s.self_mask_seed]
         minus: list[bytes] = []
         for v in sorted(held):
-            seed = self._pair_key(crypto.PURPOSE_MASK, v)
+            seed = self._pair_key(crypto.PURPOSE_MASK, v, self._s.mask_public_keys[v])
             (plus if my_x < self._index(v) else minus).append(seed)
-        acc = x.astype(crypto.ring_dtype(p.ring_bits))  # a copy: the caller's x is kept
-        crypto.apply_masks(acc, plus, minus)
-        out = acc if acc.dtype == np.uint32 else acc.astype(np.uint32)
-        if p.ring_bits < 32:
-            out &= np.uint32((1 << p.ring_bits) - 1)
+        out = crypto.masked_vector(x, plus, minus, p.ring_bits)  # a new array: x is kept
         self._s.held = held
         self._s.stage = Stage.UNMASK
         return out
@@ -352,16 +356,14 @@ class SecAggClient:
                 return self._s.unmask_response
             raise SecAggError("already answered a different unmask request in this round")
         self._expect(Stage.UNMASK, "unmask")
-        assert self._s.roster is not None
         me = self._s.device
         alive, gone = set(request.survivors), set(request.dropped)
-        roster_ids = {a.device for a in self._s.roster.devices}
-        unknown = (alive | gone) - roster_ids
+        unknown = (alive | gone) - set(self._s.roster_ids)
         if unknown:
             raise SecAggError(f"unmask request names devices outside the roster: {sorted(unknown)[:5]}")
         if me not in alive:
             raise SecAggError(f"{me!r} sent its masked input but is not listed as a survivor")
-        _, threshold = resolve_graph(p, len(self._s.roster.devices))
+        _, threshold = resolve_graph(p, len(self._s.roster_ids))
         if len(alive) < max(threshold, p.min_devices):
             raise SecAggError(
                 f"only {len(alive)} survivors; revealing shares needs at least "

@@ -3,10 +3,12 @@ unbiasedness, weighting, top-k with error feedback, bit packing."""
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import numpy as np
 import pytest
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
@@ -116,6 +118,31 @@ def test_fwht_matches_the_hadamard_matrix(log2n: int, seed: int) -> None:
     assert np.linalg.norm(codec.fwht(x)) == pytest.approx(np.linalg.norm(x), rel=1e-9)
 
 
+@pytest.mark.parametrize("chunk_bytes", [64, 512, 1 << 12])
+@pytest.mark.parametrize(("blocks", "log2b"), [(1, 9), (3, 5), (5, 8), (2, 0)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_chunked_block_transform_matches_the_reference(
+    monkeypatch: pytest.MonkeyPatch, chunk_bytes: int, blocks: int, log2b: int, dtype: type
+) -> None:
+    """Tiny cache chunks force every split of the levels into in-chunk passes and passes
+    over the whole vector (in place, a slab of columns at a time)."""
+    monkeypatch.setattr(codec, "_FWHT_CHUNK_BYTES", chunk_bytes)
+    b = 1 << log2b
+    total = blocks * b
+    rng = np.random.default_rng(blocks * 100 + log2b)
+    x = rng.normal(size=total - 3 if total > 3 else total)
+    signs = np.where(rng.random(total) < 0.5, -1.0, 1.0)
+    padded = np.zeros(total)
+    padded[: x.size] = x
+    padded *= signs
+    ref = np.empty(total)
+    for j in range(blocks):
+        ref[j::blocks] = _sylvester(log2b) @ padded[j::blocks] * 0.5
+    out = codec._wht(x.astype(dtype), total, blocks, dtype, scale=0.5, signs=signs.astype(dtype))
+    assert out.dtype == dtype
+    np.testing.assert_allclose(out, ref, atol=1e-4 if dtype is np.float32 else 1e-10)
+
+
 def test_fwht_refuses_other_lengths() -> None:
     with pytest.raises(CodecError):
         codec.fwht(np.zeros(6))
@@ -215,6 +242,52 @@ def test_kept_subset_is_shared_sorted_and_sized(d: int, frac: float, seed: int) 
     np.testing.assert_array_equal(
         codec.kept_indices(_params(keep_fraction=frac, seed=seed, rotate=seed % 2 == 0), d), idx
     )
+
+
+def _reference_subset(seed: bytes, big_d: int, m: int) -> np.ndarray:
+    """The selection rule written out: the m smallest keys of the whole "subset" stream."""
+    key = hashlib.sha256(b"fedkeys/codec/v1/subset\x00" + seed).digest()
+    raw = Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor().update(bytes(8 * big_d))
+    keys = np.frombuffer(raw, "<u8").astype(np.uint64)
+    low = np.uint64(max(1, (big_d - 1).bit_length()))
+    keys = ((keys >> low) << low) | np.arange(big_d, dtype=np.uint64)
+    return np.sort(np.argsort(keys, kind="stable")[:m])
+
+
+@given(big_d=st.integers(1, 200_000), frac=st.floats(0.001, 1.0), seed=st.binary(min_size=32, max_size=32))
+@settings(max_examples=30, deadline=None)
+def test_streaming_subset_is_the_m_smallest_keys(big_d: int, frac: float, seed: bytes) -> None:
+    """The chunked, low-memory selection (threshold pass, complement above one half) picks
+    exactly the rule's subset, on both sides of one half and across chunks."""
+    m = max(1, min(big_d, round(frac * big_d)))
+    got = codec._subset_cached.__wrapped__(seed, big_d, m)
+    np.testing.assert_array_equal(got, _reference_subset(seed, big_d, m))
+
+
+def test_subset_threshold_retry_keeps_the_rule(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Even when the first threshold lets too few keys through (forced here), the pass is
+    repeated and the result is still the m smallest keys."""
+    real = codec._extreme_keys
+    calls = []
+
+    def tight(seed: bytes, big_d: int, count: int, largest: bool) -> np.ndarray:
+        calls.append(count)
+        return real(seed, big_d, count, largest)
+
+    monkeypatch.setattr(codec, "_extreme_keys", tight)
+    monkeypatch.setattr(codec, "_SUBSET_MARGIN", -30.0)  # the first threshold passes too few
+    passes = []
+    real_chunks = codec._subset_key_chunks
+    monkeypatch.setattr(
+        codec, "_subset_key_chunks", lambda seed, big_d: passes.append(1) or real_chunks(seed, big_d)
+    )
+    seed = bytes(range(32))
+    for m in (3000, 8000):  # the smallest keys, and the complement (the largest)
+        passes.clear()
+        got = codec._subset_cached.__wrapped__(seed, 10_000, m)
+        np.testing.assert_array_equal(got, _reference_subset(seed, 10_000, m))
+        assert len(passes) > 1  # the pass was repeated
+    assert calls
 
 
 def test_kept_subset_is_uniform_over_seeds() -> None:
@@ -321,6 +394,42 @@ def test_subsampling_is_unbiased_over_round_seeds() -> None:
     assert np.mean(one_sq_err) == pytest.approx((1 / frac - 1) * 0.64, rel=0.15)
     mean_err_sq = float(np.sum((acc / trials - x) ** 2))
     assert mean_err_sq < 3 * np.mean(one_sq_err) / trials  # shrinks like 1/trials: unbiased
+
+
+@pytest.mark.parametrize("bits", [4, 12, 20])
+def test_fixed_point_stochastic_rounding_hits_the_fraction(bits: int) -> None:
+    """Each coordinate rounds up with probability equal to its fractional level, on the
+    int32 (bits <= 16) and int64 (wider) paths, across quantization chunks."""
+    n = codec._Q_CHUNK + 5000
+    frac = (np.arange(n) % 7) / 7.0  # exact fractions 0, 1/7, ..., 6/7
+    base = (np.arange(n) % 3).astype(np.float64)  # levels 0, 1, 2
+    _, _, shift = codec._fixed_point(bits)
+    scaled = (base + frac) * 2.0**shift - ((1 << bits) - 1) * 2.0 ** (shift - 1)  # minus the offset
+    work = np.float32 if bits <= 16 else np.float64
+    rng = np.random.default_rng(bits)
+    ups = np.zeros(n)
+    trials = 60
+    for _ in range(trials):
+        out = np.empty(n, dtype=np.uint32)
+        sat = codec._quantize_into(scaled.astype(work), None, None, bits, rng, out)
+        assert sat == 0
+        q = out.astype(np.int64) - base.astype(np.int64)
+        assert np.all((q == 0) | (q == 1))
+        ups += q
+    for j in range(7):
+        got = ups[np.arange(n) % 7 == j].sum() / (trials * np.count_nonzero(np.arange(n) % 7 == j))
+        sd = math.sqrt(j / 7 * (1 - j / 7) / (trials * n / 7)) + 1e-9
+        assert abs(got - j / 7) < 6 * sd, (j, got)
+
+
+def test_encode_is_deterministic_in_the_dither_rng() -> None:
+    p = _params(bits=8, seed=4)
+    x = np.random.default_rng(0).normal(size=5000).astype(np.float32) * 0.01
+    a = codec.encode(x, p, np.random.default_rng(11)).values
+    b = codec.encode(x, p, np.random.default_rng(11)).values
+    c = codec.encode(x, p, np.random.default_rng(12)).values
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
 
 
 def test_weighted_mean_and_weight_cap() -> None:
@@ -443,6 +552,49 @@ def test_pack_unpack_roundtrip(bits: int, m: int, seed: int) -> None:
     assert len(packed) >= math.ceil(m * bits / 8)
     assert len(packed) < math.ceil(m * bits / 8) + 8
     np.testing.assert_array_equal(codec.unpack_bits(packed, bits, m), v)
+
+
+def _reference_pack(v: np.ndarray, bits: int) -> bytes:
+    """The documented layout written out element by element."""
+    whole, rest = divmod(bits, 8)
+    m = len(v)
+    out = bytearray()
+    vals = [int(a) for a in v]
+    if whole == 3:
+        out += b"".join((a & 0xFFFF).to_bytes(2, "little") for a in vals)
+        out += bytes((a >> 16) & 0xFF for a in vals)
+    else:
+        out += b"".join((a & ((1 << (8 * whole)) - 1)).to_bytes(whole, "little") for a in vals)
+    if rest:
+        for g in range((m + 7) // 8):
+            word = 0
+            for j in range(8):
+                if 8 * g + j < m:
+                    word |= (vals[8 * g + j] >> (8 * whole)) << (rest * j)
+            out += word.to_bytes(rest, "little")
+    return bytes(out)
+
+
+@given(
+    bits=st.integers(1, 32),
+    m=st.integers(0, 90),
+    seed=st.integers(0, 2**32),
+    chunk=st.sampled_from([8, 16, 64]),
+)
+@settings(max_examples=150, deadline=None)
+def test_pack_matches_the_documented_layout_across_chunks(bits: int, m: int, seed: int, chunk: int) -> None:
+    v = np.random.default_rng(seed).integers(0, 1 << bits, m, dtype=np.uint64).astype(np.uint32)
+    old = codec._PACK_CHUNK, codec._UNPACK_CHUNK
+    codec._PACK_CHUNK = codec._UNPACK_CHUNK = chunk  # many chunks even for short vectors
+    try:
+        packed = codec.pack_bits(v, bits)
+        assert packed == _reference_pack(v, bits)
+        np.testing.assert_array_equal(codec.unpack_bits(packed, bits, m), v)
+        acc = np.arange(m, dtype=np.uint32)
+        codec.unpack_bits_add(packed, bits, acc)
+        np.testing.assert_array_equal(acc, np.arange(m, dtype=np.uint32) + v)
+    finally:
+        codec._PACK_CHUNK, codec._UNPACK_CHUNK = old
 
 
 def test_pack_layout_known_answers() -> None:

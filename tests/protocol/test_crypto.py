@@ -114,3 +114,44 @@ def test_commitment_binds_round_device_and_seed(seed: bytes, rnd: int) -> None:
     assert c != crypto.mask_commitment(rnd + 1, "u", seed)
     assert c != crypto.mask_commitment(rnd, "v", seed)
     assert c != crypto.mask_commitment(rnd, "u", bytes(b ^ 1 for b in seed))
+
+
+@given(
+    seed=st.binary(min_size=32, max_size=32),
+    length=st.integers(0, 3000),
+    pieces=st.lists(st.integers(1, 700), min_size=1, max_size=8),
+    gcm=st.booleans(),
+)
+@settings(max_examples=60, deadline=None)
+def test_keystream_is_aes256_ctr_on_both_openssl_paths(
+    seed: bytes, length: int, pieces: list[int], gcm: bool
+) -> None:
+    """The GCM code path (CTR blocks 0-1, then GCM's stream from counter 2) gives exactly
+    the AES-256-CTR keystream, whatever the chunking."""
+    ref = Cipher(algorithms.AES(seed), modes.CTR(bytes(16))).encryptor().update(bytes(length))
+    ks = crypto._Keystream(seed, gcm=gcm)
+    out, pos, i = bytearray(), 0, 0
+    while pos < length:
+        n = min(pieces[i % len(pieces)], length - pos)
+        buf = bytearray(n + 16)
+        ks.update_into(bytes(n), buf)
+        out += buf[:n]
+        pos, i = pos + n, i + 1
+    assert bytes(out) == ref
+
+
+@pytest.mark.parametrize("bits", [5, 8, 12, 16, 23, 32])
+def test_masked_vector_equals_masks_then_reduction(bits: int) -> None:
+    dtype = crypto.ring_dtype(bits)
+    n = (1 << 18) // dtype.itemsize + 4321  # crosses a chunk boundary
+    seeds = [bytes([i + 7]) * 32 for i in range(5)]
+    x = np.random.default_rng(bits).integers(0, 1 << bits, n, dtype=np.uint64).astype(np.uint32)
+    acc = x.astype(dtype)
+    crypto.apply_masks(acc, seeds[:2], seeds[2:])
+    ref = acc.astype(np.uint32) & np.uint32((1 << bits) - 1)
+    out = crypto.masked_vector(x, seeds[:2], seeds[2:], bits)
+    assert out.dtype == np.uint32
+    np.testing.assert_array_equal(out, ref)
+    np.testing.assert_array_equal(x[:10], np.asarray(x[:10]))  # input untouched
+    back = crypto.masked_vector(out, seeds[2:], seeds[:2], bits)  # the inverse masks
+    np.testing.assert_array_equal(back, x)

@@ -3,6 +3,8 @@ stage order, duplicates, state serialisation, and what a masked vector reveals."
 
 from __future__ import annotations
 
+import base64
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, event, given, settings
@@ -505,3 +507,21 @@ def test_server_adds_binary_uploads_in_place() -> None:
     req = server.close_masked_input()
     total = server.unmask([clients[d].unmask(req.survivors, req.dropped) for d in req.survivors])
     np.testing.assert_array_equal(total, codec.ring_sum([xs[d] for d in req.survivors], 13))
+
+
+def test_client_state_keeps_only_the_neighbourhood_of_the_roster() -> None:
+    """The client state holds its neighbours' mask keys and the roster's ids and digest, not
+    every device's keys: O(degree) keys, whatever n."""
+    params, clients, server = _setup(n=40, length=8)
+    _to_masked_stage(clients, server)
+    roster = server.roster
+    assert roster is not None and roster.degree < 39
+    c = clients["d0"]
+    state = SecAggClient.from_bytes(c.to_bytes()).to_bytes().decode()
+    neighbours = set(
+        neighbour_graph([a.device for a in roster.devices], params.graph_seed, params.degree)["d0"]
+    )
+    for a in roster.devices:
+        key = base64.b64encode(a.mask_public_key).decode()
+        assert (key in state) == (a.device in neighbours), a.device
+        assert base64.b64encode(a.cipher_public_key).decode() not in state
