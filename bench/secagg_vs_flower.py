@@ -287,7 +287,7 @@ def _w_masked(
     t2 = time.process_time()
     encoded = codec.encode(delta, cp, np.random.default_rng(1_000_000 + cid))
     t3 = time.process_time()
-    masked = client.masked_input(encoded.values, request)
+    masked = client.masked_input(encoded.values, request, overwrite=True)
     t4 = time.process_time()
     steps.update(state=t1 - t0, update=t2 - t1, encode=t3 - t2, mask=t4 - t3)
     header = wire.UpdateHeader(

@@ -425,15 +425,23 @@ def _hadamard(log2n: int, dtype: str) -> npt.NDArray[Any]:
     return _readonly(h)
 
 
-_FWHT_BLOCK = 4  # 16x16 Hadamard blocks: one batched GEMM per 4 butterfly levels
 _FWHT_CHUNK_BYTES = 1 << 18  # the levels that fit in such a contiguous chunk run in cache
+_FWHT_WIDE_STRIDE = 256  # from this stride on, 4x4 blocks beat 16x16 ones (fewer flops)
 
 
-def _level_split(levels: int) -> list[int]:
-    """Passes of at most ``_FWHT_BLOCK`` levels each (the last one smaller)."""
-    out = [_FWHT_BLOCK] * (levels // _FWHT_BLOCK)
-    if levels % _FWHT_BLOCK:
-        out.append(levels % _FWHT_BLOCK)
+def _pass_plan(levels: int, stride: int, wide: int) -> list[int]:
+    """Levels per pass (``log2 f``) for ``levels`` butterfly levels starting at ``stride``:
+    16x16 Hadamard blocks while the stride is short (a batched GEMM of short rows is
+    overhead-bound: four levels per pass amortise it), 4x4 blocks from stride ``wide`` on
+    (long rows: the pass is bandwidth-bound and H_4 does 4 instead of 16 multiply-adds per
+    element). Measured per level and 64K-element chunk here: 8 us for 16x16 at stride 1,
+    5 us for 4x4 at stride >= 256 (13 us for 16x16 at stride 4096)."""
+    out = []
+    while levels > 0:
+        c = min(levels, 4 if stride < wide else 2)
+        out.append(c)
+        levels -= c
+        stride <<= c
     return out
 
 
@@ -454,34 +462,41 @@ def _wht(
     *,
     scale: float = 1.0,
     signs: npt.NDArray[Any] | None = None,
+    out: npt.NDArray[Any] | None = None,
 ) -> npt.NDArray[Any]:
     """``scale * H_B`` applied to each of the ``blocks`` interleaved blocks of
     ``pad(src) * signs`` (zero-padded to ``total = blocks * B``, ``B`` a power of two): a
-    new ``dtype`` array; ``src`` is only read.
+    new ``dtype`` array, or ``out`` (``total`` contiguous ``dtype`` elements, not ``src``);
+    ``src`` is only read.
 
-    ``H_B`` is the Kronecker product of small Hadamard blocks ``H_f`` (``f = 16``), so the
-    transform is one batched matrix product per block of 4 index bits: viewing the vector as
-    ``(D / (f * s), f, s)`` for stride ``s`` = 1, 16, 256, ..., multiply every ``(f, s)``
-    slice by ``H_f``. No transposes, BLAS does the flops. Starting at stride ``blocks``
-    instead of 1 transforms the slot index ``i // blocks`` and leaves the block index
-    ``i % blocks`` alone: that is the interleaved block transform. The levels whose groups
-    fit in a contiguous chunk of ``_FWHT_CHUNK_BYTES`` run chunk by chunk in two small
-    buffers (in L2, with the sign flip applied while loading); only the remaining top levels
-    pass over the whole vector. The scale is folded into the first Hadamard block.
+    ``H_B`` is the Kronecker product of small Hadamard blocks ``H_f`` (``f`` = 16 or 4, see
+    :func:`_pass_plan`), so the transform is one batched matrix product per block of index
+    bits: viewing the vector as ``(D / (f * s), f, s)`` for stride ``s`` (1, 16, 256, 1024,
+    ...), multiply every ``(f, s)`` slice by ``H_f``. No transposes, BLAS does the flops.
+    Starting at stride ``blocks`` instead of 1 transforms the slot index ``i // blocks`` and
+    leaves the block index ``i % blocks`` alone: that is the interleaved block transform.
+    The levels whose groups fit in a contiguous chunk of ``_FWHT_CHUNK_BYTES`` run chunk
+    by chunk in two small buffers (in L2, with the sign flip applied while loading); only
+    the remaining top levels pass over the whole vector, in place, a slab of columns at a
+    time. The scale is folded into the first Hadamard block.
     """
     levels = (total // blocks).bit_length() - 1
     local = levels
     while local > 0 and (blocks << local) * np.dtype(dtype).itemsize > _FWHT_CHUNK_BYTES:
         local -= 1
     chunk = blocks << local
-    passes = _level_split(local) + _level_split(levels - local)
+    in_chunk = _pass_plan(local, blocks, _FWHT_WIDE_STRIDE)
+    passes = in_chunk + _pass_plan(levels - local, chunk, 0)
     hs = [_hadamard(c, np.dtype(dtype).name) for c in passes]
     if hs:
         hs[0] = hs[0] * dtype(scale)
     n = src.shape[0]
-    out = np.empty(total, dtype=dtype)
+    if out is None:
+        out = np.empty(total, dtype=dtype)
+    elif out.shape != (total,) or out.dtype != dtype or not out.flags.c_contiguous:
+        raise CodecError(f"transform output must be {total} contiguous {np.dtype(dtype)}")
     buf = (np.empty(chunk, dtype=dtype), np.empty(chunk, dtype=dtype))
-    n_local = len(_level_split(local))
+    n_local = len(in_chunk)
     for s in range(0, total, chunk):
         e = s + chunk
         k = max(0, min(n, e) - s)
@@ -528,15 +543,19 @@ def fwht(x: npt.NDArray[Any]) -> npt.NDArray[Any]:
 
 
 def _rotate_scaled(
-    x: FloatVec, params: CodecParams, scale: float, dtype: type[np.floating[Any]] = np.float32
+    x: FloatVec,
+    params: CodecParams,
+    scale: float,
+    dtype: type[np.floating[Any]] = np.float32,
+    out: npt.NDArray[Any] | None = None,
 ) -> npt.NDArray[Any]:
     """``scale * rotate(x)``: the sign flip while loading chunks, the scale in the first
-    Hadamard block (no pass of its own, no padded copy of ``x``)."""
+    Hadamard block (no pass of its own, no padded copy of ``x``); into ``out`` if given."""
     d = x.shape[0]
     block = rotation_block(params, d)
     big_d = padded_dim(params, d)
     signs = rotation_signs(params, d)
-    return _wht(x, big_d, big_d // block, dtype, scale=scale / math.sqrt(block), signs=signs)
+    return _wht(x, big_d, big_d // block, dtype, scale=scale / math.sqrt(block), signs=signs, out=out)
 
 
 def rotate(x: FloatVec, params: CodecParams) -> FloatVec:
@@ -588,7 +607,7 @@ def _l2_norm(x: FloatVec) -> float:
     return amax * math.sqrt(float(np.dot(scaled, scaled)))
 
 
-_Q_CHUNK = 1 << 15  # elements per quantization chunk: every temporary stays in L1/L2
+_Q_CHUNK = 1 << 16  # elements per quantization chunk: the three buffers stay in L2
 
 
 def _fixed_point(bits: int) -> tuple[type[np.floating[Any]], type[np.signedinteger[Any]], int]:
@@ -610,7 +629,8 @@ def _quantize_into(
 ) -> int:
     """Unbiased stochastic rounding, chunk by chunk, of ``t = src[idx] * scale + levels/2``
     (``src`` already scaled when ``scale`` is None, and then overwritten) into ``out``;
-    returns the number of clamped coordinates.
+    returns the number of clamped coordinates. Without ``idx``, ``src`` may share ``out``'s
+    memory (each chunk is read before its words are written).
 
     ``t`` is in units of ``2**-S`` levels (see :func:`_fixed_point`), clamped to
     ``[0, levels * 2**S]`` and truncated to an integer ``a``; with ``u`` uniform on
@@ -618,8 +638,9 @@ def _quantize_into(
     the fractional part of ``a / 2**S`` (exactly: no float rounding in the comparison). The
     truncation of ``t`` to ``a`` moves it by less than ``2**-S`` levels (2**-15 at 16 bits),
     below the float rounding of ``t`` itself. ``u`` is the top ``S`` bits of an AES-256-CTR
-    keystream word (4 bytes per coordinate up to 16 bits, 8 beyond) keyed with 32 bytes
-    drawn from ``rng``: uniform, and four times faster than numpy's float generator.
+    keystream word (4 bytes per coordinate up to 16 bits, 8 beyond; the masks' fast
+    keystream, :func:`protocol.secagg.crypto.keystream`) keyed with 32 bytes drawn from
+    ``rng``: uniform, and four times faster than numpy's float generator.
     """
     work, itype, shift = _fixed_point(bits)
     levels = (1 << bits) - 1
@@ -635,7 +656,9 @@ def _quantize_into(
     zeros = bytes(c * word)
     ksraw = bytearray(c * word + 16)  # update_into needs block_size - 1 spare bytes
     ks = np.frombuffer(ksraw, dtype=np.dtype(f"<u{word}"), count=c)
-    dither = Cipher(algorithms.AES(rng.bytes(32)), modes.CTR(bytes(16))).encryptor()
+    from protocol.secagg.crypto import keystream  # here: protocol.secagg imports this module
+
+    dither = keystream(rng.bytes(32))
     out_int = out.view(np.int32)
     saturated = 0
     for s in range(0, n, c):
@@ -706,7 +729,10 @@ def encode(
     idx = kept_indices(params, d) if m < big_d else None
     out = np.empty(encoded_length(params, d), dtype=np.uint32)
     if params.rotate:
-        rotated = _rotate_scaled(x, params, gain, work)
+        # every coordinate kept at 4 bytes: rotate straight into the output's memory, which
+        # the quantizer then overwrites chunk by chunk (one vector allocated, not two)
+        alias = idx is None and np.dtype(work).itemsize == out.itemsize
+        rotated = _rotate_scaled(x, params, gain, work, out[:big_d].view(work) if alias else None)
         saturated = _quantize_into(rotated, idx, None, params.bits, rng, out[:m])
     else:
         saturated = _quantize_into(x, idx, gain, params.bits, rng, out[:m])
@@ -921,7 +947,7 @@ def packed_size(m: int, bits: int) -> int:
 
 
 _LOW_DTYPES = {1: "<u1", 2: "<u2", 4: "<u4"}
-_PACK_CHUNK = 1 << 17  # elements per chunk (a multiple of 8): the scratch stays in L2
+_PACK_CHUNK = 1 << 18  # elements per chunk (a multiple of 8): the scratch stays in L2
 _UNPACK_CHUNK = _PACK_CHUNK
 _U64 = np.dtype("<u8")
 _ALL64 = (1 << 64) - 1

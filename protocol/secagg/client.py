@@ -280,10 +280,15 @@ class SecAggClient:
         self,
         encoded_values: npt.ArrayLike,
         received_ciphertexts: Sequence[EncryptedShare] | MaskedInputRequest,
+        *,
+        overwrite: bool = False,
     ) -> npt.NDArray[np.uint32]:
         """Stage 3: ``y = x + PRG(b_u) + sum_v +-PRG(s_uv) mod 2**k`` over the neighbours
         whose shares arrived (exactly those completed stage 2). ``+`` when this device sorts
-        before ``v`` in the roster, ``-`` otherwise, so the pairwise masks cancel in the sum."""
+        before ``v`` in the roster, ``-`` otherwise, so the pairwise masks cancel in the sum.
+
+        A new array by default; with ``overwrite`` (and ``encoded_values`` a uint32 array)
+        ``y`` replaces ``x`` in place, which saves a vector and leaves no unmasked copy."""
         self._expect(Stage.MASKED_INPUT, "masked_input")
         p = self._s.params
         me = self._s.device
@@ -332,7 +337,8 @@ class SecAggClient:
         for v in sorted(held):
             seed = self._pair_key(crypto.PURPOSE_MASK, v, self._s.mask_public_keys[v])
             (plus if my_x < self._index(v) else minus).append(seed)
-        out = crypto.masked_vector(x, plus, minus, p.ring_bits)  # a new array: x is kept
+        in_place = overwrite and isinstance(x, np.ndarray) and x.dtype == np.uint32 and x.flags.writeable
+        out = crypto.masked_vector(x, plus, minus, p.ring_bits, out=x if in_place else None)
         self._s.held = held
         self._s.stage = Stage.UNMASK
         return out

@@ -71,17 +71,58 @@ def split(
     return shares
 
 
+class _Basis:
+    """Lagrange interpolation through fixed, distinct points ``xs`` (barycentric form).
+
+    The weights ``w_i = 1 / prod_{j != i} (x_i - x_j)`` take one modular inversion for all
+    of them (Montgomery's batch trick); each evaluation is then O(t) multiplications, with
+    prefix and suffix products of ``(at - x_j)`` (not O(t**2) with t inversions)."""
+
+    __slots__ = ("weights", "xs")
+
+    def __init__(self, xs: Sequence[int]) -> None:
+        self.xs = list(xs)
+        dens = []
+        for i, xi in enumerate(self.xs):
+            d = 1
+            for j, xj in enumerate(self.xs):
+                if i != j:
+                    d = d * (xi - xj) % PRIME
+            dens.append(d)
+        self.weights = _batch_inverse(dens)
+
+    def at(self, ys: Sequence[int], point: int) -> int:
+        """f(point) for the polynomial of degree < len(xs) with f(x_i) = ys[i]."""
+        xs, n = self.xs, len(self.xs)
+        diffs = [(point - x) % PRIME for x in xs]
+        if 0 in diffs:
+            return ys[diffs.index(0)] % PRIME
+        suffix = [1] * (n + 1)
+        for i in range(n - 1, -1, -1):
+            suffix[i] = suffix[i + 1] * diffs[i] % PRIME
+        total, prefix = 0, 1
+        for i in range(n):
+            total += ys[i] * self.weights[i] % PRIME * (prefix * suffix[i + 1] % PRIME)
+            prefix = prefix * diffs[i] % PRIME
+        return total % PRIME
+
+
+def _batch_inverse(values: Sequence[int]) -> list[int]:
+    """Modular inverses of non-zero field elements with a single ``pow(., -1, P)``."""
+    prefix = [1]
+    for v in values:
+        prefix.append(prefix[-1] * v % PRIME)
+    inv = pow(prefix[-1], -1, PRIME)
+    out = [0] * len(values)
+    for i in range(len(values) - 1, -1, -1):
+        out[i] = inv * prefix[i] % PRIME
+        inv = inv * values[i] % PRIME
+    return out
+
+
 def _interpolate_at(shares: Sequence[Share], at: int) -> int:
     """f(at) for the unique polynomial of degree < len(shares) through ``shares``."""
-    total = 0
-    for i, (xi, yi) in enumerate(shares):
-        num, den = 1, 1
-        for j, (xj, _) in enumerate(shares):
-            if i != j:
-                num = num * (at - xj) % PRIME
-                den = den * (xi - xj) % PRIME
-        total = (total + yi * num * pow(den, -1, PRIME)) % PRIME
-    return total
+    return _Basis([x for x, _ in shares]).at([y for _, y in shares], at)
 
 
 def reconstruct(shares: Sequence[Share], threshold: int) -> bytes:
@@ -101,11 +142,12 @@ def reconstruct(shares: Sequence[Share], threshold: int) -> bytes:
         raise ShamirError("duplicate share points")
     if any(not (0 < x < PRIME and 0 <= y < PRIME) for x, y in shares):
         raise ShamirError("share out of the field")
-    base = list(shares[:threshold])
+    basis = _Basis(xs[:threshold])
+    base_ys = [y for _, y in shares[:threshold]]
     for x, y in shares[threshold:]:
-        if _interpolate_at(base, x) != y:
+        if basis.at(base_ys, x) != y:
             raise ShamirError(f"share at x={x} is inconsistent with the others")
-    value = _interpolate_at(base, 0)
+    value = basis.at(base_ys, 0)
     if value >= 1 << (8 * SECRET_BYTES):
         raise ShamirError("reconstructed value is not a 32-byte secret (wrong or too few shares)")
     return value.to_bytes(SECRET_BYTES, "big")

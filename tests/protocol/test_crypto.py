@@ -155,3 +155,13 @@ def test_masked_vector_equals_masks_then_reduction(bits: int) -> None:
     np.testing.assert_array_equal(x[:10], np.asarray(x[:10]))  # input untouched
     back = crypto.masked_vector(out, seeds[2:], seeds[:2], bits)  # the inverse masks
     np.testing.assert_array_equal(back, x)
+
+
+def test_masked_vector_in_place_equals_a_new_vector() -> None:
+    seeds = [bytes([i + 1]) * 32 for i in range(3)]
+    for bits in (12, 23, 32):
+        x = np.random.default_rng(bits).integers(0, 1 << bits, 70_001, dtype=np.uint64).astype(np.uint32)
+        ref = crypto.masked_vector(x, seeds[:1], seeds[1:], bits)
+        y = x.copy()
+        assert crypto.masked_vector(y, seeds[:1], seeds[1:], bits, out=y) is y
+        np.testing.assert_array_equal(y, ref)
