@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+import struct
 from collections.abc import Callable, Sequence
 from typing import Literal
 
@@ -92,7 +93,14 @@ class _ClientState(BaseModel):
 
 
 def _roster_digest(roster: ShareKeysRequest) -> bytes:
-    return hashlib.sha256(roster.model_dump_json().encode()).digest()
+    """SHA-256 over every field of the roster (length-prefixed ids, raw keys): equal rosters,
+    and only those, give equal digests (cheaper than hashing its JSON)."""
+    h = hashlib.sha256(b"fedkeys/secagg/v1/roster")
+    h.update(struct.pack(">QQQQ", roster.round_id, roster.degree, roster.threshold, len(roster.devices)))
+    for a in roster.devices:
+        raw = a.device.encode()
+        h.update(struct.pack(">QH", a.round_id, len(raw)) + raw + a.cipher_public_key + a.mask_public_key)
+    return h.digest()
 
 
 class SecAggClient:

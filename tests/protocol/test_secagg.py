@@ -455,6 +455,11 @@ def test_client_retries_are_idempotent_until_the_next_stage() -> None:
     assert c.share_keys(roster) == shares
     with pytest.raises(SecAggError, match="different roster"):
         c.share_keys(roster.model_copy(update={"threshold": roster.threshold - 1}))
+    other = roster.devices[2].model_copy(update={"mask_public_key": bytes(range(32))})
+    swapped = (*roster.devices[:2], other, *roster.devices[3:])
+    with pytest.raises(SecAggError, match="different roster"):  # any device's key counts
+        c.share_keys(roster.model_copy(update={"devices": swapped}))
+    assert c.share_keys(type(roster).model_validate_json(roster.model_dump_json())) == shares
     with pytest.raises(StageError):
         c.advertise_keys()
     restored = SecAggClient.from_bytes(c.to_bytes())
