@@ -9,7 +9,10 @@ What is measured, for n clients each holding a d-float update (default d = 1,000
   message serialised to its wire form (JSON models, binary update bodies) and parsed by the
   server-side code; 10% of the clients drop after sharing keys; the server's running sum,
   share reconstruction, mask removal and decoding to the mean float vector. Client work runs
-  in a process pool of os.cpu_count() workers; the server runs in the main process.
+  in a process pool of os.cpu_count() workers; the server runs in the main process. Binary
+  uploads travel through a fixed set of shared-memory segments lent to one upload at a time
+  (the simulation's transport, as Flower's Ray object store); JSON messages through the
+  pool's pipes.
 * **Flower SecAgg+**: one round of Flower's SecAggPlusWorkflow (num_shares = our degree + 1,
   about 2 log2 n + 1; reconstruction_threshold 0.5; its default clipping 8.0, quantization
   range 2**22, modulus 2**32) in its simulation engine (Ray, num_cpus = cores, 1 CPU per
@@ -17,7 +20,12 @@ What is measured, for n clients each holding a d-float update (default d = 1,000
   round without secure aggregation. Flower is installed into .cache/bench-flower-venv by this
   script (never a project dependency).
 * **PRG floor**: bytes of mask keystream that all clients and the server must generate, divided
-  by the AES-256-CTR rate measured here on one core, divided by the cores.
+  by the AES-256-CTR keystream rate measured here on one core (per CPU second, the faster of
+  OpenSSL's CTR and GCM code paths, as the masks use), divided by the cores. "CPU / PRG CPU"
+  is the load-independent form: all CPU seconds of the round over the keystream's CPU
+  seconds on one core.
+* Per-client CPU milliseconds by stage and, for the masked-input stage, by step (state
+  parsing, generating the update, encode, mask, pack), and the server's per-upload cost.
 * Codec throughput (encode, decode) on one core.
 
 Correctness of every measured round is checked after timing (the unmasked sum must equal the
@@ -32,6 +40,7 @@ import math
 import os
 import platform
 import queue
+import resource
 import subprocess
 import sys
 import tempfile
@@ -279,6 +288,7 @@ def _w_masked(
     state, request_json, cid, d, layout_hash, codec_json, secagg_json, segment = args
     cp, sp = _params(codec_json, secagg_json)
     steps: dict[str, float] = {}
+    faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     t0 = time.process_time()
     client = SecAggClient.from_bytes(state)
     request = wire.MaskedInputRequest.model_validate_json(request_json)
@@ -304,6 +314,7 @@ def _w_masked(
     steps["pack"] = t5 - t4
     out_state = client.to_bytes()
     steps["state"] += time.process_time() - t5
+    steps["page_faults"] = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0
     return client.device, out_state, segment, size, steps
 
 
@@ -631,7 +642,8 @@ def per_client_line(r: dict[str, Any], n: int) -> str:
     steps = r["masked_step_cpu_s"]
     parts = [f"{k} {1e3 * st[k] / n:.1f}" for k in ("advertise", "share_keys")]
     parts.append(f"masked_input {1e3 * st['masked_input'] / surv:.1f} (")
-    parts[-1] += ", ".join(f"{k} {1e3 * v / surv:.1f}" for k, v in steps.items()) + ")"
+    parts[-1] += ", ".join(f"{k} {1e3 * v / surv:.1f}" for k, v in steps.items() if k != "page_faults")
+    parts[-1] += f"; {steps.get('page_faults', 0) / surv:.0f} page faults)"
     parts.append(f"unmask {1e3 * st['unmask'] / surv:.1f}")
     server = (
         f"server: verify+add {1e3 * r['server_add_cpu_s'] / surv:.1f} per upload, "
@@ -674,6 +686,21 @@ def report(results: dict[str, Any], d: int) -> str:
             f"| {r['exact']} "
             f"| {r['rel_err']:.1e} |"
         )
+    lines += ["", "Per round (CPU ms per client; CPU / keystream CPU also at the CTR-mode rate, the"]
+    lines += ["floor's definition before the GCM path; load average before the round):", ""]
+    prg = results["prg"]
+    for key, r in results["ours"].items():
+        name, n_str = key.split("|")
+        if "client_stage_cpu_s" not in r:
+            continue
+        ctr = (r["client_cpu_s"] + r["server_cpu_s"]) / (
+            r["mask_bytes"] / prg.get("aes256_ctr", prg["aes256"])
+        )
+        load = r.get("load_before")
+        lines.append(
+            f"* {name}, n={n_str}: {per_client_line(r, int(n_str))}; CPU / CTR-rate keystream "
+            f"{ctr:.1f}x" + (f"; load {load:.2f}" if load is not None else "")
+        )
     lines += ["", "| config | encode MB/s | decode MB/s |", "|---|---|---|"]
     for name, c in results.get("codec", {}).items():
         lines.append(f"| {name} | {c['encode_MBps']:.0f} | {c['decode_MBps']:.0f} |")
@@ -681,6 +708,12 @@ def report(results: dict[str, Any], d: int) -> str:
         lines += ["", "Flower wall time per run including simulation start-up (s): "]
         lines.append(
             ", ".join(f"{k}: {v['wall_s']:.1f}" for k, v in results["flower"].items() if "wall_s" in v)
+        )
+        lines.append(
+            "Load average before each Flower run: "
+            + ", ".join(
+                f"{k}: {v['load_before']:.2f}" for k, v in results["flower"].items() if "load_before" in v
+            )
         )
     if "flower_error" in results:
         lines += ["", f"Flower could not run: {results['flower_error']}"]
