@@ -29,7 +29,7 @@ from coordinator.api.deps import BodyTooLarge
 from coordinator.config import Settings
 from coordinator.db.migrate import upgrade
 from coordinator.db.models import Round, Task
-from coordinator.db.session import make_engine, make_sessionmaker
+from coordinator.db.session import make_engine, make_sessionmaker, make_soft_engine
 from coordinator.observability import Metrics, configure_logging
 from coordinator.schemas import TaskConfig
 from coordinator.services.aggregate import aggregate, pending_aggregations, publish_pending
@@ -41,7 +41,7 @@ from coordinator.services.rounds import (
     Gone,
     RoundContext,
     StageConflict,
-    advance,
+    close_if_complete,
     open_rounds,
 )
 from coordinator.services.storage import ArtifactStore
@@ -113,8 +113,7 @@ def tick(app: FastAPI) -> None:
         open_rounds(session, ctx)
         ids = list(session.scalars(select(Round.id).where(Round.stage != DONE)))
     for round_id in ids:
-        with factory() as session, session.begin():
-            advance(session, ctx, round_id)
+        close_if_complete(factory, ctx, round_id, wait=True)
     with factory() as session:
         pending = pending_aggregations(session, ctx.now())
     for round_id in pending:
@@ -137,6 +136,7 @@ def create_app(settings: Settings | None = None, *, background: bool = True) -> 
     engine = make_engine(settings.database_url)
     upgrade(engine)
     sessions = make_sessionmaker(engine)
+    soft_engine = make_soft_engine(engine)
     metrics = Metrics()
     store = ArtifactStore(settings.data_dir)
     ctx = RoundContext(settings=settings, store=store, metrics=metrics)
@@ -174,6 +174,7 @@ def create_app(settings: Settings | None = None, *, background: bool = True) -> 
         for t in threads:
             t.join(timeout=5)
         engine.dispose()
+        soft_engine.dispose()
 
     app = FastAPI(
         title="fedkeys coordinator",
@@ -184,6 +185,7 @@ def create_app(settings: Settings | None = None, *, background: bool = True) -> 
     app.state.settings = settings
     app.state.engine = engine
     app.state.sessions = sessions
+    app.state.soft_sessions = make_sessionmaker(soft_engine)
     app.state.ctx = ctx
     _install_errors(app)
     app.include_router(devices.router)

@@ -33,6 +33,9 @@ class Settings(BaseSettings):
     # the pool fills, and the selected must advertise keys within the advertise deadline
     candidate_poll_seconds: float = 1.0
     max_retry_seconds: float = 900.0
+    # partial running sums per round: concurrent uploads add into different rows instead of
+    # queueing on one lock (aggregation adds them up; memory O(shards x d))
+    sum_shards: int = Field(default=4, ge=1, le=64)
     # publishing new predict.pte for committed versions (needs the export extra)
     publish_predict: bool = True
     log_json: bool = True

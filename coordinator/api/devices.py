@@ -5,8 +5,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Request, Response, status
-from sqlalchemy import text
+from fastapi import APIRouter, BackgroundTasks, Query, Request, Response, status
 from starlette.concurrency import run_in_threadpool
 
 from coordinator.api.deps import (
@@ -19,7 +18,8 @@ from coordinator.api.deps import (
     read_body,
 )
 from coordinator.services import rounds
-from coordinator.services.devices import authenticate, enroll
+from coordinator.services.devices import authenticate, checkin_identity, enroll
+from coordinator.services.rounds import RoundContext
 from protocol.wire import (
     AdvertiseKeys,
     CheckinRequest,
@@ -42,6 +42,14 @@ __all__ = ["router"]
 router = APIRouter(prefix="/v1", tags=["devices"])
 
 
+def _close_later(background: BackgroundTasks, request: Request, round_id: int, maybe_complete: bool) -> None:
+    """A message that may have completed its stage closes it after the response is sent (and
+    after its own transaction committed), so devices never wait for a stage transition."""
+    if maybe_complete:
+        app = request.app
+        background.add_task(rounds.close_if_complete, app.state.sessions, app.state.ctx, round_id)
+
+
 def _base_url(request: Request) -> str:
     return str(request.base_url).rstrip("/")
 
@@ -61,29 +69,32 @@ def enroll_device(body: EnrollRequest, session: SessionDep, settings: SettingsDe
 
 
 @router.post("/checkin")
-def checkin(
-    body: CheckinRequest, request: Request, session: SessionDep, ctx: ContextDep, settings: SettingsDep
-) -> CheckinResponse:
+async def checkin(body: CheckinRequest, request: Request) -> CheckinResponse:
     """Report the device's state; get ``retry_after`` (pace steering) or an assignment."""
-    if session.get_bind().dialect.name == "postgresql":
-        # A check-in writes soft state (last seen, a place in a selection pool, at most the
-        # closing of a selection): losing the last ~0.2 s of them in a crash is consistent (whole
-        # transactions) and harmless (devices whose selection was lost get 409/410 and check in
-        # again), so the commit need not wait for the WAL flush.
-        session.execute(text("SET LOCAL synchronous_commit TO OFF"))
+    app = request.app
+    token = _bearer(request)
+    ctx: RoundContext = app.state.ctx
     st = body.state
-    device = authenticate(
-        session,
-        token=_bearer(request),
-        rate_limit_per_minute=settings.rate_limit_per_minute,
-        checkin={
-            "last_checkin_at": ctx.now(),
-            "client_version": st.client_version,
-            "device_class": st.device_class,
-            "data_bucket": max(0, int(st.examples).bit_length()),
-        },
-    )
-    response = rounds.checkin(session, ctx, device=device, state=st)
+    values = {
+        "last_checkin_at": ctx.now(),
+        "client_version": st.client_version,
+        "device_class": st.device_class,
+        "data_bucket": max(0, int(st.examples).bit_length()),
+    }
+
+    def work() -> CheckinResponse:
+        # One thread hop for the whole check-in; its transaction runs on the soft-state engine
+        # (PostgreSQL: commits without waiting for the WAL flush, see make_soft_sessionmaker).
+        with app.state.soft_sessions() as session, session.begin():
+            device_id, last_round = checkin_identity(
+                session,
+                token=token,
+                rate_limit_per_minute=app.state.settings.rate_limit_per_minute,
+                values=values,
+            )
+            return rounds.checkin(session, ctx, device_id=device_id, last_round_number=last_round, state=st)
+
+    response = await run_in_threadpool(work)
     ctx.metrics.checkins.labels(response.action).inc()
     return response
 
@@ -111,33 +122,43 @@ def round_status(
 def advertise(
     round_id: RoundIdPath,
     body: AdvertiseKeys,
+    request: Request,
+    background: BackgroundTasks,
     device: CurrentDevice,
     session: SessionDep,
     ctx: ContextDep,
 ) -> None:
-    rounds.advertise(session, ctx, round_id=round_id, device=device, msg=body)
+    done = rounds.advertise(session, ctx, round_id=round_id, device=device, msg=body)
+    _close_later(background, request, round_id, done)
 
 
 @router.get("/rounds/{round_id}/secagg/roster")
-def roster(round_id: RoundIdPath, device: CurrentDevice, session: SessionDep) -> ShareKeysRequest:
-    return rounds.roster(session, round_id=round_id, device=device)
+def roster(
+    round_id: RoundIdPath, device: CurrentDevice, session: SessionDep, ctx: ContextDep
+) -> ShareKeysRequest:
+    return rounds.roster(session, ctx, round_id=round_id, device=device)
 
 
 @router.post("/rounds/{round_id}/secagg/shares", status_code=status.HTTP_204_NO_CONTENT)
 def share_keys(
     round_id: RoundIdPath,
     body: ShareKeys,
+    request: Request,
+    background: BackgroundTasks,
     device: CurrentDevice,
     session: SessionDep,
     ctx: ContextDep,
 ) -> None:
-    rounds.share_keys(session, ctx, round_id=round_id, device=device, msg=body)
+    done = rounds.share_keys(session, ctx, round_id=round_id, device=device, msg=body)
+    _close_later(background, request, round_id, done)
 
 
 @router.get("/rounds/{round_id}/secagg/shares")
-def inbound_shares(round_id: RoundIdPath, device: CurrentDevice, session: SessionDep) -> MaskedInputRequest:
+def inbound_shares(
+    round_id: RoundIdPath, device: CurrentDevice, session: SessionDep, ctx: ContextDep
+) -> MaskedInputRequest:
     """The encrypted shares addressed to this device (and only to it)."""
-    return rounds.inbound_shares(session, round_id=round_id, device=device)
+    return rounds.inbound_shares(session, ctx, round_id=round_id, device=device)
 
 
 @router.get("/rounds/{round_id}/secagg/unmask")
@@ -149,11 +170,14 @@ def unmask_request(round_id: RoundIdPath, device: CurrentDevice, session: Sessio
 def unmask(
     round_id: RoundIdPath,
     body: UnmaskResponse,
+    request: Request,
+    background: BackgroundTasks,
     device: CurrentDevice,
     session: SessionDep,
     ctx: ContextDep,
 ) -> None:
-    rounds.unmask(session, ctx, round_id=round_id, device=device, msg=body)
+    done = rounds.unmask(session, ctx, round_id=round_id, device=device, msg=body)
+    _close_later(background, request, round_id, done)
 
 
 @router.put(
@@ -169,35 +193,42 @@ def unmask(
 async def upload(
     round_id: RoundIdPath,
     request: Request,
+    background: BackgroundTasks,
     examples: Annotated[int, Query(ge=0, le=1 << 31, description="local examples behind the update")] = 0,
 ) -> Response:
     """The device's encoded (and, with secure aggregation, masked) update: a binary body in
-    the format of protocol/wire.py, streamed into the round's running sum. Repeating an upload
-    is harmless (idempotent per device and round)."""
+    the format of protocol/wire.py, added into one of the round's running partial sums.
+    Repeating an upload is harmless (idempotent per device and round)."""
     app = request.app
     token = _bearer(request)
+    sessions = app.state.sessions
 
-    def check_auth() -> None:
-        with app.state.sessions() as session, session.begin():
-            authenticate(session, token=token, rate_limit_per_minute=app.state.settings.rate_limit_per_minute)
+    def check_auth() -> str:
+        with sessions() as session, session.begin():
+            device = authenticate(
+                session, token=token, rate_limit_per_minute=app.state.settings.rate_limit_per_minute
+            )
+            return device.id
 
-    await run_in_threadpool(check_auth)
+    device_id = await run_in_threadpool(check_auth)  # before the body is read
     body = await read_body(request, app.state.settings.max_body_bytes)
 
     def work() -> bool:
-        with app.state.sessions() as session, session.begin():
-            device = authenticate(session, token=token, rate_limit_per_minute=1 << 30)
+        # checked and decoded without locks; then one short transaction adds it into a sum
+        with sessions() as session:
+            parsed = rounds.parse_upload(
+                session, round_id=round_id, device_id=device_id, body=body, examples=examples
+            )
+        if parsed is None:
+            return False
+        with sessions() as session, session.begin():
             return rounds.upload(
-                session,
-                app.state.ctx,
-                round_id=round_id,
-                device=device,
-                body=body,
-                examples=examples,
+                session, app.state.ctx, round_id=round_id, device_id=device_id, parsed=parsed, size=len(body)
             )
 
     fresh = await run_in_threadpool(work)
     app.state.ctx.metrics.bytes_in.labels("update").inc(len(body))
+    _close_later(background, request, round_id, fresh)
     return Response(
         status_code=200,
         content=b'{"accepted":%s}' % (b"true" if fresh else b"false"),
@@ -215,9 +246,12 @@ def report(round_id: RoundIdPath, body: TrainReport, device: CurrentDevice, sess
 def evaluation(
     round_id: RoundIdPath,
     body: EvalCounts,
+    request: Request,
+    background: BackgroundTasks,
     device: CurrentDevice,
     session: SessionDep,
     ctx: ContextDep,
 ) -> None:
     """Federated evaluation counts of the round's model on the device's recent messages."""
-    rounds.evaluation(session, ctx, round_id=round_id, device=device, counts=body)
+    done = rounds.evaluation(session, ctx, round_id=round_id, device=device, counts=body)
+    _close_later(background, request, round_id, done)

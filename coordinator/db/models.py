@@ -33,6 +33,7 @@ __all__ = [
     "ModelVersion",
     "Participant",
     "Round",
+    "RoundSum",
     "Task",
 ]
 
@@ -126,9 +127,9 @@ class Round(Base):
     outcome: Mapped[str | None] = mapped_column(String(16))  # committed | failed
     failure_reason: Mapped[str | None] = mapped_column(String(512))
     new_version: Mapped[int | None]
-    secagg_state: Mapped[bytes | None]  # serialised protocol.secagg server state
-    sum_blob: Mapped[bytes | None]  # running modular sum (or float sum without secure agg.)
-    weight_sum: Mapped[float] = mapped_column(Float, default=0.0)
+    # serialised protocol.secagg server state, written when a stage closes (the messages of the
+    # open stage are in the participants' rows); deferred: most requests only need the plan
+    secagg_state: Mapped[bytes | None] = mapped_column(deferred=True)
     bytes_in: Mapped[int] = mapped_column(BigInteger, default=0)
     bytes_out: Mapped[int] = mapped_column(BigInteger, default=0)
     metrics: Mapped[dict[str, Any]]
@@ -150,10 +151,26 @@ class Participant(Base):
     stage: Mapped[str] = mapped_column(String(16))  # last stage the device completed
     selected_at: Mapped[datetime]
     keys: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # advertised public keys
-    unmask: Mapped[bytes | None]  # the device's unmasking response
+    # the device's share-keys message (JSON) until its stage closes, and its unmask response
+    secagg_msg: Mapped[bytes | None] = mapped_column(deferred=True)
+    unmask: Mapped[bytes | None] = mapped_column(deferred=True)
     report: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # scalar training metrics
     upload_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
     download_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class RoundSum(Base):
+    """One of a round's partial running sums: an upload adds into whichever is not locked, so
+    concurrent uploads do not queue on one row; aggregation adds the shards up."""
+
+    __tablename__ = "round_sums"
+
+    round_id: Mapped[int] = mapped_column(ForeignKey("rounds.id"), primary_key=True)
+    shard: Mapped[int] = mapped_column(Integer, primary_key=True)
+    # little-endian uint32 words (ring updates, wrapping mod 2**32) or float64 (float updates)
+    sum_blob: Mapped[bytes | None] = mapped_column(deferred=True)
+    weight_sum: Mapped[float] = mapped_column(Float, default=0.0)
+    inputs: Mapped[int] = mapped_column(Integer, default=0)
 
 
 class Candidate(Base):

@@ -12,7 +12,7 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
-__all__ = ["is_sqlite", "make_engine", "make_sessionmaker", "session_scope"]
+__all__ = ["is_sqlite", "make_engine", "make_sessionmaker", "make_soft_engine", "session_scope"]
 
 
 def is_sqlite(url: str) -> bool:
@@ -55,6 +55,27 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
     kwargs.setdefault("max_overflow", 20)
     kwargs.setdefault("pool_pre_ping", True)
     return create_engine(url, **kwargs)
+
+
+def make_soft_engine(engine: Engine) -> Engine:
+    """The engine for soft-state writes (check-ins: last seen, a place in a selection pool, at
+    most the closing of a selection). On PostgreSQL its connections commit without waiting for
+    the WAL flush (``synchronous_commit = off``): a crash can lose the last ~0.2 s of such
+    transactions, whole (never half of one), which devices recover from by checking in again,
+    and the commit costs no fsync. Durable state (model versions, uploads, stage changes made by
+    device messages) never goes through it. SQLite: the same engine."""
+    if engine.dialect.name != "postgresql":
+        return engine
+    soft = create_engine(engine.url, pool_size=10, max_overflow=20, pool_pre_ping=True)
+
+    @event.listens_for(soft, "connect")
+    def _async_commit(dbapi_conn: Any, _: Any) -> None:
+        cur = dbapi_conn.cursor()
+        cur.execute("SET synchronous_commit TO OFF")
+        cur.close()
+        dbapi_conn.commit()
+
+    return soft
 
 
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:

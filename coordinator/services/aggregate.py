@@ -14,14 +14,22 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import numpy as np
-from sqlalchemy import func, or_, select
+from sqlalchemy import delete, func, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from coordinator.db.models import ModelVersion, Round, Task
+from coordinator.db.models import ModelVersion, Round, RoundSum, Task
 from coordinator.observability import log_event
 from coordinator.optimizers import OptimizerState, make_optimizer
 from coordinator.schemas import TaskConfig
-from coordinator.services.rounds import AGGREGATING, DONE, RoundContext, _fail, _utc
+from coordinator.services.rounds import (
+    AGGREGATING,
+    DONE,
+    RoundContext,
+    _fail,
+    _utc,
+    shard_totals,
+    unmask_responses,
+)
 from protocol.codec import CodecError, CodecParams, decode_sum, unclipped_count
 from protocol.dp import gaussian_noise, next_clip_norm
 from protocol.secagg.common import SecAggError
@@ -57,33 +65,35 @@ def _claim(factory: sessionmaker[Session], ctx: RoundContext, round_id: int) -> 
         return now
 
 
-def _ring(rnd: Round) -> tuple[np.ndarray[Any, np.dtype[np.uint32]], int]:
+def _ring(session: Session, rnd: Round) -> tuple[np.ndarray[Any, np.dtype[np.uint32]], int]:
     """The integer sum of a compressed round and the number of inputs in it."""
     plan = rnd.plan
     if plan.get("secagg") is not None:
         server = SecAggServer.from_bytes(rnd.secagg_state or b"")
-        return server.unmask().astype(np.uint32, copy=False), len(plan["unmask"]["survivors"])
-    if rnd.sum_blob is None:
-        raise CodecError("no update arrived")
+        total = server.unmask(unmask_responses(session, rnd.id))
+        return total.astype(np.uint32, copy=False), len(plan["unmask"]["survivors"])
     # compressed without secure aggregation: a plain integer sum, which the codec's ring
-    # width keeps below 2**k for up to max_clients inputs
-    return np.frombuffer(rnd.sum_blob, dtype=np.uint64).astype(np.uint32), rnd.reported
+    # width keeps below 2**k for up to max_clients inputs (so mod 2**32 loses nothing)
+    vec, _, n = shard_totals(session, rnd.id, "<u4")
+    if vec is None:
+        raise CodecError("no update arrived")
+    return vec.astype(np.uint32), n
 
 
 def _mean_delta(
-    rnd: Round, d: int, rng: np.random.Generator
+    session: Session, rnd: Round, d: int, rng: np.random.Generator
 ) -> tuple[np.ndarray[Any, np.dtype[np.float32]], int, dict[str, Any]]:
     """The mean delta, the number of summed devices and DP diagnostics (empty without DP)."""
     plan = rnd.plan
     if plan.get("codec") is None:
-        if rnd.sum_blob is None:
+        total, weight, n = shard_totals(session, rnd.id, "<f8")
+        if total is None:
             raise CodecError("no update arrived")
-        total = np.frombuffer(rnd.sum_blob, dtype=np.float64)
-        if rnd.weight_sum <= 0:
+        if weight <= 0:
             raise CodecError("summed weight is 0")
-        return (total / rnd.weight_sum).astype(np.float32), rnd.reported, {}
+        return (total / weight).astype(np.float32), n, {}
     codec = CodecParams.model_validate(plan["codec"])
-    ring, n = _ring(rnd)
+    ring, n = _ring(session, rnd)
     dp = plan.get("dp")
     if dp is None:
         return decode_sum(ring, codec, n, d), n, {}
@@ -124,7 +134,7 @@ def aggregate(factory: sessionmaker[Session], ctx: RoundContext, round_id: int) 
         d = rnd.plan["dim"]
         failure: Exception | None = None
         try:
-            delta, n, dp_info = _mean_delta(rnd, d, np.random.default_rng(secrets.randbits(128)))
+            delta, n, dp_info = _mean_delta(session, rnd, d, np.random.default_rng(secrets.randbits(128)))
             _next_clip(cfg, dp_info)
             if not np.isfinite(delta).all():
                 raise CodecError("aggregate contains NaN or Inf")
@@ -185,7 +195,7 @@ def aggregate(factory: sessionmaker[Session], ctx: RoundContext, round_id: int) 
         rnd.finished_at = ctx.now()
         rnd.metrics = {**rnd.metrics, **metrics}
         rnd.secagg_state = None
-        rnd.sum_blob = None
+        session.execute(delete(RoundSum).where(RoundSum.round_id == rnd.id))
         ctx.metrics.rounds.labels("train", "committed").inc()
         log_event(log, "version committed", task=task.name, round=rnd.id, version=version)
         return version

@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 from coordinator.db.models import Device
 from coordinator.security import hash_token, new_device_id, new_token, secret_matches
 
-__all__ = ["AuthError", "RateLimited", "authenticate", "enroll"]
+__all__ = ["AuthError", "RateLimited", "authenticate", "checkin_identity", "enroll"]
 
 
 class AuthError(Exception):
@@ -79,3 +79,30 @@ def authenticate(
     if device.rate_count > rate_limit_per_minute:
         raise RateLimited(retry_after=60 - now % 60)
     return device
+
+
+def checkin_identity(
+    session: Session, *, token: str, rate_limit_per_minute: int, values: dict[str, object]
+) -> tuple[str, int]:
+    """:func:`authenticate` for the hottest path: one Core statement that authenticates,
+    counts the request and records the device's state, returning only what a check-in needs
+    (device id, the number of its last round) instead of a whole ORM object."""
+    now = time.time()
+    minute = int(now // 60)
+    row = session.execute(
+        update(Device)
+        .where(Device.token_hash == hash_token(token))
+        .values(
+            rate_count=case((Device.rate_window == minute, Device.rate_count + 1), else_=1),
+            rate_window=minute,
+            **values,
+        )
+        .returning(Device.id, Device.rate_count, Device.last_round_number)
+        .execution_options(synchronize_session=False)
+    ).one_or_none()
+    if row is None:
+        raise AuthError("unknown or revoked device token")
+    device_id, count, last_round = row
+    if count > rate_limit_per_minute:
+        raise RateLimited(retry_after=60 - now % 60)
+    return str(device_id), int(last_round)

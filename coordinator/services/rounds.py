@@ -24,7 +24,9 @@ import logging
 import math
 import random
 import secrets
+import threading
 import time
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -43,6 +45,7 @@ from coordinator.db.models import (
     ModelVersion,
     Participant,
     Round,
+    RoundSum,
     Task,
 )
 from coordinator.observability import Metrics, log_event
@@ -53,12 +56,13 @@ from coordinator.selection import SelectionPolicy
 from coordinator.selection import select as select_devices
 from coordinator.services.privacy import charge, current_clip, privacy_plan, refusal
 from coordinator.services.storage import ArtifactStore
-from protocol.codec import CodecError, CodecParams, encoded_length, ring_bits
+from protocol.codec import CodecError, CodecParams, encoded_length, ring_bits, unpack_bits
 from protocol.secagg.common import SecAggError, secagg_params_for
 from protocol.secagg.server import SecAggServer
 from protocol.wire import (
     AdvertiseKeys,
     ArtifactRef,
+    BadBodyError,
     CheckinResponse,
     DeviceState,
     EvalCounts,
@@ -79,6 +83,7 @@ from protocol.wire import (
     unpack_dense_update,
     unpack_sparse_update,
     unpack_update,
+    verify_update,
 )
 
 __all__ = [
@@ -91,21 +96,27 @@ __all__ = [
     "UPLOAD",
     "Forbidden",
     "Gone",
+    "ParsedUpload",
     "RoundContext",
     "StageConflict",
+    "Views",
     "advance",
     "advertise",
     "checkin",
+    "close_if_complete",
     "evaluation",
     "inbound_shares",
     "open_rounds",
+    "parse_upload",
     "plan_for",
     "report",
     "roster",
+    "shard_totals",
     "share_keys",
     "status",
     "unmask",
     "unmask_request",
+    "unmask_responses",
     "upload",
 ]
 
@@ -162,7 +173,12 @@ class RoundContext:
     now: Callable[[], datetime] = lambda: datetime.now(UTC)
     jitter: random.Random = field(default_factory=random.Random)  # pace-steering spread
     view_ttl: float = 0.5  # seconds a worker reuses its view of the open rounds
-    _views: tuple[float, list[RoundView]] | None = None
+    _views: Views | None = None
+    _configs: dict[tuple[int, float], TaskConfig] = field(default_factory=dict)
+    _durations: dict[int, tuple[float, ...]] = field(default_factory=dict)
+    # parsed secure-aggregation state per (round, stage, stage start): see _snapshot
+    _secagg: OrderedDict[tuple[int, str, float], SecAggServer] = field(default_factory=OrderedDict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 def _utc(dt: datetime) -> datetime:
@@ -341,31 +357,54 @@ def open_rounds(session: Session, ctx: RoundContext) -> list[Round]:
     return out
 
 
-def round_views(session: Session, ctx: RoundContext) -> list[RoundView]:
-    """The open rounds of active tasks, as of at most ``view_ttl`` ago.
+@dataclass(frozen=True)
+class Views:
+    """A worker's snapshot of the open rounds and who takes part in them."""
 
-    Between rounds most check-ins only need a ``retry_after``: they are answered from this
-    per-worker snapshot (soft state; every decision that changes a round reads and locks the
-    database). While a round is selecting, the snapshot is refreshed on every check-in.
+    taken: float  # time.monotonic() of the snapshot
+    rounds: list[RoundView]
+    assigned: dict[str, tuple[int, str, str]]  # device -> (round id, kind, task) of its open round
+
+
+def round_views(session: Session, ctx: RoundContext) -> Views:
+    """The open rounds of active tasks and their live participants, as of at most ``view_ttl``
+    ago (while a round is selecting: as of now).
+
+    Check-ins are answered from this per-worker snapshot: a participant gets its assignment, and
+    between rounds everyone else a ``retry_after`` (soft state; every decision that changes a
+    round reads and locks the database). It is exact for participants: they are only added
+    when a selection closes, and a selecting round is re-read on every check-in. A refresh is
+    two queries; task configurations and round histories are parsed once per version.
     """
     mono = time.monotonic()
     cached = ctx._views
     if (
         cached is not None
-        and mono - cached[0] < ctx.view_ttl
-        and all(v.stage != SELECTING for v in cached[1])
+        and mono - cached.taken < ctx.view_ttl
+        and all(v.stage != SELECTING for v in cached.rounds)
     ):
-        return cached[1]
+        return cached
+    rows = session.execute(
+        select(Round, Task)
+        .join(Task, Task.id == Round.task_id)
+        .where(Round.stage != DONE)
+        .order_by(Round.task_id, Round.id)
+    ).all()
+    first: dict[int, tuple[Round, Task]] = {}
+    for rnd, task in rows:
+        first.setdefault(task.id, (rnd, task))
+    active = session.scalars(select(Task.id).where(Task.status == "active")).all()
+    if any(t not in first for t in active):  # a task needs its next round: the locking path
+        opened = {r.task_id: r for r in open_rounds(session, ctx)}
+        for tid, rnd in opened.items():
+            got = session.get(Task, tid)
+            if tid not in first and got is not None:
+                first[tid] = (rnd, got)
     views = []
-    for rnd in open_rounds(session, ctx):
-        task = session.get(Task, rnd.task_id)
-        assert task is not None
-        recent = session.execute(
-            select(Round.created_at, Round.finished_at)
-            .where(Round.task_id == rnd.task_id, Round.finished_at.is_not(None))
-            .order_by(Round.id.desc())
-            .limit(5)
-        ).all()
+    for tid in sorted(first):
+        rnd, task = first[tid]
+        if task.status != "active":
+            continue
         views.append(
             RoundView(
                 round_id=rnd.id,
@@ -377,15 +416,53 @@ def round_views(session: Session, ctx: RoundContext) -> list[RoundView]:
                 stage_deadline=_utc(rnd.stage_deadline),
                 created_at=_utc(rnd.created_at),
                 selection_target=rnd.selection_target,
-                cfg=_cfg(task),
+                cfg=_cached_cfg(ctx, task),
                 candidate_rate=float((rnd.metrics or {}).get("candidate_rate", 0.0)),
-                recent_durations=tuple(
-                    (_utc(f) - _utc(c)).total_seconds() for c, f in recent if f is not None
-                ),
+                recent_durations=_recent_durations(session, ctx, rnd),
             )
         )
-    ctx._views = (mono, views)
-    return views
+    assigned: dict[str, tuple[int, str, str]] = {}
+    if any(rnd.stage != SELECTING for rnd, _ in rows):
+        for device_id, round_id, kind, task_name in session.execute(
+            select(Participant.device_id, Round.id, Round.kind, Task.name)
+            .join(Round, Round.id == Participant.round_id)
+            .join(Task, Task.id == Round.task_id)
+            .where(Round.stage != DONE, Participant.stage != DROPPED)
+            .order_by(Round.id)
+        ).tuples():
+            assigned[device_id] = (round_id, kind, task_name)  # the newest round wins
+    snap = Views(mono, views, assigned)
+    ctx._views = snap
+    return snap
+
+
+def _cached_cfg(ctx: RoundContext, task: Task) -> TaskConfig:
+    """The task's configuration, validated once per update of the task."""
+    key = (task.id, _ts(task.updated_at))
+    cfg = ctx._configs.get(key)
+    if cfg is None:
+        cfg = _cfg(task)
+        if len(ctx._configs) > 64:
+            ctx._configs.clear()
+        ctx._configs[key] = cfg
+    return cfg
+
+
+def _recent_durations(session: Session, ctx: RoundContext, rnd: Round) -> tuple[float, ...]:
+    """Seconds of the task's last five finished rounds (fixed while ``rnd`` is open)."""
+    got = ctx._durations.get(rnd.id)
+    if got is None:
+        recent = session.execute(
+            select(Round.created_at, Round.finished_at)
+            .where(Round.task_id == rnd.task_id, Round.finished_at.is_not(None))
+            .order_by(Round.id.desc())
+            .limit(5)
+        ).all()
+        got = tuple((_utc(f) - _utc(c)).total_seconds() for c, f in recent if f is not None)
+        if len(ctx._durations) > 64:
+            ctx._durations.clear()
+        ctx._durations[rnd.id] = got
+    return got
 
 
 def plan_for(session: Session, ctx: RoundContext, rnd: Round, base_url: str) -> RoundPlan:
@@ -496,37 +573,24 @@ def _pace(ctx: RoundContext, view: RoundView) -> CheckinResponse:
     return _retry(ctx, max(remaining, ctx.settings.min_retry_seconds), "no round needs devices now", window)
 
 
-def _participation(session: Session, device_id: str) -> tuple[Participant, Round, Task] | None:
-    row = session.execute(
-        select(Participant, Round, Task)
-        .join(Round, Round.id == Participant.round_id)
-        .join(Task, Task.id == Round.task_id)
-        .where(Participant.device_id == device_id, Round.stage != DONE, Participant.stage != DROPPED)
-        .order_by(Round.id.desc())
-    ).first()
-    return None if row is None else (row[0], row[1], row[2])
-
-
-def _assignment(rnd: Round, task: Task) -> CheckinResponse:
-    return CheckinResponse(
-        action="evaluate" if rnd.kind == "evaluate" else "train", round_id=rnd.id, task=task.name
-    )
-
-
-def checkin(session: Session, ctx: RoundContext, *, device: Device, state: DeviceState) -> CheckinResponse:
+def checkin(
+    session: Session, ctx: RoundContext, *, device_id: str, last_round_number: int, state: DeviceState
+) -> CheckinResponse:
     """One check-in: the device's own round if it is in one, a place in a selecting round's
     pool if it is eligible, otherwise a ``retry_after``. The device row was already updated
-    (last check-in, versions) by :func:`coordinator.services.devices.authenticate`."""
+    (last check-in, versions) by :func:`coordinator.services.devices.checkin_identity`."""
     now = ctx.now()
-    current = _participation(session, device.id)
-    if current is not None:
-        _, rnd, task = current
-        return _assignment(rnd, task)
-    views = round_views(session, ctx)
+    snap = round_views(session, ctx)
+    mine = snap.assigned.get(device_id)
+    if mine is not None:
+        round_id, kind, task_name = mine
+        return CheckinResponse(
+            action="evaluate" if kind == "evaluate" else "train", round_id=round_id, task=task_name
+        )
     idle = ctx.settings.idle_retry_seconds
-    if not views:
+    if not snap.rounds:
         return _retry(ctx, idle * 0.5, "no active task", idle)
-    for view in views:
+    for view in snap.rounds:
         cfg = view.cfg
         pol = cfg.eligibility
         if pol.device_classes is not None and state.device_class not in pol.device_classes:
@@ -534,14 +598,14 @@ def checkin(session: Session, ctx: RoundContext, *, device: Device, state: Devic
         if view.stage != SELECTING:
             return _pace(ctx, view)
         reason = eligibility(cfg, state)
-        if reason is None and device.last_round_number >= view.number - cfg.cooldown_rounds:
+        if reason is None and last_round_number >= view.number - cfg.cooldown_rounds:
             reason = "cooling down after a recent round"
         if reason is not None:
             return _retry(ctx, idle * 0.5, reason, idle)
-        if session.get(Candidate, (view.round_id, device.id)) is None:
+        if session.get(Candidate, (view.round_id, device_id)) is None:
             session.add(
                 Candidate(
-                    round_id=view.round_id, device_id=device.id, checked_in_at=now, examples=state.examples
+                    round_id=view.round_id, device_id=device_id, checked_in_at=now, examples=state.examples
                 )
             )
             session.flush()
@@ -553,8 +617,7 @@ def checkin(session: Session, ctx: RoundContext, *, device: Device, state: Devic
         )
         if pool >= math.ceil(view.selection_target * cfg.selection_pool):
             advance(session, ctx, view.round_id, wait=False)
-            mine = session.get(Participant, (view.round_id, device.id))
-            if mine is not None:
+            if session.get(Participant, (view.round_id, device_id)) is not None:
                 return CheckinResponse(
                     action="evaluate" if view.kind == "evaluate" else "train",
                     round_id=view.round_id,
@@ -610,7 +673,7 @@ def _fail(session: Session, ctx: RoundContext, rnd: Round, reason: str) -> None:
     rnd.failure_reason = reason[:500]
     rnd.finished_at = ctx.now()
     rnd.secagg_state = None
-    rnd.sum_blob = None
+    session.execute(delete(RoundSum).where(RoundSum.round_id == rnd.id))
     session.execute(delete(Candidate).where(Candidate.round_id == rnd.id))
     session.execute(
         update(Participant)
@@ -699,11 +762,62 @@ def _close_selection(session: Session, ctx: RoundContext, rnd: Round, task: Task
     sec = _secagg_params(rnd.plan)
     if rnd.kind == "evaluate":
         _set_stage(ctx, rnd, EVALUATING, d.upload)
-    elif sec is not None:
-        rnd.secagg_state = SecAggServer(sec).to_bytes()
-        _set_stage(ctx, rnd, Stage.ADVERTISE_KEYS, d.advertise)
     else:
-        _set_stage(ctx, rnd, UPLOAD, d.upload)
+        for shard in range(ctx.settings.sum_shards):
+            session.add(RoundSum(round_id=rnd.id, shard=shard, weight_sum=0.0, inputs=0))
+        if sec is not None:
+            rnd.secagg_state = SecAggServer(sec).to_bytes()
+            _set_stage(ctx, rnd, Stage.ADVERTISE_KEYS, d.advertise)
+        else:
+            _set_stage(ctx, rnd, UPLOAD, d.upload)
+
+
+def _complete(rnd: Round, live: Counter[str]) -> bool:
+    """Whether every live participant (counted by stage) is done with the round's stage."""
+    n = sum(live.values())
+    stage = rnd.stage
+    if stage == Stage.ADVERTISE_KEYS:
+        return live[Stage.ADVERTISE_KEYS] == n
+    if stage == Stage.SHARE_KEYS:
+        return live[Stage.SHARE_KEYS] == n
+    if stage in (Stage.MASKED_INPUT, UPLOAD):
+        uploaded = live[Stage.MASKED_INPUT] + live[UPLOAD]
+        return uploaded >= rnd.plan["clients_per_round"] or uploaded == n
+    if stage == Stage.UNMASK:
+        return live[Stage.UNMASK] >= len(rnd.plan["unmask"]["survivors"])
+    if stage == EVALUATING:
+        return live[EVALUATED] == n
+    return False
+
+
+def close_if_complete(
+    factory: Callable[[], Session], ctx: RoundContext, round_id: int, *, wait: bool = False
+) -> bool:
+    """Close the round's stage if it is complete or past its deadline; True if it moved.
+
+    Devices call it after their message committed (``wait=False``: whoever holds the round's
+    lock is closing the stage, or the ticker will), the ticker for every open round. A cheap
+    read first, without locks: uploads hold the round in share mode, and taking it exclusively
+    every tick would stall them for nothing."""
+    with factory() as session, session.begin():
+        rnd = session.get(Round, round_id)
+        if rnd is None or rnd.stage in (DONE, AGGREGATING):
+            return False  # aggregation is claimed by a worker (coordinator.services.aggregate)
+        due = ctx.now() >= _utc(rnd.stage_deadline)
+        if not due and rnd.stage == SELECTING:
+            return False  # a check-in that fills the pool closes the selection
+        if not due:
+            counts = Counter(
+                dict(
+                    session.execute(
+                        select(Participant.stage, func.count())
+                        .where(Participant.round_id == round_id, Participant.stage != DROPPED)
+                        .group_by(Participant.stage)
+                    ).tuples()
+                )
+            )
+            due = _complete(rnd, counts)
+        return due and advance(session, ctx, round_id, wait=wait)
 
 
 def advance(session: Session, ctx: RoundContext, round_id: int, *, wait: bool = True) -> bool:
@@ -742,55 +856,64 @@ def advance(session: Session, ctx: RoundContext, round_id: int, *, wait: bool = 
             )
             if late or pool >= math.ceil(rnd.selection_target * cfg.selection_pool):
                 _close_selection(session, ctx, rnd, task, now)
+        elif not (late or _complete(rnd, Counter(p.stage for p in live))):
+            return False
         elif stage == Stage.ADVERTISE_KEYS:
             done = [p for p in live if p.stage == Stage.ADVERTISE_KEYS]
-            if late or len(done) == len(live):
-                server = SecAggServer.from_bytes(_need(rnd.secagg_state))
-                if len(done) < max(2, rnd.plan["min_reports"]):
-                    _fail(session, ctx, rnd, f"only {len(done)} devices advertised keys")
-                    return True
-                server.close_advertise()
-                _drop_missing(session, rnd, {p.device_id for p in done})
-                rnd.secagg_state = server.to_bytes()
-                _set_stage(ctx, rnd, Stage.SHARE_KEYS, d.share)
+            if len(done) < max(2, rnd.plan["min_reports"]):
+                _fail(session, ctx, rnd, f"only {len(done)} devices advertised keys")
+                return True
+            server = SecAggServer.from_bytes(_need(rnd.secagg_state))
+            for p in done:  # replay the stage's messages, kept in the participants' rows
+                server.add_advertisement(_advertisement(rnd, p))
+            server.close_advertise()
+            _drop_missing(session, rnd, {p.device_id for p in done})
+            rnd.secagg_state = server.to_bytes()
+            _set_stage(ctx, rnd, Stage.SHARE_KEYS, d.share)
         elif stage == Stage.SHARE_KEYS:
-            done = [p for p in live if p.stage == Stage.SHARE_KEYS]
-            if late or len(done) == len(live):
-                server = SecAggServer.from_bytes(_need(rnd.secagg_state))
-                active = set(server.close_share_keys())
-                _drop_missing(session, rnd, active)
-                rnd.secagg_state = server.to_bytes()
-                _set_stage(ctx, rnd, Stage.MASKED_INPUT, d.upload)
+            server = SecAggServer.from_bytes(_need(rnd.secagg_state))
+            for blob in session.scalars(  # replay the stage's messages in one query
+                select(Participant.secagg_msg).where(
+                    Participant.round_id == rnd.id, Participant.stage == Stage.SHARE_KEYS
+                )
+            ):
+                server.add_share_keys(ShareKeys.model_validate_json(_need(blob)))
+            active = set(server.close_share_keys())
+            _drop_missing(session, rnd, active)
+            session.execute(update(Participant).where(Participant.round_id == rnd.id).values(secagg_msg=None))
+            rnd.secagg_state = server.to_bytes()
+            _set_stage(ctx, rnd, Stage.MASKED_INPUT, d.upload)
         elif stage in (Stage.MASKED_INPUT, UPLOAD):
             uploaded = {p.device_id for p in live if p.stage in (Stage.MASKED_INPUT, UPLOAD)}
-            if late or len(uploaded) >= rnd.plan["clients_per_round"] or len(uploaded) == len(live):
-                if len(uploaded) < rnd.plan["min_reports"]:
-                    _fail(
-                        session,
-                        ctx,
-                        rnd,
-                        f"only {len(uploaded)} updates by the deadline; need {rnd.plan['min_reports']}",
-                    )
-                    return True
-                _drop_missing(session, rnd, uploaded)
-                charge(rnd)  # from here on the coordinator can compute the (noisy) sum
-                if stage == UPLOAD:
-                    _set_stage(ctx, rnd, AGGREGATING, 0)
-                else:
-                    server = SecAggServer.from_bytes(_need(rnd.secagg_state))
-                    request = server.close_masked_input()
-                    rnd.plan = {**rnd.plan, "unmask": request.model_dump(mode="json")}
-                    rnd.secagg_state = server.to_bytes()
-                    _set_stage(ctx, rnd, Stage.UNMASK, d.unmask)
-        elif stage == Stage.UNMASK:
-            survivors = set(rnd.plan["unmask"]["survivors"])
-            answered = {p.device_id for p in live if p.stage == Stage.UNMASK}
-            if late or answered >= survivors:
+            if len(uploaded) < rnd.plan["min_reports"]:
+                _fail(
+                    session,
+                    ctx,
+                    rnd,
+                    f"only {len(uploaded)} updates by the deadline; need {rnd.plan['min_reports']}",
+                )
+                return True
+            _drop_missing(session, rnd, uploaded)
+            rnd.reported = len(uploaded)
+            rnd.bytes_in = sum(p.upload_bytes for p in live if p.device_id in uploaded)
+            charge(rnd)  # from here on the coordinator can compute the (noisy) sum
+            if stage == UPLOAD:
                 _set_stage(ctx, rnd, AGGREGATING, 0)
+            else:
+                server = SecAggServer.from_bytes(_need(rnd.secagg_state))
+                total, _, inputs = shard_totals(session, rnd.id, "<u4")
+                if total is None or inputs != len(uploaded):
+                    raise SecAggError(f"partial sums hold {inputs} inputs, {len(uploaded)} devices uploaded")
+                server.add_partial_sum(sorted(uploaded), total)
+                request = server.close_masked_input()
+                rnd.plan = {**rnd.plan, "unmask": request.model_dump(mode="json")}
+                rnd.secagg_state = server.to_bytes()
+                session.execute(delete(RoundSum).where(RoundSum.round_id == rnd.id))
+                _set_stage(ctx, rnd, Stage.UNMASK, d.unmask)
+        elif stage == Stage.UNMASK:
+            _set_stage(ctx, rnd, AGGREGATING, 0)
         elif stage == EVALUATING:
-            done = [p for p in live if p.stage == EVALUATED]
-            if late or len(done) == len(live):
-                _finish_evaluation(session, ctx, rnd, task)
+            _finish_evaluation(session, ctx, rnd, task)
         else:
             return False
     except SecAggError as e:
@@ -875,29 +998,90 @@ def status(session: Session, ctx: RoundContext, *, round_id: int, device: Device
     )
 
 
+def _lock_shared(session: Session, round_id: int) -> Round:
+    """The round, locked against stage changes but not against other devices' messages
+    (``FOR SHARE`` on PostgreSQL: any number of uploads at once, while closing a stage takes
+    ``FOR UPDATE`` and waits for them; SQLite serialises transactions anyway)."""
+    rnd = session.execute(
+        select(Round)
+        .where(Round.id == round_id)
+        .with_for_update(read=True)
+        .execution_options(populate_existing=True)
+    ).scalar_one_or_none()
+    if rnd is None:
+        raise Gone(f"no round {round_id}")
+    return rnd
+
+
+def _my_row(session: Session, rnd: Round, device_id: str) -> Participant:
+    """The device's participant row, locked (its stage moves forward once)."""
+    part = session.execute(
+        select(Participant)
+        .where(Participant.round_id == rnd.id, Participant.device_id == device_id)
+        .with_for_update()
+        .execution_options(populate_existing=True)
+    ).scalar_one_or_none()
+    if part is None:
+        raise Forbidden(f"device was not selected for round {rnd.id}")
+    if part.stage == DROPPED:
+        raise Gone(f"round {rnd.id} went on without this device")
+    if rnd.stage == DONE:
+        raise Gone(f"round {rnd.id} is over ({rnd.outcome})")
+    return part
+
+
+def _snapshot(ctx: RoundContext, rnd: Round) -> SecAggServer:
+    """The round's secure-aggregation state as of the start of its current stage, parsed once
+    per worker and stage (it only changes when a stage closes). Read-only: messages are checked
+    against it and stored in their participant's row."""
+    key = (rnd.id, rnd.stage, _ts(rnd.stage_started_at))
+    with ctx._lock:
+        server = ctx._secagg.get(key)
+        if server is not None:
+            ctx._secagg.move_to_end(key)
+            return server
+    server = SecAggServer.from_bytes(_need(rnd.secagg_state))
+    with ctx._lock:
+        ctx._secagg[key] = server
+        while len(ctx._secagg) > 8:
+            ctx._secagg.popitem(last=False)
+    return server
+
+
 def advertise(
     session: Session, ctx: RoundContext, *, round_id: int, device: Device, msg: AdvertiseKeys
-) -> None:
-    rnd = _lock(session, round_id)
-    part = _my_part(session, rnd, device)
+) -> bool:
+    """Record the device's public keys. True when the stage may now be complete."""
+    rnd = _lock_shared(session, round_id)
+    part = _my_row(session, rnd, device.id)
     if msg.device != device.id or msg.round_id != rnd.id:
         raise StageConflict("advertisement names another device or round")
-    if part.stage == Stage.ADVERTISE_KEYS and rnd.stage != Stage.ADVERTISE_KEYS:
-        return  # repeated after the stage closed: already counted
-    _expect(rnd, Stage.ADVERTISE_KEYS)
-    server = SecAggServer.from_bytes(_need(rnd.secagg_state))
-    server.add_advertisement(msg)
-    rnd.secagg_state = server.to_bytes()
-    part.stage = Stage.ADVERTISE_KEYS
-    part.keys = {
+    keys = {
         "c": base64.b64encode(msg.cipher_public_key).decode(),
         "s": base64.b64encode(msg.mask_public_key).decode(),
     }
-    session.flush()
-    advance(session, ctx, rnd.id)
+    if part.stage != SELECTED:
+        if part.keys != keys:
+            raise StageConflict("this device already advertised different keys")
+        return False  # a resend: already recorded
+    _expect(rnd, Stage.ADVERTISE_KEYS)
+    _snapshot(ctx, rnd).check_advertisement(msg)
+    part.stage = Stage.ADVERTISE_KEYS
+    part.keys = keys
+    return True
 
 
-def roster(session: Session, *, round_id: int, device: Device) -> ShareKeysRequest:
+def _advertisement(rnd: Round, part: Participant) -> AdvertiseKeys:
+    keys = part.keys or {}
+    return AdvertiseKeys(
+        round_id=rnd.id,
+        device=part.device_id,
+        cipher_public_key=base64.b64decode(keys["c"]),
+        mask_public_key=base64.b64decode(keys["s"]),
+    )
+
+
+def roster(session: Session, ctx: RoundContext, *, round_id: int, device: Device) -> ShareKeysRequest:
     rnd = session.get(Round, round_id)
     if rnd is None:
         raise Gone(f"no round {round_id}")
@@ -905,52 +1089,68 @@ def roster(session: Session, *, round_id: int, device: Device) -> ShareKeysReque
     _expect(rnd, Stage.SHARE_KEYS, Stage.MASKED_INPUT, Stage.UNMASK)
     if part.stage == SELECTED:
         raise Gone("device did not advertise keys in time")
-    server = SecAggServer.from_bytes(_need(rnd.secagg_state))
-    r = server.roster
+    r = _snapshot(ctx, rnd).roster
     if r is None:
         raise StageConflict("roster not fixed yet")
     return r
 
 
-def share_keys(session: Session, ctx: RoundContext, *, round_id: int, device: Device, msg: ShareKeys) -> None:
-    rnd = _lock(session, round_id)
-    part = _my_part(session, rnd, device)
+def share_keys(session: Session, ctx: RoundContext, *, round_id: int, device: Device, msg: ShareKeys) -> bool:
+    """Record the device's encrypted shares. True when the stage may now be complete."""
+    rnd = _lock_shared(session, round_id)
+    part = _my_row(session, rnd, device.id)
     if msg.sender != device.id or msg.round_id != rnd.id:
         raise StageConflict("share message names another device or round")
-    if part.stage == Stage.SHARE_KEYS and rnd.stage != Stage.SHARE_KEYS:
-        return
+    if part.stage not in (SELECTED, Stage.ADVERTISE_KEYS):
+        return False  # a resend: already recorded (or already past this stage)
     _expect(rnd, Stage.SHARE_KEYS)
-    server = SecAggServer.from_bytes(_need(rnd.secagg_state))
-    server.add_share_keys(msg)
-    rnd.secagg_state = server.to_bytes()
+    if part.stage != Stage.ADVERTISE_KEYS:
+        raise Gone("device did not advertise keys in time")
+    _snapshot(ctx, rnd).check_share_keys(msg)
     part.stage = Stage.SHARE_KEYS
-    session.flush()
-    advance(session, ctx, rnd.id)
+    part.secagg_msg = msg.model_dump_json().encode()
+    return True
 
 
-def inbound_shares(session: Session, *, round_id: int, device: Device) -> MaskedInputRequest:
+def inbound_shares(
+    session: Session, ctx: RoundContext, *, round_id: int, device: Device
+) -> MaskedInputRequest:
     rnd = session.get(Round, round_id)
     if rnd is None:
         raise Gone(f"no round {round_id}")
     _my_part(session, rnd, device)
     _expect(rnd, Stage.MASKED_INPUT)
-    return SecAggServer.from_bytes(_need(rnd.secagg_state)).masked_input_request(device.id)
+    return _snapshot(ctx, rnd).masked_input_request(device.id)
 
 
-def upload(
-    session: Session,
-    ctx: RoundContext,
-    *,
-    round_id: int,
-    device: Device,
-    body: bytes,
-    examples: int,
-) -> bool:
-    """Add one update to the round's running sum. Returns False for a repeated upload."""
-    rnd = _lock(session, round_id)
-    part = _my_part(session, rnd, device)
+@dataclass(frozen=True)
+class ParsedUpload:
+    """An upload checked and decoded outside any lock: what goes into a partial sum."""
+
+    values: npt.NDArray[Any]  # uint32 ring words, or float64 for float updates
+    weight: float
+    kind: str  # "ring" | "float"
+    sparse_indices: npt.NDArray[Any] | None = None
+
+
+def parse_upload(
+    session: Session, *, round_id: int, device_id: str, body: bytes, examples: int
+) -> ParsedUpload | None:
+    """Validate an upload against the round's plan and decode it, before any lock is taken
+    (CRC, header, bit-unpacking: the costly part). None when it is a repeat (already counted);
+    raises the usual 4xx errors otherwise. The write (:func:`upload`) re-checks the stage."""
+    rnd = session.get(Round, round_id)
+    if rnd is None:
+        raise Gone(f"no round {round_id}")
+    part = session.get(Participant, (rnd.id, device_id))
+    if part is None:
+        raise Forbidden(f"device was not selected for round {rnd.id}")
     if part.stage in (Stage.MASKED_INPUT, UPLOAD, Stage.UNMASK):
-        return False  # idempotent: this device's update is already in the sum
+        return None  # idempotent: this device's update is already in the sum
+    if part.stage == DROPPED:
+        raise Gone(f"round {rnd.id} went on without this device")
+    if rnd.stage == DONE:
+        raise Gone(f"round {rnd.id} is over ({rnd.outcome})")
     _expect(rnd, Stage.MASKED_INPUT, UPLOAD)
     p = rnd.plan
     header = peek_header(body)
@@ -958,59 +1158,139 @@ def upload(
     if rnd.stage == Stage.MASKED_INPUT:
         sec = _secagg_params(p)
         assert sec is not None
-        _, values = unpack_update(
+        if part.stage != Stage.SHARE_KEYS:
+            raise Gone("device did not complete key sharing in time")
+        _, packed = verify_update(
             body,
             expected_round=rnd.id,
             expected_layout_hash=expected_hash,
             expected_bits=sec.ring_bits,
             expected_length=sec.vector_length,
         )
-        server = SecAggServer.from_bytes(_need(rnd.secagg_state))
-        server.add_masked_input(device.id, values)
-        rnd.secagg_state = server.to_bytes()
-        part.stage = Stage.MASKED_INPUT
+        try:
+            values = unpack_bits(packed, sec.ring_bits, sec.vector_length)
+        except CodecError as e:
+            raise BadBodyError(str(e)) from e
+        return ParsedUpload(values=values, weight=0.0, kind="ring")
+    dim = p["dim"]
+    weight = float(min(max(examples, 0), _cfg_cap(p)))
+    if weight <= 0:
+        raise StageConflict("an update must come with a positive example count")
+    codec = _codec_params(p)
+    if header.kind == UpdateKind.DENSE_F32 and codec is None:
+        _, vec = unpack_dense_update(
+            body, expected_round=rnd.id, expected_layout_hash=expected_hash, expected_dim=dim
+        )
+        return ParsedUpload(values=weight * vec.astype(np.float64), weight=weight, kind="float")
+    if header.kind == UpdateKind.SPARSE_F32 and codec is None:
+        _, sparse = unpack_sparse_update(
+            body, expected_round=rnd.id, expected_layout_hash=expected_hash, expected_dim=dim
+        )
+        return ParsedUpload(
+            values=weight * sparse.values.astype(np.float64),
+            weight=weight,
+            kind="float",
+            sparse_indices=sparse.indices,
+        )
+    if header.kind == UpdateKind.RING and codec is not None:
+        _, values = unpack_update(
+            body,
+            expected_round=rnd.id,
+            expected_layout_hash=expected_hash,
+            expected_bits=ring_bits(codec),
+            expected_length=encoded_length(codec, dim),
+        )
+        return ParsedUpload(values=values, weight=weight, kind="ring")
+    raise WireError(f"update kind {header.kind.name} does not match this round's codec")
+
+
+def _claim_shard(session: Session, round_id: int) -> RoundSum:
+    """A partial sum of the round nobody else is adding into (PostgreSQL ``SKIP LOCKED``), or,
+    when all are busy, one of them to wait for."""
+    shard = session.execute(
+        select(RoundSum)
+        .where(RoundSum.round_id == round_id)
+        .with_for_update(skip_locked=True)
+        .limit(1)
+        .execution_options(populate_existing=True)
+    ).scalar_one_or_none()
+    if shard is None:
+        shard = session.execute(
+            select(RoundSum)
+            .where(RoundSum.round_id == round_id)
+            .order_by(func.random())
+            .limit(1)
+            .with_for_update()
+            .execution_options(populate_existing=True)
+        ).scalar_one_or_none()
+    if shard is None:
+        raise StageConflict(f"round {round_id} takes no uploads")
+    return shard
+
+
+def _add_into(shard: RoundSum, parsed: ParsedUpload, length: int) -> None:
+    if parsed.kind == "ring":
+        acc = (
+            np.zeros(length, dtype="<u4")
+            if shard.sum_blob is None
+            else np.frombuffer(shard.sum_blob, dtype="<u4").copy()
+        )
+        if parsed.values.shape != acc.shape:
+            raise WireError(f"update has {parsed.values.shape[0]} values, the round sums {length}")
+        np.add(acc, parsed.values.astype("<u4", copy=False), out=acc)  # wraps mod 2**32
     else:
-        dim = p["dim"]
-        weight = float(min(max(examples, 0), _cfg_cap(p)))
-        if weight <= 0:
-            raise StageConflict("an update must come with a positive example count")
-        acc: npt.NDArray[np.float64] | None = _float_sum(rnd, dim)
-        assert acc is not None
-        codec = _codec_params(p)
-        if header.kind == UpdateKind.DENSE_F32 and codec is None:
-            _, vec = unpack_dense_update(
-                body, expected_round=rnd.id, expected_layout_hash=expected_hash, expected_dim=dim
-            )
-            acc += weight * vec.astype(np.float64)
-        elif header.kind == UpdateKind.SPARSE_F32 and codec is None:
-            _, sparse = unpack_sparse_update(
-                body, expected_round=rnd.id, expected_layout_hash=expected_hash, expected_dim=dim
-            )
-            acc[sparse.indices] += weight * sparse.values.astype(np.float64)
-        elif header.kind == UpdateKind.RING and codec is not None:
-            _, values = unpack_update(
-                body,
-                expected_round=rnd.id,
-                expected_layout_hash=expected_hash,
-                expected_bits=ring_bits(codec),
-                expected_length=encoded_length(codec, dim),
-            )
-            ring = _ring_sum(rnd, len(values))
-            np.add(ring, values.astype(np.uint64), out=ring)
-            rnd.sum_blob = ring.tobytes()
-            acc = None
+        acc = (
+            np.zeros(length, dtype="<f8")
+            if shard.sum_blob is None
+            else np.frombuffer(shard.sum_blob, dtype="<f8").copy()
+        )
+        if parsed.sparse_indices is not None:
+            np.add.at(acc, parsed.sparse_indices, parsed.values)
         else:
-            raise WireError(f"update kind {header.kind.name} does not match this round's codec")
-        if acc is not None:
-            rnd.sum_blob = acc.tobytes()
-        rnd.weight_sum += weight
-        part.stage = UPLOAD
-    part.upload_bytes = len(body)
-    device.util_seconds = (ctx.now() - _utc(part.selected_at)).total_seconds()  # oort's speed
-    rnd.reported += 1
-    rnd.bytes_in += len(body)
-    session.flush()
-    advance(session, ctx, rnd.id)
+            acc += parsed.values
+    shard.sum_blob = acc.tobytes()
+    shard.weight_sum += parsed.weight
+    shard.inputs += 1
+
+
+def upload(
+    session: Session,
+    ctx: RoundContext,
+    *,
+    round_id: int,
+    device_id: str,
+    parsed: ParsedUpload,
+    size: int,
+) -> bool:
+    """Add a parsed upload into one of the round's partial sums. False for a repeat."""
+    rnd = _lock_shared(session, round_id)
+    part = _my_row(session, rnd, device_id)
+    if part.stage in (Stage.MASKED_INPUT, UPLOAD, Stage.UNMASK):
+        return False  # idempotent: this device's update is already in the sum
+    _expect(rnd, Stage.MASKED_INPUT, UPLOAD)
+    if rnd.stage == Stage.MASKED_INPUT and part.stage != Stage.SHARE_KEYS:
+        raise Gone("device did not complete key sharing in time")
+    secure = rnd.stage == Stage.MASKED_INPUT
+    if secure != (parsed.kind == "ring" and rnd.plan.get("secagg") is not None):
+        raise StageConflict("the round's stage changed while the upload was checked; send it again")
+    # The round takes K updates. Uploads in flight at once on PostgreSQL (share locks) can
+    # overshoot by a few, never beyond the selected devices that the ring's headroom covers.
+    have = session.scalar(
+        select(func.count())
+        .select_from(Participant)
+        .where(Participant.round_id == rnd.id, Participant.stage.in_((Stage.MASKED_INPUT, UPLOAD)))
+    )
+    if (have or 0) >= rnd.plan["clients_per_round"]:
+        raise Gone(f"round {rnd.id} already has the {rnd.plan['clients_per_round']} updates it needs")
+    length = len(parsed.values) if parsed.sparse_indices is None else int(rnd.plan["dim"])
+    _add_into(_claim_shard(session, rnd.id), parsed, length)
+    part.stage = Stage.MASKED_INPUT if secure else UPLOAD
+    part.upload_bytes = size
+    session.execute(
+        update(Device)
+        .where(Device.id == device_id)
+        .values(util_seconds=(ctx.now() - _utc(part.selected_at)).total_seconds())  # oort's speed
+    )
     return True
 
 
@@ -1019,16 +1299,19 @@ def _cfg_cap(plan: dict[str, Any]) -> int:
     return int(codec["weight_cap"]) if codec else 1 << 30
 
 
-def _float_sum(rnd: Round, dim: int) -> npt.NDArray[np.float64]:
-    if rnd.sum_blob is None:
-        return np.zeros(dim, dtype=np.float64)
-    return np.frombuffer(rnd.sum_blob, dtype=np.float64).copy()
-
-
-def _ring_sum(rnd: Round, length: int) -> npt.NDArray[np.uint64]:
-    if rnd.sum_blob is None:
-        return np.zeros(length, dtype=np.uint64)
-    return np.frombuffer(rnd.sum_blob, dtype=np.uint64).copy()
+def shard_totals(session: Session, round_id: int, dtype: str) -> tuple[npt.NDArray[Any] | None, float, int]:
+    """The sum of a round's partial sums (``<u4`` words wrapping mod 2**32, or ``<f8``), the
+    summed weight and the number of inputs; None for the vector when nothing was added."""
+    rows = session.execute(
+        select(RoundSum.sum_blob, RoundSum.weight_sum, RoundSum.inputs).where(RoundSum.round_id == round_id)
+    ).all()
+    total: npt.NDArray[Any] | None = None
+    for blob, _, _ in rows:
+        if blob is None:
+            continue
+        v = np.frombuffer(blob, dtype=dtype)
+        total = v.copy() if total is None else np.add(total, v, out=total)
+    return total, float(sum(w for _, w, _ in rows)), int(sum(n for _, _, n in rows))
 
 
 def unmask_request(session: Session, *, round_id: int, device: Device) -> UnmaskRequest:
@@ -1044,20 +1327,27 @@ def unmask_request(session: Session, *, round_id: int, device: Device) -> Unmask
 
 def unmask(
     session: Session, ctx: RoundContext, *, round_id: int, device: Device, msg: UnmaskResponse
-) -> None:
-    rnd = _lock(session, round_id)
-    part = _my_part(session, rnd, device)
+) -> bool:
+    """Record the device's revealed shares. True when the stage may now be complete."""
+    rnd = _lock_shared(session, round_id)
+    part = _my_row(session, rnd, device.id)
     if msg.sender != device.id or msg.round_id != rnd.id:
         raise StageConflict("unmask response names another device or round")
     if part.stage == Stage.UNMASK:
-        return
+        return False
     _expect(rnd, Stage.UNMASK)
-    server = SecAggServer.from_bytes(_need(rnd.secagg_state))
-    server.add_unmask_response(msg)
-    rnd.secagg_state = server.to_bytes()
+    _snapshot(ctx, rnd).check_unmask_response(msg)
     part.stage = Stage.UNMASK
-    session.flush()
-    advance(session, ctx, rnd.id)
+    part.unmask = msg.model_dump_json().encode()
+    return True
+
+
+def unmask_responses(session: Session, round_id: int) -> list[UnmaskResponse]:
+    """The survivors' recorded unmask responses (for aggregation)."""
+    blobs = session.scalars(
+        select(Participant.unmask).where(Participant.round_id == round_id, Participant.stage == Stage.UNMASK)
+    ).all()
+    return [UnmaskResponse.model_validate_json(b) for b in blobs if b is not None]
 
 
 def report(session: Session, *, round_id: int, device: Device, msg: TrainReport) -> None:
@@ -1071,13 +1361,14 @@ def report(session: Session, *, round_id: int, device: Device, msg: TrainReport)
 
 def evaluation(
     session: Session, ctx: RoundContext, *, round_id: int, device: Device, counts: EvalCounts
-) -> None:
-    rnd = _lock(session, round_id)
-    part = _my_part(session, rnd, device)
+) -> bool:
+    """Record the device's evaluation counts. True when the stage may now be complete."""
+    rnd = _lock_shared(session, round_id)
+    part = _my_row(session, rnd, device.id)
     if rnd.kind != "evaluate":
         raise StageConflict("evaluation counts belong to evaluation rounds")
     if part.stage == EVALUATED:
-        return
+        return False
     _expect(rnd, EVALUATING)
     session.add(
         EvalReport(
@@ -1092,5 +1383,4 @@ def evaluation(
         )
     )
     part.stage = EVALUATED
-    session.flush()
-    advance(session, ctx, rnd.id)
+    return True

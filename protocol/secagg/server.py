@@ -181,18 +181,28 @@ class SecAggServer:
 
     # -- stage 1: advertise keys -----------------------------------------------------------
 
-    def add_advertisement(self, msg: AdvertiseKeys) -> None:
-        """Record a device's public keys (an identical resend is a no-op)."""
+    def check_advertisement(self, msg: AdvertiseKeys) -> bool:
+        """Validate a device's public keys without recording them. False for an identical
+        resend (nothing to record), True for a new advertisement; raises if it is refused.
+
+        The ``check_*`` methods let a stateless front end (several coordinator workers) refuse
+        bad messages at once against a snapshot of the stage, store the good ones anywhere,
+        and replay them into one server with the ``add_*`` methods when the stage closes."""
         self._expect(Stage.ADVERTISE_KEYS, "add_advertisement")
         self._check_round(msg.round_id, "advertisement")
         old = self._s.advertised.get(msg.device)
         if old is not None:
             if old == msg:
-                return
+                return False
             raise DuplicateInputError(f"{msg.device!r} already advertised different keys")
         if msg.cipher_public_key == msg.mask_public_key:
             raise SecAggError(f"{msg.device!r} advertised the same key twice")
-        self._s.advertised[msg.device] = msg
+        return True
+
+    def add_advertisement(self, msg: AdvertiseKeys) -> None:
+        """Record a device's public keys (an identical resend is a no-op)."""
+        if self.check_advertisement(msg):
+            self._s.advertised[msg.device] = msg
 
     def close_advertise(self) -> ShareKeysRequest:
         """End stage 1: the roster (sorted) with the resolved graph degree and threshold."""
@@ -212,8 +222,9 @@ class SecAggServer:
 
     # -- stage 2: share keys ---------------------------------------------------------------
 
-    def add_share_keys(self, msg: ShareKeys) -> None:
-        """Record a device's encrypted shares, one per neighbour (identical resend: no-op)."""
+    def check_share_keys(self, msg: ShareKeys) -> bool:
+        """Validate a device's encrypted shares without recording them (see
+        :meth:`check_advertisement`): False for an identical resend, True for a new message."""
         self._expect(Stage.SHARE_KEYS, "add_share_keys")
         self._check_round(msg.round_id, "share-keys message")
         if msg.sender not in self._index:
@@ -221,18 +232,23 @@ class SecAggServer:
         old = self._s.share_messages.get(msg.sender)
         if old is not None:
             if old == msg:
-                return
+                return False
             raise DuplicateInputError(f"{msg.sender!r} already shared different keys")
         want = self._neighbours(msg.sender)
-        got = {s.recipient for s in msg.shares}
-        if got != want:
-            missing, extra = sorted(want - got), sorted(got - want)
+        got = [s.recipient for s in msg.shares]
+        if len(got) != len(want) or set(got) != want:
+            missing, extra = sorted(want - set(got)), sorted(set(got) - want)
             raise SecAggError(
                 f"{msg.sender!r} must send one share to each neighbour "
                 f"(missing {missing[:5]}, not neighbours {extra[:5]})"
             )
-        self._s.share_messages[msg.sender] = msg
-        self._s.commitments[msg.sender] = msg.self_mask_commitment
+        return True
+
+    def add_share_keys(self, msg: ShareKeys) -> None:
+        """Record a device's encrypted shares, one per neighbour (identical resend: no-op)."""
+        if self.check_share_keys(msg):
+            self._s.share_messages[msg.sender] = msg
+            self._s.commitments[msg.sender] = msg.self_mask_commitment
 
     def close_share_keys(self) -> list[str]:
         """End stage 2. Devices with fewer than ``t - 1`` neighbours that shared keys are
@@ -289,6 +305,36 @@ class SecAggServer:
         v = check_ring_vector(values, self._s.params)
         np.add(self._sum, v.astype(self._dtype, copy=False), out=self._sum)
         self._s.inputs.append(device)
+
+    def add_partial_sum(self, devices: Iterable[str], partial: npt.ArrayLike) -> None:
+        """Add the modular sum of several devices' masked inputs, summed elsewhere (the
+        coordinator's workers keep a few running partial sums so that uploads need not queue on
+        one lock). The caller vouches that ``partial`` is exactly the sum of those devices'
+        verified uploads; the devices are checked as in :meth:`add_masked_input`."""
+        self._expect(Stage.MASKED_INPUT, "add_partial_sum")
+        ids = list(devices)
+        seen = set(self._s.inputs)
+        for device in ids:
+            if device not in self._s.mailbox:
+                raise SecAggError(f"{device!r} may not send a masked input in this round")
+            if device in seen:
+                raise DuplicateInputError(f"{device!r} already sent its masked input")
+            seen.add(device)
+        v = np.asarray(partial)
+        p = self._s.params
+        if v.ndim != 1 or v.shape[0] != p.vector_length or v.dtype.kind != "u":
+            raise SecAggError(
+                f"partial sum must be an unsigned vector of shape ({p.vector_length},), "
+                f"got {v.dtype} {v.shape}"
+            )
+        # a partial sum may have wrapped at its word width (a multiple of k bits): reduce mod 2**k
+        v = v.astype(self._dtype, copy=False) & self._dtype.type((1 << p.ring_bits) - 1)
+        np.add(self._sum, v, out=self._sum)
+        self._s.inputs.extend(ids)
+
+    def may_send_masked_input(self, device: str) -> bool:
+        """Whether ``device`` completed key sharing and was not excluded (it is in U2)."""
+        return device in self._s.mailbox
 
     def add_masked_update(
         self, device: str, data: bytes | memoryview, *, layout_hash: str, dim: int | None = None
@@ -355,8 +401,9 @@ class SecAggServer:
 
     # -- stage 4: unmask -------------------------------------------------------------------
 
-    def add_unmask_response(self, msg: UnmaskResponse) -> None:
-        """Record a survivor's revealed shares (checked against what it may reveal)."""
+    def check_unmask_response(self, msg: UnmaskResponse) -> bool:
+        """Validate a survivor's revealed shares without recording them (see
+        :meth:`check_advertisement`): False for an identical resend, True for a new response."""
         self._expect(Stage.UNMASK, "add_unmask_response")
         self._check_round(msg.round_id, "unmask response")
         req = self._s.unmask_request
@@ -366,7 +413,7 @@ class SecAggServer:
         old = self._s.responses.get(msg.sender)
         if old is not None:
             if old == msg:
-                return
+                return False
             raise DuplicateInputError(f"{msg.sender!r} already answered the unmask stage")
         held_from = (self._neighbours(msg.sender) & set(self._s.mailbox)) | {msg.sender}
         alive, gone = set(req.survivors), set(req.dropped)
@@ -376,7 +423,12 @@ class SecAggServer:
         for s in msg.key_shares:
             if s.owner not in held_from or s.owner not in gone:
                 raise SecAggError(f"{msg.sender!r} revealed a key share of {s.owner!r}")
-        self._s.responses[msg.sender] = msg
+        return True
+
+    def add_unmask_response(self, msg: UnmaskResponse) -> None:
+        """Record a survivor's revealed shares (checked against what it may reveal)."""
+        if self.check_unmask_response(msg):
+            self._s.responses[msg.sender] = msg
 
     def unmask(self, responses: Iterable[UnmaskResponse] = ()) -> npt.NDArray[np.uint32]:
         """Reconstruct the secrets, remove every mask and return the exact sum mod ``2**k``.
