@@ -33,6 +33,9 @@ class Settings(BaseSettings):
     # the pool fills, and the selected must advertise keys within the advertise deadline
     candidate_poll_seconds: float = 1.0
     max_retry_seconds: float = 900.0
+    # threads (and soft-state database connections) per worker for check-ins: the GIL runs one
+    # at a time, so a few suffice to overlap database round trips
+    checkin_threads: int = Field(default=6, ge=1, le=64)
     # partial running sums per round: concurrent uploads add into different rows instead of
     # queueing on one lock (aggregation adds them up; memory O(shards x d))
     sum_shards: int = Field(default=4, ge=1, le=64)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Annotated
 
+import anyio
+import anyio.to_thread
 from fastapi import APIRouter, BackgroundTasks, Query, Request, Response, status
 from starlette.concurrency import run_in_threadpool
 
@@ -17,6 +19,7 @@ from coordinator.api.deps import (
     _bearer,
     read_body,
 )
+from coordinator.db.session import single_statement
 from coordinator.services import rounds
 from coordinator.services.devices import authenticate, checkin_identity, enroll
 from coordinator.services.rounds import RoundContext
@@ -83,18 +86,23 @@ async def checkin(body: CheckinRequest, request: Request) -> CheckinResponse:
     }
 
     def work() -> CheckinResponse:
-        # One thread hop for the whole check-in; its transaction runs on the soft-state engine
-        # (PostgreSQL: commits without waiting for the WAL flush, see make_soft_sessionmaker).
-        with app.state.soft_sessions() as session, session.begin():
+        # One thread hop for the whole check-in: one statement authenticates and records the
+        # state (autocommit on the soft-state engine, see make_soft_engine); most answers then
+        # come from the worker's round view without another round trip.
+        with single_statement(app.state.soft_engine) as conn:
             device_id, last_round = checkin_identity(
-                session,
+                conn,
                 token=token,
                 rate_limit_per_minute=app.state.settings.rate_limit_per_minute,
                 values=values,
             )
-            return rounds.checkin(session, ctx, device_id=device_id, last_round_number=last_round, state=st)
+        return rounds.checkin(
+            app.state.soft_sessions, ctx, device_id=device_id, last_round_number=last_round, state=st
+        )
 
-    response = await run_in_threadpool(work)
+    # a few threads at a time (each with a pooled connection of its own): more only queue on
+    # the GIL and the database, and would open connections beyond the pool
+    response = await anyio.to_thread.run_sync(work, limiter=app.state.checkin_limiter)
     ctx.metrics.checkins.labels(response.action).inc()
     return response
 

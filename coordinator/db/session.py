@@ -8,11 +8,18 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
-__all__ = ["is_sqlite", "make_engine", "make_sessionmaker", "make_soft_engine", "session_scope"]
+__all__ = [
+    "is_sqlite",
+    "make_engine",
+    "make_sessionmaker",
+    "make_soft_engine",
+    "session_scope",
+    "single_statement",
+]
 
 
 def is_sqlite(url: str) -> bool:
@@ -57,7 +64,7 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
     return create_engine(url, **kwargs)
 
 
-def make_soft_engine(engine: Engine) -> Engine:
+def make_soft_engine(engine: Engine, pool_size: int = 8) -> Engine:
     """The engine for soft-state writes (check-ins: last seen, a place in a selection pool, at
     most the closing of a selection). On PostgreSQL its connections commit without waiting for
     the WAL flush (``synchronous_commit = off``): a crash can lose the last ~0.2 s of such
@@ -66,7 +73,9 @@ def make_soft_engine(engine: Engine) -> Engine:
     device messages) never goes through it. SQLite: the same engine."""
     if engine.dialect.name != "postgresql":
         return engine
-    soft = create_engine(engine.url, pool_size=10, max_overflow=20, pool_pre_ping=True)
+    # no pre-ping: it would double the round trips of the hottest path; a dropped connection
+    # fails one check-in (503, the device retries) and SQLAlchemy then invalidates the pool
+    soft = create_engine(engine.url, pool_size=pool_size, max_overflow=2)
 
     @event.listens_for(soft, "connect")
     def _async_commit(dbapi_conn: Any, _: Any) -> None:
@@ -76,6 +85,19 @@ def make_soft_engine(engine: Engine) -> Engine:
         dbapi_conn.commit()
 
     return soft
+
+
+@contextmanager
+def single_statement(engine: Engine) -> Iterator[Connection]:
+    """A connection for one self-contained statement: autocommit on PostgreSQL (one round
+    trip: no BEGIN, no COMMIT), a short transaction on SQLite (whose BEGIN IMMEDIATE takes the
+    write lock)."""
+    if engine.dialect.name == "postgresql":
+        with engine.execution_options(isolation_level="AUTOCOMMIT").connect() as conn:
+            yield conn
+    else:
+        with engine.begin() as conn:
+            yield conn
 
 
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:

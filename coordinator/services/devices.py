@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import time
 from datetime import UTC, datetime
+from typing import cast
 
-from sqlalchemy import case, update
+from sqlalchemy import Connection, Table, case, update
 from sqlalchemy.orm import Session
 
 from coordinator.db.models import Device
@@ -82,23 +83,23 @@ def authenticate(
 
 
 def checkin_identity(
-    session: Session, *, token: str, rate_limit_per_minute: int, values: dict[str, object]
+    conn: Connection, *, token: str, rate_limit_per_minute: int, values: dict[str, object]
 ) -> tuple[str, int]:
     """:func:`authenticate` for the hottest path: one Core statement that authenticates,
     counts the request and records the device's state, returning only what a check-in needs
     (device id, the number of its last round) instead of a whole ORM object."""
     now = time.time()
     minute = int(now // 60)
-    row = session.execute(
-        update(Device)
-        .where(Device.token_hash == hash_token(token))
+    t = cast(Table, Device.__table__)
+    row = conn.execute(
+        update(t)
+        .where(t.c.token_hash == hash_token(token))
         .values(
-            rate_count=case((Device.rate_window == minute, Device.rate_count + 1), else_=1),
+            rate_count=case((t.c.rate_window == minute, t.c.rate_count + 1), else_=1),
             rate_window=minute,
             **values,
         )
-        .returning(Device.id, Device.rate_count, Device.last_round_number)
-        .execution_options(synchronize_session=False)
+        .returning(t.c.id, t.c.rate_count, t.c.last_round_number)
     ).one_or_none()
     if row is None:
         raise AuthError("unknown or revoked device token")

@@ -179,6 +179,7 @@ class RoundContext:
     # parsed secure-aggregation state per (round, stage, stage start): see _snapshot
     _secagg: OrderedDict[tuple[int, str, float], SecAggServer] = field(default_factory=OrderedDict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _refreshing: threading.Lock = field(default_factory=threading.Lock)
 
 
 def _utc(dt: datetime) -> datetime:
@@ -367,23 +368,16 @@ class Views:
 
 
 def round_views(session: Session, ctx: RoundContext) -> Views:
-    """The open rounds of active tasks and their live participants, as of at most ``view_ttl``
-    ago (while a round is selecting: as of now).
+    """The open rounds of active tasks and their live participants, read now.
 
-    Check-ins are answered from this per-worker snapshot: a participant gets its assignment, and
-    between rounds everyone else a ``retry_after`` (soft state; every decision that changes a
-    round reads and locks the database). It is exact for participants: they are only added
-    when a selection closes, and a selecting round is re-read on every check-in. A refresh is
-    two queries; task configurations and round histories are parsed once per version.
+    Check-ins are answered from this per-worker snapshot for ``view_ttl`` seconds: a
+    participant gets its assignment, between rounds everyone else a ``retry_after``, ineligible
+    devices a reason (soft state: every decision that changes a round reads and locks the
+    database; an eligible device joining a selection pool re-reads the round's stage, which
+    also hands its assignment to a device selected since the snapshot). A refresh is two or
+    three queries; task configurations and round histories are parsed once per version.
     """
     mono = time.monotonic()
-    cached = ctx._views
-    if (
-        cached is not None
-        and mono - cached.taken < ctx.view_ttl
-        and all(v.stage != SELECTING for v in cached.rounds)
-    ):
-        return cached
     rows = session.execute(
         select(Round, Task)
         .join(Task, Task.id == Round.task_id)
@@ -574,13 +568,29 @@ def _pace(ctx: RoundContext, view: RoundView) -> CheckinResponse:
 
 
 def checkin(
-    session: Session, ctx: RoundContext, *, device_id: str, last_round_number: int, state: DeviceState
+    sessions: Callable[[], Session],
+    ctx: RoundContext,
+    *,
+    device_id: str,
+    last_round_number: int,
+    state: DeviceState,
 ) -> CheckinResponse:
     """One check-in: the device's own round if it is in one, a place in a selecting round's
     pool if it is eligible, otherwise a ``retry_after``. The device row was already updated
-    (last check-in, versions) by :func:`coordinator.services.devices.checkin_identity`."""
-    now = ctx.now()
-    snap = round_views(session, ctx)
+    (last check-in, versions) by :func:`coordinator.services.devices.checkin_identity`.
+
+    Answered from the worker's round view where it can be (participants, pace steering,
+    ineligible devices: no transaction at all); only joining a selection pool writes."""
+    snap = ctx._views
+    if snap is None or time.monotonic() - snap.taken >= ctx.view_ttl:
+        # one thread refreshes; the others answer from the previous view meanwhile
+        if ctx._refreshing.acquire(blocking=snap is None):
+            try:
+                with sessions() as session, session.begin():
+                    snap = round_views(session, ctx)
+            finally:
+                ctx._refreshing.release()
+        assert snap is not None
     mine = snap.assigned.get(device_id)
     if mine is not None:
         round_id, kind, task_name = mine
@@ -602,33 +612,50 @@ def checkin(
             reason = "cooling down after a recent round"
         if reason is not None:
             return _retry(ctx, idle * 0.5, reason, idle)
-        if session.get(Candidate, (view.round_id, device_id)) is None:
-            session.add(
-                Candidate(
-                    round_id=view.round_id, device_id=device_id, checked_in_at=now, examples=state.examples
-                )
-            )
-            session.flush()
-        pool = (
-            session.scalar(
-                select(func.count()).select_from(Candidate).where(Candidate.round_id == view.round_id)
-            )
-            or 0
-        )
-        if pool >= math.ceil(view.selection_target * cfg.selection_pool):
-            advance(session, ctx, view.round_id, wait=False)
-            if session.get(Participant, (view.round_id, device_id)) is not None:
-                return CheckinResponse(
-                    action="evaluate" if view.kind == "evaluate" else "train",
-                    round_id=view.round_id,
-                    task=view.task,
-                )
-            ctx._views = None
-            return _retry(ctx, ctx.settings.min_retry_seconds, "pool full", cfg.deadlines.selection)
-        wait = (view.stage_deadline - now).total_seconds()
-        poll = ctx.settings.candidate_poll_seconds
-        return _retry(ctx, min(max(wait, 0.2), poll), "candidate: selection closes soon", poll / 2)
+        with sessions() as session, session.begin():
+            return _join_pool(session, ctx, view, device_id, state)
     return _retry(ctx, idle * 0.5, "not in any task's population", idle)
+
+
+def _join_pool(
+    session: Session, ctx: RoundContext, view: RoundView, device_id: str, state: DeviceState
+) -> CheckinResponse:
+    """An eligible device in a selecting round's pool; closes the selection when it is full."""
+    now = ctx.now()
+    cfg = view.cfg
+    stage = session.scalar(select(Round.stage).where(Round.id == view.round_id))
+    if stage != SELECTING:  # the view is older than the selection's end
+        ctx._views = None
+        part = session.get(Participant, (view.round_id, device_id))
+        if part is not None and part.stage != DROPPED and stage != DONE:
+            return CheckinResponse(
+                action="evaluate" if view.kind == "evaluate" else "train",
+                round_id=view.round_id,
+                task=view.task,
+            )
+        return _retry(ctx, ctx.settings.min_retry_seconds, "selection closed", cfg.deadlines.selection)
+    if session.get(Candidate, (view.round_id, device_id)) is None:
+        session.add(
+            Candidate(round_id=view.round_id, device_id=device_id, checked_in_at=now, examples=state.examples)
+        )
+        session.flush()
+    pool = (
+        session.scalar(select(func.count()).select_from(Candidate).where(Candidate.round_id == view.round_id))
+        or 0
+    )
+    if pool >= math.ceil(view.selection_target * cfg.selection_pool):
+        advance(session, ctx, view.round_id, wait=False)
+        if session.get(Participant, (view.round_id, device_id)) is not None:
+            return CheckinResponse(
+                action="evaluate" if view.kind == "evaluate" else "train",
+                round_id=view.round_id,
+                task=view.task,
+            )
+        ctx._views = None
+        return _retry(ctx, ctx.settings.min_retry_seconds, "pool full", cfg.deadlines.selection)
+    wait = (view.stage_deadline - now).total_seconds()
+    poll = ctx.settings.candidate_poll_seconds
+    return _retry(ctx, min(max(wait, 0.2), poll), "candidate: selection closes soon", poll / 2)
 
 
 # ----------------------------------------------------------------------------------------
