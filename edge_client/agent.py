@@ -11,7 +11,6 @@ on and report counts only. SIGTERM (``stop``) ends the loop at the next safe poi
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -31,8 +30,16 @@ from edge_client.batching import Batch, encode_messages, pack_batches
 from edge_client.bundle import Bundle, BundleError, extract_bundle, load_bundle
 from edge_client.datastore import DataStore
 from edge_client.device_state import Conditions, StateProvider
-from edge_client.participation import Aborted, LocalResult, RoundOutcome, WeightsCache, run_round
-from edge_client.transport import ApiError, Transport, TransportError
+from edge_client.memory import release_pages, trim
+from edge_client.participation import (
+    Aborted,
+    LocalResult,
+    RoundOutcome,
+    WeightsCache,
+    drop_codec_caches,
+    run_round,
+)
+from edge_client.transport import ApiError, FileSink, Transport, TransportError
 from protocol.layout import FloatVec
 from protocol.wire import DeviceState, EnrollRequest, EvalCounts, RoundPlan, TrainReport
 
@@ -62,6 +69,13 @@ class AgentConfig:
     eval_holdout: int = 20  # newest messages kept out of training (for federated evaluation)
     max_backoff: float = 900.0
     threads: int = 1  # ExecuTorch threadpool size
+    # Keep train.pte loaded between rounds: saves reloading it (a fraction of a second) but
+    # keeps its planned memory (45 MB for the demo student) resident while the device idles
+    # and while it encodes and uploads.
+    keep_program: bool = False
+    # Forget the codec's cached per-round randomness after each round (11 MB per round for the
+    # demo model; the codec keeps two rounds). Off where one process encodes for many devices.
+    drop_codec_caches: bool = False
     platform: str = field(default_factory=_platform_name)
 
 
@@ -96,7 +110,7 @@ class Agent:
         if self.transport.on_bytes is None:
             self.transport.on_bytes = self._count
         self.rng = rng or random.Random()
-        self.weights = WeightsCache()
+        self.weights = WeightsCache(directory=cfg.state_dir / "weights")
         self._bundles: dict[str, Bundle] = {}
         self._trainers: dict[str, Any] = {}
         self._failures = 0
@@ -209,6 +223,9 @@ class Agent:
         if r.action == "retry" or r.round_id is None:
             return float(r.retry_after or 60.0), False
         outcome = self.train_round(r.round_id) if r.action == "train" else self.eval_round(r.round_id)
+        if self.cfg.drop_codec_caches:
+            drop_codec_caches()
+        trim()  # the round's large temporaries are gone: give their pages back
         self.stats.rounds.append(outcome)
         self.record(outcome)
         return 0.0, True
@@ -223,14 +240,15 @@ class Agent:
         try:
             b = load_bundle(root)
         except BundleError:
-            data = self.transport.download(plan.bundle.url)
-            if hashlib.sha256(data).hexdigest() != sha:
-                raise Aborted("downloaded bundle does not match its sha256") from None
-            tar = root.with_suffix(".tar.part")
-            tar.parent.mkdir(parents=True, exist_ok=True)
-            tar.write_bytes(data)
-            b = extract_bundle(tar, root)
-            tar.unlink()
+            sink = FileSink(root.with_suffix(".tar"))  # streamed to disk, hashed on the way
+            try:
+                self.transport.download_to(plan.bundle.url, sink)
+                if sink.hexdigest() != sha:
+                    raise Aborted("downloaded bundle does not match its sha256") from None
+                sink.close()
+                b = extract_bundle(sink.tmp, root)
+            finally:
+                sink.discard()
         if b.manifest.train.layout.hash() != plan.layout_hash:
             raise Aborted("the bundle's layout does not match the round's")
         self._bundles[sha] = b
@@ -241,9 +259,16 @@ class Agent:
 
         key = bundle.root.name
         if key not in self._trainers:
+            self.release_trainer()  # one program in memory at a time
             set_threads(self.cfg.threads)
-            self._trainers = {key: Trainer.from_bundle(bundle)}  # one program in memory at a time
+            self._trainers = {key: Trainer.from_bundle(bundle)}
         return self._trainers[key]
+
+    def release_trainer(self) -> None:
+        """Unload the training program (and its planned memory); the next round reloads it."""
+        for t in self._trainers.values():
+            t.close()
+        self._trainers = {}
 
     def _batches(self, bundle: Bundle, texts: list[str], seed: int) -> Iterator[Batch]:
         from edge_client.tokenizer import Tokenizer
@@ -265,7 +290,7 @@ class Agent:
         msgs = self.store.training_texts(plan.training.max_examples, holdout=self.cfg.eval_holdout)
         if not msgs:
             raise Aborted("no local messages to train on")
-        trainer.set_weights(weights)
+        trainer.set_weights(weights)  # the global vector is read from disk, not kept resident
         t = plan.training
         stats = trainer.train(
             self._batches(bundle, [m.text for m in msgs], self.rng.randrange(1 << 30)),
@@ -284,10 +309,30 @@ class Agent:
         )
         self.last_training = report
         if stats.aborted or stats.steps == 0:
+            if not self.cfg.keep_program:
+                self.release_trainer()
             return LocalResult(np.zeros_like(weights), 0, report.model_copy(update={"aborted": True}))
         self.store.mark_trained(m.id for m in msgs)
-        delta = trainer.get_weights()
-        delta -= weights  # in place: one vector less in memory at the peak
+        delta = None
+        if not self.cfg.keep_program and any(t is trainer for t in self._trainers.values()):
+            # Encoding, masking and uploading do not need the program: free its memory before
+            # the delta exists. The local weights wait on disk meanwhile (they never leave it).
+            spill = self.cfg.state_dir / "local-weights.f32"
+            try:
+                trainer.save_weights(spill)
+            except OSError as e:  # no room on disk: keep the program until the delta exists
+                log.warning("cannot write %s (%s): computing the delta in memory", spill, e)
+            else:
+                self.release_trainer()  # closes the trainer: frees the program's memory
+                delta = np.fromfile(spill, dtype="<f4").astype(np.float32, copy=False)
+            finally:
+                spill.unlink(missing_ok=True)
+        if delta is None:
+            delta = trainer.get_weights()
+            if not self.cfg.keep_program:
+                self.release_trainer()
+        delta -= weights  # in place: the delta is the only vector this round allocates
+        release_pages(weights)
         return LocalResult(delta, len(msgs), report)
 
     def train_round(self, round_id: int) -> dict[str, Any]:
@@ -336,11 +381,14 @@ class Agent:
         if plan.predict is not None:
             program = self.cfg.state_dir / "programs" / f"{plan.predict.sha256}.pte"
             if not program.exists():
-                data = self.transport.download(plan.predict.url)
-                if hashlib.sha256(data).hexdigest() != plan.predict.sha256:
-                    raise Aborted("downloaded predict.pte does not match its sha256")
-                program.parent.mkdir(parents=True, exist_ok=True)
-                program.write_bytes(data)
+                sink = FileSink(program)
+                try:
+                    self.transport.download_to(plan.predict.url, sink)
+                    if sink.hexdigest() != plan.predict.sha256:
+                        raise Aborted("downloaded predict.pte does not match its sha256")
+                    sink.commit()
+                finally:
+                    sink.discard()
         return Predictor.from_bundle(bundle, program)
 
     def eval_round(self, round_id: int) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,7 +79,8 @@ def extract_bundle(tarball: Path, dest: Path) -> Bundle:
                 src = tar.extractfile(member)
                 if src is None:
                     raise BundleError(f"{tarball}: cannot read {member.name!r}")
-                (dest / name).write_bytes(src.read())
+                with src, (dest / name).open("wb") as out:
+                    shutil.copyfileobj(src, out, 1 << 20)  # in chunks, not whole files in memory
     except tarfile.TarError as e:
         raise BundleError(f"{tarball}: not a readable tarball ({e})") from None
     return load_bundle(dest)

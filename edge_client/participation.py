@@ -9,15 +9,19 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import mmap
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
 
-from edge_client.transport import ApiError, Transport
+from edge_client.memory import release_pages
+from edge_client.transport import ApiError, ArraySink, FileSink, Transport
 from protocol.codec import encode
 from protocol.delta import DeltaError, xor_undelta
 from protocol.layout import FloatVec
@@ -33,7 +37,15 @@ from protocol.wire import (
     pack_update,
 )
 
-__all__ = ["Aborted", "LocalResult", "RoundOutcome", "TrainFn", "WeightsCache", "run_round"]
+__all__ = [
+    "Aborted",
+    "LocalResult",
+    "RoundOutcome",
+    "TrainFn",
+    "WeightsCache",
+    "drop_codec_caches",
+    "run_round",
+]
 
 log = logging.getLogger(__name__)
 
@@ -75,39 +87,151 @@ class RoundOutcome:
     stage_seconds: dict[str, float] = field(default_factory=dict)
 
 
-class WeightsCache:
-    """Global weight vectors by sha256; downloads deltas from a held version when it can."""
+_FILE_RE = re.compile(r"^v(\d+)-([0-9a-f]{64})\.f32$")
 
-    def __init__(self, max_items: int = 2) -> None:
+
+class WeightsCache:
+    """Global weight vectors by sha256; downloads deltas from a held version when it can.
+
+    Vectors are read-only. Without ``directory`` they are held in memory (simulated devices).
+    With it, each vector is a file there (``v<version>-<sha256>.f32``, streamed to disk as it
+    downloads) and :meth:`get` returns a read-only memory map of it: a device holds no private
+    copy of the global weights, only the pages it is reading (see :func:`release_pages`), and
+    the cache survives restarts.
+    """
+
+    def __init__(self, max_items: int = 2, directory: Path | None = None) -> None:
         self.max_items = max_items
+        self.directory = directory
         self._by_sha: dict[str, tuple[int, FloatVec]] = {}
+        self._files: dict[str, tuple[int, Path]] = {}
+        if directory is not None and directory.is_dir():
+            for f in directory.iterdir():
+                m = _FILE_RE.match(f.name)
+                if m:
+                    self._files[m.group(2)] = (int(m.group(1)), f)
+                elif f.name.endswith(".part"):
+                    f.unlink(missing_ok=True)
+
+    def _held(self) -> list[tuple[int, str]]:
+        if self.directory is None:
+            return [(v, sha) for sha, (v, _) in self._by_sha.items()]
+        return [(v, sha) for sha, (v, _) in self._files.items()]
+
+    def _load(self, sha: str) -> FloatVec | None:
+        if self.directory is None:
+            hit = self._by_sha.get(sha)
+            return None if hit is None else hit[1]
+        if sha not in self._files:
+            return None
+        version, path = self._files[sha]
+        if sha not in self._by_sha:  # first use in this process: check the file once
+            if _sha256_file(path) != sha:
+                log.warning("cached weights %s are corrupt; fetching them again", path.name)
+                path.unlink(missing_ok=True)
+                del self._files[sha]
+                return None
+            self._by_sha[sha] = (version, _map(path))
+        return self._by_sha[sha][1]
+
+    def _store(self, sha: str, version: int, vec: FloatVec) -> FloatVec:
+        """Keep a vector that is not yet on disk (memory mode, or a delta-decoded vector)."""
+        if self.directory is None:
+            vec.setflags(write=False)
+            self._by_sha[sha] = (version, vec)
+        else:
+            path = self.directory / f"v{version}-{sha}.f32"
+            tmp = path.with_name(f".{path.name}.part")
+            self.directory.mkdir(parents=True, exist_ok=True)
+            vec.astype("<f4", copy=False).tofile(tmp)
+            tmp.replace(path)
+            self._files[sha] = (version, path)
+            self._by_sha[sha] = (version, _map(path))
+        self._evict()
+        return self._by_sha[sha][1]
+
+    def _evict(self) -> None:
+        while len(self._held()) > self.max_items:
+            _, sha = min(self._held())
+            self._by_sha.pop(sha, None)
+            if self.directory is not None:
+                self._files.pop(sha)[1].unlink(missing_ok=True)
 
     def get(self, transport: Transport, plan: RoundPlan) -> FloatVec:
-        hit = self._by_sha.get(plan.weights.sha256)
+        sha = plan.weights.sha256
+        hit = self._load(sha)
         if hit is not None:
-            return hit[1]
-        vec: FloatVec | None = None
-        held = sorted(self._by_sha.values(), key=lambda x: -x[0])
+            return hit
+        held = sorted(self._held(), key=lambda x: -x[0])
         if held and held[0][0] < plan.model_version:
-            base_version, base = held[0]
+            base_version, base_sha = held[0]
+            base = self._load(base_sha)
             try:
+                if base is None:
+                    raise DeltaError("the held base vector is gone")
                 delta = transport.download(plan.weights.url, params={"base": base_version})
                 candidate = xor_undelta(delta, base)
+                del delta
+                release_pages(base)
             except (DeltaError, ApiError) as e:
                 log.info("delta download failed (%s); fetching the whole vector", e)
             else:
-                if hashlib.sha256(candidate.astype("<f4").tobytes()).hexdigest() == plan.weights.sha256:
-                    vec = candidate
-        if vec is None:
-            data = transport.download(plan.weights.url)
-            if hashlib.sha256(data).hexdigest() != plan.weights.sha256:
+                if hashlib.sha256(candidate.astype("<f4", copy=False).data).hexdigest() == sha:
+                    return self._store(sha, plan.model_version, candidate)
+        if self.directory is None:
+            buf = ArraySink(plan.weights.size)
+            try:
+                transport.download_to(plan.weights.url, buf)
+            except ValueError as e:  # longer than announced
+                raise Aborted(f"downloaded weights: {e}") from None
+            if buf.size != plan.weights.size or buf.size % 4 or buf.hexdigest() != sha:
                 raise Aborted("downloaded weights do not match their sha256")
-            vec = np.frombuffer(data, dtype="<f4").astype(np.float32, copy=False)
-        self._by_sha[plan.weights.sha256] = (plan.model_version, vec)
-        while len(self._by_sha) > self.max_items:
-            oldest = min(self._by_sha, key=lambda k: self._by_sha[k][0])
-            del self._by_sha[oldest]
-        return vec
+            return self._store(sha, plan.model_version, buf.buffer.view("<f4").astype(np.float32, copy=False))
+        path = self.directory / f"v{plan.model_version}-{sha}.f32"
+        sink = FileSink(path)  # streamed to disk: never whole in memory
+        try:
+            transport.download_to(plan.weights.url, sink)
+            if sink.size % 4 or sink.hexdigest() != sha:
+                raise Aborted("downloaded weights do not match their sha256")
+            sink.commit()
+        finally:
+            sink.discard()
+        self._files[sha] = (plan.model_version, path)
+        self._by_sha[sha] = (plan.model_version, _map(path))
+        self._evict()
+        return self._by_sha[sha][1]
+
+
+def _map(path: Path) -> FloatVec:
+    """A read-only float32 view of a whole file (memory-mapped: pages load on access)."""
+    with path.open("rb") as f:
+        if path.stat().st_size == 0:
+            return np.empty(0, dtype=np.float32)
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    return np.frombuffer(mm, dtype="<f4").astype(np.float32, copy=False)
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def drop_codec_caches() -> None:
+    """Forget what the codec cached for the rounds this process encoded (the rotation signs and
+    the kept subset: 11 MB per round of the demo model, and a new round has a new seed).
+
+    A device encodes once per round, so nothing of it is used again; processes that encode for
+    many devices of the same round (the simulator's) keep the caches instead.
+    """
+    from protocol import codec
+
+    for obj in vars(codec).values():
+        clear = getattr(obj, "cache_clear", None)  # the functools caches of the module
+        if callable(clear):
+            clear()
 
 
 def _stage_index(stage: str) -> int:

@@ -20,9 +20,10 @@ import torch
 
 from edge_client.batching import IGNORE_INDEX, Batch
 from edge_client.bundle import Bundle
+from edge_client.memory import release_pages
 from edge_client.predictor import BeamSearch, FloatArray, Suggestion
 from edge_client.tokenizer import Tokenizer
-from protocol.layout import FloatVec, Layout
+from protocol.layout import FloatVec, Layout, LayoutError
 
 __all__ = ["OptimizerConfig", "Predictor", "ProgramModel", "TrainStats", "Trainer", "set_threads"]
 
@@ -177,14 +178,44 @@ class Trainer:
         return out
 
     def set_weights(self, vec: npt.ArrayLike) -> None:
-        """Copy a flat vector into the program's live parameters."""
-        with torch.no_grad():
-            for name, arr in self.layout.unflatten(vec).items():
-                self.params[name].copy_(torch.from_numpy(arr))
+        """Copy a flat vector into the live parameters, one tensor at a time.
+
+        A memory-mapped vector (the device's cached global weights) is read a megabyte at a
+        time and its pages are dropped again as it goes: it never becomes resident as a whole.
+        A vector with NaN or Inf is refused before anything is copied.
+        """
+        v = np.asarray(vec)
+        if v.ndim != 1 or v.shape[0] != self.layout.size:
+            raise LayoutError(f"vector has shape {v.shape}, layout needs ({self.layout.size},)")
+        step = 1 << 18  # elements per pass
+        for i in range(0, v.shape[0], step):
+            if not np.isfinite(v[i : i + step]).all():
+                raise LayoutError("weights contain NaN or Inf")
+            release_pages(v)
+        for e in self.layout.entries:
+            dst = self.params[e.name].numpy().reshape(-1)  # a view of the runtime's memory
+            for i in range(0, e.numel, step):
+                src = v[e.offset + i : e.offset + min(i + step, e.numel)]
+                np.copyto(dst[i : i + src.shape[0]], src, casting="same_kind")
+                release_pages(v)
+
+    def save_weights(self, path: Path) -> None:
+        """Write the live parameters to ``path`` as one flat float32 vector in layout order."""
+        with path.open("wb") as f:
+            for e in self.layout.entries:
+                self.params[e.name].detach().numpy().astype("<f4", copy=False).tofile(f)
 
     def get_weights(self) -> FloatVec:
         """The live parameters as a new flat vector."""
         return self.layout.flatten({n: t.detach().numpy() for n, t in self.params.items()})
+
+    def close(self) -> None:
+        """Free the program and its planned memory (parameters, gradients, activations).
+
+        The parameter tensors alias that memory: nothing may use them afterwards.
+        """
+        self.params = {}
+        self._module = None
 
     def loss(self, b: Batch) -> float:
         """Loss of one batch (this also computes gradients; parameters do not change)."""

@@ -4,18 +4,25 @@ Every call the device makes is idempotent on the coordinator's side (per device,
 stage), so a call that failed on the network is simply repeated: with exponential backoff and
 jitter on connection errors, 5xx and 429 (honouring ``Retry-After``). 4xx answers other than
 429 are final and raised as :class:`ApiError` with the coordinator's reason.
+
+Artifacts (bundles, programs, weights: megabytes) are streamed into a :class:`Sink` chunk by
+chunk and hashed on the way, never held whole in memory as a response body.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 import random
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import httpx
+import numpy as np
+import numpy.typing as npt
 from pydantic import BaseModel
 
 from protocol.wire import (
@@ -36,10 +43,87 @@ from protocol.wire import (
     UnmaskResponse,
 )
 
-__all__ = ["ApiError", "Transport", "TransportError"]
+__all__ = ["ApiError", "ArraySink", "FileSink", "Sink", "Transport", "TransportError"]
 
 log = logging.getLogger(__name__)
 M = TypeVar("M", bound=BaseModel)
+
+_CHUNK = 1 << 16  # bytes per streamed read
+
+
+class Sink(Protocol):
+    """Where a streamed download goes. ``reset`` starts over (a retried request)."""
+
+    def reset(self) -> None: ...
+
+    def write(self, chunk: bytes) -> None: ...
+
+
+class FileSink:
+    """Streams into ``dest`` through a temporary file next to it; SHA-256 on the way.
+
+    ``commit()`` renames the finished file into place; ``discard()`` removes the temporary.
+    """
+
+    def __init__(self, dest: Path) -> None:
+        self.dest = dest
+        self.tmp = dest.with_name(f".{dest.name}.part")
+        self.size = 0
+        self._hash = hashlib.sha256()
+        self._f: Any = None
+
+    def reset(self) -> None:
+        self.close()
+        self.dest.parent.mkdir(parents=True, exist_ok=True)
+        self._f = self.tmp.open("wb")
+        self._hash = hashlib.sha256()
+        self.size = 0
+
+    def write(self, chunk: bytes) -> None:
+        self._f.write(chunk)
+        self._hash.update(chunk)
+        self.size += len(chunk)
+
+    def hexdigest(self) -> str:
+        return self._hash.hexdigest()
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+
+    def commit(self) -> Path:
+        self.close()
+        os.replace(self.tmp, self.dest)
+        return self.dest
+
+    def discard(self) -> None:
+        self.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+class ArraySink:
+    """Streams exactly ``nbytes`` into one preallocated buffer (no body copy, no join)."""
+
+    def __init__(self, nbytes: int) -> None:
+        self.buffer: npt.NDArray[np.uint8] = np.empty(nbytes, dtype=np.uint8)
+        self.size = 0
+        self._hash = hashlib.sha256()
+
+    def reset(self) -> None:
+        self.size = 0
+        self._hash = hashlib.sha256()
+
+    def write(self, chunk: bytes) -> None:
+        end = self.size + len(chunk)
+        if end > self.buffer.shape[0]:
+            raise ValueError(f"download is larger than the expected {self.buffer.shape[0]} bytes")
+        self.buffer[self.size : end] = np.frombuffer(chunk, dtype=np.uint8)
+        self._hash.update(chunk)
+        self.size = end
+
+    def hexdigest(self) -> str:
+        return self._hash.hexdigest()
 
 
 class ApiError(Exception):
@@ -91,7 +175,9 @@ class Transport:
 
     # -- plumbing ----------------------------------------------------------------------------
 
-    def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+    def _request(self, method: str, path: str, *, sink: Sink | None = None, **kwargs: Any) -> httpx.Response:
+        """One call with retries. With a ``sink``, a successful body is streamed into it (the
+        returned response has no content then); a retry after a broken stream resets it."""
         headers = dict(kwargs.pop("headers", {}) or {})
         if self.token:
             headers["Authorization"] = f"Bearer {self.token}"
@@ -99,8 +185,12 @@ class Transport:
         last: Exception | None = None
         for attempt in range(self.retries + 1):
             try:
-                r = self._http.request(method, path, headers=headers, **kwargs)
-            except httpx.TransportError as e:  # connection refused/reset, timeouts
+                if sink is None:
+                    r = self._http.request(method, path, headers=headers, **kwargs)
+                    down = len(r.content)
+                else:
+                    r, down = self._stream(method, path, sink, headers=headers, **kwargs)
+            except httpx.TransportError as e:  # connection refused/reset, timeouts, broken streams
                 last = e
                 wait = delay
             else:
@@ -110,7 +200,7 @@ class Transport:
                         "up",
                         len(body) if isinstance(body, bytes | bytearray) else len(r.request.content),
                     )
-                    self.on_bytes("down", len(r.content))
+                    self.on_bytes("down", down)
                 if r.status_code < 400 or r.status_code == 304:
                     return r
                 if r.status_code != 429 and r.status_code < 500:
@@ -127,6 +217,19 @@ class Transport:
             self._sleep(min(wait, self.max_backoff) * (0.5 + self._jitter.random()))
             delay = min(delay * 2, self.max_backoff)
         raise TransportError(f"{method} {path} failed after {self.retries + 1} attempts: {last}")
+
+    def _stream(self, method: str, path: str, sink: Sink, **kwargs: Any) -> tuple[httpx.Response, int]:
+        """The body of a 2xx answer into ``sink``; error answers are read whole (they are small)."""
+        with self._http.stream(method, path, **kwargs) as r:
+            if r.status_code >= 300:
+                r.read()
+                return r, len(r.content)
+            sink.reset()
+            down = 0
+            for chunk in r.iter_bytes(_CHUNK):
+                sink.write(chunk)
+                down += len(chunk)
+            return r, down
 
     def _json(self, method: str, path: str, model: type[M], body: BaseModel | None = None) -> M:
         kwargs: dict[str, Any] = {}
@@ -192,8 +295,12 @@ class Transport:
         self._send("POST", f"/v1/rounds/{round_id}/evaluation", counts)
 
     def download(self, url: str, *, params: dict[str, Any] | None = None) -> bytes:
-        """A whole artifact (the caller checks its sha256)."""
+        """A small artifact, whole in memory (the caller checks its sha256)."""
         return self._request("GET", url, params=params).content
+
+    def download_to(self, url: str, sink: Sink, *, params: dict[str, Any] | None = None) -> None:
+        """An artifact streamed into ``sink`` (the caller checks the sink's sha256)."""
+        self._request("GET", url, params=params, sink=sink)
 
     def current(self, task: str) -> dict[str, Any]:
         out: dict[str, Any] = self._request("GET", f"/v1/tasks/{task}/current").json()

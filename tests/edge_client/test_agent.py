@@ -139,6 +139,8 @@ def test_agents_complete_secure_rounds_and_send_no_text(
     setup_task(server, tiny_bundle_dir.with_suffix(".tar"), cfg)
     recs = [Recorder(server.ca) for _ in range(3)]
     agents = [make_agent(server, tmp_path, f"dev{i}", user_texts[i], recs[i]) for i in range(3)]
+    agents[0].cfg.keep_program = True  # the others unload train.pte after each round
+    agents[1].cfg.drop_codec_caches = True  # as `fedkeys client run` does
     run_agents(agents, rounds=2)
     with server.admin() as admin:
         versions = admin.get("/v1/admin/tasks/kb/versions").json()
@@ -148,7 +150,12 @@ def test_agents_complete_secure_rounds_and_send_no_text(
     for a in agents:
         assert a.model_version == 2
         assert all(r["completed"] for r in a.stats.rounds)
-        assert (a.cfg.state_dir / "device.json").stat().st_mode & 0o777 == 0o600
+        state = a.cfg.state_dir
+        assert (state / "device.json").stat().st_mode & 0o777 == 0o600
+        assert bool(a._trainers) is a.cfg.keep_program
+        # the global weights of both rounds wait on disk (the second came as an XOR delta)
+        assert sorted(f.name.split("-")[0] for f in (state / "weights").iterdir()) == ["v0", "v1"]
+        assert not list(state.rglob("*.part")) and not (state / "local-weights.f32").exists()
     # nothing but keys, encrypted shares, the encoded masked update and scalars left the devices
     for rec, texts in zip(recs, user_texts, strict=False):
         words = {w for t in texts for w in t.lower().split() if len(w) >= 6 and w.isalpha()}

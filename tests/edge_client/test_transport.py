@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
+
 import httpx
 import pytest
 
-from edge_client.transport import ApiError, Transport, TransportError
+from edge_client.transport import ApiError, ArraySink, FileSink, Transport, TransportError
 from protocol.wire import DeviceState
 
 
@@ -66,3 +69,47 @@ def test_gives_up_after_retries() -> None:
         t.plan(1)
     assert len(sleeps) == 3
     assert sleeps == sorted(sleeps) or max(sleeps) <= 2  # exponential (jittered) backoff
+
+
+class Chunks(httpx.SyncByteStream):
+    """A body in chunks; optionally the connection breaks after ``fail_after`` of them."""
+
+    def __init__(self, data: bytes, fail_after: int | None = None) -> None:
+        self.data, self.fail_after = data, fail_after
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        for i, start in enumerate(range(0, len(self.data), 1000)):
+            if self.fail_after is not None and i == self.fail_after:
+                raise httpx.ReadError("connection reset")
+            yield self.data[start : start + 1000]
+
+
+def test_download_streams_into_a_file_and_restarts_it_after_a_broken_stream(tmp_path: Path) -> None:
+    data = bytes(range(256)) * 40
+    calls = {"n": 0}
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls["n"] += 1
+        return httpx.Response(200, stream=Chunks(data, fail_after=3 if calls["n"] == 1 else None))
+
+    t, sleeps = make(handler)
+    down: list[int] = []
+    t.on_bytes = lambda d, n: down.append(n) if d == "down" else None
+    sink = FileSink(tmp_path / "a" / "file.bin")
+    t.download_to("/x", sink)
+    assert calls["n"] == 2 and len(sleeps) == 1
+    assert sink.size == len(data) and sink.hexdigest() == hashlib.sha256(data).hexdigest()
+    assert sink.commit().read_bytes() == data
+    assert not sink.tmp.exists()
+    assert down == [len(data)]
+
+
+def test_download_errors_are_api_errors_and_leave_the_sink_alone(tmp_path: Path) -> None:
+    t, _ = make(lambda r: httpx.Response(404, json={"detail": "no such version"}))
+    sink = ArraySink(16)
+    with pytest.raises(ApiError, match="no such version"):
+        t.download_to("/x", sink)
+    assert sink.size == 0
+    too_long, _ = make(lambda r: httpx.Response(200, content=b"x" * 17))
+    with pytest.raises(ValueError, match="larger"):
+        too_long.download_to("/x", sink)
