@@ -834,15 +834,13 @@ def close_if_complete(
         if not due and rnd.stage == SELECTING:
             return False  # a check-in that fills the pool closes the selection
         if not due:
-            counts = Counter(
-                dict(
-                    session.execute(
-                        select(Participant.stage, func.count())
-                        .where(Participant.round_id == round_id, Participant.stage != DROPPED)
-                        .group_by(Participant.stage)
-                    ).tuples()
-                )
-            )
+            counts: Counter[str] = Counter()
+            for stage, n in session.execute(
+                select(Participant.stage, func.count())
+                .where(Participant.round_id == round_id, Participant.stage != DROPPED)
+                .group_by(Participant.stage)
+            ).tuples():
+                counts[stage] = n
             due = _complete(rnd, counts)
         return due and advance(session, ctx, round_id, wait=wait)
 

@@ -77,12 +77,16 @@ def expected(w0: np.ndarray, devs: list[ScriptedDevice], cap: int) -> np.ndarray
 
 @pytest.mark.parametrize("secagg", [True, False])
 def test_round_commits_the_weighted_mean(server: Server, tiny_bundle_dir: Path, secagg: bool) -> None:
-    cfg = task_config(secagg={"enabled": secagg}, codec={"compress": secagg})
+    # long deadlines: every stage must close as soon as its last message arrives
+    slow = {"advertise": 90, "share": 90, "upload": 90, "unmask": 90}
+    cfg = task_config(secagg={"enabled": secagg}, codec={"compress": secagg}, deadlines=slow)
     w0 = setup_task(server, tiny_bundle_dir.with_suffix(".tar"), cfg)
     devs = make_devices(server, w0, 5)
     run_devices(devs)
     rnd = wait_round(server)
     assert rnd["outcome"] == "committed", rnd
+    stages = rnd["metrics"]["stage_seconds"]
+    assert all(seconds < 30 for name, seconds in stages.items() if name != "selecting"), stages
     assert rnd["new_version"] == 1
     w1 = np.fromfile(server.data_dir / "weights" / "kb" / "v1.f32", dtype="<f4")
     reporters = [d for d in devs if d.uploaded][: rnd["reported"]]
