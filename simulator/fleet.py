@@ -75,12 +75,27 @@ class TraceProvider:
 
 
 class SharedRuntime:
-    """One training program and predictor per worker process, used under a lock."""
+    """One training program and predictor per worker process, used under a lock, and one copy
+    of each model bundle: the devices of a worker stand for separate phones, but fetching and
+    unpacking the same 30 MB bundle once per simulated device would only measure this machine's
+    loopback (a real fleet downloads it once per device, outside any round's deadline). Round
+    weights are still downloaded by every device."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self._trainer: tuple[str, Any] | None = None
         self._predictors: dict[str, Any] = {}
+        self._bundles: dict[str, Any] = {}
+        self._bundle_lock = threading.Lock()
+
+    def bundle(self, plan: Any, fetch: Any) -> Any:
+        """The plan's bundle: fetched by the first device of the worker that needs it."""
+        sha = plan.bundle.sha256
+        with self._bundle_lock:
+            got = self._bundles.get(sha)
+            if got is None:
+                got = self._bundles[sha] = fetch(plan)
+            return got
 
     def trainer(self, bundle: Any) -> Any:
         from edge_client.runtime import Trainer
@@ -160,6 +175,8 @@ def _device_thread(
 
     agent = Agent(cfg, provider, store=store, transport=transport, sleep=pause, rng=rng)
     agent.trainer = runtime.trainer  # type: ignore[method-assign]
+    real_bundle = agent.bundle
+    agent.bundle = lambda plan: runtime.bundle(plan, real_bundle)  # type: ignore[method-assign]
     real_train = agent.local_train
 
     real_round = agent.train_round

@@ -1011,7 +1011,9 @@ def round_for_device(session: Session, round_id: int, device: Device) -> tuple[R
 def status(session: Session, ctx: RoundContext, *, round_id: int, device: Device) -> RoundStatus:
     rnd, part = round_for_device(session, round_id, device)
     remaining = max((_utc(rnd.stage_deadline) - ctx.now()).total_seconds(), 0.0)
-    poll = 0.0 if rnd.stage == DONE else min(max(remaining / 8, 0.2), 2.0)
+    # stages close the moment their last message arrives: poll often enough that devices do
+    # not spend the round waiting to hear of it (at most 1 s, sooner near a deadline)
+    poll = 0.0 if rnd.stage == DONE else min(max(remaining / 8, 0.2), 1.0)
     return RoundStatus(
         round_id=rnd.id,
         stage=rnd.stage,
