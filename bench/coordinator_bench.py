@@ -334,9 +334,9 @@ def main() -> None:
             "",
             f"Masked-update ingest (one secure round of {ing['uploads']} devices, model of {ing['dim']:,} "
             f"parameters, every coordinate at 8 bits: {ing['mb_per_upload']:.2f} MB masked uploads, each "
-            "parsed, checked and added into the running sum in the database): "
-            f"{ing['mb_per_s']:.1f} MB/s over the {ing['window_s']:.1f} s from the first upload to the last "
-            f"answer; {ing['mean_upload_ms']:.0f} ms per upload request (they queue on the round's row lock).",
+            "checked (header, sizes, CRC) and stored in the database; the sum is streamed from them when "
+            f"the stage closes): {ing['mb_per_s']:.1f} MB/s over the {ing['window_s']:.1f} s from the first "
+            f"upload to the last answer; {ing['mean_upload_ms']:.0f} ms per upload request.",
         ]
     body = "\n".join(lines)
     print(body)

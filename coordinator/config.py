@@ -36,9 +36,7 @@ class Settings(BaseSettings):
     # threads (and soft-state database connections) per worker for check-ins: the GIL runs one
     # at a time, so a few suffice to overlap database round trips
     checkin_threads: int = Field(default=6, ge=1, le=64)
-    # partial running sums per round: concurrent uploads add into different rows instead of
-    # queueing on one lock (aggregation adds them up; memory O(shards x d))
-    sum_shards: int = Field(default=4, ge=1, le=64)
+
     # publishing new predict.pte for committed versions (needs the export extra)
     publish_predict: bool = True
     log_json: bool = True

@@ -205,7 +205,7 @@ async def upload(
     examples: Annotated[int, Query(ge=0, le=1 << 31, description="local examples behind the update")] = 0,
 ) -> Response:
     """The device's encoded (and, with secure aggregation, masked) update: a binary body in
-    the format of protocol/wire.py, added into one of the round's running partial sums.
+    the format of protocol/wire.py, checked and stored until the round's sum is taken.
     Repeating an upload is harmless (idempotent per device and round)."""
     app = request.app
     token = _bearer(request)
@@ -222,16 +222,16 @@ async def upload(
     body = await read_body(request, app.state.settings.max_body_bytes)
 
     def work() -> bool:
-        # checked and decoded without locks; then one short transaction adds it into a sum
+        # checked without locks; then one short transaction appends it
         with sessions() as session:
-            parsed = rounds.parse_upload(
+            weight = rounds.check_upload(
                 session, round_id=round_id, device_id=device_id, body=body, examples=examples
             )
-        if parsed is None:
+        if weight is None:
             return False
         with sessions() as session, session.begin():
             return rounds.upload(
-                session, app.state.ctx, round_id=round_id, device_id=device_id, parsed=parsed, size=len(body)
+                session, app.state.ctx, round_id=round_id, device_id=device_id, body=body, weight=weight
             )
 
     fresh = await run_in_threadpool(work)

@@ -33,7 +33,7 @@ __all__ = [
     "ModelVersion",
     "Participant",
     "Round",
-    "RoundSum",
+    "RoundUpload",
     "Task",
 ]
 
@@ -159,18 +159,19 @@ class Participant(Base):
     download_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
 
 
-class RoundSum(Base):
-    """One of a round's partial running sums: an upload adds into whichever is not locked, so
-    concurrent uploads do not queue on one row; aggregation adds the shards up."""
+class RoundUpload(Base):
+    """A device's verified upload (its wire form), kept until the round's sum is taken.
 
-    __tablename__ = "round_sums"
+    Uploads only append rows (no read-modify-write of a shared running sum, so concurrent
+    uploads never queue on one lock); the sum is streamed from them once, in O(d) memory, when
+    the upload stage closes."""
+
+    __tablename__ = "round_uploads"
 
     round_id: Mapped[int] = mapped_column(ForeignKey("rounds.id"), primary_key=True)
-    shard: Mapped[int] = mapped_column(Integer, primary_key=True)
-    # little-endian uint32 words (ring updates, wrapping mod 2**32) or float64 (float updates)
-    sum_blob: Mapped[bytes | None] = mapped_column(deferred=True)
-    weight_sum: Mapped[float] = mapped_column(Float, default=0.0)
-    inputs: Mapped[int] = mapped_column(Integer, default=0)
+    device_id: Mapped[str] = mapped_column(ForeignKey("devices.id"), primary_key=True)
+    weight: Mapped[float] = mapped_column(Float, default=0.0)  # capped example count (plain rounds)
+    body: Mapped[bytes] = mapped_column(deferred=True)
 
 
 class Candidate(Base):

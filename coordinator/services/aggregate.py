@@ -17,7 +17,7 @@ import numpy as np
 from sqlalchemy import delete, func, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from coordinator.db.models import ModelVersion, Round, RoundSum, Task
+from coordinator.db.models import ModelVersion, Round, RoundUpload, Task
 from coordinator.observability import log_event
 from coordinator.optimizers import OptimizerState, make_optimizer
 from coordinator.schemas import TaskConfig
@@ -27,7 +27,7 @@ from coordinator.services.rounds import (
     RoundContext,
     _fail,
     _utc,
-    shard_totals,
+    plain_sum,
     unmask_responses,
 )
 from protocol.codec import CodecError, CodecParams, decode_sum, unclipped_count
@@ -74,10 +74,10 @@ def _ring(session: Session, rnd: Round) -> tuple[np.ndarray[Any, np.dtype[np.uin
         return total.astype(np.uint32, copy=False), len(plan["unmask"]["survivors"])
     # compressed without secure aggregation: a plain integer sum, which the codec's ring
     # width keeps below 2**k for up to max_clients inputs (so mod 2**32 loses nothing)
-    vec, _, n = shard_totals(session, rnd.id, "<u4")
+    vec, _, n = plain_sum(session, rnd)
     if vec is None:
         raise CodecError("no update arrived")
-    return vec.astype(np.uint32), n
+    return vec.astype(np.uint32, copy=False), n
 
 
 def _mean_delta(
@@ -86,7 +86,7 @@ def _mean_delta(
     """The mean delta, the number of summed devices and DP diagnostics (empty without DP)."""
     plan = rnd.plan
     if plan.get("codec") is None:
-        total, weight, n = shard_totals(session, rnd.id, "<f8")
+        total, weight, n = plain_sum(session, rnd)
         if total is None:
             raise CodecError("no update arrived")
         if weight <= 0:
@@ -195,7 +195,7 @@ def aggregate(factory: sessionmaker[Session], ctx: RoundContext, round_id: int) 
         rnd.finished_at = ctx.now()
         rnd.metrics = {**rnd.metrics, **metrics}
         rnd.secagg_state = None
-        session.execute(delete(RoundSum).where(RoundSum.round_id == rnd.id))
+        session.execute(delete(RoundUpload).where(RoundUpload.round_id == rnd.id))
         ctx.metrics.rounds.labels("train", "committed").inc()
         log_event(log, "version committed", task=task.name, round=rnd.id, version=version)
         return version

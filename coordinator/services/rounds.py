@@ -27,7 +27,7 @@ import secrets
 import threading
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -45,7 +45,7 @@ from coordinator.db.models import (
     ModelVersion,
     Participant,
     Round,
-    RoundSum,
+    RoundUpload,
     Task,
 )
 from coordinator.observability import Metrics, log_event
@@ -56,13 +56,12 @@ from coordinator.selection import SelectionPolicy
 from coordinator.selection import select as select_devices
 from coordinator.services.privacy import charge, current_clip, privacy_plan, refusal
 from coordinator.services.storage import ArtifactStore
-from protocol.codec import CodecError, CodecParams, encoded_length, ring_bits, unpack_bits
+from protocol.codec import CodecError, CodecParams, encoded_length, ring_bits
 from protocol.secagg.common import SecAggError, secagg_params_for
 from protocol.secagg.server import SecAggServer
 from protocol.wire import (
     AdvertiseKeys,
     ArtifactRef,
-    BadBodyError,
     CheckinResponse,
     DeviceState,
     EvalCounts,
@@ -96,22 +95,21 @@ __all__ = [
     "UPLOAD",
     "Forbidden",
     "Gone",
-    "ParsedUpload",
     "RoundContext",
     "StageConflict",
     "Views",
     "advance",
     "advertise",
+    "check_upload",
     "checkin",
     "close_if_complete",
     "evaluation",
     "inbound_shares",
     "open_rounds",
-    "parse_upload",
+    "plain_sum",
     "plan_for",
     "report",
     "roster",
-    "shard_totals",
     "share_keys",
     "status",
     "unmask",
@@ -700,7 +698,7 @@ def _fail(session: Session, ctx: RoundContext, rnd: Round, reason: str) -> None:
     rnd.failure_reason = reason[:500]
     rnd.finished_at = ctx.now()
     rnd.secagg_state = None
-    session.execute(delete(RoundSum).where(RoundSum.round_id == rnd.id))
+    session.execute(delete(RoundUpload).where(RoundUpload.round_id == rnd.id))
     session.execute(delete(Candidate).where(Candidate.round_id == rnd.id))
     session.execute(
         update(Participant)
@@ -789,14 +787,11 @@ def _close_selection(session: Session, ctx: RoundContext, rnd: Round, task: Task
     sec = _secagg_params(rnd.plan)
     if rnd.kind == "evaluate":
         _set_stage(ctx, rnd, EVALUATING, d.upload)
+    elif sec is not None:
+        rnd.secagg_state = SecAggServer(sec).to_bytes()
+        _set_stage(ctx, rnd, Stage.ADVERTISE_KEYS, d.advertise)
     else:
-        for shard in range(ctx.settings.sum_shards):
-            session.add(RoundSum(round_id=rnd.id, shard=shard, weight_sum=0.0, inputs=0))
-        if sec is not None:
-            rnd.secagg_state = SecAggServer(sec).to_bytes()
-            _set_stage(ctx, rnd, Stage.ADVERTISE_KEYS, d.advertise)
-        else:
-            _set_stage(ctx, rnd, UPLOAD, d.upload)
+        _set_stage(ctx, rnd, UPLOAD, d.upload)
 
 
 def _complete(rnd: Round, live: Counter[str]) -> bool:
@@ -926,14 +921,16 @@ def advance(session: Session, ctx: RoundContext, round_id: int, *, wait: bool = 
                 _set_stage(ctx, rnd, AGGREGATING, 0)
             else:
                 server = SecAggServer.from_bytes(_need(rnd.secagg_state))
-                total, _, inputs = shard_totals(session, rnd.id, "<u4")
-                if total is None or inputs != len(uploaded):
-                    raise SecAggError(f"partial sums hold {inputs} inputs, {len(uploaded)} devices uploaded")
-                server.add_partial_sum(sorted(uploaded), total)
+                added = 0
+                for device_id, _, body in _uploads(session, rnd.id):  # streamed into one sum
+                    server.add_masked_update(device_id, body, layout_hash=rnd.plan["layout_hash"])
+                    added += 1
+                if added != len(uploaded):
+                    raise SecAggError(f"{added} stored uploads for {len(uploaded)} uploaded devices")
                 request = server.close_masked_input()
                 rnd.plan = {**rnd.plan, "unmask": request.model_dump(mode="json")}
                 rnd.secagg_state = server.to_bytes()
-                session.execute(delete(RoundSum).where(RoundSum.round_id == rnd.id))
+                session.execute(delete(RoundUpload).where(RoundUpload.round_id == rnd.id))
                 _set_stage(ctx, rnd, Stage.UNMASK, d.unmask)
         elif stage == Stage.UNMASK:
             _set_stage(ctx, rnd, AGGREGATING, 0)
@@ -1150,22 +1147,14 @@ def inbound_shares(
     return _snapshot(ctx, rnd).masked_input_request(device.id)
 
 
-@dataclass(frozen=True)
-class ParsedUpload:
-    """An upload checked and decoded outside any lock: what goes into a partial sum."""
-
-    values: npt.NDArray[Any]  # uint32 ring words, or float64 for float updates
-    weight: float
-    kind: str  # "ring" | "float"
-    sparse_indices: npt.NDArray[Any] | None = None
-
-
-def parse_upload(
+def check_upload(
     session: Session, *, round_id: int, device_id: str, body: bytes, examples: int
-) -> ParsedUpload | None:
-    """Validate an upload against the round's plan and decode it, before any lock is taken
-    (CRC, header, bit-unpacking: the costly part). None when it is a repeat (already counted);
-    raises the usual 4xx errors otherwise. The write (:func:`upload`) re-checks the stage."""
+) -> float | None:
+    """Validate an upload against the round's plan before any lock is taken (header, sizes,
+    CRC; float updates are decoded for NaN/Inf): the costly part. Returns the update's weight
+    (capped example count; 0 with secure aggregation, whose weights travel inside the masked
+    vector), or None when it is a repeat. Raises the usual 4xx errors otherwise; the write
+    (:func:`upload`) re-checks the stage under the round's lock."""
     rnd = session.get(Round, round_id)
     if rnd is None:
         raise Gone(f"no round {round_id}")
@@ -1173,52 +1162,51 @@ def parse_upload(
     if part is None:
         raise Forbidden(f"device was not selected for round {rnd.id}")
     if part.stage in (Stage.MASKED_INPUT, UPLOAD, Stage.UNMASK):
-        return None  # idempotent: this device's update is already in the sum
+        return None  # idempotent: this device's update is already in
     if part.stage == DROPPED:
         raise Gone(f"round {rnd.id} went on without this device")
     if rnd.stage == DONE:
         raise Gone(f"round {rnd.id} is over ({rnd.outcome})")
     _expect(rnd, Stage.MASKED_INPUT, UPLOAD)
     p = rnd.plan
-    header = peek_header(body)
-    expected_hash = p["layout_hash"]
     if rnd.stage == Stage.MASKED_INPUT:
-        sec = _secagg_params(p)
-        assert sec is not None
         if part.stage != Stage.SHARE_KEYS:
             raise Gone("device did not complete key sharing in time")
-        _, packed = verify_update(
+        sec = _secagg_params(p)
+        assert sec is not None
+        verify_update(
             body,
             expected_round=rnd.id,
-            expected_layout_hash=expected_hash,
+            expected_layout_hash=p["layout_hash"],
             expected_bits=sec.ring_bits,
             expected_length=sec.vector_length,
         )
-        try:
-            values = unpack_bits(packed, sec.ring_bits, sec.vector_length)
-        except CodecError as e:
-            raise BadBodyError(str(e)) from e
-        return ParsedUpload(values=values, weight=0.0, kind="ring")
-    dim = p["dim"]
+        return 0.0
     weight = float(min(max(examples, 0), _cfg_cap(p)))
     if weight <= 0:
         raise StageConflict("an update must come with a positive example count")
+    _decode_plain(rnd, body)
+    return weight
+
+
+def _decode_plain(rnd: Round, body: bytes) -> tuple[str, npt.NDArray[Any], npt.NDArray[Any] | None]:
+    """An update of a round without secure aggregation: ("ring", values, None) for the
+    compressed codec, ("float", values, indices or None) for float32 updates."""
+    p = rnd.plan
+    dim = p["dim"]
+    expected_hash = p["layout_hash"]
+    header = peek_header(body)
     codec = _codec_params(p)
     if header.kind == UpdateKind.DENSE_F32 and codec is None:
         _, vec = unpack_dense_update(
             body, expected_round=rnd.id, expected_layout_hash=expected_hash, expected_dim=dim
         )
-        return ParsedUpload(values=weight * vec.astype(np.float64), weight=weight, kind="float")
+        return "float", vec, None
     if header.kind == UpdateKind.SPARSE_F32 and codec is None:
         _, sparse = unpack_sparse_update(
             body, expected_round=rnd.id, expected_layout_hash=expected_hash, expected_dim=dim
         )
-        return ParsedUpload(
-            values=weight * sparse.values.astype(np.float64),
-            weight=weight,
-            kind="float",
-            sparse_indices=sparse.indices,
-        )
+        return "float", sparse.values, sparse.indices
     if header.kind == UpdateKind.RING and codec is not None:
         _, values = unpack_update(
             body,
@@ -1227,57 +1215,8 @@ def parse_upload(
             expected_bits=ring_bits(codec),
             expected_length=encoded_length(codec, dim),
         )
-        return ParsedUpload(values=values, weight=weight, kind="ring")
+        return "ring", values, None
     raise WireError(f"update kind {header.kind.name} does not match this round's codec")
-
-
-def _claim_shard(session: Session, round_id: int) -> RoundSum:
-    """A partial sum of the round nobody else is adding into (PostgreSQL ``SKIP LOCKED``), or,
-    when all are busy, one of them to wait for."""
-    shard = session.execute(
-        select(RoundSum)
-        .where(RoundSum.round_id == round_id)
-        .with_for_update(skip_locked=True)
-        .limit(1)
-        .execution_options(populate_existing=True)
-    ).scalar_one_or_none()
-    if shard is None:
-        shard = session.execute(
-            select(RoundSum)
-            .where(RoundSum.round_id == round_id)
-            .order_by(func.random())
-            .limit(1)
-            .with_for_update()
-            .execution_options(populate_existing=True)
-        ).scalar_one_or_none()
-    if shard is None:
-        raise StageConflict(f"round {round_id} takes no uploads")
-    return shard
-
-
-def _add_into(shard: RoundSum, parsed: ParsedUpload, length: int) -> None:
-    if parsed.kind == "ring":
-        acc = (
-            np.zeros(length, dtype="<u4")
-            if shard.sum_blob is None
-            else np.frombuffer(shard.sum_blob, dtype="<u4").copy()
-        )
-        if parsed.values.shape != acc.shape:
-            raise WireError(f"update has {parsed.values.shape[0]} values, the round sums {length}")
-        np.add(acc, parsed.values.astype("<u4", copy=False), out=acc)  # wraps mod 2**32
-    else:
-        acc = (
-            np.zeros(length, dtype="<f8")
-            if shard.sum_blob is None
-            else np.frombuffer(shard.sum_blob, dtype="<f8").copy()
-        )
-        if parsed.sparse_indices is not None:
-            np.add.at(acc, parsed.sparse_indices, parsed.values)
-        else:
-            acc += parsed.values
-    shard.sum_blob = acc.tobytes()
-    shard.weight_sum += parsed.weight
-    shard.inputs += 1
 
 
 def upload(
@@ -1286,20 +1225,18 @@ def upload(
     *,
     round_id: int,
     device_id: str,
-    parsed: ParsedUpload,
-    size: int,
+    body: bytes,
+    weight: float,
 ) -> bool:
-    """Add a parsed upload into one of the round's partial sums. False for a repeat."""
+    """Record a checked upload (appended: no shared row is rewritten). False for a repeat."""
     rnd = _lock_shared(session, round_id)
     part = _my_row(session, rnd, device_id)
     if part.stage in (Stage.MASKED_INPUT, UPLOAD, Stage.UNMASK):
-        return False  # idempotent: this device's update is already in the sum
+        return False  # idempotent: this device's update is already in
     _expect(rnd, Stage.MASKED_INPUT, UPLOAD)
-    if rnd.stage == Stage.MASKED_INPUT and part.stage != Stage.SHARE_KEYS:
-        raise Gone("device did not complete key sharing in time")
     secure = rnd.stage == Stage.MASKED_INPUT
-    if secure != (parsed.kind == "ring" and rnd.plan.get("secagg") is not None):
-        raise StageConflict("the round's stage changed while the upload was checked; send it again")
+    if secure and part.stage != Stage.SHARE_KEYS:
+        raise Gone("device did not complete key sharing in time")
     # The round takes K updates. Uploads in flight at once on PostgreSQL (share locks) can
     # overshoot by a few, never beyond the selected devices that the ring's headroom covers.
     have = session.scalar(
@@ -1309,10 +1246,9 @@ def upload(
     )
     if (have or 0) >= rnd.plan["clients_per_round"]:
         raise Gone(f"round {rnd.id} already has the {rnd.plan['clients_per_round']} updates it needs")
-    length = len(parsed.values) if parsed.sparse_indices is None else int(rnd.plan["dim"])
-    _add_into(_claim_shard(session, rnd.id), parsed, length)
+    session.add(RoundUpload(round_id=rnd.id, device_id=device_id, weight=weight, body=body))
     part.stage = Stage.MASKED_INPUT if secure else UPLOAD
-    part.upload_bytes = size
+    part.upload_bytes = len(body)
     session.execute(
         update(Device)
         .where(Device.id == device_id)
@@ -1326,19 +1262,45 @@ def _cfg_cap(plan: dict[str, Any]) -> int:
     return int(codec["weight_cap"]) if codec else 1 << 30
 
 
-def shard_totals(session: Session, round_id: int, dtype: str) -> tuple[npt.NDArray[Any] | None, float, int]:
-    """The sum of a round's partial sums (``<u4`` words wrapping mod 2**32, or ``<f8``), the
-    summed weight and the number of inputs; None for the vector when nothing was added."""
-    rows = session.execute(
-        select(RoundSum.sum_blob, RoundSum.weight_sum, RoundSum.inputs).where(RoundSum.round_id == round_id)
+def _uploads(session: Session, round_id: int) -> Iterator[tuple[str, float, bytes]]:
+    """The round's stored uploads, one at a time (O(d) memory however many there are)."""
+    ids = session.execute(
+        select(RoundUpload.device_id, RoundUpload.weight)
+        .where(RoundUpload.round_id == round_id)
+        .order_by(RoundUpload.device_id)
     ).all()
+    for device_id, weight in ids:
+        body = session.scalar(
+            select(RoundUpload.body).where(
+                RoundUpload.round_id == round_id, RoundUpload.device_id == device_id
+            )
+        )
+        if body is not None:
+            yield device_id, weight, body
+
+
+def plain_sum(session: Session, rnd: Round) -> tuple[npt.NDArray[Any] | None, float, int]:
+    """The sum of a round's updates without secure aggregation: uint32 ring words for the
+    compressed codec (the ring width keeps the true sum below 2**k), else the weighted float64
+    sum; the summed weight and the number of updates. None for the vector when none arrived."""
     total: npt.NDArray[Any] | None = None
-    for blob, _, _ in rows:
-        if blob is None:
-            continue
-        v = np.frombuffer(blob, dtype=dtype)
-        total = v.copy() if total is None else np.add(total, v, out=total)
-    return total, float(sum(w for _, w, _ in rows)), int(sum(n for _, _, n in rows))
+    weight_sum, n = 0.0, 0
+    for _, weight, body in _uploads(session, rnd.id):
+        kind, values, indices = _decode_plain(rnd, body)
+        if kind == "ring":
+            if total is None:
+                total = np.zeros(len(values), dtype=np.uint32)
+            np.add(total, values.astype(np.uint32, copy=False), out=total)
+        else:
+            if total is None:
+                total = np.zeros(int(rnd.plan["dim"]), dtype=np.float64)
+            if indices is None:
+                total += weight * values.astype(np.float64)
+            else:
+                np.add.at(total, indices, weight * values.astype(np.float64))
+        weight_sum += weight
+        n += 1
+    return total, weight_sum, n
 
 
 def unmask_request(session: Session, *, round_id: int, device: Device) -> UnmaskRequest:

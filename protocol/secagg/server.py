@@ -306,36 +306,6 @@ class SecAggServer:
         np.add(self._sum, v.astype(self._dtype, copy=False), out=self._sum)
         self._s.inputs.append(device)
 
-    def add_partial_sum(self, devices: Iterable[str], partial: npt.ArrayLike) -> None:
-        """Add the modular sum of several devices' masked inputs, summed elsewhere (the
-        coordinator's workers keep a few running partial sums so that uploads need not queue on
-        one lock). The caller vouches that ``partial`` is exactly the sum of those devices'
-        verified uploads; the devices are checked as in :meth:`add_masked_input`."""
-        self._expect(Stage.MASKED_INPUT, "add_partial_sum")
-        ids = list(devices)
-        seen = set(self._s.inputs)
-        for device in ids:
-            if device not in self._s.mailbox:
-                raise SecAggError(f"{device!r} may not send a masked input in this round")
-            if device in seen:
-                raise DuplicateInputError(f"{device!r} already sent its masked input")
-            seen.add(device)
-        v = np.asarray(partial)
-        p = self._s.params
-        if v.ndim != 1 or v.shape[0] != p.vector_length or v.dtype.kind != "u":
-            raise SecAggError(
-                f"partial sum must be an unsigned vector of shape ({p.vector_length},), "
-                f"got {v.dtype} {v.shape}"
-            )
-        # a partial sum may have wrapped at its word width (a multiple of k bits): reduce mod 2**k
-        v = v.astype(self._dtype, copy=False) & self._dtype.type((1 << p.ring_bits) - 1)
-        np.add(self._sum, v, out=self._sum)
-        self._s.inputs.extend(ids)
-
-    def may_send_masked_input(self, device: str) -> bool:
-        """Whether ``device`` completed key sharing and was not excluded (it is in U2)."""
-        return device in self._s.mailbox
-
     def add_masked_update(
         self, device: str, data: bytes | memoryview, *, layout_hash: str, dim: int | None = None
     ) -> UpdateHeader:
