@@ -30,7 +30,7 @@ from edge_client.batching import Batch, encode_messages, pack_batches
 from edge_client.bundle import Bundle, BundleError, extract_bundle, load_bundle
 from edge_client.datastore import DataStore
 from edge_client.device_state import Conditions, StateProvider
-from edge_client.memory import release_pages, trim
+from edge_client.memory import peak_rss_mb, release_pages, trim
 from edge_client.participation import (
     Aborted,
     LocalResult,
@@ -226,6 +226,7 @@ class Agent:
         if self.cfg.drop_codec_caches:
             drop_codec_caches()
         trim()  # the round's large temporaries are gone: give their pages back
+        outcome["peak_rss_mb"] = round(peak_rss_mb(), 1)  # of the process so far (NaN without /proc)
         self.stats.rounds.append(outcome)
         self.record(outcome)
         return 0.0, True
