@@ -60,7 +60,9 @@ def _run(args: list[str], **kw: Any) -> str:
     return out.stdout
 
 
-def one_round(bundle: Path, devices: int, work: Path, rounds: int = 1) -> list[dict[str, Any]]:
+def one_round(
+    bundle: Path, devices: int, work: Path, rounds: int = 1, client_args: tuple[str, ...] = ()
+) -> list[dict[str, Any]]:
     from coordinator.launch import start_local, stop_local
     from simulator.run import SimConfig
 
@@ -110,6 +112,7 @@ def one_round(bundle: Path, devices: int, work: Path, rounds: int = 1) -> list[d
                 "static",
                 "--rounds",
                 str(rounds),
+                *client_args,
             ]
             p = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=(state / "run.log").open("wb"))
             procs[p.pid] = (state, time.time())
@@ -311,7 +314,7 @@ def breakdown_table(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def memory_notes(rows: list[dict[str, Any]], res: list[dict[str, Any]]) -> list[str]:
+def memory_notes(rows: list[dict[str, Any]], res: list[dict[str, Any]], deltas: bool = True) -> list[str]:
     """The goal statement and where the memory goes, from the devices and the breakdown's rows."""
 
     def at(key: str) -> float:
@@ -333,7 +336,7 @@ def memory_notes(rows: list[dict[str, Any]], res: list[dict[str, Any]]) -> list[
         + (f"; over {n} rounds {peak:.0f} MB: {verdict(peak)}" if n > 1 else "")
         + "** (424 MB on 2026-11-26, before the changes below)."
     ]
-    if n > 1:
+    if n > 1 and deltas:
         lines[0] += (
             " From the second round on the peak is the start of the round, not training: the "
             "weights arrive as an XOR delta from the version the device holds, and "
@@ -410,6 +413,10 @@ def main() -> None:
         help="interpreter of the devices, e.g. a fresh venv with only `pip install '.[client]'`",
     )
     ap.add_argument("--breakdown-only", action="store_true", help="only the per-step memory breakdown")
+    ap.add_argument(
+        "--no-weight-deltas", dest="weight_deltas", action="store_false", help="devices fetch whole weights"
+    )
+    ap.add_argument("--no-record", action="store_true", help="print, do not write bench/RESULTS.md")
     ap.add_argument("--breakdown-child", nargs=2, type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.breakdown_child:
@@ -433,7 +440,8 @@ def main() -> None:
     manifest = load_bundle(args.bundle).manifest
     dense = 4 * manifest.train.layout.size
     with tempfile.TemporaryDirectory(prefix="fedkeys-client-bench-") as tmp:
-        res = one_round(args.bundle, args.devices, Path(tmp), args.rounds)
+        client_args = () if args.weight_deltas else ("--no-weight-deltas",)
+        res = one_round(args.bundle, args.devices, Path(tmp), args.rounds, client_args)
         heldout = eval_messages(split_corpus(load_chitchat())["heldout"], 200, seed=1)
         prefixes = [" ".join(m.split()[: max(1, len(m.split()) // 2)]) + " " for m in heldout][
             : args.suggestions
@@ -485,7 +493,7 @@ def main() -> None:
         "XOR delta from the version the device holds. "
         f"Dense float32 update: {dense / 1e3:.0f} kB. Goal for peak RSS: <= 300 MB.",
         "",
-        *memory_notes(rows, res),
+        *memory_notes(rows, res, args.weight_deltas),
         "",
         f"Suggestion latency through the client (`Predictor` on the device's downloaded bundle and "
         f"predict.pte, top-3 words, 1 thread, {lat['n']} heldout prefixes): p50 {lat['p50_ms']:.2f} ms, "
@@ -493,7 +501,8 @@ def main() -> None:
     ]
     body = "\n".join(lines)
     print(body)
-    _record("Device client: one round (issue 5)", body)
+    if not args.no_record:
+        _record("Device client: one round (issue 5)", body)
 
 
 if __name__ == "__main__":

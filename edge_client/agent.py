@@ -76,6 +76,9 @@ class AgentConfig:
     # Forget the codec's cached per-round randomness after each round (11 MB per round for the
     # demo model; the codec keeps two rounds). Off where one process encodes for many devices.
     drop_codec_caches: bool = False
+    # Download new global weights as XOR deltas from the held version (fewer bytes; decoding
+    # one holds about 50 MB of temporaries for the demo model) or whole (streamed to disk).
+    weight_deltas: bool = True
     platform: str = field(default_factory=_platform_name)
 
 
@@ -110,7 +113,7 @@ class Agent:
         if self.transport.on_bytes is None:
             self.transport.on_bytes = self._count
         self.rng = rng or random.Random()
-        self.weights = WeightsCache(directory=cfg.state_dir / "weights")
+        self.weights = WeightsCache(directory=cfg.state_dir / "weights", deltas=cfg.weight_deltas)
         self._bundles: dict[str, Bundle] = {}
         self._trainers: dict[str, Any] = {}
         self._failures = 0

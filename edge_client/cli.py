@@ -50,6 +50,12 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         action="store_true",
         help="keep train.pte loaded between rounds (faster rounds; ~45 MB more resident for the demo model)",
     )
+    r.add_argument(
+        "--no-weight-deltas",
+        dest="weight_deltas",
+        action="store_false",
+        help="download whole weight vectors, not XOR deltas (more bytes, ~50 MB less peak memory)",
+    )
     s.add_parser("status", help="enrolment, device conditions, local data, last rounds")
     a = s.add_parser("add-text", help="store one typed message locally")
     a.add_argument("text", nargs="+")
@@ -81,6 +87,7 @@ def _agent(args: argparse.Namespace, provider: Any = None) -> Any:
         threads=getattr(args, "threads", 1),
         keep_program=getattr(args, "keep_program", False),
         drop_codec_caches=True,  # one device per process: nothing to share between rounds
+        weight_deltas=getattr(args, "weight_deltas", True),
     )
     if ca is not None:
         args.state_dir.mkdir(parents=True, exist_ok=True)

@@ -97,12 +97,14 @@ class WeightsCache:
     With it, each vector is a file there (``v<version>-<sha256>.f32``, streamed to disk as it
     downloads) and :meth:`get` returns a read-only memory map of it: a device holds no private
     copy of the global weights, only the pages it is reading (see :func:`release_pages`), and
-    the cache survives restarts.
+    the cache survives restarts. ``deltas=False`` always downloads whole vectors: more bytes,
+    but no decoding temporaries (:func:`protocol.delta.xor_undelta` holds several vectors).
     """
 
-    def __init__(self, max_items: int = 2, directory: Path | None = None) -> None:
+    def __init__(self, max_items: int = 2, directory: Path | None = None, *, deltas: bool = True) -> None:
         self.max_items = max_items
         self.directory = directory
+        self.deltas = deltas  # ask for XOR deltas against a held older version
         self._by_sha: dict[str, tuple[int, FloatVec]] = {}
         self._files: dict[str, tuple[int, Path]] = {}
         if directory is not None and directory.is_dir():
@@ -163,7 +165,7 @@ class WeightsCache:
         if hit is not None:
             return hit
         held = sorted(self._held(), key=lambda x: -x[0])
-        if held and held[0][0] < plan.model_version:
+        if self.deltas and held and held[0][0] < plan.model_version:
             base_version, base_sha = held[0]
             base = self._load(base_sha)
             try:

@@ -116,3 +116,12 @@ def test_memory_cache_refuses_a_longer_download_than_announced() -> None:
     short = p.model_copy(update={"weights": p.weights.model_copy(update={"size": 8})})
     with pytest.raises(Aborted, match="larger"):
         WeightsCache().get(srv.transport(), short)
+
+
+def test_without_deltas_a_newer_version_is_downloaded_whole(tmp_path: Path) -> None:
+    v1, v2 = vec(1), vec(2)
+    srv = Server({1: v1, 2: v2})
+    cache = WeightsCache(directory=tmp_path / "w", deltas=False)
+    cache.get(srv.transport(), plan(1, v1))
+    np.testing.assert_array_equal(cache.get(srv.transport(), plan(2, v2)), v2)
+    assert [r.url.params.get("base") for r in srv.requests] == [None, None]
