@@ -78,12 +78,6 @@ async def checkin(body: CheckinRequest, request: Request) -> CheckinResponse:
     token = _bearer(request)
     ctx: RoundContext = app.state.ctx
     st = body.state
-    values = {
-        "last_checkin_at": ctx.now(),
-        "client_version": st.client_version,
-        "device_class": st.device_class,
-        "data_bucket": max(0, int(st.examples).bit_length()),
-    }
 
     def work() -> CheckinResponse:
         # One thread hop for the whole check-in: one statement authenticates and records the
@@ -94,7 +88,10 @@ async def checkin(body: CheckinRequest, request: Request) -> CheckinResponse:
                 conn,
                 token=token,
                 rate_limit_per_minute=app.state.settings.rate_limit_per_minute,
-                values=values,
+                seen=ctx.now(),
+                client_version=st.client_version,
+                device_class=st.device_class,
+                data_bucket=max(0, int(st.examples).bit_length()),
             )
         return rounds.checkin(
             app.state.soft_sessions, ctx, device_id=device_id, last_round_number=last_round, state=st

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from datetime import UTC, datetime
 from typing import cast
 
-from sqlalchemy import Connection, Table, case, update
+from sqlalchemy import Connection, Table, Update, bindparam, case, update
 from sqlalchemy.orm import Session
 
 from coordinator.db.models import Device
@@ -82,24 +83,51 @@ def authenticate(
     return device
 
 
-def checkin_identity(
-    conn: Connection, *, token: str, rate_limit_per_minute: int, values: dict[str, object]
-) -> tuple[str, int]:
-    """:func:`authenticate` for the hottest path: one Core statement that authenticates,
-    counts the request and records the device's state, returning only what a check-in needs
-    (device id, the number of its last round) instead of a whole ORM object."""
-    now = time.time()
-    minute = int(now // 60)
+@functools.cache
+def _checkin_statement() -> Update:
+    """Built once: constructing and cache-keying the statement per request cost more than
+    executing it."""
     t = cast(Table, Device.__table__)
-    row = conn.execute(
+    return (
         update(t)
-        .where(t.c.token_hash == hash_token(token))
+        .where(t.c.token_hash == bindparam("b_token"))
         .values(
-            rate_count=case((t.c.rate_window == minute, t.c.rate_count + 1), else_=1),
-            rate_window=minute,
-            **values,
+            rate_count=case((t.c.rate_window == bindparam("b_minute"), t.c.rate_count + 1), else_=1),
+            rate_window=bindparam("b_minute"),
+            last_checkin_at=bindparam("b_seen", type_=t.c.last_checkin_at.type),
+            client_version=bindparam("b_version", type_=t.c.client_version.type),
+            device_class=bindparam("b_class", type_=t.c.device_class.type),
+            data_bucket=bindparam("b_bucket", type_=t.c.data_bucket.type),
         )
         .returning(t.c.id, t.c.rate_count, t.c.last_round_number)
+    )
+
+
+def checkin_identity(
+    conn: Connection,
+    *,
+    token: str,
+    rate_limit_per_minute: int,
+    seen: datetime,
+    client_version: str,
+    device_class: str,
+    data_bucket: int,
+) -> tuple[str, int]:
+    """:func:`authenticate` for the hottest path: one statement that authenticates, counts the
+    request and records the device's state, returning only what a check-in needs (device id,
+    the number of its last round) instead of a whole ORM object. On the autocommit connection
+    of a check-in a refused request still counts (the refusal lasts until the minute ends)."""
+    now = time.time()
+    row = conn.execute(
+        _checkin_statement(),
+        {
+            "b_token": hash_token(token),
+            "b_minute": int(now // 60),
+            "b_seen": seen,
+            "b_version": client_version,
+            "b_class": device_class,
+            "b_bucket": data_bucket,
+        },
     ).one_or_none()
     if row is None:
         raise AuthError("unknown or revoked device token")
