@@ -33,16 +33,41 @@ def xor_delta(new: FloatVec, base: FloatVec) -> bytes:
     return zlib.compress(planes.tobytes(), 6)
 
 
-def xor_undelta(delta: bytes, base: FloatVec) -> FloatVec:
+def xor_undelta(delta: bytes, base: FloatVec, *, chunk: int = 1 << 20) -> FloatVec:
+    """The vector whose :func:`xor_delta` against ``base`` is ``delta``.
+
+    Streams: the byte planes are decompressed ``chunk`` bytes at a time straight into the
+    output's byte columns and XORed in place, so the only vector allocated is the result
+    (a device decodes this at the start of a round, when memory is tightest)."""
     b = np.ascontiguousarray(base, dtype="<f4")
-    want = 4 * b.shape[0]
+    n = b.shape[0]
+    want = 4 * n
+    if want > _MAX_EXPANSION:
+        raise DeltaError(f"a base of {n} floats is too large")
+    out = np.empty(n, dtype="<u4")
+    cols = out.view(np.uint8).reshape(n, 4)  # cols[:, p] is byte plane p
+    d = zlib.decompressobj()
+    pending: bytes = delta
+    written = 0
     try:
-        d = zlib.decompressobj()
-        raw = d.decompress(delta, min(want + 1, _MAX_EXPANSION))
+        while True:
+            piece = d.decompress(pending, chunk)
+            pending = d.unconsumed_tail
+            if written + len(piece) > want:
+                raise DeltaError(f"delta expands beyond the {want} bytes the base needs")
+            src = np.frombuffer(piece, dtype=np.uint8)
+            off = 0
+            while off < len(src):
+                plane, i = divmod(written, n)
+                take = min(n - i, len(src) - off)
+                cols[i : i + take, plane] = src[off : off + take]
+                off += take
+                written += take
+            if d.eof or not (piece or pending):
+                break
     except zlib.error as e:
         raise DeltaError(f"corrupt delta: {e}") from None
-    if len(raw) != want or d.unconsumed_tail or not d.eof:
-        raise DeltaError(f"delta expands to {len(raw)} bytes, the base needs {want}")
-    planes = np.frombuffer(raw, dtype=np.uint8).reshape(4, -1)
-    x = planes.T.copy().view(np.uint32).reshape(-1)
-    return np.bitwise_xor(x, b.view(np.uint32)).view(np.float32).astype(np.float32)
+    if written != want or not d.eof or pending:
+        raise DeltaError(f"delta expands to {written} bytes, the base needs {want}")
+    np.bitwise_xor(out, b.view("<u4"), out=out)
+    return out.view(np.float32)
