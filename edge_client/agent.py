@@ -339,6 +339,12 @@ class Agent:
         release_pages(weights)
         return LocalResult(delta, len(msgs), report)
 
+    def _bundle_weights(self, plan: RoundPlan) -> tuple[int, FloatVec]:
+        """The weights the round's bundle ships with (configuration fetches the bundle first:
+        a device new to the task then downloads a delta from them, not the whole vector)."""
+        b = self.bundle(plan)
+        return b.manifest.model_version, b.initial_weights()
+
     def train_round(self, round_id: int) -> dict[str, Any]:
         up, down = self.stats.bytes_up, self.stats.bytes_down
         out = self._train_round(round_id)
@@ -356,6 +362,7 @@ class Agent:
                 round_id,
                 self.local_train,
                 weights_cache=self.weights,
+                bundle_weights=self._bundle_weights,
                 sleep=self._sleep,
                 should_continue=lambda: not self.stopped and self.provider.read().eligible,
                 stopping=lambda: self.stopped,

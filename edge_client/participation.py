@@ -159,11 +159,28 @@ class WeightsCache:
             if self.directory is not None:
                 self._files.pop(sha)[1].unlink(missing_ok=True)
 
-    def get(self, transport: Transport, plan: RoundPlan) -> FloatVec:
+    def get(
+        self,
+        transport: Transport,
+        plan: RoundPlan,
+        bundle_weights: Callable[[], tuple[int, FloatVec]] | None = None,
+    ) -> FloatVec:
+        """The plan's global weights. ``bundle_weights`` gives the (version, vector) the model
+        bundle ships with: a device that holds no version yet starts from it, so its first
+        round downloads a delta (or nothing, while the task is still at that version)."""
         sha = plan.weights.sha256
         hit = self._load(sha)
         if hit is not None:
             return hit
+        if bundle_weights is not None and not self._held():
+            version, vec = bundle_weights()
+            vec = np.ascontiguousarray(vec, dtype="<f4")
+            if vec.shape[0] * 4 == plan.weights.size and version <= plan.model_version:
+                digest = hashlib.sha256(vec.data).hexdigest()
+                stored = self._store(digest, version, vec)
+                if digest == sha:
+                    return stored
+            del vec
         held = sorted(self._held(), key=lambda x: -x[0])
         if self.deltas and held and held[0][0] < plan.model_version:
             base_version, base_sha = held[0]
@@ -270,6 +287,7 @@ def run_round(
     train: TrainFn,
     *,
     weights_cache: WeightsCache | None = None,
+    bundle_weights: Callable[[RoundPlan], tuple[int, FloatVec]] | None = None,
     rng: np.random.Generator | None = None,
     sleep: Callable[[float], None] = time.sleep,
     should_continue: Callable[[], bool] = lambda: True,
@@ -277,14 +295,16 @@ def run_round(
     max_wait: float = 3600.0,
 ) -> RoundOutcome:
     """Take part in a training round from plan to result. Network faults are retried by the
-    transport; a stage the device missed ends its part cleanly (the round goes on without it)."""
+    transport; a stage the device missed ends its part cleanly (the round goes on without it).
+    ``bundle_weights(plan)`` gives the weights the plan's bundle ships with (see
+    :meth:`WeightsCache.get`)."""
     rng = rng or np.random.default_rng()
     cache = weights_cache or WeightsCache()
     t0 = time.time()
     deadline = t0 + max_wait
     times: dict[str, float] = {}
     plan = transport.plan(round_id)
-    weights = cache.get(transport, plan)
+    weights = cache.get(transport, plan, None if bundle_weights is None else lambda: bundle_weights(plan))
     times["download"] = time.time() - t0
     secagg: SecAggClient | None = None
     wait = {"sleep": sleep, "should_continue": should_continue, "deadline": deadline}

@@ -125,3 +125,25 @@ def test_without_deltas_a_newer_version_is_downloaded_whole(tmp_path: Path) -> N
     cache.get(srv.transport(), plan(1, v1))
     np.testing.assert_array_equal(cache.get(srv.transport(), plan(2, v2)), v2)
     assert [r.url.params.get("base") for r in srv.requests] == [None, None]
+
+
+@pytest.mark.parametrize("directory", [True, False])
+def test_a_new_device_starts_from_the_bundles_weights(tmp_path: Path, directory: bool) -> None:
+    v0 = vec(0)
+    v3 = (v0 + np.float32(1e-3) * vec(3)).astype(np.float32)
+    srv = Server({0: v0, 3: v3})
+    d = tmp_path / "w" if directory else None
+    # still at the bundle's version: nothing to download
+    cache = WeightsCache(directory=d)
+    np.testing.assert_array_equal(cache.get(srv.transport(), plan(0, v0), lambda: (0, v0.copy())), v0)
+    assert srv.requests == []
+    # later versions: a delta from the bundle's weights, not the whole vector
+    fresh = WeightsCache(directory=tmp_path / "w2" if directory else None)
+    got = fresh.get(srv.transport(), plan(3, v3), lambda: (0, v0.copy()))
+    np.testing.assert_array_equal(got, v3)
+    assert [r.url.params.get("base") for r in srv.requests] == ["0"]
+    # bundle weights of another shape (or a newer version than the plan's) are not used
+    other = WeightsCache(directory=tmp_path / "w3" if directory else None)
+    got = other.get(srv.transport(), plan(3, v3), lambda: (0, v0[:10].copy()))
+    np.testing.assert_array_equal(got, v3)
+    assert srv.requests[-1].url.params.get("base") is None
