@@ -122,6 +122,21 @@ async def load(url: str, ca: str, tokens: list[str], seconds: float, concurrency
     }
 
 
+def bench_task(server: Any, tar: Path, name: str, *, advertise_seconds: float) -> None:
+    """A task whose rounds select 130 of the eligible check-ins (100 per round)."""
+    from tests.coordinator.test_rounds import setup_task, task_config
+
+    deadlines = {"selection": 10, "advertise": advertise_seconds, "share": 5, "upload": 5, "unmask": 5}
+    cfg = task_config(
+        clients_per_round=100,
+        min_reports=50,
+        max_rounds=None,
+        eligibility={"min_examples": 10},
+        deadlines=deadlines,
+    )
+    setup_task(server, tar, cfg, name=name)
+
+
 def run_wrk(url: str, tokens: list[str], seconds: float, concurrency: int) -> dict[str, float]:
     """The load from wrk (C, one thread): it costs a fraction of a core, so the coordinator's
     figures are not capped by the load generator sharing the 2 cores."""
@@ -270,8 +285,6 @@ def main() -> None:
         return
     import tempfile
 
-    from tests.coordinator.test_rounds import setup_task, task_config
-
     rows: list[dict[str, Any]] = []
     tar = tiny_build() / "bundle.tar"
     tmp = Path(tempfile.mkdtemp(prefix="fedkeys-bench-"))
@@ -283,18 +296,7 @@ def main() -> None:
             # 1. Between rounds (the common case): a round of 100 filled its pool with the first
             #    130 eligible check-ins and then waits for its devices (an hour's deadlines), so
             #    every other check-in is answered by pace steering.
-            setup_task(
-                server,
-                tar,
-                task_config(
-                    clients_per_round=100,
-                    min_reports=50,
-                    max_rounds=None,
-                    eligibility={"min_examples": 10},
-                    deadlines={"selection": 10, "advertise": 3600, "share": 5, "upload": 5, "unmask": 5},
-                ),
-                name="steady",
-            )
+            bench_task(server, tar, "steady", advertise_seconds=3600)
             for n, label in ((1_000, "1k"), (100_000, "100k"), (1_000_000, "1M")):
                 if label == "1M" and args.skip_1m:
                     continue
@@ -309,18 +311,7 @@ def main() -> None:
             #    training, fail at a 5 s advertise deadline and reopen, again and again.
             with server.admin() as admin:
                 admin.post("/v1/admin/tasks/steady/pause").raise_for_status()
-            setup_task(
-                server,
-                tar,
-                task_config(
-                    clients_per_round=100,
-                    min_reports=50,
-                    max_rounds=None,
-                    eligibility={"min_examples": 10},
-                    deadlines={"selection": 10, "advertise": 5, "share": 5, "upload": 5, "unmask": 5},
-                ),
-                name="bench",
-            )
+            bench_task(server, tar, "bench", advertise_seconds=5)
             for conns in (args.concurrency, args.concurrency // 4):
                 res = run_load(server.url, str(server.ca), tokens, args.seconds, conns)
                 res.update(devices=rows[-1]["devices"], connections=conns, scenario="rounds churning")

@@ -68,6 +68,8 @@ class AgentConfig:
     min_examples: int = 20  # fewer local messages: the device does not volunteer
     eval_holdout: int = 20  # newest messages kept out of training (for federated evaluation)
     max_backoff: float = 900.0
+    # seconds (jittered) before checking in again when assigned a round this device already left
+    left_round_wait: float = 10.0
     threads: int = 1  # ExecuTorch threadpool size
     # Keep train.pte loaded between rounds: saves reloading it (a fraction of a second) but
     # keeps its planned memory (45 MB for the demo student) resident while the device idles
@@ -115,6 +117,7 @@ class Agent:
         self.rng = rng or random.Random()
         self.weights = WeightsCache(directory=cfg.state_dir / "weights", deltas=cfg.weight_deltas)
         self._bundles: dict[str, Bundle] = {}
+        self._attempted: set[int] = set()  # rounds this process already took part in (or left)
         self._trainers: dict[str, Any] = {}
         self._failures = 0
         self.model_version: int | None = None
@@ -225,6 +228,11 @@ class Agent:
         self._failures = 0
         if r.action == "retry" or r.round_id is None:
             return float(r.retry_after or 60.0), False
+        if r.round_id in self._attempted:
+            # The coordinator still counts this device in a round it already left (its keys and
+            # state for that round are gone): wait for the round to drop it, do not start over.
+            return self.cfg.left_round_wait * (0.5 + self.rng.random()), False
+        self._attempted.add(r.round_id)
         outcome = self.train_round(r.round_id) if r.action == "train" else self.eval_round(r.round_id)
         if self.cfg.drop_codec_caches:
             drop_codec_caches()

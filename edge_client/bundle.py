@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tarfile
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,11 +89,18 @@ def extract_bundle(tarball: Path, dest: Path) -> Bundle:
 
 
 def pack_bundle(bundle_dir: Path, dest: Path) -> Path:
-    """Write the bundle's files, flat, into the tarball ``dest`` (atomically)."""
-    tmp = dest.with_name(f".{dest.name}.tmp")
-    with tarfile.open(tmp, "w") as tar:
-        for f in sorted(bundle_dir.iterdir()):
-            if f.is_file():
-                tar.add(f, arcname=f.name)
-    tmp.replace(dest)
+    """Write the bundle's files, flat, into the tarball ``dest`` (atomically: a temporary file
+    of its own, so that several coordinator workers packing the same bundle at once never
+    write into one file and serve it half-written)."""
+    fd, name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.")
+    tmp = Path(name)
+    try:
+        with os.fdopen(fd, "wb") as f, tarfile.open(fileobj=f, mode="w") as tar:
+            for entry in sorted(bundle_dir.iterdir()):
+                if entry.is_file():
+                    tar.add(entry, arcname=entry.name)
+        tmp.replace(dest)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return dest

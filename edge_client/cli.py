@@ -54,7 +54,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "--no-weight-deltas",
         dest="weight_deltas",
         action="store_false",
-        help="download whole weight vectors, not XOR deltas (more bytes, ~50 MB less peak memory)",
+        help="download whole weight vectors, not XOR deltas (more bytes down, a few MB less to decode)",
     )
     s.add_parser("status", help="enrolment, device conditions, local data, last rounds")
     a = s.add_parser("add-text", help="store one typed message locally")

@@ -97,6 +97,19 @@ class SharedRuntime:
                 got = self._bundles[sha] = fetch(plan)
             return got
 
+    def bundle_weights(self, plan: Any, fetch: Any) -> tuple[int, Any]:
+        """The weights the plan's bundle ships with, read once per worker (read-only: each
+        device keeps its own copy in its weights cache, as a phone would)."""
+        bundle = self.bundle(plan, fetch)
+        key = f"weights:{plan.bundle.sha256}"
+        with self._bundle_lock:
+            got = self._bundles.get(key)
+            if got is None:
+                vec = bundle.initial_weights()
+                vec.setflags(write=False)
+                got = self._bundles[key] = (bundle.manifest.model_version, vec)
+            return got
+
     def trainer(self, bundle: Any) -> Any:
         from edge_client.runtime import Trainer
 
@@ -177,6 +190,7 @@ def _device_thread(
     agent.trainer = runtime.trainer  # type: ignore[method-assign]
     real_bundle = agent.bundle
     agent.bundle = lambda plan: runtime.bundle(plan, real_bundle)  # type: ignore[method-assign]
+    agent._bundle_weights = lambda plan: runtime.bundle_weights(plan, real_bundle)  # type: ignore[method-assign]
     real_train = agent.local_train
 
     real_round = agent.train_round

@@ -979,8 +979,13 @@ def _finish_evaluation(session: Session, ctx: RoundContext, rnd: Round, task: Ta
 # ----------------------------------------------------------------------------------------
 
 
-def _my_part(session: Session, rnd: Round, device: Device) -> Participant:
-    part = session.get(Participant, (rnd.id, device.id), populate_existing=True)
+def _my_part(session: Session, rnd: Round, device_id: str, *, lock: bool = False) -> Participant:
+    """The device's participant row (locked with ``lock``: its stage moves forward once);
+    403 if it was not selected, 410 if the round went on without it or is over."""
+    stmt = select(Participant).where(Participant.round_id == rnd.id, Participant.device_id == device_id)
+    if lock:
+        stmt = stmt.with_for_update()
+    part = session.execute(stmt.execution_options(populate_existing=True)).scalar_one_or_none()
     if part is None:
         raise Forbidden(f"device was not selected for round {rnd.id}")
     if part.stage == DROPPED:
@@ -1037,23 +1042,6 @@ def _lock_shared(session: Session, round_id: int) -> Round:
     return rnd
 
 
-def _my_row(session: Session, rnd: Round, device_id: str) -> Participant:
-    """The device's participant row, locked (its stage moves forward once)."""
-    part = session.execute(
-        select(Participant)
-        .where(Participant.round_id == rnd.id, Participant.device_id == device_id)
-        .with_for_update()
-        .execution_options(populate_existing=True)
-    ).scalar_one_or_none()
-    if part is None:
-        raise Forbidden(f"device was not selected for round {rnd.id}")
-    if part.stage == DROPPED:
-        raise Gone(f"round {rnd.id} went on without this device")
-    if rnd.stage == DONE:
-        raise Gone(f"round {rnd.id} is over ({rnd.outcome})")
-    return part
-
-
 def _snapshot(ctx: RoundContext, rnd: Round) -> SecAggServer:
     """The round's secure-aggregation state as of the start of its current stage, parsed once
     per worker and stage (it only changes when a stage closes). Read-only: messages are checked
@@ -1077,7 +1065,7 @@ def advertise(
 ) -> bool:
     """Record the device's public keys. True when the stage may now be complete."""
     rnd = _lock_shared(session, round_id)
-    part = _my_row(session, rnd, device.id)
+    part = _my_part(session, rnd, device.id, lock=True)
     if msg.device != device.id or msg.round_id != rnd.id:
         raise StageConflict("advertisement names another device or round")
     keys = {
@@ -1109,7 +1097,7 @@ def roster(session: Session, ctx: RoundContext, *, round_id: int, device: Device
     rnd = session.get(Round, round_id)
     if rnd is None:
         raise Gone(f"no round {round_id}")
-    part = _my_part(session, rnd, device)
+    part = _my_part(session, rnd, device.id)
     _expect(rnd, Stage.SHARE_KEYS, Stage.MASKED_INPUT, Stage.UNMASK)
     if part.stage == SELECTED:
         raise Gone("device did not advertise keys in time")
@@ -1122,7 +1110,7 @@ def roster(session: Session, ctx: RoundContext, *, round_id: int, device: Device
 def share_keys(session: Session, ctx: RoundContext, *, round_id: int, device: Device, msg: ShareKeys) -> bool:
     """Record the device's encrypted shares. True when the stage may now be complete."""
     rnd = _lock_shared(session, round_id)
-    part = _my_row(session, rnd, device.id)
+    part = _my_part(session, rnd, device.id, lock=True)
     if msg.sender != device.id or msg.round_id != rnd.id:
         raise StageConflict("share message names another device or round")
     if part.stage not in (SELECTED, Stage.ADVERTISE_KEYS):
@@ -1142,7 +1130,7 @@ def inbound_shares(
     rnd = session.get(Round, round_id)
     if rnd is None:
         raise Gone(f"no round {round_id}")
-    _my_part(session, rnd, device)
+    _my_part(session, rnd, device.id)
     _expect(rnd, Stage.MASKED_INPUT)
     return _snapshot(ctx, rnd).masked_input_request(device.id)
 
@@ -1230,7 +1218,7 @@ def upload(
 ) -> bool:
     """Record a checked upload (appended: no shared row is rewritten). False for a repeat."""
     rnd = _lock_shared(session, round_id)
-    part = _my_row(session, rnd, device_id)
+    part = _my_part(session, rnd, device_id, lock=True)
     if part.stage in (Stage.MASKED_INPUT, UPLOAD, Stage.UNMASK):
         return False  # idempotent: this device's update is already in
     _expect(rnd, Stage.MASKED_INPUT, UPLOAD)
@@ -1307,7 +1295,7 @@ def unmask_request(session: Session, *, round_id: int, device: Device) -> Unmask
     rnd = session.get(Round, round_id)
     if rnd is None:
         raise Gone(f"no round {round_id}")
-    part = _my_part(session, rnd, device)
+    part = _my_part(session, rnd, device.id)
     _expect(rnd, Stage.UNMASK)
     if part.stage not in (Stage.MASKED_INPUT, Stage.UNMASK):
         raise Gone("device's masked input is not in the sum")
@@ -1319,7 +1307,7 @@ def unmask(
 ) -> bool:
     """Record the device's revealed shares. True when the stage may now be complete."""
     rnd = _lock_shared(session, round_id)
-    part = _my_row(session, rnd, device.id)
+    part = _my_part(session, rnd, device.id, lock=True)
     if msg.sender != device.id or msg.round_id != rnd.id:
         raise StageConflict("unmask response names another device or round")
     if part.stage == Stage.UNMASK:
@@ -1353,7 +1341,7 @@ def evaluation(
 ) -> bool:
     """Record the device's evaluation counts. True when the stage may now be complete."""
     rnd = _lock_shared(session, round_id)
-    part = _my_row(session, rnd, device.id)
+    part = _my_part(session, rnd, device.id, lock=True)
     if rnd.kind != "evaluate":
         raise StageConflict("evaluation counts belong to evaluation rounds")
     if part.stage == EVALUATED:

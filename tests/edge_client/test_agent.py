@@ -332,3 +332,28 @@ def test_restarted_coordinator_mid_round(
             assert a.stats.rounds, "agent gave up instead of resuming"
     finally:
         stop_server(restarted)
+
+
+def test_a_left_round_is_not_started_over(tmp_path: Path) -> None:
+    """A coordinator that still counts the device in a round it left (until the stage's
+    deadline drops it) must not make the device start that round again, in a hot loop."""
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        assert request.url.path == "/v1/checkin"
+        return httpx.Response(200, json={"action": "train", "round_id": 7, "task": "t"})
+
+    store = DataStore(tmp_path / "m.db")
+    store.add((f"message {i}", time.time() - 60 * i) for i in range(20))
+    transport = Transport("https://coord", token="t", transport=httpx.MockTransport(answer))
+    cfg = AgentConfig(coordinator="https://coord", state_dir=tmp_path / "s", min_examples=10)
+    agent = Agent(cfg, StaticProvider(READY), store=store, transport=transport)
+    started: list[int] = []
+
+    def train_round(round_id: int) -> dict[str, Any]:
+        started.append(round_id)
+        return {"round": round_id, "kind": "train", "completed": False, "reason": "left"}
+
+    agent.train_round = train_round  # type: ignore[method-assign]
+    assert agent.step() == (0.0, True)
+    wait, took_part = agent.step()
+    assert started == [7] and not took_part and wait >= 0.5 * cfg.left_round_wait

@@ -100,7 +100,7 @@ def test_small_fleet_on_a_local_ray(tmp_path: Path, tiny_bundle_dir: Path) -> No
     cfg = _small(
         name="ray",
         devices=6,
-        rounds=3,
+        rounds=4,
         dropout=0.0,
         day_seconds=3600.0,
         ray_address="local",
