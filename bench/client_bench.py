@@ -338,13 +338,12 @@ def memory_notes(rows: list[dict[str, Any]], res: list[dict[str, Any]], deltas: 
     ]
     if n > 1 and deltas:
         lines[0] += (
-            " From the second round on the peak is the start of the round, not training: the "
-            "weights arrive as an XOR delta from the version the device holds, and "
-            "`protocol.delta.xor_undelta` holds the compressed delta (6.3 MB), the decompressed "
-            "byte planes, their transposed copy, the XOR result and a final `astype` copy of it "
-            "(10.3 MB each) while reading the held vector: about 50 MB above the 245 MB a device "
-            "holds between rounds (sampled every 20 ms on 2026-12-01). Training peaks at about "
-            "294 MB in every round."
+            " From the second round on the weights arrive as an XOR delta from the version the "
+            "device holds. `protocol.delta.xor_undelta` now streams into its result (it held five "
+            "10.3 MB vectors until 2026-12-01 22:30; the decode's peak is now the result plus about "
+            "5 MB), yet the two-round peak stayed about 10 MB above the first round's: where the "
+            "rest goes in the second round is not located yet (the offline replay below peaks at "
+            "292 MB in round 2). Training peaks at about 294 MB in every round."
         )
     return [
         *lines,
