@@ -174,8 +174,6 @@ def _breakdown_child(bundle_dir: Path, work: Path) -> None:
         print(json.dumps(row), flush=True)
 
     stage("interpreter, allocator settings")
-    import hashlib
-
     import cryptography  # noqa: F401
     import httpx
     import numpy as np
@@ -189,15 +187,10 @@ def _breakdown_child(bundle_dir: Path, work: Path) -> None:
     from protocol.wire import RoundPlan
 
     stage("edge_client.agent imported")
+    from protocol.bundle import sha256_file  # already loaded by the agent
+
     spec = json.loads((work / "round.json").read_text())
     tar, wfile = bundle_dir.with_suffix(".tar"), work / "weights.f32"
-
-    def sha(p: Path) -> str:
-        h = hashlib.sha256()
-        with p.open("rb") as f:
-            while chunk := f.read(1 << 20):
-                h.update(chunk)
-        return h.hexdigest()
 
     plan = RoundPlan.model_validate(
         {
@@ -205,8 +198,8 @@ def _breakdown_child(bundle_dir: Path, work: Path) -> None:
             "task": "bench",
             "kind": "train",
             "model_version": 0,
-            "bundle": {"url": "/bundle.tar", "sha256": sha(tar), "size": tar.stat().st_size},
-            "weights": {"url": "/weights", "sha256": sha(wfile), "size": wfile.stat().st_size},
+            "bundle": {"url": "/bundle.tar", "sha256": sha256_file(tar), "size": tar.stat().st_size},
+            "weights": {"url": "/weights", "sha256": sha256_file(wfile), "size": wfile.stat().st_size},
             "layout_hash": spec["layout_hash"],
             "training": spec["training"],
             "codec": spec["codec"],

@@ -259,6 +259,21 @@ def _w_share(args: tuple[bytes, str, str, str]) -> tuple[str, bytes, str]:
     return client.device, client.to_bytes(), msg.model_dump_json()
 
 
+def _ring_header(sp: Any, cp: Any, layout_hash: str, d: int) -> Any:
+    """The wire header of a client's masked upload in this round."""
+    from protocol import wire
+
+    return wire.UpdateHeader(
+        kind=wire.UpdateKind.RING,
+        bits=sp.ring_bits,
+        round_id=sp.round_id,
+        layout_hash=layout_hash,
+        keep_fraction=cp.keep_fraction,
+        length=sp.vector_length,
+        dim=d,
+    )
+
+
 def _segment(name: str) -> Any:
     """A transport segment attached once per worker and kept mapped (see our_round)."""
     from multiprocessing import resource_tracker, shared_memory
@@ -300,15 +315,7 @@ def _w_masked(
     masked = client.masked_input(encoded.values, request, overwrite=True)
     t4 = time.process_time()
     steps.update(state=t1 - t0, update=t2 - t1, encode=t3 - t2, mask=t4 - t3)
-    header = wire.UpdateHeader(
-        kind=wire.UpdateKind.RING,
-        bits=sp.ring_bits,
-        round_id=sp.round_id,
-        layout_hash=layout_hash,
-        keep_fraction=cp.keep_fraction,
-        length=sp.vector_length,
-        dim=d,
-    )
+    header = _ring_header(sp, cp, layout_hash, d)
     size = wire.pack_update_into(header, masked, _segment(segment).buf)
     t5 = time.process_time()
     steps["pack"] = t5 - t4
@@ -385,17 +392,7 @@ def our_round(pool: Any, n: int, d: int, config: dict[str, Any], seed: int) -> d
     # Transport: a fixed set of shared-memory segments, each lent to one upload at a time and
     # returned once the server has added it (created inside the timed round; workers keep
     # them mapped, so each page is faulted in once per process, not once per upload).
-    size = wire.update_size(
-        wire.UpdateHeader(
-            kind=wire.UpdateKind.RING,
-            bits=sp.ring_bits,
-            round_id=sp.round_id,
-            layout_hash=layout_hash,
-            keep_fraction=cp.keep_fraction,
-            length=sp.vector_length,
-            dim=d,
-        )
-    )
+    size = wire.update_size(_ring_header(sp, cp, layout_hash, d))
     segments = {}
     free: queue.Queue[str] = queue.Queue()
     for _ in range(2 * (os.cpu_count() or 1) + 2):

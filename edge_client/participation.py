@@ -22,6 +22,7 @@ import numpy.typing as npt
 
 from edge_client.memory import release_pages
 from edge_client.transport import ApiError, ArraySink, FileSink, Transport
+from protocol.bundle import sha256_file
 from protocol.codec import encode
 from protocol.delta import DeltaError, xor_undelta
 from protocol.layout import FloatVec
@@ -128,7 +129,7 @@ class WeightsCache:
             return None
         version, path = self._files[sha]
         if sha not in self._by_sha:  # first use in this process: check the file once
-            if _sha256_file(path) != sha:
+            if sha256_file(path) != sha:
                 log.warning("cached weights %s are corrupt; fetching them again", path.name)
                 path.unlink(missing_ok=True)
                 del self._files[sha]
@@ -228,14 +229,6 @@ def _map(path: Path) -> FloatVec:
             return np.empty(0, dtype=np.float32)
         mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     return np.frombuffer(mm, dtype="<f4").astype(np.float32, copy=False)
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def drop_codec_caches() -> None:
