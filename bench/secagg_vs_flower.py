@@ -20,7 +20,7 @@ What is measured, for n clients each holding a d-float update (default d = 1,000
   round without secure aggregation. Flower is installed into .cache/bench-flower-venv by this
   script (never a project dependency).
 * **PRG floor**: bytes of mask keystream that all clients and the server must generate, divided
-  by the AES-256-CTR keystream rate measured here on one core (per CPU second, the faster of
+  by the AES-128-CTR keystream rate measured here on one core (per CPU second, the faster of
   OpenSSL's CTR and GCM code paths, as the masks use), divided by the cores. "CPU / PRG CPU"
   is the load-independent form: all CPU seconds of the round over the keystream's CPU
   seconds on one core.
@@ -497,8 +497,8 @@ def measure_prg_rate(total_bytes: int = 1 << 30) -> dict[str, float]:
     """Keystream rates on one core (bytes per CPU second, best of 3): AES-256-CTR through
     OpenSSL's CTR mode ("aes256_ctr") and through its GCM kernel ("aes256_gcm": the same
     keystream from counter block 2, see protocol.secagg.crypto._Keystream), AES-128 the
-    same two ways, and ChaCha20. "aes256" is the faster AES-256 path: the PRG the masks use
-    and the floor's rate."""
+    same two ways, and ChaCha20. "aes128" is the faster AES-128 path: the PRG the masks use
+    and the floor's rate (until 2026-12-01 the masks used AES-256: "aes256")."""
     from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
     out = {}
@@ -593,7 +593,7 @@ def main() -> None:
                 load = _loadavg()
                 r = our_round(pool, n, args.d, CONFIGS[name], seed=1000 + n)
                 r["load_before"] = load
-                floor = r["mask_bytes"] / prg["aes256"] / cores
+                floor = r["mask_bytes"] / prg["aes128"] / cores
                 r["floor_s"] = floor
                 results["ours"][f"{name}|{n}"] = r
                 print(
@@ -654,8 +654,8 @@ def report(results: dict[str, Any], d: int) -> str:
     cores = results["cores"]
     lines = [
         f"d = {d:,}, {cores} cores; keystream rate on one core, GB per CPU second: "
-        f"{prg_line(results['prg'])}. The masks' PRG and the floor: AES-256-CTR at "
-        f"{results['prg']['aes256'] / 1e9:.2f} GB/s.",
+        f"{prg_line(results['prg'])}. The masks' PRG and the floor: AES-128-CTR at "
+        f"{results['prg']['aes128'] / 1e9:.2f} GB/s.",
         "",
         "| config | n | k bits | ours (s) | Flower SecAgg+ (s) | Flower FedAvg (s) "
         "| Flower SecAgg+ / ours | masked upload / client | + JSON msgs | dense float32 "
@@ -683,15 +683,15 @@ def report(results: dict[str, Any], d: int) -> str:
             f"| {r['exact']} "
             f"| {r['rel_err']:.1e} |"
         )
-    lines += ["", "Per round (CPU ms per client; CPU / keystream CPU also at the CTR-mode rate, the"]
-    lines += ["floor's definition before the GCM path; load average before the round):", ""]
+    lines += ["", "Per round (CPU ms per client; CPU / keystream CPU also at the AES-128 CTR-mode"]
+    lines += ["rate, the issue's floor, whichever path is faster here; load average before the round):", ""]
     prg = results["prg"]
     for key, r in results["ours"].items():
         name, n_str = key.split("|")
         if "client_stage_cpu_s" not in r:
             continue
         ctr = (r["client_cpu_s"] + r["server_cpu_s"]) / (
-            r["mask_bytes"] / prg.get("aes256_ctr", prg["aes256"])
+            r["mask_bytes"] / prg.get("aes128_ctr", prg["aes128"])
         )
         load = r.get("load_before")
         lines.append(

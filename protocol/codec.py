@@ -294,13 +294,14 @@ def _span_bits(span: int, noise_std: float, n: int) -> int:
 
 
 def _stream_cipher(seed: bytes, label: bytes) -> Any:
-    """AES-256-CTR under ``SHA-256("fedkeys/codec/v1/" || label || 0 || seed)``, counter
-    block 0: its keystream (read chunk by chunk) is the round-shared randomness.
+    """AES-128-CTR under the first 16 bytes of ``SHA-256("fedkeys/codec/v1/" || label || 0 ||
+    seed)``, counter block 0: its keystream (read chunk by chunk) is the round-shared
+    randomness.
 
     Not secret material: it picks the rotation signs and the kept subset. AES-CTR (rather than
     numpy's generators) keeps the choice identical across numpy versions and platforms.
     """
-    key = hashlib.sha256(b"fedkeys/codec/v1/" + label + b"\x00" + seed).digest()
+    key = hashlib.sha256(b"fedkeys/codec/v1/" + label + b"\x00" + seed).digest()[:16]
     return Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor()
 
 
@@ -637,7 +638,7 @@ def _quantize_into(
     ``[0, 2**S)``, ``q = (a + u) >> S`` is ``floor(a / 2**S) + 1`` with probability equal to
     the fractional part of ``a / 2**S`` (exactly: no float rounding in the comparison). The
     truncation of ``t`` to ``a`` moves it by less than ``2**-S`` levels (2**-15 at 16 bits),
-    below the float rounding of ``t`` itself. ``u`` is the top ``S`` bits of an AES-256-CTR
+    below the float rounding of ``t`` itself. ``u`` is the top ``S`` bits of an AES-128-CTR
     keystream word (4 bytes per coordinate up to 16 bits, 8 beyond; the masks' fast
     keystream, :func:`protocol.secagg.crypto.keystream`) keyed with 32 bytes drawn from
     ``rng``: uniform, and four times faster than numpy's float generator.

@@ -67,8 +67,11 @@ class SimConfig:
     over_selection: float = 1.3
     min_reports: int = 5
     dropout: float = 0.08
-    day_seconds: float = 600.0  # real seconds per simulated day
-    start_hour: float = 21.0
+    # 40 real minutes per simulated day, from 22:00: the demo's 30 rounds (~10 minutes) run
+    # through one simulated night, when most devices charge; --day-seconds 600 shows a whole day
+    # (and its 4x swing) in 10 minutes, but rounds then find few devices after the morning
+    day_seconds: float = 2400.0
+    start_hour: float = 22.0
     deadlines: dict[str, float] = field(
         default_factory=lambda: {
             "selection": 6.0,

@@ -63,8 +63,8 @@ Out of scope (not defended here):
   graph seed could isolate a device).
 
 Cryptographic choices: X25519; HKDF-SHA256 with ``info`` binding purpose, round id and both
-device ids; AES-256-GCM for shares; AES-256-CTR as the mask PRG, with 32-byte seeds; Shamir
-sharing over GF(2**521 - 1). See :mod:`protocol.secagg.crypto` and
+device ids; AES-256-GCM for shares; AES-128-CTR as the mask PRG (keyed with 128 bits of a
+32-byte seed); Shamir sharing over GF(2**521 - 1). See :mod:`protocol.secagg.crypto` and
 :mod:`protocol.secagg.shamir`.
 """
 

@@ -66,15 +66,16 @@ def test_share_encryption_rejects_tampering_and_misbinding() -> None:
         crypto.decrypt_share(bytes(32), nonce, ct, round_id=5, sender="u", recipient="v")
 
 
-def test_prg_is_aes256_ctr_keystream() -> None:
+def test_prg_is_aes128_ctr_keystream() -> None:
     seed = bytes(range(32))
     words = crypto.prg(seed, 8, 32)
-    # reference: counter blocks 0 and 1 encrypted with AES-256 (ECB) under the seed
-    ecb = Cipher(algorithms.AES(seed), modes.ECB()).encryptor()
+    # reference: counter blocks 0 and 1 encrypted with AES-128 (ECB) under the seed's first half
+    ecb = Cipher(algorithms.AES(seed[:16]), modes.ECB()).encryptor()
     blocks = ecb.update(bytes(16) + (1).to_bytes(16, "big")) + ecb.finalize()
     np.testing.assert_array_equal(words, np.frombuffer(blocks, "<u4"))
     assert crypto.prg(seed, 8, 32).tolist() == words.tolist()  # deterministic
     assert crypto.prg(bytes(32), 8, 32).tolist() != words.tolist()
+    assert crypto.prg(bytes(16) + seed[16:], 8, 32).tolist() == crypto.prg(bytes(32), 8, 32).tolist()
     assert crypto.prg(seed, 16, 16).dtype == np.dtype("<u2")
     assert crypto.prg(seed, 16, 5).dtype == np.dtype("<u1")
     with pytest.raises(ValueError, match="32 bytes"):
@@ -123,12 +124,12 @@ def test_commitment_binds_round_device_and_seed(seed: bytes, rnd: int) -> None:
     gcm=st.booleans(),
 )
 @settings(max_examples=60, deadline=None)
-def test_keystream_is_aes256_ctr_on_both_openssl_paths(
+def test_keystream_is_aes128_ctr_on_both_openssl_paths(
     seed: bytes, length: int, pieces: list[int], gcm: bool
 ) -> None:
     """The GCM code path (CTR blocks 0-1, then GCM's stream from counter 2) gives exactly
-    the AES-256-CTR keystream, whatever the chunking."""
-    ref = Cipher(algorithms.AES(seed), modes.CTR(bytes(16))).encryptor().update(bytes(length))
+    the AES-128-CTR keystream (key: the seed's first 16 bytes), whatever the chunking."""
+    ref = Cipher(algorithms.AES(seed[:16]), modes.CTR(bytes(16))).encryptor().update(bytes(length))
     ks = crypto._Keystream(seed, gcm=gcm)
     out, pos, i = bytearray(), 0, 0
     while pos < length:
