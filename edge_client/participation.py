@@ -250,6 +250,9 @@ def _stage_index(stage: str) -> int:
     return _ORDER.index(stage) if stage in _ORDER else -1
 
 
+LONG_POLL = 10.0  # seconds the coordinator may hold one status poll
+
+
 def _wait_for(
     transport: Transport,
     round_id: int,
@@ -259,9 +262,14 @@ def _wait_for(
     should_continue: Callable[[], bool],
     deadline: float,
 ) -> RoundStatus:
-    """Poll the round's status until it reaches ``stage`` (or passes it, or ends)."""
+    """Wait until the round reaches ``stage`` (or passes it, or ends): long polls of its
+    status, each held by the coordinator until the stage changes or ``LONG_POLL`` seconds
+    pass (eligibility is re-checked between polls)."""
+    since: str | None = None
     while True:
-        st = transport.status(round_id)
+        asked = time.time()
+        hold = 0.0 if since is None else min(LONG_POLL, max(deadline - asked, 0.0))
+        st = transport.status(round_id, since=since, wait=hold)
         if st.participant_stage == "dropped" or st.stage == "done":
             return st
         if st.stage == stage or _stage_index(st.stage) > _stage_index(stage) >= 0:
@@ -270,7 +278,10 @@ def _wait_for(
             raise Aborted("device stopped while waiting for the round")
         if time.time() > deadline:
             raise Aborted(f"round {round_id} did not reach {stage} in time")
-        sleep(max(st.retry_after, 0.05))
+        answered_at_once = since is not None and time.time() - asked < 0.5 * hold
+        since = st.stage
+        if answered_at_once:  # a coordinator that does not hold polls: keep to its pace
+            sleep(max(st.retry_after, 0.05))
 
 
 def run_round(

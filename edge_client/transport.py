@@ -257,8 +257,13 @@ class Transport:
     def plan(self, round_id: int) -> RoundPlan:
         return self._json("GET", f"/v1/rounds/{round_id}/plan", RoundPlan)
 
-    def status(self, round_id: int) -> RoundStatus:
-        return self._json("GET", f"/v1/rounds/{round_id}/status", RoundStatus)
+    def status(self, round_id: int, *, since: str | None = None, wait: float = 0.0) -> RoundStatus:
+        """The round's status; with ``since`` (the stage the device knows) a long poll that the
+        coordinator holds up to ``wait`` seconds until the stage changes."""
+        path = f"/v1/rounds/{round_id}/status"
+        if since is not None and wait > 0:
+            path += f"?since={since}&wait={wait:.1f}"
+        return self._json("GET", path, RoundStatus)
 
     def advertise(self, round_id: int, msg: AdvertiseKeys) -> None:
         self._send("POST", f"/v1/rounds/{round_id}/secagg/advertise", msg)

@@ -3,6 +3,7 @@ update upload, reports, federated evaluation."""
 
 from __future__ import annotations
 
+import time
 from typing import Annotated
 
 import anyio
@@ -116,11 +117,67 @@ def plan(
     return rounds.plan_for(session, ctx, rnd, _base_url(request))
 
 
+MAX_STATUS_WAIT = 30.0  # seconds a long poll of the round status may be held
+_POLL_TICK = 0.1  # seconds between looks at the worker's round view while a long poll waits
+
+
+def _status_moved(st: RoundStatus, since: str) -> bool:
+    return st.stage != since or st.stage == rounds.DONE or st.participant_stage == rounds.DROPPED
+
+
 @router.get("/rounds/{round_id}/status")
-def round_status(
-    round_id: RoundIdPath, device: CurrentDevice, session: SessionDep, ctx: ContextDep
+async def round_status(
+    round_id: RoundIdPath,
+    request: Request,
+    since: Annotated[
+        str | None, Query(max_length=32, description="the stage the device knows (long poll)")
+    ] = None,
+    wait: Annotated[
+        float, Query(ge=0, le=MAX_STATUS_WAIT, description="seconds to hold the answer (long poll)")
+    ] = 0.0,
 ) -> RoundStatus:
-    return rounds.status(session, ctx, round_id=round_id, device=device)
+    """The round's stage and the device's part in it. A long poll with ``since`` (the stage
+    the device knows) and ``wait``: the answer comes as soon as the round leaves that stage or
+    the device leaves the round, or after ``wait`` seconds. A waiting poll holds no database
+    connection: it watches the worker's round view (refreshed every ``view_ttl``; a stage
+    closed by this worker shows at once) and reads the database only when the view shows a
+    change, so a round's devices learn of stage changes within a fraction of a second without
+    polling the coordinator several times a second each."""
+    app = request.app
+    ctx: RoundContext = app.state.ctx
+    token = _bearer(request)
+    limit = app.state.settings.rate_limit_per_minute
+
+    def first() -> tuple[str, RoundStatus]:
+        with app.state.sessions() as session, session.begin():
+            device = authenticate(session, token=token, rate_limit_per_minute=limit)
+            return device.id, rounds.status(session, ctx, round_id=round_id, device=device)
+
+    device_id, st = await run_in_threadpool(first)
+    if since is None or wait <= 0 or _status_moved(st, since):
+        return st
+
+    def again() -> RoundStatus:
+        with app.state.sessions() as session:
+            return rounds.status_of(session, ctx, round_id=round_id, device_id=device_id)
+
+    end = time.monotonic() + wait
+    db_after = 0.0  # no database read before this time (after one that showed no change)
+    while (left := end - time.monotonic()) > 0:
+        await anyio.sleep(min(_POLL_TICK, left))
+        snap = ctx._views
+        if snap is None or time.monotonic() - snap.taken >= ctx.view_ttl:
+            if ctx._refreshing.locked():
+                continue  # another request refreshes it
+            snap = await anyio.to_thread.run_sync(rounds.current_views, app.state.soft_sessions, ctx)
+        moved = rounds.view_moved(snap, round_id, since, device_id)
+        if moved is False or time.monotonic() < db_after:
+            continue
+        st = await run_in_threadpool(again)
+        if _status_moved(st, since):
+            return st
+        db_after = time.monotonic() + 1.0
+    return await run_in_threadpool(again)
 
 
 @router.post("/rounds/{round_id}/secagg/advertise", status_code=status.HTTP_204_NO_CONTENT)

@@ -103,6 +103,7 @@ __all__ = [
     "check_upload",
     "checkin",
     "close_if_complete",
+    "current_views",
     "evaluation",
     "inbound_shares",
     "open_rounds",
@@ -112,10 +113,12 @@ __all__ = [
     "roster",
     "share_keys",
     "status",
+    "status_of",
     "unmask",
     "unmask_request",
     "unmask_responses",
     "upload",
+    "view_moved",
 ]
 
 log = logging.getLogger("coordinator.rounds")
@@ -565,6 +568,34 @@ def _pace(ctx: RoundContext, view: RoundView) -> CheckinResponse:
     return _retry(ctx, max(remaining, ctx.settings.min_retry_seconds), "no round needs devices now", window)
 
 
+def current_views(sessions: Callable[[], Session], ctx: RoundContext) -> Views:
+    """The worker's round view, refreshed when older than ``view_ttl``: one thread refreshes,
+    the others answer from the previous view meanwhile."""
+    snap = ctx._views
+    if snap is None or time.monotonic() - snap.taken >= ctx.view_ttl:
+        if ctx._refreshing.acquire(blocking=snap is None):
+            try:
+                with sessions() as session, session.begin():
+                    snap = round_views(session, ctx)
+            finally:
+                ctx._refreshing.release()
+        assert snap is not None
+    return snap
+
+
+def view_moved(snap: Views, round_id: int, since: str, device_id: str) -> bool | None:
+    """Whether the view shows round ``round_id`` past stage ``since`` or the device out of it;
+    None when the round is not in the view (each task's view holds its first open round
+    only): then only the database can tell."""
+    for view in snap.rounds:
+        if view.round_id == round_id:
+            if view.stage != since:
+                return True
+            mine = snap.assigned.get(device_id)
+            return since != SELECTING and (mine is None or mine[0] != round_id)
+    return None
+
+
 def checkin(
     sessions: Callable[[], Session],
     ctx: RoundContext,
@@ -579,16 +610,7 @@ def checkin(
 
     Answered from the worker's round view where it can be (participants, pace steering,
     ineligible devices: no transaction at all); only joining a selection pool writes."""
-    snap = ctx._views
-    if snap is None or time.monotonic() - snap.taken >= ctx.view_ttl:
-        # one thread refreshes; the others answer from the previous view meanwhile
-        if ctx._refreshing.acquire(blocking=snap is None):
-            try:
-                with sessions() as session, session.begin():
-                    snap = round_views(session, ctx)
-            finally:
-                ctx._refreshing.release()
-        assert snap is not None
+    snap = current_views(sessions, ctx)
     mine = snap.assigned.get(device_id)
     if mine is not None:
         round_id, kind, task_name = mine
@@ -837,7 +859,10 @@ def close_if_complete(
             ).tuples():
                 counts[stage] = n
             due = _complete(rnd, counts)
-        return due and advance(session, ctx, round_id, wait=wait)
+        moved = due and advance(session, ctx, round_id, wait=wait)
+    if moved:  # committed: this worker's long polls hear of it at their next tick
+        ctx._views = None
+    return moved
 
 
 def advance(session: Session, ctx: RoundContext, round_id: int, *, wait: bool = True) -> bool:
@@ -1011,7 +1036,16 @@ def round_for_device(session: Session, round_id: int, device: Device) -> tuple[R
 
 
 def status(session: Session, ctx: RoundContext, *, round_id: int, device: Device) -> RoundStatus:
-    rnd, part = round_for_device(session, round_id, device)
+    return status_of(session, ctx, round_id=round_id, device_id=device.id)
+
+
+def status_of(session: Session, ctx: RoundContext, *, round_id: int, device_id: str) -> RoundStatus:
+    rnd = session.get(Round, round_id)
+    if rnd is None:
+        raise Gone(f"no round {round_id}")
+    part = session.get(Participant, (rnd.id, device_id))
+    if part is None:
+        raise Forbidden(f"device was not selected for round {rnd.id}")
     remaining = max((_utc(rnd.stage_deadline) - ctx.now()).total_seconds(), 0.0)
     # stages close the moment their last message arrives: poll often enough that devices do
     # not spend the round waiting to hear of it (at most 1 s, sooner near a deadline)

@@ -95,13 +95,16 @@ class ScriptedDevice:
         assert self.round_id is not None
         end = time.time() + timeout
         order = ["selecting", *[s.value for s in Stage], "aggregating", "done"]
+        since = None
         while time.time() < end:
-            st = t.status(self.round_id)
+            # long polls (held until the stage changes): a hold that outlived the stage change
+            # would show in the round's stage durations
+            st = t.status(self.round_id, since=since, wait=25.0 if since else 0.0)
             if st.participant_stage == "dropped" or st.stage == "done":
                 return "gone"
             if st.stage == stage or (st.stage in order and order.index(st.stage) > order.index(stage)):
                 return st.stage
-            time.sleep(0.1)
+            since = st.stage
         raise TimeoutError(f"stage {stage}")
 
     def run(self) -> None:

@@ -3,6 +3,7 @@ scripted devices running the real protocol code, including drop-outs at every st
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from protocol.secagg.client import SecAggClient
 from tests.coordinator.scripted import ScriptedDevice, run_devices
 from tests.servers import Server
 
@@ -86,7 +88,8 @@ def test_round_commits_the_weighted_mean(server: Server, tiny_bundle_dir: Path, 
     rnd = wait_round(server)
     assert rnd["outcome"] == "committed", rnd
     stages = rnd["metrics"]["stage_seconds"]
-    assert all(seconds < 30 for name, seconds in stages.items() if name != "selecting"), stages
+    # and devices hear of each close at once (their status long polls are held up to 25 s)
+    assert all(seconds < 10 for name, seconds in stages.items() if name != "selecting"), stages
     assert rnd["new_version"] == 1
     w1 = np.fromfile(server.data_dir / "weights" / "kb" / "v1.f32", dtype="<f4")
     reporters = [d for d in devs if d.uploaded][: rnd["reported"]]
@@ -169,3 +172,49 @@ def test_oort_selection_with_a_stratum_cap_and_the_selection_view(
     assert rnd["selected"] <= 2
     by_class = [b for b in view["buckets"] if b["stratum"] == "device_class"]
     assert sum(b["selections"] for b in by_class) == rnd["selected"]
+
+
+def test_status_long_poll_is_held_until_the_stage_changes(server: Server, tiny_bundle_dir: Path) -> None:
+    """A device that knows the round's stage is answered when the stage closes (here: when the
+    last device advertises its keys), not after its ``wait``; without a change, after ``wait``;
+    with an outdated ``since``, at once."""
+    cfg = task_config(deadlines={"advertise": 60, "share": 60, "upload": 60, "unmask": 60})
+    w0 = setup_task(server, tiny_bundle_dir.with_suffix(".tar"), cfg)
+    devs = make_devices(server, w0, 5)
+    threads = [threading.Thread(target=d.wait_assignment, daemon=True) for d in devs]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(timeout=60)
+    rid = devs[0].round_id
+    assert rid is not None and all(d.round_id == rid for d in devs)
+    ts = [d.transport() for d in devs]
+    plans = [t.plan(rid) for t in ts]
+    clients = [SecAggClient(d.device_id, p.secagg) for d, p in zip(devs, plans, strict=True) if p.secagg]
+    assert len(clients) == 5
+    for t, c in zip(ts[:4], clients[:4], strict=True):
+        t.advertise(rid, c.advertise_keys())
+    stage = ts[4].status(rid).stage
+    assert stage == "advertise_keys"
+    t0 = time.monotonic()
+    st = ts[4].status(rid, since="share_keys", wait=20)  # outdated: answered at once
+    assert st.stage == "advertise_keys" and time.monotonic() - t0 < 2
+    t0 = time.monotonic()
+    st = ts[4].status(rid, since=stage, wait=1.5)  # nothing changes: held for the wait
+    assert st.stage == stage and 1.4 <= time.monotonic() - t0 < 6
+    got: dict[str, Any] = {}
+
+    def poll() -> None:
+        start = time.monotonic()
+        got["stage"] = ts[3].status(rid, since=stage, wait=25).stage
+        got["seconds"] = time.monotonic() - start
+
+    watcher = threading.Thread(target=poll)
+    watcher.start()
+    time.sleep(1.0)
+    assert "seconds" not in got  # still held
+    ts[4].advertise(rid, clients[4].advertise_keys())  # the last one: the stage closes
+    watcher.join(timeout=30)
+    assert got["stage"] == "share_keys" and 1.0 <= got["seconds"] < 10, got
+    for t in ts:
+        t.close()
