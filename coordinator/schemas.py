@@ -149,6 +149,12 @@ class DeadlineSettings(_Model):
     share: float = Field(default=30.0, gt=0)
     upload: float = Field(default=300.0, gt=0)  # includes local training
     unmask: float = Field(default=30.0, gt=0)
+    # Stragglers in the key-agreement stages (advertise, share): once ``quorum`` of the live
+    # participants answered and nobody else did for ``quiet_seconds``, the stage closes without
+    # the rest (over-selection already paid for them) instead of waiting out its deadline.
+    # A dropped device costs nothing there: it has no masks in anyone's input yet. 0 = off.
+    quorum: float = Field(default=0.9, gt=0, le=1)
+    quiet_seconds: float = Field(default=2.0, ge=0)
 
 
 class TaskConfig(_Model):

@@ -150,6 +150,7 @@ class Participant(Base):
     index: Mapped[int]  # 1-based position in the round (secure aggregation id)
     stage: Mapped[str] = mapped_column(String(16))  # last stage the device completed
     selected_at: Mapped[datetime]
+    message_at: Mapped[datetime | None]  # the device's newest stage message (straggler rule)
     keys: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # advertised public keys
     # the device's share-keys message (JSON) until its stage closes, and its unmask response
     secagg_msg: Mapped[bytes | None] = mapped_column(deferred=True)

@@ -50,7 +50,7 @@ from coordinator.db.models import (
 )
 from coordinator.observability import Metrics, log_event
 from coordinator.privacy import PrivacyPlan
-from coordinator.schemas import TaskConfig
+from coordinator.schemas import DeadlineSettings, TaskConfig
 from coordinator.selection import Candidate as SelectionCandidate
 from coordinator.selection import SelectionPolicy
 from coordinator.selection import select as select_devices
@@ -109,6 +109,7 @@ __all__ = [
     "open_rounds",
     "plain_sum",
     "plan_for",
+    "quiet_enough",
     "report",
     "roster",
     "share_keys",
@@ -816,6 +817,24 @@ def _close_selection(session: Session, ctx: RoundContext, rnd: Round, task: Task
         _set_stage(ctx, rnd, UPLOAD, d.upload)
 
 
+def _round_deadlines(session: Session, ctx: RoundContext, rnd: Round) -> DeadlineSettings:
+    task = session.get(Task, rnd.task_id)
+    return _cached_cfg(ctx, task).deadlines if task is not None else DeadlineSettings()
+
+
+def quiet_enough(
+    stage: str, answered: int, live: int, newest: datetime | None, d: DeadlineSettings, now: datetime
+) -> bool:
+    """The straggler rule of the key-agreement stages (see :class:`DeadlineSettings`): at least
+    ``quorum`` of the ``live`` participants ``answered``, the newest answer ``quiet_seconds``
+    old."""
+    if stage not in (Stage.ADVERTISE_KEYS, Stage.SHARE_KEYS) or d.quiet_seconds <= 0 or newest is None:
+        return False
+    if answered < max(1, math.ceil(d.quorum * live)):
+        return False
+    return (now - _utc(newest)).total_seconds() >= d.quiet_seconds
+
+
 def _complete(rnd: Round, live: Counter[str]) -> bool:
     """Whether every live participant (counted by stage) is done with the round's stage."""
     n = sum(live.values())
@@ -852,13 +871,25 @@ def close_if_complete(
             return False  # a check-in that fills the pool closes the selection
         if not due:
             counts: Counter[str] = Counter()
-            for stage, n in session.execute(
-                select(Participant.stage, func.count())
+            newest: dict[str, datetime | None] = {}
+            for stage, n, at in session.execute(
+                select(Participant.stage, func.count(), func.max(Participant.message_at))
                 .where(Participant.round_id == round_id, Participant.stage != DROPPED)
                 .group_by(Participant.stage)
             ).tuples():
                 counts[stage] = n
-            due = _complete(rnd, counts)
+                newest[stage] = at
+            due = _complete(rnd, counts) or (
+                rnd.stage in (Stage.ADVERTISE_KEYS, Stage.SHARE_KEYS)
+                and quiet_enough(
+                    rnd.stage,
+                    counts[rnd.stage],
+                    sum(counts.values()),
+                    newest.get(rnd.stage),
+                    _round_deadlines(session, ctx, rnd),
+                    ctx.now(),
+                )
+            )
         moved = due and advance(session, ctx, round_id, wait=wait)
     if moved:  # committed: this worker's long polls hear of it at their next tick
         ctx._views = None
@@ -901,7 +932,18 @@ def advance(session: Session, ctx: RoundContext, round_id: int, *, wait: bool = 
             )
             if late or pool >= math.ceil(rnd.selection_target * cfg.selection_pool):
                 _close_selection(session, ctx, rnd, task, now)
-        elif not (late or _complete(rnd, Counter(p.stage for p in live))):
+        elif not (
+            late
+            or _complete(rnd, Counter(p.stage for p in live))
+            or quiet_enough(
+                stage,
+                sum(p.stage == stage for p in live),
+                len(live),
+                max((p.message_at for p in live if p.stage == stage and p.message_at), default=None),
+                d,
+                now,
+            )
+        ):
             return False
         elif stage == Stage.ADVERTISE_KEYS:
             done = [p for p in live if p.stage == Stage.ADVERTISE_KEYS]
@@ -1114,6 +1156,7 @@ def advertise(
     _snapshot(ctx, rnd).check_advertisement(msg)
     part.stage = Stage.ADVERTISE_KEYS
     part.keys = keys
+    part.message_at = ctx.now()
     return True
 
 
@@ -1155,6 +1198,7 @@ def share_keys(session: Session, ctx: RoundContext, *, round_id: int, device: De
     _snapshot(ctx, rnd).check_share_keys(msg)
     part.stage = Stage.SHARE_KEYS
     part.secagg_msg = msg.model_dump_json().encode()
+    part.message_at = ctx.now()
     return True
 
 

@@ -218,3 +218,27 @@ def test_status_long_poll_is_held_until_the_stage_changes(server: Server, tiny_b
     assert got["stage"] == "share_keys" and 1.0 <= got["seconds"] < 10, got
     for t in ts:
         t.close()
+
+
+def test_key_agreement_stages_close_without_quiet_stragglers(
+    sqlite_server: Server, tiny_bundle_dir: Path
+) -> None:
+    """A device that never advertises does not hold the round for the stage's 60 s deadline:
+    once 4 of the 5 live participants answered (quorum 0.8) and a second passed quietly, the
+    stage closes without it, and the round still sums the others exactly."""
+    server = sqlite_server
+    slow = {"advertise": 60, "share": 60, "upload": 60, "unmask": 60, "quorum": 0.8, "quiet_seconds": 1.0}
+    cfg = task_config(deadlines=slow)
+    w0 = setup_task(server, tiny_bundle_dir.with_suffix(".tar"), cfg)
+    devs = make_devices(server, w0, 5)
+    devs[2].drop_before = "advertise"
+    run_devices(devs)
+    rnd = wait_round(server)
+    assert rnd["outcome"] == "committed", rnd
+    stages = rnd["metrics"]["stage_seconds"]
+    assert 1.0 <= stages["advertise_keys"] < 15, stages
+    included = [d for d in devs if d.uploaded]
+    assert rnd["reported"] == len(included) == 4
+    w1 = np.fromfile(server.data_dir / "weights" / "kb" / "v1.f32", dtype="<f4")
+    step = np.abs(w1 - w0).max()
+    assert np.abs(w1 - expected(w0, included, 16)).max() < 0.02 * step

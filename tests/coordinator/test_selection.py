@@ -122,3 +122,23 @@ def test_the_stratum_cap_holds_under_skewed_checkins(
     # the cap only removes what it must: as many as the strata allow
     avail = Counter(by.values())
     assert len(picked) == min(k, sum(min(cap, v) for v in avail.values()))
+
+
+def test_straggler_rule_needs_the_quorum_and_the_quiet() -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from coordinator.schemas import DeadlineSettings
+    from coordinator.services.rounds import quiet_enough
+
+    d = DeadlineSettings(quorum=0.9, quiet_seconds=2.0)
+    now = datetime(2026, 12, 1, tzinfo=UTC)
+    old, fresh = now - timedelta(seconds=2.5), now - timedelta(seconds=1.0)
+    assert quiet_enough("advertise_keys", 9, 10, old, d, now)
+    assert quiet_enough("share_keys", 117, 130, old, d, now)  # ceil(0.9 * 130) = 117
+    assert not quiet_enough("share_keys", 116, 130, old, d, now)  # below the quorum
+    assert not quiet_enough("advertise_keys", 9, 10, fresh, d, now)  # answers still coming
+    assert not quiet_enough("advertise_keys", 9, 10, None, d, now)
+    assert not quiet_enough("masked_input", 10, 10, old, d, now)  # uploads keep their own rule
+    assert not quiet_enough("advertise_keys", 9, 10, old, DeadlineSettings(quiet_seconds=0), now)
+    naive = old.replace(tzinfo=None)  # SQLite hands back naive UTC datetimes
+    assert quiet_enough("advertise_keys", 9, 10, naive, d, now)
