@@ -31,7 +31,7 @@ STAGES = ("selecting", "advertise_keys", "share_keys", "masked_input", "unmask",
 
 
 def main() -> None:
-    from simulator.run import SimConfig, local_coordinator, run_simulation
+    from simulator.run import SimConfig, default_workers, local_coordinator, run_simulation
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--bundle", type=Path, default=ROOT / "artifacts/demo/bundle")
@@ -75,7 +75,7 @@ def main() -> None:
         f"demo model size ({res.summary()['upload_bytes_per_device'] or 0:.0f} B uploaded per device), "
         "compression (rotation, 1/16 of the coordinates, 5 bits) and secure aggregation on, TLS, "
         f"PostgreSQL, {args.coordinator_workers} coordinator worker(s); the devices run as threads in "
-        f"{os.cpu_count()} processes on the same 2 cores. Wall = round created -> committed "
+        f"{default_workers(args.devices)} processes on the same cores. Wall = round created -> committed "
         "(selection included).",
         "",
         "| round | outcome | selected | reported | wall s | " + " | ".join(STAGES) + " |",

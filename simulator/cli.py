@@ -71,7 +71,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--day-seconds", type=float, default=None, help="real seconds per simulated day")
     p.add_argument("--eval-every", type=int, default=None, help="heldout evaluation every N versions (10)")
     p.add_argument("--eval-messages", type=int, default=None, help="heldout messages per evaluation (300)")
-    p.add_argument("--workers", type=int, default=0, help="worker processes (default: one per core)")
+    p.add_argument(
+        "--workers", type=int, default=0, help="worker processes (default: max(cores, devices / 128))"
+    )
     p.add_argument("--ray", action="store_true", help="run the fleet as tasks on a local Ray")
     p.add_argument("--ray-address", default=None, help="an existing Ray cluster (ray://host:10001)")
     p.add_argument("--noop-training", action="store_true", help="skip local training (overhead benchmark)")
