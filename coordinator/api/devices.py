@@ -167,9 +167,13 @@ async def round_status(
         await anyio.sleep(min(_POLL_TICK, left))
         snap = ctx._views
         if snap is None or time.monotonic() - snap.taken >= ctx.view_ttl:
-            if ctx._refreshing.locked():
+            if ctx._view_hop or ctx._refreshing.locked():
                 continue  # another request refreshes it
-            snap = await anyio.to_thread.run_sync(rounds.current_views, app.state.soft_sessions, ctx)
+            ctx._view_hop = True  # one waiting poll per worker refreshes (the loop is one thread)
+            try:
+                snap = await anyio.to_thread.run_sync(rounds.current_views, app.state.soft_sessions, ctx)
+            finally:
+                ctx._view_hop = False
         moved = rounds.view_moved(snap, round_id, since, device_id)
         if moved is False or time.monotonic() < db_after:
             continue

@@ -182,6 +182,7 @@ class RoundContext:
     _secagg: OrderedDict[tuple[int, str, float], SecAggServer] = field(default_factory=OrderedDict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _refreshing: threading.Lock = field(default_factory=threading.Lock)
+    _view_hop: bool = False  # a long poll of this worker's event loop is refreshing the view
 
 
 def _utc(dt: datetime) -> datetime:
@@ -576,8 +577,12 @@ def current_views(sessions: Callable[[], Session], ctx: RoundContext) -> Views:
     if snap is None or time.monotonic() - snap.taken >= ctx.view_ttl:
         if ctx._refreshing.acquire(blocking=snap is None):
             try:
-                with sessions() as session, session.begin():
-                    snap = round_views(session, ctx)
+                now = ctx._views  # refreshed while this thread waited for the lock?
+                if now is not None and time.monotonic() - now.taken < ctx.view_ttl:
+                    snap = now
+                else:
+                    with sessions() as session, session.begin():
+                        snap = round_views(session, ctx)
             finally:
                 ctx._refreshing.release()
         assert snap is not None
