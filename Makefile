@@ -38,7 +38,7 @@ typecheck: setup
 	$(BIN)/mypy
 
 unit: setup
-	$(BIN)/pytest -q -n 2 --timeout 900
+	$(BIN)/pytest -q -n 2 --timeout 900 --durations=15
 
 test: lint typecheck unit
 
