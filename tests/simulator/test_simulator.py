@@ -34,6 +34,16 @@ def test_clock_compression() -> None:
     assert c.real_seconds(3600) == pytest.approx(10.0)
 
 
+def test_large_fleets_get_more_worker_processes(monkeypatch: pytest.MonkeyPatch) -> None:
+    from simulator import run
+
+    monkeypatch.setattr(run.os, "cpu_count", lambda: 2)
+    assert [run.default_workers(n) for n in (10, 100, 256, 257, 1000)] == [2, 2, 2, 3, 8]
+    # the demo's night: 30 rounds of ~20 s from 22:00 end before the morning
+    clock = FleetClock(SimConfig().day_seconds, SimConfig().start_hour, 0.0)
+    assert 3.0 < clock.hour(30 * 20.0) < 6.0
+
+
 def _small(**over: Any) -> SimConfig:
     base = SimConfig(
         name="tiny",
