@@ -1073,10 +1073,14 @@ def _expect(rnd: Round, *stages: str) -> None:
 
 
 def round_for_device(session: Session, round_id: int, device: Device) -> tuple[Round, Participant]:
+    return _round_and_participant(session, round_id, device.id)
+
+
+def _round_and_participant(session: Session, round_id: int, device_id: str) -> tuple[Round, Participant]:
     rnd = session.get(Round, round_id)
     if rnd is None:
         raise Gone(f"no round {round_id}")
-    part = session.get(Participant, (rnd.id, device.id))
+    part = session.get(Participant, (rnd.id, device_id))
     if part is None:
         raise Forbidden(f"device was not selected for round {rnd.id}")
     return rnd, part
@@ -1087,12 +1091,7 @@ def status(session: Session, ctx: RoundContext, *, round_id: int, device: Device
 
 
 def status_of(session: Session, ctx: RoundContext, *, round_id: int, device_id: str) -> RoundStatus:
-    rnd = session.get(Round, round_id)
-    if rnd is None:
-        raise Gone(f"no round {round_id}")
-    part = session.get(Participant, (rnd.id, device_id))
-    if part is None:
-        raise Forbidden(f"device was not selected for round {rnd.id}")
+    rnd, part = _round_and_participant(session, round_id, device_id)
     remaining = max((_utc(rnd.stage_deadline) - ctx.now()).total_seconds(), 0.0)
     # stages close the moment their last message arrives: poll often enough that devices do
     # not spend the round waiting to hear of it (at most 1 s, sooner near a deadline)
@@ -1226,12 +1225,7 @@ def check_upload(
     (capped example count; 0 with secure aggregation, whose weights travel inside the masked
     vector), or None when it is a repeat. Raises the usual 4xx errors otherwise; the write
     (:func:`upload`) re-checks the stage under the round's lock."""
-    rnd = session.get(Round, round_id)
-    if rnd is None:
-        raise Gone(f"no round {round_id}")
-    part = session.get(Participant, (rnd.id, device_id))
-    if part is None:
-        raise Forbidden(f"device was not selected for round {rnd.id}")
+    rnd, part = _round_and_participant(session, round_id, device_id)
     if part.stage in (Stage.MASKED_INPUT, UPLOAD, Stage.UNMASK):
         return None  # idempotent: this device's update is already in
     if part.stage == DROPPED:
