@@ -137,11 +137,19 @@ class WeightsCache:
             self._by_sha[sha] = (version, _map(path))
         return self._by_sha[sha][1]
 
+    def _digest(self, vec: FloatVec) -> str:
+        return hashlib.sha256(vec.data).hexdigest()
+
+    def _intern(self, sha: str, vec: FloatVec) -> FloatVec:
+        """The vector to keep for ``sha`` in memory mode (a hook: simulated devices of one
+        process share one copy of each version)."""
+        return vec
+
     def _store(self, sha: str, version: int, vec: FloatVec) -> FloatVec:
         """Keep a vector that is not yet on disk (memory mode, or a delta-decoded vector)."""
         if self.directory is None:
             vec.setflags(write=False)
-            self._by_sha[sha] = (version, vec)
+            self._by_sha[sha] = (version, self._intern(sha, vec))
         else:
             path = self.directory / f"v{version}-{sha}.f32"
             tmp = path.with_name(f".{path.name}.part")
@@ -177,7 +185,7 @@ class WeightsCache:
             version, vec = bundle_weights()
             vec = np.ascontiguousarray(vec, dtype="<f4")
             if vec.shape[0] * 4 == plan.weights.size and version <= plan.model_version:
-                digest = hashlib.sha256(vec.data).hexdigest()
+                digest = self._digest(vec)
                 stored = self._store(digest, version, vec)
                 if digest == sha:
                     return stored
