@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from edge_client.batching import Batch, IntArray, encode_messages, pack_batches
-from edge_client.bundle import Bundle, load_bundle
+from edge_client.bundle import Bundle, BundleError, load_bundle
 from edge_client.predictor import BeamSearch
 from edge_client.runtime import ProgramModel, set_threads
 from edge_client.tokenizer import Tokenizer
@@ -345,7 +345,12 @@ def build(
     )
     lap("student")
     report = progress("export programs", 1)
-    build_bundle(out, student, tokenizer_model, profile.bundle, profile=profile.name)
+    build_json = out.parent / f"{out.name}.build.json"
+    export_key = _export_key(student, tokenizer_model, profile)
+    if _exported(out, build_json, export_key):
+        log.info("%s: programs already exported from this student", out)
+    else:
+        build_bundle(out, student, tokenizer_model, profile.bundle, profile=profile.name)
     report(1, 1, "done")
     lap("export")
     bundle = load_bundle(out)
@@ -363,9 +368,7 @@ def build(
         (out / "manifest.json").write_text(m.model_dump_json(indent=2))
         bundle = load_bundle(out)
         lap("evaluate")
-    (out.parent / f"{out.name}.build.json").write_text(
-        json.dumps({"profile": profile.name, "stages": stages})
-    )
+    build_json.write_text(json.dumps({"profile": profile.name, "stages": stages, "export_key": export_key}))
     return BuildResult(bundle, table, time.perf_counter() - t0, stages)
 
 
@@ -391,6 +394,33 @@ def evaluate_all(
     ppl_texts = fitting(Tokenizer(spec.tokenizer), texts, profile.student.max_seq_len)
     rows.append(evaluate_ngram("trigram", ngram, texts, ksr, ppl_texts))
     return rows
+
+
+def _export_key(student: TransformerLM, tokenizer_model: bytes, profile: Profile) -> str:
+    """What the exported programs depend on: the student's weights, the tokenizer, the bundle
+    spec (and the exporter's code, through the package version)."""
+    from importlib.metadata import version
+
+    parts = [
+        _state_hash(student),
+        hashlib.sha256(tokenizer_model).hexdigest(),
+        json.dumps(asdict(profile.bundle), sort_keys=True),
+        profile.name,
+        version("fedkeys"),
+    ]
+    return hashlib.sha256("\x00".join(parts).encode()).hexdigest()[:16]
+
+
+def _exported(out: Path, build_json: Path, key: str) -> bool:
+    """Whether ``out`` holds a complete bundle exported under ``key`` (a rebuild of the same
+    student skips the export: minutes of tracing and lowering)."""
+    try:
+        if json.loads(build_json.read_text()).get("export_key") != key:
+            return False
+        load_bundle(out)
+    except (OSError, ValueError, KeyError, AttributeError, BundleError):
+        return False
+    return True
 
 
 def _state_hash(lm: TransformerLM) -> str:

@@ -68,14 +68,16 @@ class SimConfig:
     over_selection: float = 1.3
     min_reports: int = 5
     dropout: float = 0.08
-    # 40 real minutes per simulated day, from 22:00: the demo's 30 rounds (~10 minutes) run
-    # through one simulated night, when most devices charge; --day-seconds 600 shows a whole day
-    # (and its 4x swing) in 10 minutes, but rounds then find few devices after the morning
+    # 40 real minutes per simulated day, from 23:00: the demo's 30 rounds (~12 minutes) run
+    # through one simulated night, when 40-65% of the devices charge; --day-seconds 600 shows a
+    # whole day (and its 4x swing) in 10 minutes, but rounds then find few devices by day
     day_seconds: float = 2400.0
-    start_hour: float = 22.0
+    start_hour: float = 23.0
     deadlines: dict[str, float] = field(
         default_factory=lambda: {
-            "selection": 6.0,
+            # a selection closes once its pool is full; the deadline only matters when few
+            # devices are eligible (6 s failed rounds in a row before the pool could fill)
+            "selection": 20.0,
             "advertise": 6.0,
             "share": 6.0,
             "upload": 30.0,
