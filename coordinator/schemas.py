@@ -153,7 +153,8 @@ class DeadlineSettings(_Model):
     # participants answered and nobody else did for ``quiet_seconds``, the stage closes without
     # the rest (over-selection already paid for them) instead of waiting out its deadline.
     # A dropped device costs nothing there: it has no masks in anyone's input yet. 0 = off.
-    quorum: float = Field(default=0.9, gt=0, le=1)
+    # The default quorum is about 1 / over-selection: as many as the round selected for.
+    quorum: float = Field(default=0.75, gt=0, le=1)
     quiet_seconds: float = Field(default=2.0, ge=0)
 
 
