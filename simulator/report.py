@@ -87,7 +87,9 @@ def plot_participation(run: Any, out: Path) -> Path:
     plt = _plt()
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(7, 5.5), sharex=True)
     rs = [r for r in run.rounds if r["kind"] == "train"]
-    hours = [r["sim_hour"] for r in rs]
+    # hours since the run's simulated start, so that a night is not split at midnight
+    start = run.config.start_hour
+    hours = [start + (r["sim_hour"] - start) % 24 for r in rs]
     ax1.scatter(
         hours, [r.get("candidates") or 0 for r in rs], label="eligible check-ins (selection pool)", s=14
     )
@@ -101,7 +103,9 @@ def plot_participation(run: Any, out: Path) -> Path:
         vals = [r.get("dropped", {}).get(s, 0) for r in rs]
         ax2.bar(hours, vals, bottom=bottom, width=0.25, label=f"dropped at {s}")
         bottom = [b + v for b, v in zip(bottom, vals, strict=True)]
-    ax2.set_xlabel("simulated hour of the day (start of round)")
+    ax2.set_xlabel("simulated time of day (start of round)")
+    ticks = ax2.get_xticks()
+    ax2.set_xticks(ticks, [f"{int(t) % 24:02d}:00" for t in ticks])
     ax2.set_ylabel("drop-outs")
     ax2.legend(fontsize=7)
     ax2.grid(alpha=0.3)
