@@ -120,6 +120,7 @@ def tick(app: FastAPI) -> None:
         pending = pending_aggregations(session, ctx.now())
     for round_id in pending:
         aggregate(factory, ctx, round_id)
+        ctx._views = None  # the round is over (committed): check-ins here see it at once
 
 
 def _loop(app: FastAPI, name: str, every: float, fn: Any, stop: threading.Event) -> None:

@@ -118,6 +118,7 @@ class Agent:
         self.weights = WeightsCache(directory=cfg.state_dir / "weights", deltas=cfg.weight_deltas)
         self._bundles: dict[str, Bundle] = {}
         self._attempted: set[int] = set()  # rounds this process already took part in (or left)
+        self._finished: set[int] = set()  # of those, rounds it saw end (committed or failed)
         self._trainers: dict[str, Any] = {}
         self._failures = 0
         self.model_version: int | None = None
@@ -231,9 +232,15 @@ class Agent:
         if r.round_id in self._attempted:
             # The coordinator still counts this device in a round it already left (its keys and
             # state for that round are gone): wait for the round to drop it, do not start over.
-            return self.cfg.left_round_wait * (0.5 + self.rng.random()), False
+            # A round the device saw end is only in a coordinator's round view that predates
+            # the end (refreshed within a second): ask again soon, the next round may be
+            # selecting.
+            wait = 1.0 if r.round_id in self._finished else self.cfg.left_round_wait
+            return wait * (0.5 + self.rng.random()), False
         self._attempted.add(r.round_id)
         outcome = self.train_round(r.round_id) if r.action == "train" else self.eval_round(r.round_id)
+        if outcome.get("outcome") is not None:
+            self._finished.add(r.round_id)
         if self.cfg.drop_codec_caches:
             drop_codec_caches()
         trim()  # the round's large temporaries are gone: give their pages back
