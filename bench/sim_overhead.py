@@ -39,6 +39,7 @@ def main() -> None:
     ap.add_argument("--per-round", type=int, default=100)
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--coordinator-workers", type=int, default=2)
+    ap.add_argument("--workers", type=int, default=0, help="device worker processes (0: the default)")
     args = ap.parse_args()
     if not (args.bundle / "manifest.json").exists():
         print(f"no bundle at {args.bundle}: run `make demo` first", file=sys.stderr)
@@ -56,6 +57,7 @@ def main() -> None:
         day_seconds=86_400.0,  # real time: a night long enough that the fleet stays eligible
         start_hour=1.0,
         max_minutes=30,
+        workers=args.workers,
     )
     tmp = Path(tempfile.mkdtemp(prefix="fedkeys-overhead-"))
     # PostgreSQL, as a deployment of this size would run: SQLite serialises every transaction
@@ -75,7 +77,7 @@ def main() -> None:
         f"demo model size ({res.summary()['upload_bytes_per_device'] or 0:.0f} B uploaded per device), "
         "compression (rotation, 1/16 of the coordinates, 5 bits) and secure aggregation on, TLS, "
         f"PostgreSQL, {args.coordinator_workers} coordinator worker(s); the devices run as threads in "
-        f"{default_workers(args.devices)} processes on the same cores. Wall = round created -> committed "
+        f"{args.workers or default_workers(args.devices)} processes on the same cores. Wall = round created -> committed "
         "(selection included).",
         "",
         "| round | outcome | selected | reported | wall s | " + " | ".join(STAGES) + " |",

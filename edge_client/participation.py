@@ -316,8 +316,6 @@ def run_round(
     deadline = t0 + max_wait
     times: dict[str, float] = {}
     plan = transport.plan(round_id)
-    weights = cache.get(transport, plan, None if bundle_weights is None else lambda: bundle_weights(plan))
-    times["download"] = time.time() - t0
     secagg: SecAggClient | None = None
     wait = {"sleep": sleep, "should_continue": should_continue, "deadline": deadline}
 
@@ -341,6 +339,11 @@ def run_round(
                 return left(f"missed key sharing (round at {st.stage})", st)
             transport.share_keys(round_id, secagg.share_keys(transport.roster(round_id)))
             times["key_setup"] = time.time() - t
+        # The weights are needed only for training: fetched after the key-agreement stages,
+        # whose short deadlines a 10 MB download (or an XOR-delta decode) would eat into.
+        t = time.time()
+        weights = cache.get(transport, plan, None if bundle_weights is None else lambda: bundle_weights(plan))
+        times["download"] = time.time() - t
         if not should_continue():
             raise Aborted("no longer eligible before training")
         t = time.time()
