@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -135,6 +137,10 @@ def _suggest(args: argparse.Namespace) -> None:
         console.print(f"{s.word}\t{s.logprob:.3f}")
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -169,6 +175,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from model_export.data import CorpusError
 
         user_errors += (CorpusError,)
+    # SIGTERM (a supervisor, `kill`) unwinds like Ctrl-C, so coordinators and simulated
+    # fleets started by a command are stopped with it; `client run` installs its own handler.
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt)
     try:
         handler(args)
     except user_errors as e:

@@ -376,57 +376,59 @@ def run_simulation(
     )
     workers = cfg.workers or default_workers(len(specs))
     wait_fleet = _launch(specs, fleet, workers, cfg.ray_address)
-    with coord.admin() as admin:
-        admin.post(f"/v1/admin/tasks/{task}/start").raise_for_status()
-    observer = _Observer(coord, task)
-    rounds: list[dict[str, Any]] = []
-    eval_thread: threading.Thread | None = None
-    pending: list[int] = []
-    seen: set[int] = set()
-    deadline = t_start + cfg.max_minutes * 60
-    privacy: dict[str, Any] | None = None
-    while time.time() < deadline:
-        time.sleep(1.0)
-        try:
-            with coord.admin() as admin:
-                got = admin.get(f"/v1/admin/tasks/{task}/rounds")
-                got.raise_for_status()
-                rs = got.json()
-                task_info = admin.get(f"/v1/admin/tasks/{task}")
-                task_info.raise_for_status()
-                status = task_info.json()["status"]
-                privacy = task_info.json().get("privacy")
-        except httpx.HTTPStatusError as e:
-            if e.response.status_code < 500:
-                raise
-            log.warning("coordinator busy (%s); polling again", e.response.status_code)
-            continue
-        except httpx.TransportError as e:
-            log.warning("coordinator unreachable (%s); polling again", e)
-            continue
-        for r in sorted(rs, key=lambda x: x["number"]):
-            if r["stage"] == "done" and r["number"] not in seen:
-                seen.add(r["number"])
-                rec = _round_record(r, fleet.t0, cfg.day_seconds, cfg.start_hour)
-                rounds.append(rec)
-                if progress:
-                    progress({"event": "round", **rec})
-                v = r.get("new_version")
-                if v and (v % cfg.eval_every == 0 or v == cfg.rounds):
-                    pending.append(v)
-        if pending and (eval_thread is None or not eval_thread.is_alive()):
-            v = pending.pop(0)
+    try:  # whatever ends the run (an error, Ctrl-C, SIGTERM), the fleet's workers stop
+        with coord.admin() as admin:
+            admin.post(f"/v1/admin/tasks/{task}/start").raise_for_status()
+        observer = _Observer(coord, task)
+        rounds: list[dict[str, Any]] = []
+        eval_thread: threading.Thread | None = None
+        pending: list[int] = []
+        seen: set[int] = set()
+        deadline = t_start + cfg.max_minutes * 60
+        privacy: dict[str, Any] | None = None
+        while time.time() < deadline:
+            time.sleep(1.0)
+            try:
+                with coord.admin() as admin:
+                    got = admin.get(f"/v1/admin/tasks/{task}/rounds")
+                    got.raise_for_status()
+                    rs = got.json()
+                    task_info = admin.get(f"/v1/admin/tasks/{task}")
+                    task_info.raise_for_status()
+                    status = task_info.json()["status"]
+                    privacy = task_info.json().get("privacy")
+            except httpx.HTTPStatusError as e:
+                if e.response.status_code < 500:
+                    raise
+                log.warning("coordinator busy (%s); polling again", e.response.status_code)
+                continue
+            except httpx.TransportError as e:
+                log.warning("coordinator unreachable (%s); polling again", e)
+                continue
+            for r in sorted(rs, key=lambda x: x["number"]):
+                if r["stage"] == "done" and r["number"] not in seen:
+                    seen.add(r["number"])
+                    rec = _round_record(r, fleet.t0, cfg.day_seconds, cfg.start_hour)
+                    rounds.append(rec)
+                    if progress:
+                        progress({"event": "round", **rec})
+                    v = r.get("new_version")
+                    if v and (v % cfg.eval_every == 0 or v == cfg.rounds):
+                        pending.append(v)
+            if pending and (eval_thread is None or not eval_thread.is_alive()):
+                v = pending.pop(0)
 
-            def work(v: int = v) -> None:
-                evals[v] = evaluator.eager(observer.weights(v))
-                if progress:
-                    progress({"event": "eval", "version": v, **evals[v]})
+                def work(v: int = v) -> None:
+                    evals[v] = evaluator.eager(observer.weights(v))
+                    if progress:
+                        progress({"event": "eval", "version": v, **evals[v]})
 
-            eval_thread = threading.Thread(target=work, daemon=True)
-            eval_thread.start()
-        if status == "paused" and not any(x["stage"] != "done" for x in rs):
-            break
-    stop_file.write_text("stop")
+                eval_thread = threading.Thread(target=work, daemon=True)
+                eval_thread.start()
+            if status == "paused" and not any(x["stage"] != "done" for x in rs):
+                break
+    finally:
+        stop_file.write_text("stop")
     devices = wait_fleet()
     if eval_thread is not None:
         eval_thread.join()
