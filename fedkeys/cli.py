@@ -177,8 +177,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         user_errors += (CorpusError,)
     # SIGTERM (a supervisor, `kill`) unwinds like Ctrl-C, so coordinators and simulated
     # fleets started by a command are stopped with it; `client run` installs its own handler.
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _interrupt)
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None
     try:
         handler(args)
     except user_errors as e:
@@ -187,6 +187,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("fedkeys: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:  # main() called in-process (tests) leaves the handler as it was
+            signal.signal(signal.SIGTERM, previous)
     return 0
 
 
