@@ -151,7 +151,7 @@ async def round_status(
     def first() -> tuple[str, RoundStatus]:
         with app.state.sessions() as session, session.begin():
             device = authenticate(session, token=token, rate_limit_per_minute=limit)
-            return device.id, rounds.status(session, ctx, round_id=round_id, device=device)
+            return device.id, rounds.status_of(session, ctx, round_id=round_id, device_id=device.id)
 
     device_id, st = await run_in_threadpool(first)
     if since is None or wait <= 0 or _status_moved(st, since):

@@ -113,7 +113,6 @@ __all__ = [
     "report",
     "roster",
     "share_keys",
-    "status",
     "status_of",
     "unmask",
     "unmask_request",
@@ -1084,10 +1083,6 @@ def _round_and_participant(session: Session, round_id: int, device_id: str) -> t
     if part is None:
         raise Forbidden(f"device was not selected for round {rnd.id}")
     return rnd, part
-
-
-def status(session: Session, ctx: RoundContext, *, round_id: int, device: Device) -> RoundStatus:
-    return status_of(session, ctx, round_id=round_id, device_id=device.id)
 
 
 def status_of(session: Session, ctx: RoundContext, *, round_id: int, device_id: str) -> RoundStatus:
