@@ -1,11 +1,14 @@
 -- wrk script for bench/coordinator_bench.py: POST /v1/checkin, a different device token on
 -- every request (tokens file: one per line, path in the FEDKEYS_TOKENS environment variable).
--- Prints one JSON line with the totals and latency percentiles when the run ends.
+-- FEDKEYS_DELAY_MS paces each connection (a fixed offered rate instead of as fast as answers
+-- come). Prints one JSON line with the totals and latency percentiles when the run ends.
 local tokens = {}
 for line in io.lines(os.getenv("FEDKEYS_TOKENS")) do
   tokens[#tokens + 1] = line
 end
 local body = os.getenv("FEDKEYS_BODY")
+-- paced load: each connection waits this long after an answer before its next request
+local pause = tonumber(os.getenv("FEDKEYS_DELAY_MS") or "0")
 local idx = 0
 local non200 = 0
 
@@ -23,6 +26,10 @@ function request()
     ["Authorization"] = "Bearer " .. tokens[idx],
     ["Content-Type"] = "application/json",
   }, body)
+end
+
+function delay()
+  return pause
 end
 
 function done(summary, latency, requests)

@@ -137,12 +137,20 @@ def bench_task(server: Any, tar: Path, name: str, *, advertise_seconds: float) -
     setup_task(server, tar, cfg, name=name)
 
 
-def run_wrk(url: str, tokens: list[str], seconds: float, concurrency: int) -> dict[str, float]:
+def run_wrk(
+    url: str, tokens: list[str], seconds: float, concurrency: int, delay_ms: int = 0
+) -> dict[str, float]:
     """The load from wrk (C, one thread): it costs a fraction of a core, so the coordinator's
-    figures are not capped by the load generator sharing the 2 cores."""
+    figures are not capped by the load generator sharing the 2 cores. ``delay_ms`` > 0: each
+    connection waits that long after an answer (paced load, see :func:`run_paced`)."""
     tf = Path(f"/tmp/fedkeys-bench-tokens-{os.getpid()}.txt")
     tf.write_text("\n".join(tokens) + "\n")
-    env = {**os.environ, "FEDKEYS_TOKENS": str(tf), "FEDKEYS_BODY": json.dumps({"state": STATE})}
+    env = {
+        **os.environ,
+        "FEDKEYS_TOKENS": str(tf),
+        "FEDKEYS_BODY": json.dumps({"state": STATE}),
+        "FEDKEYS_DELAY_MS": str(delay_ms),
+    }
     out = subprocess.run(
         [
             "wrk",
@@ -169,6 +177,19 @@ def run_wrk(url: str, tokens: list[str], seconds: float, concurrency: int) -> di
         "errors": res["non2xx"] + res["socket_errors"],
         "generator": "wrk",
     }
+
+
+def run_paced(url: str, tokens: list[str], seconds: float, concurrency: int, rate: float) -> dict[str, float]:
+    """Latency at an offered rate rather than at saturation: ``concurrency`` connections, each
+    pausing between an answer and its next request so that together they send about ``rate``
+    check-ins/s (a closed loop's latency is mostly queueing: 64 connections in flight at
+    1,000/s wait 64 ms on average by Little's law, however fast each answer is). The pause is
+    set from a first run's mean time per request, then the point is measured again."""
+    period_ms = 1000.0 * concurrency / rate
+    first = run_wrk(url, tokens, max(seconds / 2, 3.0), concurrency, delay_ms=round(period_ms))
+    answer_ms = max(1000.0 * concurrency / max(first["rps"], 1.0) - round(period_ms), 0.0)
+    res = run_wrk(url, tokens, seconds, concurrency, delay_ms=max(round(period_ms - answer_ms), 0))
+    return {**res, "offered": rate}
 
 
 def run_load(url: str, ca: str, tokens: list[str], seconds: float, concurrency: int) -> dict[str, float]:
@@ -275,6 +296,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=15)
     ap.add_argument("--concurrency", type=int, default=64)
     ap.add_argument("--skip-1m", action="store_true")
+    ap.add_argument("--rate", type=float, default=1000.0, help="offered check-ins/s of the paced points")
     ap.add_argument("--load", default=None)
     ap.add_argument("--ca", default=None)
     ap.add_argument("--tokens", default=None)
@@ -307,6 +329,11 @@ def main() -> None:
                     res.update(devices=n, connections=conns, scenario="between rounds")
                     rows.append(res)
                     print(label, res, flush=True)
+                if shutil.which("wrk"):
+                    res = run_paced(server.url, tokens, args.seconds, args.concurrency, args.rate)
+                    res.update(devices=n, connections=args.concurrency, scenario="between rounds, paced")
+                    rows.append(res)
+                    print(label, res, flush=True)
             # 2. Churn, the worst case: rounds open, fill their pool, select and, with nobody
             #    training, fail at a 5 s advertise deadline and reopen, again and again.
             with server.admin() as admin:
@@ -315,6 +342,15 @@ def main() -> None:
             for conns in (args.concurrency, args.concurrency // 4):
                 res = run_load(server.url, str(server.ca), tokens, args.seconds, conns)
                 res.update(devices=rows[-1]["devices"], connections=conns, scenario="rounds churning")
+                rows.append(res)
+                print("churn", res, flush=True)
+            if shutil.which("wrk"):
+                res = run_paced(server.url, tokens, args.seconds, args.concurrency, args.rate)
+                res.update(
+                    devices=rows[-1]["devices"],
+                    connections=args.concurrency,
+                    scenario="rounds churning, paced",
+                )
                 rows.append(res)
                 print("churn", res, flush=True)
             with server.admin() as admin:
@@ -335,12 +371,14 @@ def main() -> None:
         "with nobody training, fail at a 5 s deadline and reopen, over and over (the worst case: every "
         "closing selection and failing round runs inside the measured window).",
         "",
-        "| scenario | registered devices | connections | check-ins/s | p50 | p99 | errors | goal |",
-        "|---|---|---|---|---|---|---|---|",
+        "| scenario | registered devices | connections | offered/s | check-ins/s | p50 | p99 | errors | goal |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        offered = f"{r['offered']:.0f}" if "offered" in r else "as fast as answered"
         lines.append(
-            f"| {r['scenario']} | {r['devices']:,} | {r['connections']} | {r['rps']:.0f} | {r['p50_ms']:.1f} ms "
+            f"| {r['scenario']} | {r['devices']:,} | {r['connections']} | {offered} "
+            f"| {r['rps']:.0f} | {r['p50_ms']:.1f} ms "
             f"| {r['p99_ms']:.1f} ms | {r['errors']} | >= 1,000/s, p99 < 50 ms |"
         )
     if ing:

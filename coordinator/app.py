@@ -16,6 +16,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
+import psycopg
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
@@ -31,11 +32,11 @@ from coordinator.api.deps import BodyTooLarge
 from coordinator.config import Settings
 from coordinator.db.migrate import upgrade
 from coordinator.db.models import Round, Task
-from coordinator.db.session import make_engine, make_sessionmaker, make_soft_engine
+from coordinator.db.session import AsyncStatement, make_engine, make_sessionmaker, make_soft_engine
 from coordinator.observability import Metrics, configure_logging
 from coordinator.schemas import TaskConfig
 from coordinator.services.aggregate import aggregate, pending_aggregations, publish_pending
-from coordinator.services.devices import AuthError, RateLimited
+from coordinator.services.devices import AuthError, RateLimited, checkin_statement
 from coordinator.services.privacy import privacy_status
 from coordinator.services.rounds import (
     DONE,
@@ -105,6 +106,7 @@ def _install_errors(app: FastAPI) -> None:
     app.add_exception_handler(IntegrityError, conflict)
     app.add_exception_handler(OperationalError, busy)
     app.add_exception_handler(PoolTimeout, busy)  # every connection in use for pool_timeout
+    app.add_exception_handler(psycopg.OperationalError, busy)  # the check-ins' asyncio connections
 
 
 def tick(app: FastAPI) -> None:
@@ -198,6 +200,8 @@ def create_app(settings: Settings | None = None, *, background: bool = True) -> 
         stop.set()
         for t in threads:
             t.join(timeout=5)
+        if app.state.checkin_statement is not None:
+            await app.state.checkin_statement.close()
         engine.dispose()
         soft_engine.dispose()
 
@@ -212,6 +216,11 @@ def create_app(settings: Settings | None = None, *, background: bool = True) -> 
     app.state.sessions = sessions
     app.state.soft_engine = soft_engine
     app.state.soft_sessions = make_sessionmaker(soft_engine)
+    app.state.checkin_statement = (
+        AsyncStatement(soft_engine, checkin_statement(), settings.checkin_threads)
+        if soft_engine.dialect.name == "postgresql"
+        else None
+    )
     app.state.ctx = ctx
     _install_errors(app)
     app.include_router(devices.router)

@@ -4,7 +4,7 @@ update upload, reports, federated evaluation."""
 from __future__ import annotations
 
 import time
-from typing import Annotated
+from typing import Annotated, Any
 
 import anyio
 import anyio.to_thread
@@ -20,9 +20,15 @@ from coordinator.api.deps import (
     _bearer,
     read_body,
 )
-from coordinator.db.session import single_statement
+from coordinator.db.session import AsyncStatement, single_statement
 from coordinator.services import rounds
-from coordinator.services.devices import authenticate, checkin_identity, enroll
+from coordinator.services.devices import (
+    authenticate,
+    checkin_params,
+    checkin_result,
+    checkin_statement,
+    enroll,
+)
 from coordinator.services.rounds import RoundContext
 from protocol.wire import (
     AdvertiseKeys,
@@ -76,33 +82,70 @@ def enroll_device(body: EnrollRequest, session: SessionDep, settings: SettingsDe
 async def checkin(body: CheckinRequest, request: Request) -> CheckinResponse:
     """Report the device's state; get ``retry_after`` (pace steering) or an assignment."""
     app = request.app
-    token = _bearer(request)
     ctx: RoundContext = app.state.ctx
-    st = body.state
-
-    def work() -> CheckinResponse:
-        # One thread hop for the whole check-in: one statement authenticates and records the
-        # state (autocommit on the soft-state engine, see make_soft_engine); most answers then
-        # come from the worker's round view without another round trip.
-        with single_statement(app.state.soft_engine) as conn:
-            device_id, last_round = checkin_identity(
-                conn,
-                token=token,
-                rate_limit_per_minute=app.state.settings.rate_limit_per_minute,
-                seen=ctx.now(),
-                client_version=st.client_version,
-                device_class=st.device_class,
-                data_bucket=max(0, int(st.examples).bit_length()),
-            )
-        return rounds.checkin(
-            app.state.soft_sessions, ctx, device_id=device_id, last_round_number=last_round, state=st
+    fast: AsyncStatement | None = app.state.checkin_statement
+    if fast is None:  # SQLite: the statement and the answer in one thread hop
+        response = await anyio.to_thread.run_sync(
+            _checkin_in_thread, app, _bearer(request), body, limiter=app.state.checkin_limiter
         )
-
-    # a few threads at a time (each with a pooled connection of its own): more only queue on
-    # the GIL and the database, and would open connections beyond the pool
-    response = await anyio.to_thread.run_sync(work, limiter=app.state.checkin_limiter)
+    else:
+        response = await _checkin_async(app, fast, _bearer(request), body)
     ctx.metrics.checkins.labels(response.action).inc()
     return response
+
+
+def _identity_params(app: Any, token: str, body: CheckinRequest) -> dict[str, object]:
+    st = body.state
+    return checkin_params(
+        token=token,
+        seen=app.state.ctx.now(),
+        client_version=st.client_version,
+        device_class=st.device_class,
+        data_bucket=max(0, int(st.examples).bit_length()),
+    )
+
+
+def _checkin_in_thread(app: Any, token: str, body: CheckinRequest) -> CheckinResponse:
+    # One statement authenticates and records the state; most answers then come from the
+    # worker's round view without another round trip. A few threads at a time (each with a
+    # pooled connection of its own): more only queue on the GIL and the database.
+    with single_statement(app.state.soft_engine) as conn:
+        row = conn.execute(checkin_statement(), _identity_params(app, token, body)).one_or_none()
+    device_id, last_round = checkin_result(
+        row, rate_limit_per_minute=app.state.settings.rate_limit_per_minute
+    )
+    return rounds.checkin(
+        app.state.soft_sessions,
+        app.state.ctx,
+        device_id=device_id,
+        last_round_number=last_round,
+        state=body.state,
+    )
+
+
+async def _checkin_async(app: Any, fast: AsyncStatement, token: str, body: CheckinRequest) -> CheckinResponse:
+    """PostgreSQL: the statement on the event loop's own connection, the answer from the
+    worker's round view; a thread only for a stale view's refresh (one at a time, the others
+    answer from the previous view) and for joining a selection pool (a short transaction)."""
+    ctx: RoundContext = app.state.ctx
+    row = await fast.fetchone(_identity_params(app, token, body))
+    device_id, last_round = checkin_result(
+        row, rate_limit_per_minute=app.state.settings.rate_limit_per_minute
+    )
+    snap = ctx._views
+    limiter = app.state.checkin_limiter
+    if snap is None or time.monotonic() - snap.taken >= ctx.view_ttl:
+        snap = await anyio.to_thread.run_sync(
+            rounds.current_views, app.state.soft_sessions, ctx, limiter=limiter
+        )
+    answer = rounds.answer_from_view(
+        snap, ctx, device_id=device_id, last_round_number=last_round, state=body.state
+    )
+    if isinstance(answer, CheckinResponse):
+        return answer
+    return await anyio.to_thread.run_sync(
+        rounds.join_pool, app.state.soft_sessions, ctx, answer, device_id, body.state, limiter=limiter
+    )
 
 
 @router.get("/rounds/{round_id}/plan")

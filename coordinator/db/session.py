@@ -3,16 +3,19 @@ can share one file; PostgreSQL is used as is (transactions and row locks do the 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import asyncio
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import Connection, Engine, create_engine, event
+from sqlalchemy import ClauseElement, Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.sql.compiler import SQLCompiler
 
 __all__ = [
+    "AsyncStatement",
     "is_sqlite",
     "make_engine",
     "make_sessionmaker",
@@ -109,3 +112,61 @@ def session_scope(factory: sessionmaker[Session]) -> Iterator[Session]:
     """One transaction: commit on success, roll back on any exception."""
     with factory() as session, session.begin():
         yield session
+
+
+class AsyncStatement:
+    """One SQL statement on a few asyncio connections of the running event loop (PostgreSQL,
+    psycopg's async API; autocommit and ``synchronous_commit = off`` like
+    :func:`make_soft_engine`).
+
+    The check-in's one statement runs here rather than in a worker thread: the hop to a thread
+    and back, SQLAlchemy's execution layer and the GIL hand-over between the threads cost about
+    as much CPU as the statement itself. Connections open on first use (at most ``size``;
+    psycopg prepares the statement on the server after a few executions) and belong to the
+    event loop that opened them: a new loop (a test client's) starts afresh. A connection
+    that fails is closed and replaced on the next call; the error propagates (``psycopg``'s
+    OperationalError: the app answers 503).
+    """
+
+    def __init__(self, engine: Engine, statement: ClauseElement, size: int) -> None:
+        if engine.dialect.name != "postgresql":
+            raise ValueError("AsyncStatement needs PostgreSQL")
+        compiled = cast("SQLCompiler", statement.compile(dialect=engine.dialect))
+        self.sql = compiled.string
+        # the statement's own constants (the named parameters come with each call)
+        self._literals = {
+            k: b.value for k, b in compiled.binds.items() if not b.required and f"%({k})s" in self.sql
+        }
+        self._conninfo = engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+        self.size = size
+        self._idle: list[Any] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._slots: asyncio.Semaphore | None = None
+
+    async def _connect(self) -> Any:
+        import psycopg
+
+        conn = await psycopg.AsyncConnection.connect(self._conninfo, autocommit=True)
+        await conn.execute("SET synchronous_commit TO OFF")
+        return conn
+
+    async def fetchone(self, params: Mapping[str, Any]) -> tuple[Any, ...] | None:
+        """Execute with ``params``; the first row of the result (or None)."""
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop or self._slots is None:
+            self._loop, self._slots, self._idle = loop, asyncio.Semaphore(self.size), []
+        async with self._slots:
+            conn = self._idle.pop() if self._idle else await self._connect()
+            try:
+                cur = await conn.execute(self.sql, {**self._literals, **params})
+                row = await cur.fetchone()
+            except BaseException:
+                await conn.close()
+                raise
+            self._idle.append(conn)
+            return cast("tuple[Any, ...] | None", row)
+
+    async def close(self) -> None:
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            await conn.close()

@@ -4,16 +4,25 @@ from __future__ import annotations
 
 import functools
 import time
+from collections.abc import Sequence
 from datetime import UTC, datetime
-from typing import cast
+from typing import Any, cast
 
-from sqlalchemy import Connection, Table, Update, bindparam, case, update
+from sqlalchemy import Table, Update, bindparam, case, update
 from sqlalchemy.orm import Session
 
 from coordinator.db.models import Device
 from coordinator.security import hash_token, new_device_id, new_token, secret_matches
 
-__all__ = ["AuthError", "RateLimited", "authenticate", "checkin_identity", "enroll"]
+__all__ = [
+    "AuthError",
+    "RateLimited",
+    "authenticate",
+    "checkin_params",
+    "checkin_result",
+    "checkin_statement",
+    "enroll",
+]
 
 
 class AuthError(Exception):
@@ -84,9 +93,13 @@ def authenticate(
 
 
 @functools.cache
-def _checkin_statement() -> Update:
-    """Built once: constructing and cache-keying the statement per request cost more than
-    executing it."""
+def checkin_statement() -> Update:
+    """:func:`authenticate` for the hottest path: one statement that authenticates, counts the
+    request and records the device's state, returning only what a check-in needs (device id,
+    rate count, the number of its last round; :func:`checkin_result`) instead of a whole ORM
+    object. On the autocommit connection of a check-in a refused request still counts (the
+    refusal lasts until the minute ends). Built once: constructing and cache-keying the
+    statement per request cost more than executing it."""
     t = cast(Table, Device.__table__)
     return (
         update(t)
@@ -103,35 +116,26 @@ def _checkin_statement() -> Update:
     )
 
 
-def checkin_identity(
-    conn: Connection,
-    *,
-    token: str,
-    rate_limit_per_minute: int,
-    seen: datetime,
-    client_version: str,
-    device_class: str,
-    data_bucket: int,
-) -> tuple[str, int]:
-    """:func:`authenticate` for the hottest path: one statement that authenticates, counts the
-    request and records the device's state, returning only what a check-in needs (device id,
-    the number of its last round) instead of a whole ORM object. On the autocommit connection
-    of a check-in a refused request still counts (the refusal lasts until the minute ends)."""
-    now = time.time()
-    row = conn.execute(
-        _checkin_statement(),
-        {
-            "b_token": hash_token(token),
-            "b_minute": int(now // 60),
-            "b_seen": seen,
-            "b_version": client_version,
-            "b_class": device_class,
-            "b_bucket": data_bucket,
-        },
-    ).one_or_none()
+def checkin_params(
+    *, token: str, seen: datetime, client_version: str, device_class: str, data_bucket: int
+) -> dict[str, object]:
+    """The bind parameters of the check-in statement (:func:`checkin_statement`)."""
+    return {
+        "b_token": hash_token(token),
+        "b_minute": int(time.time() // 60),
+        "b_seen": seen,
+        "b_version": client_version,
+        "b_class": device_class,
+        "b_bucket": data_bucket,
+    }
+
+
+def checkin_result(row: Sequence[Any] | None, *, rate_limit_per_minute: int) -> tuple[str, int]:
+    """(device id, number of its last round) from the check-in statement's row; raises
+    :class:`AuthError` for an unknown token and :class:`RateLimited` over the budget."""
     if row is None:
         raise AuthError("unknown or revoked device token")
     device_id, count, last_round = row
     if count > rate_limit_per_minute:
-        raise RateLimited(retry_after=60 - now % 60)
+        raise RateLimited(retry_after=60 - time.time() % 60)
     return str(device_id), int(last_round)

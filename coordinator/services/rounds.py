@@ -100,12 +100,14 @@ __all__ = [
     "Views",
     "advance",
     "advertise",
+    "answer_from_view",
     "check_upload",
     "checkin",
     "close_if_complete",
     "current_views",
     "evaluation",
     "inbound_shares",
+    "join_pool",
     "open_rounds",
     "plain_sum",
     "plan_for",
@@ -611,11 +613,27 @@ def checkin(
 ) -> CheckinResponse:
     """One check-in: the device's own round if it is in one, a place in a selecting round's
     pool if it is eligible, otherwise a ``retry_after``. The device row was already updated
-    (last check-in, versions) by :func:`coordinator.services.devices.checkin_identity`.
+    (last check-in, versions) by :func:`coordinator.services.devices.checkin_statement`.
 
     Answered from the worker's round view where it can be (participants, pace steering,
     ineligible devices: no transaction at all); only joining a selection pool writes."""
-    snap = current_views(sessions, ctx)
+    answer = answer_from_view(
+        current_views(sessions, ctx),
+        ctx,
+        device_id=device_id,
+        last_round_number=last_round_number,
+        state=state,
+    )
+    if isinstance(answer, CheckinResponse):
+        return answer
+    return join_pool(sessions, ctx, answer, device_id, state)
+
+
+def answer_from_view(
+    snap: Views, ctx: RoundContext, *, device_id: str, last_round_number: int, state: DeviceState
+) -> CheckinResponse | RoundView:
+    """What a check-in gets from the worker's round view alone (no database): an answer, or the
+    selecting round whose pool this eligible device joins (:func:`join_pool`)."""
     mine = snap.assigned.get(device_id)
     if mine is not None:
         round_id, kind, task_name = mine
@@ -637,9 +655,16 @@ def checkin(
             reason = "cooling down after a recent round"
         if reason is not None:
             return _retry(ctx, idle * 0.5, reason, idle)
-        with sessions() as session, session.begin():
-            return _join_pool(session, ctx, view, device_id, state)
+        return view
     return _retry(ctx, idle * 0.5, "not in any task's population", idle)
+
+
+def join_pool(
+    sessions: Callable[[], Session], ctx: RoundContext, view: RoundView, device_id: str, state: DeviceState
+) -> CheckinResponse:
+    """An eligible device joins a selecting round's pool (one short transaction)."""
+    with sessions() as session, session.begin():
+        return _join_pool(session, ctx, view, device_id, state)
 
 
 def _join_pool(

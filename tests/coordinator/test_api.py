@@ -50,15 +50,47 @@ def test_enrolment_needs_the_secret_and_creates_nothing_without_it(sqlite_server
     assert stored == hashlib.sha256(token.encode()).hexdigest() and token not in stored
 
 
-def test_auth_errors(sqlite_server: Server) -> None:
-    with sqlite_server.client("nope") as c:
-        assert c.post("/v1/checkin", json={"state": ready_state().model_dump()}).status_code == 401
-    with sqlite_server.client() as c:
+def test_auth_errors(server: Server) -> None:
+    """On both databases (PostgreSQL check-ins run on the event loop's own connections)."""
+    with server.client("nope") as c:
+        r = c.post("/v1/checkin", json={"state": ready_state().model_dump()})
+        assert r.status_code == 401 and "token" in r.json()["detail"]
+    with server.client() as c:
         assert c.post("/v1/checkin", json={"state": ready_state().model_dump()}).status_code == 401
         assert c.get("/v1/admin/tasks").status_code == 401
-    _, token = enroll(sqlite_server)
-    with sqlite_server.client(token) as c:
+    _, token = enroll(server)
+    with server.client(token) as c:
+        assert c.post("/v1/checkin", json={"state": ready_state().model_dump()}).status_code == 200
         assert c.get("/v1/admin/tasks").status_code == 401  # a device token is not an admin token
+
+
+def test_checkins_survive_dropped_database_connections(tmp_path: Path, pg_url: str) -> None:
+    """PostgreSQL ends the coordinator's connections (a restart, a failover): a check-in on a
+    dead connection gets a 503 with Retry-After, never a 500, and the next ones reconnect."""
+    import psycopg
+
+    from tests.servers import PG_ADMIN
+
+    server = start_server(tmp_path, pg_url)
+    try:
+        _, token = enroll(server)
+        body = {"state": ready_state().model_dump()}
+        with server.client(token) as c:
+            assert all(c.post("/v1/checkin", json=body).status_code == 200 for _ in range(20))
+            with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
+                ended = admin.execute(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = %s",
+                    (pg_url.rsplit("/", 1)[1],),
+                ).fetchone()
+            assert ended is not None and ended[0] >= 1
+            codes = [c.post("/v1/checkin", json=body) for _ in range(30)]
+        failed = [r for r in codes if r.status_code != 200]
+        assert all(r.status_code == 503 and r.headers.get("Retry-After") for r in failed), [
+            (r.status_code, r.text) for r in failed
+        ]
+        assert [r.status_code for r in codes[-10:]] == [200] * 10  # reconnected
+    finally:
+        stop_server(server)
 
 
 def test_validation_is_4xx(sqlite_server: Server) -> None:
@@ -76,10 +108,8 @@ def test_validation_is_4xx(sqlite_server: Server) -> None:
         assert c.get("/v1/rounds/12345/status").status_code in (403, 410)
 
 
-def test_rate_limit(tmp_path: Path) -> None:
-    server = start_server(
-        tmp_path, f"sqlite:///{tmp_path / 'c.db'}", extra_env={"FEDKEYS_RATE_LIMIT_PER_MINUTE": "5"}
-    )
+def test_rate_limit(tmp_path: Path, db_url: str) -> None:
+    server = start_server(tmp_path, db_url, extra_env={"FEDKEYS_RATE_LIMIT_PER_MINUTE": "5"})
     try:
         _, token = enroll(server)
         with server.client(token) as c:
