@@ -314,7 +314,7 @@ def memory_notes(rows: list[dict[str, Any]], res: list[dict[str, Any]], deltas: 
         return float(next(r["rss"] for r in rows if key in r["stage"]))
 
     def verdict(mb: float) -> str:
-        return f"met ({300 - mb:.0f} MB to spare)" if mb <= 300 else f"not met ({mb - 300:.0f} MB over)"
+        return f"met ({300 - mb:.1f} MB to spare)" if mb <= 300 else f"not met ({mb - 300:.1f} MB over)"
 
     peak = max(r["peak_rss_mb"] for r in res)
     first = max(r["round_peaks"][0] for r in res)
@@ -324,19 +324,24 @@ def memory_notes(rows: list[dict[str, Any]], res: list[dict[str, Any]], deltas: 
     released, delta, encoded = at("training program released"), at("delta"), at("encoded")
     replay = max(r["rss"] for r in rows)
     lines = [
-        f"**Peak RSS, goal <= 300 MB: the first round (bundle download included) {first:.0f} MB per "
+        f"**Peak RSS, goal <= 300 MB: the first round (bundle download included) {first:.1f} MB per "
         f"device process: {verdict(first)}"
-        + (f"; over {n} rounds {peak:.0f} MB: {verdict(peak)}" if n > 1 else "")
+        + (f"; over {n} rounds {peak:.1f} MB: {verdict(peak)}" if n > 1 else "")
         + "** (424 MB on 2026-11-26, before the changes below)."
     ]
     if n > 1 and deltas:
         lines[0] += (
             " From the second round on the weights arrive as an XOR delta from the version the "
-            "device holds. `protocol.delta.xor_undelta` now streams into its result (it held five "
-            "10.3 MB vectors until 2026-12-01 22:30; the decode's peak is now the result plus about "
-            "5 MB), yet the two-round peak stayed about 10 MB above the first round's: where the "
-            "rest goes in the second round is not located yet (the offline replay below peaks at "
-            "292 MB in round 2). Training peaks at about 294 MB in every round."
+            "device holds, decoded as it downloads (since 2026-12-02 `protocol.delta.XorUndelta` is "
+            "the download's sink: before, the 6.3 MB compressed delta was held whole beside the "
+            "decode and lingered until its HTTP response was collected, 4-5 MB of the second "
+            "round's peak). What a later round still carries over the first, measured in the device "
+            "process when local training starts (233 MB in round 1, 248 MB in round 2 on "
+            "2026-12-02): about 12 MB of shared-library code pages that the first round's training "
+            "touched (file-backed and shared between processes: ExecuTorch's optimized kernels "
+            "4.2 MB, libtorch_cpu 2 MB, numpy 1.4 MB, ...; the first round's training peak includes "
+            "them as well) and about 3 MB of heap. Then train.pte's planned memory adds about 48 MB "
+            "and copying the global weights into it a transient 4 MB."
         )
     return [
         *lines,

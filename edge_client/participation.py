@@ -24,7 +24,7 @@ from edge_client.memory import release_pages
 from edge_client.transport import ApiError, ArraySink, FileSink, Transport
 from protocol.bundle import sha256_file
 from protocol.codec import encode
-from protocol.delta import DeltaError, xor_undelta
+from protocol.delta import DeltaError, XorUndelta
 from protocol.layout import FloatVec
 from protocol.secagg.client import SecAggClient
 from protocol.wire import (
@@ -99,7 +99,7 @@ class WeightsCache:
     downloads) and :meth:`get` returns a read-only memory map of it: a device holds no private
     copy of the global weights, only the pages it is reading (see :func:`release_pages`), and
     the cache survives restarts. ``deltas=False`` always downloads whole vectors: more bytes,
-    but no decoding temporaries (:func:`protocol.delta.xor_undelta` holds several vectors).
+    but no decoding temporaries (an XOR delta decodes into a new vector as it arrives).
     """
 
     def __init__(self, max_items: int = 2, directory: Path | None = None, *, deltas: bool = True) -> None:
@@ -197,9 +197,10 @@ class WeightsCache:
             try:
                 if base is None:
                     raise DeltaError("the held base vector is gone")
-                delta = transport.download(plan.weights.url, params={"base": base_version})
-                candidate = xor_undelta(delta, base)
-                del delta
+                decoder = XorUndelta(base)  # decodes as the delta arrives: never held whole
+                transport.download_to(plan.weights.url, decoder, params={"base": base_version})
+                candidate = decoder.finish()
+                del decoder
                 release_pages(base)
             except (DeltaError, ApiError) as e:
                 log.info("delta download failed (%s); fetching the whole vector", e)

@@ -13,7 +13,7 @@ import zlib
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["DeltaError", "xor_delta", "xor_undelta"]
+__all__ = ["DeltaError", "XorUndelta", "xor_delta", "xor_undelta"]
 
 FloatVec = npt.NDArray[np.float32]
 _MAX_EXPANSION = 1 << 31  # refuse decompression bombs beyond 2 GiB
@@ -34,40 +34,81 @@ def xor_delta(new: FloatVec, base: FloatVec) -> bytes:
 
 
 def xor_undelta(delta: bytes, base: FloatVec, *, chunk: int = 1 << 20) -> FloatVec:
-    """The vector whose :func:`xor_delta` against ``base`` is ``delta``.
+    """The vector whose :func:`xor_delta` against ``base`` is ``delta`` (see :class:`XorUndelta`,
+    which decodes a delta as it arrives)."""
+    dec = XorUndelta(base, chunk=chunk)
+    view = memoryview(delta)
+    for i in range(0, len(view), _FEED):  # bounded pieces: no copies of the unread rest
+        dec.write(view[i : i + _FEED])
+    return dec.finish()
 
-    Streams: the byte planes are decompressed ``chunk`` bytes at a time straight into the
-    output's byte columns and XORed in place, so the only vector allocated is the result
-    (a device decodes this at the start of a round, when memory is tightest)."""
-    b = np.ascontiguousarray(base, dtype="<f4")
-    n = b.shape[0]
-    want = 4 * n
-    if want > _MAX_EXPANSION:
-        raise DeltaError(f"a base of {n} floats is too large")
-    out = np.empty(n, dtype="<u4")
-    cols = out.view(np.uint8).reshape(n, 4)  # cols[:, p] is byte plane p
-    d = zlib.decompressobj()
-    pending: bytes = delta
-    written = 0
-    try:
-        while True:
-            piece = d.decompress(pending, chunk)
-            pending = d.unconsumed_tail
-            if written + len(piece) > want:
-                raise DeltaError(f"delta expands beyond the {want} bytes the base needs")
-            src = np.frombuffer(piece, dtype=np.uint8)
-            off = 0
-            while off < len(src):
-                plane, i = divmod(written, n)
-                take = min(n - i, len(src) - off)
-                cols[i : i + take, plane] = src[off : off + take]
-                off += take
-                written += take
-            if d.eof or not (piece or pending):
-                break
-    except zlib.error as e:
-        raise DeltaError(f"corrupt delta: {e}") from None
-    if written != want or not d.eof or pending:
-        raise DeltaError(f"delta expands to {written} bytes, the base needs {want}")
-    np.bitwise_xor(out, b.view("<u4"), out=out)
-    return out.view(np.float32)
+
+_FEED = 1 << 16  # compressed bytes handed to zlib at a time
+
+
+class XorUndelta:
+    """Streaming :func:`xor_undelta`: ``write`` the delta's bytes as they arrive (it is a
+    download sink, see ``edge_client.transport.Sink``), then ``finish``.
+
+    The byte planes are decompressed ``chunk`` bytes at a time straight into the output's byte
+    columns and XORed with ``base`` at the end, so the only vector allocated is the result and
+    the compressed delta is never held whole (a device decodes this at the start of a round,
+    when memory is tightest). Anything malformed raises :class:`DeltaError`: a corrupt or
+    truncated stream, bytes after its end, more or fewer bytes than ``base`` needs.
+    """
+
+    def __init__(self, base: FloatVec, *, chunk: int = 1 << 20) -> None:
+        self._base = np.ascontiguousarray(base, dtype="<f4")
+        n = self._base.shape[0]
+        self._want = 4 * n
+        if self._want > _MAX_EXPANSION:
+            raise DeltaError(f"a base of {n} floats is too large")
+        self._chunk = chunk
+        self._out = np.empty(n, dtype="<u4")
+        self._cols = self._out.view(np.uint8).reshape(n, 4)  # cols[:, p] is byte plane p
+        self.reset()
+
+    def reset(self) -> None:
+        """Start over (a download that is retried from its first byte)."""
+        self._d = zlib.decompressobj()
+        self._written = 0
+
+    def _place(self, piece: bytes) -> None:
+        n = self._out.shape[0]
+        if self._written + len(piece) > self._want:
+            raise DeltaError(f"delta expands beyond the {self._want} bytes the base needs")
+        src = np.frombuffer(piece, dtype=np.uint8)
+        off = 0
+        while off < len(src):
+            plane, i = divmod(self._written, n)
+            take = min(n - i, len(src) - off)
+            self._cols[i : i + take, plane] = src[off : off + take]
+            off += take
+            self._written += take
+
+    def write(self, data: bytes | memoryview) -> None:
+        if self._d.eof:
+            if len(data):
+                raise DeltaError("bytes after the end of the delta")
+            return
+        try:
+            pending: bytes | memoryview = data
+            while len(pending):
+                self._place(self._d.decompress(pending, self._chunk))
+                pending = self._d.unconsumed_tail
+                if self._d.eof:
+                    if len(pending) or self._d.unused_data:
+                        raise DeltaError("bytes after the end of the delta")
+                    break
+        except zlib.error as e:
+            raise DeltaError(f"corrupt delta: {e}") from None
+
+    def finish(self) -> FloatVec:
+        """The decoded vector (after the whole delta was written)."""
+        if not self._d.eof:
+            raise DeltaError(f"delta ends early: {self._written} of the {self._want} bytes the base needs")
+        if self._written != self._want:
+            raise DeltaError(f"delta expands to {self._written} bytes, the base needs {self._want}")
+        out = self._out
+        np.bitwise_xor(out, self._base.view("<u4"), out=out)
+        return out.view(np.float32)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import zlib
 
 import numpy as np
@@ -9,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from protocol.delta import DeltaError, xor_delta, xor_undelta
+from protocol.delta import DeltaError, XorUndelta, xor_delta, xor_undelta
 
 
 @settings(max_examples=40, deadline=None)
@@ -27,6 +28,45 @@ def test_round_trip_is_bit_exact(n: int, seed: int, scale: float, chunk: int) ->
     got = xor_undelta(xor_delta(new, base), base, chunk=chunk)
     assert got.dtype == np.float32 and got.shape == (n,)
     assert np.array_equal(got.view(np.uint32), new.view(np.uint32))
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    n=st.integers(1, 20_000),
+    seed=st.integers(0, 2**32 - 1),
+    cuts=st.lists(st.integers(0, 1 << 17), max_size=12),
+    chunk=st.sampled_from([5, 4096, 1 << 20]),
+)
+def test_streamed_decoding_matches_whole_decoding(n: int, seed: int, cuts: list[int], chunk: int) -> None:
+    """Fed in arbitrary pieces (as a download arrives), after a reset that threw away a partial
+    first attempt, the streaming decoder gives the same bits."""
+    rng = np.random.default_rng(seed)
+    base = rng.normal(0, 1, n).astype(np.float32)
+    new = (base + 1e-3 * rng.normal(0, 1, n)).astype(np.float32)
+    delta = xor_delta(new, base)
+    dec = XorUndelta(base, chunk=chunk)
+    dec.write(delta[: len(delta) // 3])  # a broken first attempt
+    dec.reset()
+    bounds = sorted({min(c, len(delta)) for c in cuts} | {0, len(delta)})
+    for a, b in itertools.pairwise(bounds):
+        dec.write(delta[a:b])
+    got = dec.finish()
+    assert np.array_equal(got.view(np.uint32), new.view(np.uint32))
+
+
+def test_streamed_decoding_refuses_trailing_and_early_ends() -> None:
+    base = np.arange(1000, dtype=np.float32)
+    good = xor_delta(base + 1, base)
+    with pytest.raises(DeltaError, match="after the end"):
+        xor_undelta(good + b"x", base)
+    dec = XorUndelta(base)
+    dec.write(good)
+    with pytest.raises(DeltaError, match="after the end"):
+        dec.write(b"more")
+    dec = XorUndelta(base)
+    dec.write(good[:-3])
+    with pytest.raises(DeltaError, match="ends early"):
+        dec.finish()
 
 
 def test_small_moves_compress() -> None:
