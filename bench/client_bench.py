@@ -340,8 +340,10 @@ def memory_notes(rows: list[dict[str, Any]], res: list[dict[str, Any]], deltas: 
             "2026-12-02): about 12 MB of shared-library code pages that the first round's training "
             "touched (file-backed and shared between processes: ExecuTorch's optimized kernels "
             "4.2 MB, libtorch_cpu 2 MB, numpy 1.4 MB, ...; the first round's training peak includes "
-            "them as well) and about 3 MB of heap. Then train.pte's planned memory adds about 48 MB "
-            "and copying the global weights into it a transient 4 MB."
+            "them as well) and about 3 MB of heap. Then train.pte's planned memory adds about 48 MB; "
+            "the global weights are read into it from their file with plain reads (until "
+            "2026-12-02 through a memory map, which this kernel pages in 2 MB large folios at a "
+            "time whatever is touched: a 4 MB transient at the peak)."
         )
     return [
         *lines,

@@ -309,7 +309,8 @@ class Agent:
         msgs = self.store.training_texts(plan.training.max_examples, holdout=self.cfg.eval_holdout)
         if not msgs:
             raise Aborted("no local messages to train on")
-        trainer.set_weights(weights)  # the global vector is read from disk, not kept resident
+        # the global vector is read from its file, never resident as a whole
+        trainer.set_weights(self.weights.file(plan.weights.sha256) or weights)
         t = plan.training
         stats = trainer.train(
             self._batches(bundle, [m.text for m in msgs], self.rng.randrange(1 << 30)),

@@ -137,6 +137,11 @@ class WeightsCache:
             self._by_sha[sha] = (version, _map(path))
         return self._by_sha[sha][1]
 
+    def file(self, sha: str) -> Path | None:
+        """The file holding the vector ``sha`` (directory mode, once it is held), else None."""
+        hit = self._files.get(sha) if self.directory is not None else None
+        return None if hit is None else hit[1]
+
     def _digest(self, vec: FloatVec) -> str:
         return hashlib.sha256(vec.data).hexdigest()
 

@@ -177,13 +177,18 @@ class Trainer:
         out: list[torch.Tensor] = self._module.run_method("forward", args, clone_outputs=False)
         return out
 
-    def set_weights(self, vec: npt.ArrayLike) -> None:
+    def set_weights(self, vec: npt.ArrayLike | Path) -> None:
         """Copy a flat vector into the live parameters, one tensor at a time.
 
-        A memory-mapped vector (the device's cached global weights) is read a megabyte at a
-        time and its pages are dropped again as it goes: it never becomes resident as a whole.
-        A vector with NaN or Inf is refused before anything is copied.
+        A file (the device's cached global weights, raw little-endian float32) is read into
+        the parameters with plain reads, never mapped: a mapping of a file the kernel caches in
+        large folios pages in 2 MB at a time, whatever is touched. A memory-mapped vector is
+        read a megabyte at a time and its pages are dropped again as it goes. A vector with NaN
+        or Inf is refused before anything is copied.
         """
+        if isinstance(vec, Path):
+            self._set_weights_from_file(vec)
+            return
         v = np.asarray(vec)
         if v.ndim != 1 or v.shape[0] != self.layout.size:
             raise LayoutError(f"vector has shape {v.shape}, layout needs ({self.layout.size},)")
@@ -198,6 +203,29 @@ class Trainer:
                 src = v[e.offset + i : e.offset + min(i + step, e.numel)]
                 np.copyto(dst[i : i + src.shape[0]], src, casting="same_kind")
                 release_pages(v)
+
+    def _set_weights_from_file(self, path: Path, step: int = 1 << 18) -> None:
+        size = path.stat().st_size
+        if size != 4 * self.layout.size:
+            raise LayoutError(f"{path.name} holds {size} bytes, layout needs {4 * self.layout.size}")
+        buf = np.empty(step, dtype="<f4")
+        with path.open("rb", buffering=0) as f:
+            for i in range(0, self.layout.size, step):  # first pass: refuse NaN/Inf
+                part = buf[: min(step, self.layout.size - i)]
+                if f.readinto(part.view(np.uint8).data) != part.nbytes:
+                    raise LayoutError(f"{path.name} changed while it was read")
+                if not np.isfinite(part).all():
+                    raise LayoutError("weights contain NaN or Inf")
+            f.seek(0)
+            for e in self.layout.entries:  # then straight into the runtime's memory
+                f.seek(4 * e.offset)
+                dst = self.params[e.name].numpy().reshape(-1)
+                if dst.dtype != np.float32 or not dst.flags.c_contiguous:
+                    raise LayoutError(f"parameter {e.name} is not a contiguous float32 tensor")
+                for i in range(0, e.numel, step):
+                    part = dst[i : min(i + step, e.numel)]
+                    if f.readinto(part.view(np.uint8).data) != part.nbytes:
+                        raise LayoutError(f"{path.name} changed while it was read")
 
     def save_weights(self, path: Path) -> None:
         """Write the live parameters to ``path`` as one flat float32 vector in layout order."""

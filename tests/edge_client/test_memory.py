@@ -40,7 +40,7 @@ def test_release_pages_drops_a_memory_map_from_the_resident_set(tmp_path: Path) 
 
 
 @pytest.mark.slow
-def test_trainer_reads_weights_from_a_map_and_writes_them_to_a_file(
+def test_trainer_reads_weights_from_a_map_or_a_file_and_writes_them_to_a_file(
     tiny_bundle_dir: Path, tmp_path: Path
 ) -> None:
     from edge_client.runtime import Trainer
@@ -60,6 +60,18 @@ def test_trainer_reads_weights_from_a_map_and_writes_them_to_a_file(
         trainer.set_weights(bad)
     with pytest.raises(LayoutError, match="layout needs"):
         trainer.set_weights(w[:-1])
+    # from the file itself (a device's cached weights): read into the parameters, never mapped
+    w2 = w + np.float32(0.5)
+    w2.tofile(f)
+    trainer.set_weights(f)
+    np.testing.assert_array_equal(trainer.get_weights(), w2)
+    bad.tofile(tmp_path / "bad.f32")
+    with pytest.raises(LayoutError, match="NaN"):
+        trainer.set_weights(tmp_path / "bad.f32")
+    np.testing.assert_array_equal(trainer.get_weights(), w2)  # refused before anything was copied
+    w[:-1].tofile(tmp_path / "short.f32")
+    with pytest.raises(LayoutError, match="layout needs"):
+        trainer.set_weights(tmp_path / "short.f32")
     trainer.close()
     assert trainer.params == {}
 
