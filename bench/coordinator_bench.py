@@ -184,11 +184,14 @@ def run_paced(url: str, tokens: list[str], seconds: float, concurrency: int, rat
     pausing between an answer and its next request so that together they send about ``rate``
     check-ins/s (a closed loop's latency is mostly queueing: 64 connections in flight at
     1,000/s wait 64 ms on average by Little's law, however fast each answer is). The pause is
-    set from a first run's mean time per request, then the point is measured again."""
+    set from two shorter runs' mean time per request, then the point is measured."""
     period_ms = 1000.0 * concurrency / rate
-    first = run_wrk(url, tokens, max(seconds / 2, 3.0), concurrency, delay_ms=round(period_ms))
-    answer_ms = max(1000.0 * concurrency / max(first["rps"], 1.0) - round(period_ms), 0.0)
-    res = run_wrk(url, tokens, seconds, concurrency, delay_ms=max(round(period_ms - answer_ms), 0))
+    delay = round(period_ms)
+    for _ in range(2):  # the answer time depends on the load: correct the pause twice
+        probe = run_wrk(url, tokens, max(seconds / 3, 3.0), concurrency, delay_ms=delay)
+        answer_ms = max(1000.0 * concurrency / max(probe["rps"], 1.0) - delay, 0.0)
+        delay = max(round(period_ms - answer_ms), 0)
+    res = run_wrk(url, tokens, seconds, concurrency, delay_ms=delay)
     return {**res, "offered": rate}
 
 
