@@ -216,7 +216,6 @@ class Trainer:
                     raise LayoutError(f"{path.name} changed while it was read")
                 if not np.isfinite(part).all():
                     raise LayoutError("weights contain NaN or Inf")
-            f.seek(0)
             for e in self.layout.entries:  # then straight into the runtime's memory
                 f.seek(4 * e.offset)
                 dst = self.params[e.name].numpy().reshape(-1)

@@ -93,12 +93,15 @@ class XorUndelta:
             return
         try:
             pending: bytes | memoryview = data
-            while len(pending):
-                self._place(self._d.decompress(pending, self._chunk))
+            while True:  # until the input is used up and no full piece of output is pending
+                piece = self._d.decompress(pending, self._chunk)
+                self._place(piece)
                 pending = self._d.unconsumed_tail
                 if self._d.eof:
                     if len(pending) or self._d.unused_data:
                         raise DeltaError("bytes after the end of the delta")
+                    break
+                if not len(pending) and len(piece) < self._chunk:
                     break
         except zlib.error as e:
             raise DeltaError(f"corrupt delta: {e}") from None

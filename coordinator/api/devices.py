@@ -132,9 +132,9 @@ async def _checkin_async(app: Any, fast: AsyncStatement, token: str, body: Check
     device_id, last_round = checkin_result(
         row, rate_limit_per_minute=app.state.settings.rate_limit_per_minute
     )
-    snap = ctx._views
+    snap = rounds.fresh_views(ctx)
     limiter = app.state.checkin_limiter
-    if snap is None or time.monotonic() - snap.taken >= ctx.view_ttl:
+    if snap is None:
         snap = await anyio.to_thread.run_sync(
             rounds.current_views, app.state.soft_sessions, ctx, limiter=limiter
         )

@@ -153,8 +153,9 @@ class AsyncStatement:
     async def fetchone(self, params: Mapping[str, Any]) -> tuple[Any, ...] | None:
         """Execute with ``params``; the first row of the result (or None)."""
         loop = asyncio.get_running_loop()
-        if loop is not self._loop or self._slots is None:
+        if loop is not self._loop:
             self._loop, self._slots, self._idle = loop, asyncio.Semaphore(self.size), []
+        assert self._slots is not None
         async with self._slots:
             conn = self._idle.pop() if self._idle else await self._connect()
             try:

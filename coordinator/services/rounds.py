@@ -106,6 +106,7 @@ __all__ = [
     "close_if_complete",
     "current_views",
     "evaluation",
+    "fresh_views",
     "inbound_shares",
     "join_pool",
     "open_rounds",
@@ -571,15 +572,22 @@ def _pace(ctx: RoundContext, view: RoundView) -> CheckinResponse:
     return _retry(ctx, max(remaining, ctx.settings.min_retry_seconds), "no round needs devices now", window)
 
 
+def fresh_views(ctx: RoundContext) -> Views | None:
+    """The worker's round view if it is younger than ``view_ttl`` (else None)."""
+    snap = ctx._views
+    return snap if snap is not None and time.monotonic() - snap.taken < ctx.view_ttl else None
+
+
 def current_views(sessions: Callable[[], Session], ctx: RoundContext) -> Views:
     """The worker's round view, refreshed when older than ``view_ttl``: one thread refreshes,
     the others answer from the previous view meanwhile."""
-    snap = ctx._views
-    if snap is None or time.monotonic() - snap.taken >= ctx.view_ttl:
+    snap = fresh_views(ctx)
+    if snap is None:
+        snap = ctx._views
         if ctx._refreshing.acquire(blocking=snap is None):
             try:
-                now = ctx._views  # refreshed while this thread waited for the lock?
-                if now is not None and time.monotonic() - now.taken < ctx.view_ttl:
+                now = fresh_views(ctx)  # refreshed while this thread waited for the lock?
+                if now is not None:
                     snap = now
                 else:
                     with sessions() as session, session.begin():
