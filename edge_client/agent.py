@@ -386,6 +386,12 @@ class Agent:
         except Aborted as e:
             log.info("round %d: left (%s)", round_id, e)
             return {"round": round_id, "kind": "train", "completed": False, "reason": str(e)}
+        except (ApiError, TransportError) as e:
+            # a refusal after a coordinator restart (the round failed or moved on meanwhile) or a
+            # coordinator still unreachable after the transport's retries: leave the round
+            # cleanly and go back to checking in (evaluation rounds leave on refusals too)
+            log.warning("round %d: left after a coordinator error (%s)", round_id, e)
+            return {"round": round_id, "kind": "train", "completed": False, "reason": str(e)}
         if out.new_version is not None:
             self.model_version = out.new_version
         return {
