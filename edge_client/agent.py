@@ -402,6 +402,7 @@ class Agent:
             "new_version": out.new_version,
             "reason": out.reason,
             "seconds": out.stage_seconds,
+            "marks": out.marks,
             "training": self.last_training.model_dump() if self.last_training else None,
         }
 

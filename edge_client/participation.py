@@ -86,6 +86,9 @@ class RoundOutcome:
     new_version: int | None
     reason: str = ""
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    # wall-clock time (epoch seconds) of the start and of each step's end: plan, advertised, shared,
+    # weights, trained, uploaded, unmasked, done (for the simulator's latency breakdowns)
+    marks: dict[str, float] = field(default_factory=dict)
 
 
 _FILE_RE = re.compile(r"^v(\d+)-([0-9a-f]{64})\.f32$")
@@ -321,7 +324,9 @@ def run_round(
     t0 = time.time()
     deadline = t0 + max_wait
     times: dict[str, float] = {}
+    marks: dict[str, float] = {"start": t0}
     plan = transport.plan(round_id)
+    marks["plan"] = time.time()
     secagg: SecAggClient | None = None
     wait = {"sleep": sleep, "should_continue": should_continue, "deadline": deadline}
 
@@ -333,6 +338,7 @@ def run_round(
             st.new_version if st else None,
             reason,
             times,
+            marks,
         )
 
     try:
@@ -340,21 +346,25 @@ def run_round(
             t = time.time()
             secagg = SecAggClient(device_id, plan.secagg)
             transport.advertise(round_id, secagg.advertise_keys())
+            marks["advertised"] = time.time()
             st = _wait_for(transport, round_id, Stage.SHARE_KEYS, **wait)  # type: ignore[arg-type]
             if st.participant_stage == "dropped" or st.stage != Stage.SHARE_KEYS:
                 return left(f"missed key sharing (round at {st.stage})", st)
             transport.share_keys(round_id, secagg.share_keys(transport.roster(round_id)))
-            times["key_setup"] = time.time() - t
+            marks["shared"] = time.time()
+            times["key_setup"] = marks["shared"] - t
         # The weights are needed only for training: fetched after the key-agreement stages,
         # whose short deadlines a 10 MB download (or an XOR-delta decode) would eat into.
         t = time.time()
         weights = cache.get(transport, plan, None if bundle_weights is None else lambda: bundle_weights(plan))
-        times["download"] = time.time() - t
+        marks["weights"] = time.time()
+        times["download"] = marks["weights"] - t
         if not should_continue():
             raise Aborted("no longer eligible before training")
         t = time.time()
         result = train(plan, weights)
-        times["train"] = time.time() - t
+        marks["trained"] = time.time()
+        times["train"] = marks["trained"] - t
         if result.report.aborted:
             raise Aborted("training aborted: device no longer eligible")
         t = time.time()
@@ -392,6 +402,7 @@ def run_round(
         times["encode"] = time.time() - t
         transport.upload(round_id, body, result.examples)
         transport.report(round_id, result.report)
+        marks["uploaded"] = time.time()
         # After the upload the device only answers small messages: it stays in the round even
         # if it stops being eligible for training (only a shutdown makes it leave).
         wait["should_continue"] = lambda: not stopping()
@@ -401,9 +412,11 @@ def run_round(
                 return left(f"round moved on before unmasking ({st.stage})", st)
             req = transport.unmask_request(round_id)
             transport.unmask(round_id, secagg.unmask(req.survivors, req.dropped))
+            marks["unmasked"] = time.time()
         st = _wait_for(transport, round_id, "done", **wait)  # type: ignore[arg-type]
-        times["total"] = time.time() - t0
-        return RoundOutcome(round_id, True, st.outcome, st.new_version, "", times)
+        marks["done"] = time.time()
+        times["total"] = marks["done"] - t0
+        return RoundOutcome(round_id, True, st.outcome, st.new_version, "", times, marks)
     except ApiError as e:
         if e.status in (409, 410):
             return left(f"coordinator: {e.reason}")

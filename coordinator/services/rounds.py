@@ -549,27 +549,33 @@ def _retry(ctx: RoundContext, seconds: float, reason: str, spread: float = 0.0) 
     return CheckinResponse(action="retry", retry_after=round(value, 3), reason=reason)
 
 
-def _pace(ctx: RoundContext, view: RoundView) -> CheckinResponse:
+def _pace(ctx: RoundContext, view: RoundView, reason: str = "no round needs devices now") -> CheckinResponse:
     """retry_after for a device while the open round needs nobody.
 
-    The next selection starts roughly when this round ends: the median length of recent
-    rounds minus the time already spent (or the sum of the remaining deadlines when there is
-    no history). Check-ins are spread uniformly over a window sized so that the eligible
-    check-in rate seen at the last selection fills the next pool about twice over.
+    The next selection starts when this round ends: devices come back when the shortest of
+    the recent rounds would have ended (or after the remaining deadlines when there is no
+    history), and again closer to the end if it has not come yet. Check-ins are spread uniformly over a window
+    sized so that the eligible check-in rate seen at the last selection fills the next pool
+    about twice over.
     """
     now = ctx.now()
     cfg = view.cfg
     elapsed = (now - view.created_at).total_seconds()
     if view.recent_durations:
-        durations = sorted(view.recent_durations)
-        remaining = durations[len(durations) // 2] - elapsed
+        # the earliest plausible end (the shortest recent round): a device back before the end
+        # is paced again, closer to it; aiming at the median left every round that ended
+        # early waiting seconds for its pool (rounds here vary 10-45 s)
+        remaining = min(view.recent_durations) - elapsed
     else:
         remaining = (view.stage_deadline - now).total_seconds() + cfg.deadlines.unmask
     rate = view.candidate_rate
     pool = view.selection_target * cfg.selection_pool
-    # spread returns over a window the pool fills in, but never wider than a selection window
-    window = min(max(pool / rate, 1.0) if rate > 0 else 5.0, cfg.deadlines.selection)
-    return _retry(ctx, max(remaining, ctx.settings.min_retry_seconds), "no round needs devices now", window)
+    # Spread returns over half the time the pool took to fill at the last selection's arrival
+    # rate, never wider than a selection window: a large fleet (high rate) is spread over at
+    # least a second; a small one, whose returning devices are about one pool, sees its window
+    # halve from round to round instead of staying at whatever spread it once had.
+    window = min(max(0.5 * pool / rate, 1.0) if rate > 0 else 5.0, cfg.deadlines.selection)
+    return _retry(ctx, max(remaining, ctx.settings.min_retry_seconds), reason, window)
 
 
 def fresh_views(ctx: RoundContext) -> Views | None:
@@ -658,9 +664,17 @@ def answer_from_view(
             continue
         if view.stage != SELECTING:
             return _pace(ctx, view)
+        if last_round_number == view.number:
+            # The device row says it was selected for this very round: the view predates the
+            # selection's end (another worker closed it, or a refresh raced the close). The pool
+            # path re-reads the round and hands over the assignment; judging the device by this
+            # view would send a selected device away for a cooldown it is not in.
+            return view
         reason = eligibility(cfg, state)
         if reason is None and last_round_number >= view.number - cfg.cooldown_rounds:
-            reason = "cooling down after a recent round"
+            # back when this round ends (paced like the devices this round does not need),
+            # not after the idle retry: a one-round cooldown must not bench a device for minutes
+            return _pace(ctx, view, "cooling down after a recent round")
         if reason is not None:
             return _retry(ctx, idle * 0.5, reason, idle)
         return view
@@ -789,6 +803,9 @@ def _drop_missing(session: Session, rnd: Round, keep: set[str]) -> None:
         rnd.metrics = {**rnd.metrics, "dropped": dropped}
 
 
+_QUANTILES = (("first", 0.0), ("p50", 0.5), ("last", 1.0))
+
+
 def _close_selection(session: Session, ctx: RoundContext, rnd: Round, task: Task, now: datetime) -> None:
     cfg = _cfg(task)
     rows = session.execute(
@@ -839,8 +856,16 @@ def _close_selection(session: Session, ctx: RoundContext, rnd: Round, task: Task
         )
     )
     session.execute(delete(Candidate).where(Candidate.round_id == rnd.id))
-    window = max((now - _utc(rnd.stage_started_at)).total_seconds(), 1e-3)
-    rnd.metrics = {**rnd.metrics, "candidates": len(rows), "candidate_rate": len(rows) / window}
+    started = _utc(rnd.stage_started_at)
+    arrived = sorted((_utc(cand.checked_in_at) - started).total_seconds() for cand, _ in rows)
+    rnd.metrics = {
+        **rnd.metrics,
+        "candidates": len(rows),
+        # arrivals per second once they began (the wait before the first is not the rate)
+        "candidate_rate": len(rows) / max(arrived[-1] - arrived[0], 0.05),
+        # when the pool's devices checked in, seconds after the selection opened
+        "pool_arrivals": {q: round(arrived[int(f * (len(arrived) - 1))], 3) for q, f in _QUANTILES},
+    }
     rnd.selected = len(chosen)
     ctx.metrics.selections.inc(len(chosen))
     d = cfg.deadlines

@@ -82,6 +82,12 @@ def test_small_fleet_end_to_end(tmp_path: Path, tiny_bundle_dir: Path) -> None:
     committed = [r for r in train if r["outcome"] == "committed"]
     assert committed, train
     assert any(r.get("bytes_up_per_device", 0) > 0 for r in committed)
+    # a device that did every stage stamped each step, in protocol order
+    order = ("start", "plan", "advertised", "shared", "weights", "trained", "uploaded", "unmasked", "done")
+    done = [d_r["marks"] for d in res.devices for d_r in d["rounds"] if d_r.get("completed")]
+    assert done
+    for marks in done:
+        assert list(marks) == list(order) and sorted(marks.values()) == list(marks.values())
     assert 0 in res.evals and max(res.evals) >= 1
     assert 0 <= res.final["top1"] <= 1
     s = res.summary()
