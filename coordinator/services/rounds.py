@@ -554,9 +554,8 @@ def _pace(ctx: RoundContext, view: RoundView, reason: str = "no round needs devi
 
     The next selection starts when this round ends: devices come back when the shortest of
     the recent rounds would have ended (or after the remaining deadlines when there is no
-    history), and again closer to the end if it has not come yet. Check-ins are spread uniformly over a window
-    sized so that the eligible check-in rate seen at the last selection fills the next pool
-    about twice over.
+    history), and again closer to the end if it has not come yet. Check-ins are spread
+    uniformly over half the time the last selection's pool took to fill.
     """
     now = ctx.now()
     cfg = view.cfg

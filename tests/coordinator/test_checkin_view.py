@@ -11,7 +11,8 @@ from coordinator.observability import Metrics
 from coordinator.schemas import TaskConfig
 from coordinator.services.rounds import SELECTING, RoundContext, RoundView, Views, answer_from_view
 from coordinator.services.storage import ArtifactStore
-from protocol.wire import CheckinResponse, DeviceState
+from protocol.wire import CheckinResponse
+from tests.coordinator.scripted import ready_state
 
 
 def _ctx(tmp_path: Path) -> RoundContext:
@@ -36,21 +37,9 @@ def _view(number: int, stage: str = SELECTING) -> RoundView:
     )
 
 
-def _state() -> DeviceState:
-    return DeviceState(
-        charging=True,
-        idle=True,
-        unmetered=True,
-        battery_pct=90.0,
-        free_storage_mb=5000.0,
-        client_version="0.1.0",
-        examples=100,
-    )
-
-
 def test_a_device_of_a_recent_round_cools_down(tmp_path: Path) -> None:
     snap = Views(time.monotonic(), [_view(7)], {})
-    answer = answer_from_view(snap, _ctx(tmp_path), device_id="d1", last_round_number=6, state=_state())
+    answer = answer_from_view(snap, _ctx(tmp_path), device_id="d1", last_round_number=6, state=ready_state())
     assert isinstance(answer, CheckinResponse) and answer.action == "retry"
     assert answer.reason == "cooling down after a recent round"
 
@@ -61,12 +50,12 @@ def test_a_device_selected_after_the_snapshot_is_not_sent_away(tmp_path: Path) -
     reads the round and hands over the assignment, instead of a 30-90 s cooldown retry."""
     view = _view(7)
     snap = Views(time.monotonic(), [view], {})
-    answer = answer_from_view(snap, _ctx(tmp_path), device_id="d1", last_round_number=7, state=_state())
+    answer = answer_from_view(snap, _ctx(tmp_path), device_id="d1", last_round_number=7, state=ready_state())
     assert answer is view
 
 
 def test_an_eligible_newcomer_joins_the_pool(tmp_path: Path) -> None:
     view = _view(7)
     snap = Views(time.monotonic(), [view], {})
-    answer = answer_from_view(snap, _ctx(tmp_path), device_id="d1", last_round_number=-5, state=_state())
+    answer = answer_from_view(snap, _ctx(tmp_path), device_id="d1", last_round_number=-5, state=ready_state())
     assert answer is view
