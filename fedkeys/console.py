@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -12,7 +13,8 @@ from rich.table import Table
 
 __all__ = ["console", "print_table", "rich_progress"]
 
-console = Console(stderr=False)
+# Piped output (`make demo > log`, CI) would otherwise wrap tables at rich's default 80 columns.
+console = Console(stderr=False, width=None if sys.stdout.isatty() else 132)
 
 
 @contextmanager

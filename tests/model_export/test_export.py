@@ -175,3 +175,18 @@ def test_tampered_or_incomplete_bundle_is_refused(bundle, tmp_path, capsys) -> N
     with pytest.raises(BundleError, match="not valid JSON"):
         load_bundle(bad)
     assert main(["suggest", "--bundle", str(tmp_path / "nowhere"), "hi"]) == 2
+
+
+def test_side_by_side_export_writes_the_same_programs(bundle, monkeypatch, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The train program exported in a spawned child is byte-identical to the serial build's."""
+    from model_export import export as export_mod
+
+    lm = model_from_bundle(bundle.root, bundle.manifest)
+    spec = export_mod.BundleSpec(
+        train_batch=bundle.manifest.train.batch_size, beam_batch=bundle.manifest.predict.beam_batch
+    )
+    monkeypatch.setattr(export_mod, "_PARALLEL_EXPORT_PARAMS", 0)
+    monkeypatch.setattr(export_mod.os, "cpu_count", lambda: 2)
+    train, predict = export_mod._export_programs(lm, spec)
+    assert train == bundle.path(bundle.manifest.train.program).read_bytes()
+    assert predict == bundle.path(bundle.manifest.predict.program).read_bytes()
