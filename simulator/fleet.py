@@ -12,9 +12,11 @@ import logging
 import math
 import os
 import random
+import statistics
 import threading
 import time
 import weakref
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,7 +47,7 @@ class FleetSpec:
     start_hour: float
     t0: float
     dropout: float  # probability that a selected device vanishes at a random point of a round
-    round_seconds: float  # typical real length of a round (drop-outs fall uniformly within it)
+    round_seconds: float  # a round's length until measured (drop-outs fall uniformly within it)
     stop_after: float  # real seconds
     state_root: str
     noop_training: bool = False  # skip training (measures coordinator/protocol overhead)
@@ -89,6 +91,13 @@ class SharedRuntime:
         self._bundles: dict[str, Any] = {}
         self._bundle_lock = threading.Lock()
         self.weights = SharedWeights()
+        # how long this worker's devices took over their recent rounds (selected to done):
+        # drop-outs fall uniformly within it, so they hit every stage however long rounds are
+        self.round_spans: deque[float] = deque(maxlen=64)
+
+    def typical_round(self, default: float) -> float:
+        """Median span of the recent completed rounds (``default`` before the first)."""
+        return float(statistics.median(self.round_spans)) if self.round_spans else default
 
     def bundle(self, plan: Any, fetch: Any) -> Any:
         """The plan's bundle: fetched by the first device of the worker that needs it."""
@@ -249,10 +258,15 @@ def _device_thread(
 
     def train_round(round_id: int) -> dict[str, Any]:
         if rng.random() < fleet.dropout:  # vanish at a random point of this round (any stage)
-            timer = threading.Timer(rng.uniform(0, fleet.round_seconds), provider.vanish, args=(120.0,))
+            at = rng.uniform(0, runtime.typical_round(fleet.round_seconds))
+            timer = threading.Timer(at, provider.vanish, args=(120.0,))
             timer.daemon = True
             timer.start()
-        return real_round(round_id)
+        rec = real_round(round_id)
+        marks = rec.get("marks") or {}
+        if rec.get("completed") and "done" in marks and "start" in marks:
+            runtime.round_spans.append(marks["done"] - marks["start"])
+        return rec
 
     agent.train_round = train_round  # type: ignore[method-assign]
 
