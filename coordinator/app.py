@@ -160,10 +160,12 @@ class _Timing:
 def create_app(settings: Settings | None = None, *, background: bool = True) -> FastAPI:
     settings = settings or Settings()
     configure_logging(settings.log_json)
-    engine = make_engine(settings.database_url)
+    engine = make_engine(settings.database_url, lock_timeout=settings.db_lock_timeout_seconds)
     upgrade(engine)
     sessions = make_sessionmaker(engine)
-    soft_engine = make_soft_engine(engine, pool_size=settings.checkin_threads)
+    soft_engine = make_soft_engine(
+        engine, pool_size=settings.checkin_threads, lock_timeout=settings.db_lock_timeout_seconds
+    )
     metrics = Metrics()
     store = ArtifactStore(settings.data_dir)
     ctx = RoundContext(settings=settings, store=store, metrics=metrics)
@@ -224,7 +226,9 @@ def create_app(settings: Settings | None = None, *, background: bool = True) -> 
     app.state.soft_engine = soft_engine
     app.state.soft_sessions = make_sessionmaker(soft_engine)
     app.state.checkin_statement = (
-        AsyncStatement(soft_engine, checkin_statement(), settings.checkin_threads)
+        AsyncStatement(
+            soft_engine, checkin_statement(), settings.checkin_threads, settings.db_lock_timeout_seconds
+        )
         if soft_engine.dialect.name == "postgresql"
         else None
     )

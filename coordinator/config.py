@@ -18,6 +18,11 @@ class Settings(BaseSettings):
 
     # storage
     database_url: str = "sqlite:///fedkeys-data/coordinator.db"  # or postgresql+psycopg://...
+    # PostgreSQL: a statement waiting longer than this for a row lock fails (503, the client
+    # retries). A request's transaction stays open between its dependency's thread and its
+    # endpoint's, so without a bound, requests waiting on a device's row lock can take every
+    # thread the lock holder needs to finish: the whole worker stops (seen with 1,000 devices).
+    db_lock_timeout_seconds: float = Field(default=10.0, gt=0, le=600)
     data_dir: Path = Path("fedkeys-data")  # bundles, weights of every model version
     # security
     enrollment_secret: SecretStr = Field(default=SecretStr(""), description="fleet enrolment secret")

@@ -29,8 +29,9 @@ def is_sqlite(url: str) -> bool:
     return make_url(url).get_backend_name() == "sqlite"
 
 
-def make_engine(url: str, **kwargs: Any) -> Engine:
-    """An engine for ``url``; creates the SQLite file's directory if needed."""
+def make_engine(url: str, *, lock_timeout: float = 10.0, **kwargs: Any) -> Engine:
+    """An engine for ``url``; creates the SQLite file's directory if needed. On PostgreSQL a
+    statement waits at most ``lock_timeout`` seconds for a lock (then LockNotAvailable)."""
     u = make_url(url)
     if u.get_backend_name() == "sqlite":
         if u.database and u.database != ":memory:":
@@ -64,10 +65,17 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
     kwargs.setdefault("pool_size", 10)
     kwargs.setdefault("max_overflow", 20)
     kwargs.setdefault("pool_pre_ping", True)
+    if u.get_backend_name() == "postgresql":
+        kwargs.setdefault("connect_args", {"options": lock_timeout_option(lock_timeout)})
     return create_engine(url, **kwargs)
 
 
-def make_soft_engine(engine: Engine, pool_size: int = 8) -> Engine:
+def lock_timeout_option(seconds: float) -> str:
+    """libpq ``options`` that bound every statement's wait for a lock (PostgreSQL)."""
+    return f"-c lock_timeout={max(1, round(seconds * 1000))}"
+
+
+def make_soft_engine(engine: Engine, pool_size: int = 8, lock_timeout: float = 10.0) -> Engine:
     """The engine for soft-state writes (check-ins: last seen, a place in a selection pool, at
     most the closing of a selection). On PostgreSQL its connections commit without waiting for
     the WAL flush (``synchronous_commit = off``): a crash can lose the last ~0.2 s of such
@@ -78,7 +86,12 @@ def make_soft_engine(engine: Engine, pool_size: int = 8) -> Engine:
         return engine
     # no pre-ping: it would double the round trips of the hottest path; a dropped connection
     # fails one check-in (503, the device retries) and SQLAlchemy then invalidates the pool
-    soft = create_engine(engine.url, pool_size=pool_size, max_overflow=2)
+    soft = create_engine(
+        engine.url,
+        pool_size=pool_size,
+        max_overflow=2,
+        connect_args={"options": lock_timeout_option(lock_timeout)},
+    )
 
     @event.listens_for(soft, "connect")
     def _async_commit(dbapi_conn: Any, _: Any) -> None:
@@ -128,7 +141,9 @@ class AsyncStatement:
     OperationalError: the app answers 503).
     """
 
-    def __init__(self, engine: Engine, statement: ClauseElement, size: int) -> None:
+    def __init__(
+        self, engine: Engine, statement: ClauseElement, size: int, lock_timeout: float = 10.0
+    ) -> None:
         if engine.dialect.name != "postgresql":
             raise ValueError("AsyncStatement needs PostgreSQL")
         compiled = cast("SQLCompiler", statement.compile(dialect=engine.dialect))
@@ -139,6 +154,7 @@ class AsyncStatement:
         }
         self._conninfo = engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
         self.size = size
+        self._options = lock_timeout_option(lock_timeout)
         self._idle: list[Any] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._slots: asyncio.Semaphore | None = None
@@ -146,7 +162,7 @@ class AsyncStatement:
     async def _connect(self) -> Any:
         import psycopg
 
-        conn = await psycopg.AsyncConnection.connect(self._conninfo, autocommit=True)
+        conn = await psycopg.AsyncConnection.connect(self._conninfo, autocommit=True, options=self._options)
         await conn.execute("SET synchronous_commit TO OFF")
         return conn
 

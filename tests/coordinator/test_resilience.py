@@ -130,3 +130,35 @@ def test_kill_9_mid_round_then_restart(tmp_path: Path, tiny_bundle_dir: Path) ->
             assert [v["version"] for v in versions] == [0]
     finally:
         stop_server(restarted)
+
+
+def test_a_held_device_row_lock_gets_503_not_a_stuck_worker(tmp_path: Path, pg_url: str) -> None:
+    """A request waiting on a device's row lock fails after the lock timeout (503, retry)
+    instead of waiting for ever: such waits once took every thread of a worker (1,000 devices)."""
+    import httpx
+
+    server = start_server(tmp_path, pg_url, extra_env={"FEDKEYS_DB_LOCK_TIMEOUT_SECONDS": "1"})
+    try:
+        dev = ScriptedDevice(server.url, str(server.ca), server.enroll_secret, np.zeros(4, np.float32))
+        dev.enroll()
+        headers = {"authorization": f"Bearer {dev.token}"}
+        body = {"state": ready_state().model_dump(mode="json")}
+        with (
+            psycopg.connect(_plain_pg(pg_url)) as holder,
+            httpx.Client(base_url=server.url, verify=str(server.ca), timeout=30) as http,
+        ):
+            holder.execute("UPDATE devices SET rate_count = rate_count WHERE id = %s", (dev.device_id,))
+            for method, path, kw in (
+                ("POST", "/v1/checkin", {"json": body}),  # the event loop's own connection
+                ("GET", "/v1/rounds/1/plan", {}),  # a request's session (dependency thread)
+            ):
+                t0 = time.monotonic()
+                r = http.request(method, path, headers=headers, **kw)
+                took = time.monotonic() - t0
+                assert r.status_code == 503, (path, r.status_code, r.text)
+                assert "retry" in r.json()["detail"]
+                assert took < 10, (path, took)
+            holder.rollback()
+            assert http.post("/v1/checkin", headers=headers, json=body).status_code == 200
+    finally:
+        stop_server(server)
