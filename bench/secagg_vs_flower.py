@@ -463,7 +463,7 @@ def our_round(pool: Any, n: int, d: int, config: dict[str, Any], seed: int) -> d
     ref = np.mean([client_update(cid_of[dv], d) for dv in survivors], axis=0)
     rel_err = float(np.linalg.norm(mean - ref) / np.linalg.norm(ref))
     degree, threshold = resolve_graph(sp, n)
-    graph = neighbour_graph(devices, sp.graph_seed, sp.degree)
+    graph = neighbour_graph(devices, sp.graph_seed, degree)
     u2, u3 = set(active), set(survivors)
     word = ring_dtype(sp.ring_bits).itemsize
     client_streams = sum(1 + len(graph[u] & u2) for u in u3)

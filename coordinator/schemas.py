@@ -89,6 +89,17 @@ class SecAggSettings(_Model):
     enabled: bool = True
     neighbours: int | None = Field(default=None, ge=1)  # SecAgg+ degree k; None = O(log n)
     threshold: int | None = Field(default=None, ge=1)  # t per neighbourhood; None = default
+    # fraction of the devices that advertised keys the default degree is sized to lose, so that
+    # dropped devices keep t surviving neighbours (None: over-selection's surplus + 10%)
+    dropout: float | None = Field(default=None, ge=0.0, lt=1.0)
+
+    def design_dropout(self, over_selection: float) -> float:
+        """The loss the neighbour graph is sized for: a round selects ``over_selection`` times
+        its target and stops collecting at the target, so the surplus is lost by design, plus
+        the 6-10% that production fleets lose on their own."""
+        if self.dropout is not None:
+            return self.dropout
+        return min(0.5, 1.0 - 1.0 / over_selection + 0.1)
 
 
 class ServerOptimizer(_Model):

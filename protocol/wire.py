@@ -187,6 +187,9 @@ class SecAggParams(_Message):
     threshold: int | None = Field(default=None, ge=1)
     min_devices: int = Field(default=2, ge=2)
     """Fewest devices that may start the protocol (fewer: the round fails)."""
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    """Fraction of the devices the default degree is sized to lose (``graph.degree_for_dropout``;
+    0: the plain ``O(log n)`` default)."""
 
 
 class AdvertiseKeys(_Message):

@@ -327,6 +327,7 @@ def _open_round(session: Session, ctx: RoundContext, task: Task) -> Round | None
                 degree=cfg.secagg.neighbours,
                 threshold=cfg.secagg.threshold,
                 min_devices=max(2, cfg.min_reports),
+                dropout=cfg.secagg.design_dropout(cfg.over_selection),
             )
             plan["secagg"] = sec.model_dump(mode="json")
     rnd.plan = plan

@@ -236,7 +236,7 @@ class SecAggClient:
         self._s.roster_digest = _roster_digest(roster)
         self._s.roster_ids = ids
         self._positions = None
-        neighbours = sorted(neighbours_of(me, ids, p.graph_seed, p.degree))
+        neighbours = sorted(neighbours_of(me, ids, p.graph_seed, degree))
         entries = {v: roster.devices[self._index(v) - 1] for v in neighbours}
         self._s.neighbours = neighbours
         self._s.mask_public_keys = {v: entries[v].mask_public_key for v in neighbours}

@@ -61,6 +61,7 @@ def secagg_params_for(
     degree: int | None = None,
     threshold: int | None = None,
     min_devices: int = 2,
+    dropout: float = 0.0,
 ) -> SecAggParams:
     """The secure-aggregation parameters matching a codec configuration for a ``d``-long
     layout: vector length ``encoded_length`` and ring width ``ring_bits``."""
@@ -72,6 +73,7 @@ def secagg_params_for(
         degree=degree,
         threshold=threshold,
         min_devices=min_devices,
+        dropout=dropout,
     )
 
 
@@ -80,7 +82,7 @@ def resolve_graph(params: SecAggParams, n: int) -> tuple[int, int]:
     if n < params.min_devices:
         raise SecAggError(f"{n} devices advertised keys, the round needs {params.min_devices}")
     try:
-        degree = resolve_degree(n, params.degree)
+        degree = resolve_degree(n, params.degree, params.dropout)
     except GraphError as e:
         raise SecAggError(str(e)) from e
     threshold = params.threshold if params.threshold is not None else default_threshold(degree)

@@ -10,6 +10,11 @@ key agreements, shares and mask expansions. When ``degree >= n - 1`` the graph i
 The default degree is ``2 * ceil(log2 n)`` (even), the same neighbourhood size as Flower's
 ``num_shares = 2 log2 n + 1`` (which counts the device itself). The default threshold is a
 strict majority of the neighbourhood, ``degree // 2 + 1``.
+
+That degree suits rounds that lose few devices. A dropped device's masks can be removed only
+while ``threshold`` of its neighbours survive, so a round that must lose a fraction ``dropout``
+of its devices (over-selection cuts the slowest on purpose) needs a larger neighbourhood:
+:func:`degree_for_dropout` sizes it, up to the complete graph.
 """
 
 from __future__ import annotations
@@ -24,9 +29,11 @@ __all__ = [
     "GraphError",
     "default_degree",
     "default_threshold",
+    "degree_for_dropout",
     "neighbour_graph",
     "neighbours_of",
     "resolve_degree",
+    "unrecoverable_bound",
 ]
 
 
@@ -41,11 +48,40 @@ def default_degree(n: int) -> int:
     return min(n - 1, 2 * math.ceil(math.log2(n)))
 
 
-def resolve_degree(n: int, degree: int | None) -> int:
-    """The degree actually used for ``n`` devices: ``degree`` rounded up to even, or the
-    default; ``n - 1`` (complete graph) when that is not smaller."""
+# Per-round probability, at the design dropout, that some device keeps too few neighbours.
+UNRECOVERABLE = 1e-3
+
+
+def unrecoverable_bound(n: int, degree: int, dropout: float) -> float:
+    """Union bound over ``n`` devices on the probability that some device keeps fewer than
+    ``default_threshold(degree)`` of its ``degree`` neighbours when each device drops
+    independently with probability ``dropout`` (the binomial tail summed term by term)."""
+    if not 0.0 <= dropout < 1.0:
+        raise GraphError(f"dropout must be in [0, 1), got {dropout}")
+    t = default_threshold(degree)
+    keep = 1.0 - dropout
+    tail = sum(math.comb(degree, s) * keep**s * dropout ** (degree - s) for s in range(t))
+    return min(1.0, n * tail)
+
+
+def degree_for_dropout(n: int, dropout: float, failure: float = UNRECOVERABLE) -> int:
+    """The smallest even degree, at least :func:`default_degree`, for which a round of ``n``
+    devices that loses a fraction ``dropout`` of them stays recoverable except with
+    probability ``failure`` (:func:`unrecoverable_bound`); ``n - 1`` (complete graph) if none
+    is smaller. With the strict-majority threshold a complete graph tolerates any loss that
+    leaves a majority, which is why moderate ``n`` at a high ``dropout`` ends there."""
+    k = default_degree(n)
+    while k < n - 1 and unrecoverable_bound(n, k, dropout) > failure:
+        k += 2
+    return min(k, n - 1)
+
+
+def resolve_degree(n: int, degree: int | None, dropout: float = 0.0) -> int:
+    """The degree actually used for ``n`` devices: ``degree`` rounded up to even, or (when
+    ``None``) the default, sized for ``dropout`` if it is above 0; ``n - 1`` (complete graph)
+    when that is not smaller."""
     if degree is None:
-        return default_degree(n)
+        return degree_for_dropout(n, dropout) if dropout > 0 else default_degree(n)
     if degree < 1:
         raise GraphError(f"degree must be >= 1, got {degree}")
     if n < 2:

@@ -168,7 +168,8 @@ class SecAggServer:
 
     def _build_graph(self, roster: ShareKeysRequest) -> None:
         ids = [a.device for a in roster.devices]
-        self._graph = neighbour_graph(ids, self._s.params.graph_seed, self._s.params.degree)
+        degree, _ = resolve_graph(self._s.params, len(ids))
+        self._graph = neighbour_graph(ids, self._s.params.graph_seed, degree)
         self._index = {d: i + 1 for i, d in enumerate(ids)}
 
     def _neighbours(self, device: str) -> frozenset[str]:

@@ -74,3 +74,34 @@ def test_invalid_graphs() -> None:
         graph.resolve_degree(10, 0)
     with pytest.raises(GraphError):
         graph.neighbours_of("z", ["a", "b"], bytes(32))
+
+
+@given(n=st.integers(2, 400), dropout=st.floats(0.01, 0.45))
+@settings(max_examples=80, deadline=None)
+def test_degree_for_dropout_is_the_smallest_that_bounds_the_failure(n: int, dropout: float) -> None:
+    from scipy.stats import binom
+
+    def reference(k: int) -> float:  # union bound: n * P[fewer than t of k neighbours survive]
+        return float(min(1.0, n * binom.cdf(graph.default_threshold(k) - 1, k, 1 - dropout)))
+
+    k = graph.degree_for_dropout(n, dropout)
+    assert graph.default_degree(n) <= k <= n - 1
+    assert graph.unrecoverable_bound(n, k, dropout) == pytest.approx(reference(k), rel=1e-6, abs=1e-15)
+    if k < n - 1:
+        assert k % 2 == 0
+        assert reference(k) <= graph.UNRECOVERABLE
+    if k - 2 >= graph.default_degree(n):
+        assert reference(k - 2) > graph.UNRECOVERABLE
+    assert graph.resolve_degree(n, None, dropout) == k
+    assert graph.resolve_degree(n, None) == graph.default_degree(n)
+
+
+def test_degree_for_dropout_known_values() -> None:
+    # 130 selected for 100: the over-selection's 23% plus 10% needs the complete graph; at
+    # 1,000 devices a sparse graph still suffices
+    assert graph.degree_for_dropout(130, 0.33) == 129
+    assert graph.degree_for_dropout(1000, 0.33) == 190
+    assert graph.degree_for_dropout(1000, 0.1) == 24
+    assert graph.default_degree(1000) == 20
+    with pytest.raises(GraphError):
+        graph.unrecoverable_bound(10, 4, 1.0)

@@ -57,10 +57,10 @@ def _expected_outcome(
     """Reference model of the protocol's dropout rule: ("ok", survivors) or ("fail", {})."""
     advertised = [d for d in devices if stops.get(d, COMPLETE) > ADVERTISE]
     try:
-        _, t = resolve_graph(params, len(advertised))
+        degree, t = resolve_graph(params, len(advertised))
     except SecAggError:
         return "fail", set()
-    graph = neighbour_graph(advertised, params.graph_seed, params.degree)
+    graph = neighbour_graph(advertised, params.graph_seed, degree)
     shared = {d for d in advertised if stops.get(d, COMPLETE) > SHARE}
     active = set(shared)
     while True:  # devices with fewer than t sharing neighbours are left out
@@ -90,7 +90,8 @@ def rounds(draw: st.DrawFn) -> tuple[SecAggParams, list[str], dict[str, int], in
     devices = [f"d{i}" for i in range(n)]
     # mostly completing devices, some dropping at each stage
     stops = {d: draw(st.sampled_from([COMPLETE] * 4 + [ADVERTISE, SHARE, MASK, UNMASK])) for d in devices}
-    params = _params(length, bits, degree=degree, threshold=threshold)
+    dropout = draw(st.sampled_from([0.0, 0.0, 0.3]))  # the default degree sized for a loss
+    params = _params(length, bits, degree=degree, threshold=threshold, dropout=dropout)
     return params, devices, stops, draw(st.integers(0, 2**16))
 
 
@@ -144,6 +145,25 @@ def test_unrecoverable_round_names_the_devices() -> None:
     assert victim in err.value.devices
     assert err.value.devices[victim] == t - 1
     assert repr(victim) in str(err.value)
+
+
+def test_a_graph_sized_for_the_dropout_recovers_what_the_log_n_graph_cannot() -> None:
+    devices = [f"dev{i:02d}" for i in range(40)]
+    plain = _params(8, 16)
+    degree, t = resolve_graph(plain, 40)
+    assert (degree, t) == (12, 7)
+    victim = devices[0]
+    # the victim and 6 of its 12 neighbours drop after sharing keys (7 of 40 devices, 17.5%)
+    lost = [victim, *sorted(neighbour_graph(devices, plain.graph_seed, degree)[victim])[: degree - t + 1]]
+    stops = dict.fromkeys(lost, MASK)
+    inputs = _inputs(devices, 8, 16, 4)
+    with pytest.raises(UnrecoverableError):
+        run_round(plain, inputs, stops)
+    sized = _params(8, 16, dropout=0.3)
+    assert resolve_graph(sized, 40)[0] > degree
+    total = run_round(sized, inputs, stops)
+    survivors = [d for d in devices if d not in lost]
+    np.testing.assert_array_equal(total, codec.ring_sum([inputs[d] for d in survivors], 16))
 
 
 def test_too_many_drops_before_unmask_fail_early_with_names() -> None:
