@@ -17,6 +17,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
+import anyio.to_thread
 import psycopg
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -174,6 +175,7 @@ def create_app(settings: Settings | None = None, *, background: bool = True) -> 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.checkin_limiter = anyio.CapacityLimiter(settings.checkin_threads)
+        anyio.to_thread.current_default_thread_limiter().total_tokens = settings.request_threads
         threads = []
         if background:
             threads.append(

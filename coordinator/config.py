@@ -41,6 +41,11 @@ class Settings(BaseSettings):
     # threads (and soft-state database connections) per worker for check-ins: the GIL runs one
     # at a time, so a few suffice to overlap database round trips
     checkin_threads: int = Field(default=6, ge=1, le=64)
+    # threads per worker for every other request (AnyIO's default is 40). Fewer than the
+    # database pool's 30 connections: a thread that holds one of them while it waits for a
+    # connection would otherwise starve the requests that hold connections and need a thread
+    # to finish (with 1,000 devices a worker stalled for minutes that way)
+    request_threads: int = Field(default=24, ge=1, le=256)
 
     # publishing new predict.pte for committed versions (needs the export extra)
     publish_predict: bool = True

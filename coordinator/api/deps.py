@@ -67,7 +67,18 @@ def _bearer(request: Request) -> str:
 
 
 def _device(request: Request, session: SessionDep, settings: SettingsDep) -> Device:
-    return authenticate(session, token=_bearer(request), rate_limit_per_minute=settings.rate_limit_per_minute)
+    """The device, authenticated (and counted against its rate limit) in a short transaction
+    of its own, then attached to the request's session without a query.
+
+    Inside the request's transaction the counting UPDATE held the device's row lock until the
+    request ended; a slow request (a share upload in a busy round) then made every other
+    writer of that row wait: the selection marking its devices, the device's own check-ins.
+    A refused request still rolls back its count."""
+    with request.app.state.soft_sessions() as auth, auth.begin():
+        device = authenticate(
+            auth, token=_bearer(request), rate_limit_per_minute=settings.rate_limit_per_minute
+        )
+    return session.merge(device, load=False)
 
 
 def _admin(request: Request, settings: SettingsDep) -> None:
