@@ -87,7 +87,7 @@ class CodecSettings(_Model):
 
 class SecAggSettings(_Model):
     enabled: bool = True
-    neighbours: int | None = Field(default=None, ge=1)  # SecAgg+ degree k; None = O(log n)
+    neighbours: int | None = Field(default=None, ge=1)  # SecAgg+ degree k; None = sized for dropout
     threshold: int | None = Field(default=None, ge=1)  # t per neighbourhood; None = default
     # fraction of the devices that advertised keys the default degree is sized to lose, so that
     # dropped devices keep t surviving neighbours (None: over-selection's surplus + 10%)

@@ -29,7 +29,9 @@ neighbours suffice). Otherwise the server raises
 :class:`UnrecoverableError` naming the devices that made the round unrecoverable; it never
 returns a wrong sum. Devices with fewer than ``t - 1`` neighbours left after stage 2 could not
 be unmasked even if they survived: they are excluded before any mask is applied, so they
-cannot spoil the round.
+cannot spoil the round. How likely that is depends on the degree: ``SecAggParams.dropout``
+sizes the default degree for the loss a round is designed to absorb (the coordinator uses its
+over-selection surplus plus 10%), see :func:`protocol.secagg.graph.degree_for_dropout`.
 
 Threat model
 ------------
