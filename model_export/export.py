@@ -155,16 +155,18 @@ def _export_train_detached(
 _PARALLEL_EXPORT_PARAMS = 1_000_000
 
 
-def _export_programs(lm: TransformerLM, spec: BundleSpec) -> tuple[bytes, bytes]:
-    """(train.pte, predict.pte); on two or more cores the two exports run side by side.
+def _export_programs(lm: TransformerLM, spec: BundleSpec, train: bytes | None = None) -> tuple[bytes, bytes]:
+    """(train.pte, predict.pte), reusing ``train`` if given; on two or more cores the two
+    exports run side by side.
 
     Lowering is single-threaded Python, so the train program (about 2/3 of the export time of
     the demo model) is exported in a spawned child while this process exports the predictor.
     """
     params = sum(p.numel() for p in lm.parameters())
-    if (os.cpu_count() or 1) < 2 or params < _PARALLEL_EXPORT_PARAMS:
-        log.info("exporting train.pte (%s)", spec.trainable)
-        train = export_train_program(lm, spec.trainable, spec.train_batch)
+    if train is not None or (os.cpu_count() or 1) < 2 or params < _PARALLEL_EXPORT_PARAMS:
+        if train is None:
+            log.info("exporting train.pte (%s)", spec.trainable)
+            train = export_train_program(lm, spec.trainable, spec.train_batch)
         log.info("exporting predict.pte (%s)", spec.quantization)
         return train, export_predict_program(lm, spec.quantization, spec.beam_batch)
     log.info("exporting train.pte (%s) and predict.pte (%s) side by side", spec.trainable, spec.quantization)
@@ -279,11 +281,7 @@ def build_bundle(
     if spec.trainable == "lora":
         _save_tensors(out / "base.safetensors", {n: a for n, a in state.items() if n not in layout.names})
         base = _file_entry(out / "base.safetensors")
-    if train_program is None:
-        train_program, predict_program = _export_programs(lm, spec)
-    else:
-        log.info("exporting predict.pte (%s)", spec.quantization)
-        predict_program = export_predict_program(lm, spec.quantization, spec.beam_batch)
+    train_program, predict_program = _export_programs(lm, spec, train_program)
     (out / "train.pte").write_bytes(train_program)
     (out / "predict.pte").write_bytes(predict_program)
     cfg = lm.cfg

@@ -29,7 +29,11 @@ def is_sqlite(url: str) -> bool:
     return make_url(url).get_backend_name() == "sqlite"
 
 
-def make_engine(url: str, *, lock_timeout: float = 10.0, **kwargs: Any) -> Engine:
+# How long a statement may wait for a lock by default (``Settings.db_lock_timeout_seconds``).
+LOCK_TIMEOUT_SECONDS = 10.0
+
+
+def make_engine(url: str, *, lock_timeout: float = LOCK_TIMEOUT_SECONDS, **kwargs: Any) -> Engine:
     """An engine for ``url``; creates the SQLite file's directory if needed. On PostgreSQL a
     statement waits at most ``lock_timeout`` seconds for a lock (then LockNotAvailable)."""
     u = make_url(url)
@@ -75,7 +79,9 @@ def lock_timeout_option(seconds: float) -> str:
     return f"-c lock_timeout={max(1, round(seconds * 1000))}"
 
 
-def make_soft_engine(engine: Engine, pool_size: int = 8, lock_timeout: float = 10.0) -> Engine:
+def make_soft_engine(
+    engine: Engine, pool_size: int = 8, lock_timeout: float = LOCK_TIMEOUT_SECONDS
+) -> Engine:
     """The engine for soft-state writes (check-ins: last seen, a place in a selection pool, at
     most the closing of a selection). On PostgreSQL its connections commit without waiting for
     the WAL flush (``synchronous_commit = off``): a crash can lose the last ~0.2 s of such
@@ -142,7 +148,11 @@ class AsyncStatement:
     """
 
     def __init__(
-        self, engine: Engine, statement: ClauseElement, size: int, lock_timeout: float = 10.0
+        self,
+        engine: Engine,
+        statement: ClauseElement,
+        size: int,
+        lock_timeout: float = LOCK_TIMEOUT_SECONDS,
     ) -> None:
         if engine.dialect.name != "postgresql":
             raise ValueError("AsyncStatement needs PostgreSQL")
