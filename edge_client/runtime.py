@@ -1,6 +1,10 @@
 """The on-device runtime: ExecuTorch training (``train.pte``) and prediction (``predict.pte``).
 
 What the device runs is exactly what ``model_export`` evaluates: both go through this module.
+Every call into ExecuTorch goes through :func:`edge_client.native.native_call` (one thread at a
+time per process, the runtime's log kept off stderr unless ``FEDKEYS_NATIVE_LOGS=1``): several
+threads of one process (the simulator's devices, the tests' agents) could deadlock in the
+runtime otherwise; :mod:`edge_client.native` says how.
 """
 
 from __future__ import annotations
@@ -8,6 +12,7 @@ from __future__ import annotations
 import importlib
 import logging
 import math
+import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -21,6 +26,7 @@ import torch
 from edge_client.batching import IGNORE_INDEX, Batch
 from edge_client.bundle import Bundle
 from edge_client.memory import release_pages
+from edge_client.native import native_call, native_section
 from edge_client.predictor import BeamSearch, FloatArray, Suggestion
 from edge_client.tokenizer import Tokenizer
 from protocol.layout import FloatVec, Layout, LayoutError
@@ -40,10 +46,26 @@ def _bindings() -> Any:
     return importlib.import_module("executorch.extension.pybindings._C")
 
 
+class _Threads:
+    """The thread count set in this process (both pools are per process)."""
+
+    lock = threading.Lock()
+    count: int | None = None
+
+
 def set_threads(n: int) -> None:
-    """Threads for ExecuTorch's XNNPACK threadpool and torch's own ops (1 = one core)."""
-    _bindings()._unsafe_reset_threadpool(max(1, n))
-    torch.set_num_threads(max(1, n))
+    """Threads for ExecuTorch's XNNPACK threadpool and torch's own ops (1 = one core).
+
+    Both are per process: the pools are rebuilt only when the count changes, by one thread at a
+    time (the reset is "unsafe" while the pool runs work, and its first call sets the pool up).
+    """
+    n = max(1, n)
+    with _Threads.lock:
+        if _Threads.count == n:
+            return
+        native_call(_bindings()._unsafe_reset_threadpool, n)
+        torch.set_num_threads(n)
+        _Threads.count = n
 
 
 class ProgramModel:
@@ -51,35 +73,37 @@ class ProgramModel:
 
     def __init__(self, program: Path, max_seq_len: int, beam_batch: int) -> None:
         c = _bindings()
-        self._program = c._load_program(
+        self._program = native_call(
+            c._load_program,
             str(program),
             enable_etdump=False,
             debug_buffer_size=0,
             program_verification=c.Verification.InternalConsistency,
             data_path=None,
         )
-        self._prefill = self._program.load_method("prefill")
-        self._step = self._program.load_method("step")
-        self._score = self._program.load_method("score")
+        self._prefill = native_call(self._program.load_method, "prefill")
+        self._step = native_call(self._program.load_method, "step")
+        self._score = native_call(self._program.load_method, "score")
         self.max_seq_len = max_seq_len
         self.beam_batch = beam_batch
 
     def prefill(self, ids: list[int]) -> tuple[FloatArray, FloatArray, FloatArray]:
         tokens = torch.zeros(1, self.max_seq_len, dtype=torch.long)
         tokens[0, : len(ids)] = torch.tensor(ids)
-        logp, k, v = self._prefill([tokens, torch.tensor([len(ids)])])
+        logp, k, v = native_call(self._prefill, [tokens, torch.tensor([len(ids)])])
         return logp[0].numpy(), k.numpy(), v.numpy()  # outputs are copies owned by us
 
     def step(
         self, tokens: npt.NDArray[np.int64], pos: int, k: FloatArray, v: FloatArray
     ) -> tuple[FloatArray, FloatArray, FloatArray]:
-        out = self._step(
+        out = native_call(
+            self._step,
             [
                 torch.from_numpy(tokens).view(-1, 1),
                 torch.tensor([pos]),
                 torch.from_numpy(k),  # views of the search's contiguous cache buffers
                 torch.from_numpy(v),
-            ]
+            ],
         )
         return out[0].numpy(), out[1].numpy(), out[2].numpy()
 
@@ -91,7 +115,7 @@ class ProgramModel:
         n = min(len(ids) - 1, s)
         tokens[0, :n] = torch.tensor(ids[:n])
         targets[0, :n] = torch.tensor(ids[1 : n + 1])
-        (logp,) = self._score([tokens, targets])
+        (logp,) = native_call(self._score, [tokens, targets])
         return np.asarray(logp[0, :n].numpy(), dtype=np.float32)
 
 
@@ -147,12 +171,13 @@ class Trainer:
 
     def __init__(self, program: Path, layout: Layout, batch_size: int, seq_len: int) -> None:
         # From the file (memory-mapped by ExecuTorch), not from a Python bytes copy of it.
-        self._module = _bindings()._load_for_executorch(str(program))
+        self._module = native_call(_bindings()._load_for_executorch, str(program))
         self.layout = layout
         self.batch_size, self.seq_len = batch_size, seq_len
-        self._grad_start = self._module.run_method("__et_training_gradients_index_forward", ())[0]
-        self._param_start = self._module.run_method("__et_training_parameters_index_forward", ())[0]
-        fqns = self._module.run_method("__et_training_fqn_forward", ())
+        run = self._module.run_method
+        self._grad_start = native_call(run, "__et_training_gradients_index_forward", ())[0]
+        self._param_start = native_call(run, "__et_training_parameters_index_forward", ())[0]
+        fqns = native_call(run, "__et_training_fqn_forward", ())
         self._names = [n.removeprefix("lm.") for n in fqns]
         if sorted(self._names) != sorted(layout.names):
             raise ValueError("train.pte parameters do not match the bundle layout")
@@ -174,7 +199,7 @@ class Trainer:
         if b.tokens.shape != (self.batch_size, self.seq_len):
             raise ValueError(f"batch shape {b.tokens.shape} != program's {(self.batch_size, self.seq_len)}")
         args = [torch.from_numpy(a) for a in (b.tokens, b.targets, b.positions, b.segments)]
-        out: list[torch.Tensor] = self._module.run_method("forward", args, clone_outputs=False)
+        out: list[torch.Tensor] = native_call(self._module.run_method, "forward", args, clone_outputs=False)
         return out
 
     def set_weights(self, vec: npt.ArrayLike | Path) -> None:
@@ -242,7 +267,8 @@ class Trainer:
         The parameter tensors alias that memory: nothing may use them afterwards.
         """
         self.params = {}
-        self._module = None
+        with native_section():  # the program is freed here, by the runtime
+            self._module = None
 
     def loss(self, b: Batch) -> float:
         """Loss of one batch (this also computes gradients; parameters do not change)."""

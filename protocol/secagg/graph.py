@@ -59,9 +59,16 @@ def unrecoverable_bound(n: int, degree: int, dropout: float) -> float:
     if not 0.0 <= dropout < 1.0:
         raise GraphError(f"dropout must be in [0, 1), got {dropout}")
     t = default_threshold(degree)
-    keep = 1.0 - dropout
-    tail = sum(math.comb(degree, s) * keep**s * dropout ** (degree - s) for s in range(t))
+    if dropout == 0.0:
+        return 0.0  # every term has a factor dropout ** (degree - s) with s < t <= degree
+    keep, lose = math.log1p(-dropout), math.log(dropout)
+    # in logs: comb(degree, s) overflows a float beyond degree ~1,030 (large complete graphs)
+    tail = sum(math.exp(_log_comb(degree, s) + s * keep + (degree - s) * lose) for s in range(t))
     return min(1.0, n * tail)
+
+
+def _log_comb(n: int, k: int) -> float:
+    return math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)
 
 
 def degree_for_dropout(n: int, dropout: float, failure: float = UNRECOVERABLE) -> int:
