@@ -169,7 +169,7 @@ def main() -> None:
         devices=args.devices,
         per_round=args.per_round,
         rounds=args.rounds,
-        min_reports=args.per_round // 2,
+        min_reports=max(3, args.per_round // 2),
         noop_training=True,
         eval_every=10_000,
         eval_messages=20,

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import gc
 import logging
+import math
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -27,10 +28,13 @@ from pydantic import ValidationError
 from sqlalchemy import select, text
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
+from sqlalchemy.orm import Session, sessionmaker
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from coordinator.api import admin, artifacts, devices
-from coordinator.api.deps import BodyTooLarge
+from coordinator.api.deps import BodyTooLarge, WrongBodySize
+from coordinator.api.guard import BodyGuard, route_rules
 from coordinator.config import Settings
 from coordinator.db.migrate import upgrade
 from coordinator.db.models import Round, Task
@@ -67,6 +71,24 @@ def _error(status: int, reason: str, headers: dict[str, str] | None = None) -> J
     return JSONResponse({"detail": reason}, status_code=status, headers=headers)
 
 
+_MAX_ERRORS = 20  # validation errors listed in an answer
+_MAX_TEXT = 200  # characters of an error's message (a location part: 64)
+
+
+def public_errors(errors: Sequence[Any]) -> list[dict[str, Any]]:
+    """``loc``, ``msg`` and ``type`` of each validation error, shortened: never the input
+    (FastAPI's default echoes it: it may be a megabyte, bytes that are not UTF-8, or a float
+    JSON cannot render, NaN, which made every such answer a 500), nor ``ctx`` or ``url``."""
+    return [
+        {
+            "loc": [p if isinstance(p, int) else str(p)[:64] for p in e.get("loc", ())],
+            "msg": str(e.get("msg", ""))[:_MAX_TEXT],
+            "type": str(e.get("type", ""))[:64],
+        }
+        for e in list(errors)[:_MAX_ERRORS]
+    ]
+
+
 def _install_errors(app: FastAPI) -> None:
     mapping: list[tuple[type[Exception], int]] = [
         (AuthError, 401),
@@ -76,12 +98,12 @@ def _install_errors(app: FastAPI) -> None:
         (Conflict, 409),
         (Gone, 410),
         (BodyTooLarge, 413),
+        (WrongBodySize, 422),
         (WireError, 422),
         (CodecError, 422),
         (LayoutError, 422),
         (SecAggError, 422),
         (BundleError, 422),
-        (ValidationError, 422),
         (DPError, 422),
     ]
     for exc_type, code in mapping:
@@ -104,6 +126,23 @@ def _install_errors(app: FastAPI) -> None:
         log.warning("database busy: %s", exc)
         return _error(503, "database busy; retry", {"Retry-After": "1"})
 
+    def invalid_request(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError)
+        return JSONResponse({"detail": public_errors(exc.errors())}, status_code=422)
+
+    def invalid(request: Request, exc: Exception) -> JSONResponse:
+        # a model validated inside a route (a stored config, a message read back)
+        assert isinstance(exc, ValidationError)
+        errors = public_errors(exc.errors(include_url=False, include_context=False, include_input=False))
+        where = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or exc.title}: {e['msg']}" for e in errors)
+        return _error(422, f"invalid {exc.title}: {where}")
+
+    def disconnected(request: Request, exc: Exception) -> JSONResponse:
+        return _error(400, "the client disconnected before its body ended")  # nobody reads it
+
+    app.add_exception_handler(RequestValidationError, invalid_request)
+    app.add_exception_handler(ValidationError, invalid)
+    app.add_exception_handler(ClientDisconnect, disconnected)
     app.add_exception_handler(RateLimited, rate_limited)
     app.add_exception_handler(IntegrityError, conflict)
     app.add_exception_handler(OperationalError, busy)
@@ -156,6 +195,43 @@ class _Timing:
             route = scope.get("route")
             path = getattr(route, "path", "unmatched")
             self.metrics.request_seconds.labels(path).observe(time.perf_counter() - started)
+
+
+class PrivacyGauges:
+    """The per-task privacy gauges of ``/metrics``, read from the database at most once every
+    ``every`` seconds per worker (``Settings.metrics_refresh_seconds``).
+
+    ``/metrics`` stays open, as Prometheus scrapes it (no token to configure), but then anyone
+    can call it as often as they like: reading the budget costs a query per task plus a run of
+    the privacy accountant, so each scrape did that work for whoever asked. Now a scrape
+    between refreshes costs no query; when the values are due, one scrape refreshes them and
+    concurrent ones serve the values they find. A budget changes once per round, so values
+    up to ``every`` seconds old (15 by default, a common scrape interval) lose nothing."""
+
+    def __init__(self, sessions: sessionmaker[Session], metrics: Metrics, every: float) -> None:
+        self.sessions = sessions
+        self.metrics = metrics
+        self.every = every
+        self.refreshed = -math.inf  # time.monotonic() of the last refresh
+        self._lock = threading.Lock()
+
+    def refresh(self) -> None:
+        if time.monotonic() - self.refreshed < self.every or not self._lock.acquire(blocking=False):
+            return
+        try:
+            if time.monotonic() - self.refreshed < self.every:
+                return  # another scrape refreshed them while this one was on its way
+            with self.sessions() as session:
+                for task in session.scalars(select(Task)).all():
+                    cfg = TaskConfig.model_validate(task.config)
+                    st = privacy_status(session, task, cfg)
+                    if st is not None:
+                        self.metrics.epsilon_spent.labels(task.name).set(st.epsilon_spent)
+                        if st.target_epsilon is not None:
+                            self.metrics.epsilon_target.labels(task.name).set(st.target_epsilon)
+            self.refreshed = time.monotonic()
+        finally:
+            self._lock.release()
 
 
 def create_app(settings: Settings | None = None, *, background: bool = True) -> FastAPI:
@@ -239,8 +315,9 @@ def create_app(settings: Settings | None = None, *, background: bool = True) -> 
     app.include_router(devices.router)
     app.include_router(artifacts.router)
     app.include_router(admin.router)
+    from coordinator.api import enrollment  # enrolment codes, device revocation (admin)
 
-    app.add_middleware(_Timing, metrics=metrics)
+    app.include_router(enrollment.router)
 
     @app.get("/healthz", tags=["ops"])
     async def healthz() -> dict[str, str]:
@@ -257,18 +334,25 @@ def create_app(settings: Settings | None = None, *, background: bool = True) -> 
             return _error(503, "database unavailable")
         return JSONResponse({"status": "ready"})
 
+    gauges = PrivacyGauges(sessions, metrics, settings.metrics_refresh_seconds)
+    app.state.privacy_gauges = gauges
+
     @app.get("/metrics", tags=["ops"], response_class=PlainTextResponse)
     def prometheus() -> PlainTextResponse:
-        # the privacy budget lives in the database: read at scrape time, so every worker agrees
-        with sessions() as session:
-            for task in session.scalars(select(Task)).all():
-                cfg = TaskConfig.model_validate(task.config)
-                st = privacy_status(session, task, cfg)
-                if st is not None:
-                    metrics.epsilon_spent.labels(task.name).set(st.epsilon_spent)
-                    if st.target_epsilon is not None:
-                        metrics.epsilon_target.labels(task.name).set(st.target_epsilon)
+        """Prometheus metrics, without authentication; the privacy gauges are cached
+        (:class:`PrivacyGauges`), so a scrape costs no query."""
+        gauges.refresh()
         return PlainTextResponse(generate_latest(metrics.registry).decode(), media_type=CONTENT_TYPE_LATEST)
 
-    _ = RequestValidationError  # FastAPI answers 422 for request validation by itself
+    # after every route: the guard derives each route's body rule from them
+    rules = route_rules(
+        app.routes,
+        json_limit=settings.max_json_body_bytes,
+        binary={
+            ("PUT", "/v1/rounds/{round_id}/update"): settings.max_body_bytes,
+            ("POST", "/v1/admin/tasks/{name}/bundle"): settings.max_bundle_bytes,
+        },
+    )
+    app.add_middleware(BodyGuard, rules=rules)
+    app.add_middleware(_Timing, metrics=metrics)  # outermost: times refused requests too
     return app

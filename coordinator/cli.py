@@ -1,15 +1,25 @@
-"""``fedkeys coordinator ...``: certificates, serving, migrations, and the admin API client."""
+"""``fedkeys coordinator ...``: certificates, serving, migrations, and the admin API client
+(tasks, enrolment codes, device revocation). The admin token comes from
+``--admin-token-file`` or ``$FEDKEYS_ADMIN_TOKEN``, not from a flag's value."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from fedkeys.secret_args import add_secret_option, secret_value
+
+if TYPE_CHECKING:
+    import httpx
 
 __all__ = ["add_parser", "run"]
+
+log = logging.getLogger(__name__)
 
 
 class CliError(Exception):
@@ -38,9 +48,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     s.add_parser("migrate", help="apply database migrations (also done at start-up)")
 
     t = s.add_parser("task", help="admin API: tasks, rounds, versions")
-    t.add_argument("--url", default=os.environ.get("FEDKEYS_URL", "https://127.0.0.1:8443"))
-    t.add_argument("--ca", type=Path, default=None, help="CA certificate to trust (the dev CA)")
-    t.add_argument("--admin-token", default=None, help="default: $FEDKEYS_ADMIN_TOKEN")
+    _admin_connection(t)
     ts = t.add_subparsers(dest="task_action", required=True)
     create = ts.add_parser("create", help="create a task")
     create.add_argument("name")
@@ -65,6 +73,65 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     up = ts.add_parser("upload-bundle", help="upload a bundle tarball as the task's model")
     up.add_argument("name")
     up.add_argument("tarball", type=Path)
+    fr = ts.add_parser("fail-round", help="end an open round now (model unchanged; the next round opens)")
+    fr.add_argument("name")
+    fr.add_argument("round_id", type=int)
+    fr.add_argument("--reason", default="stuck", help="recorded as the round's failure reason")
+
+    e = s.add_parser("enrollment", help="admin API: one-time enrolment codes for devices")
+    _admin_connection(e)
+    es = e.add_subparsers(dest="enrollment_action", required=True)
+    m = es.add_parser("mint", help="mint one-time codes (shown once: keep them safe)")
+    m.add_argument("--count", type=int, default=1, help="how many codes (at most 1000 per call)")
+    m.add_argument(
+        "--expires-in", type=_duration, default=None, metavar="DURATION", help="e.g. 3600, 90m, 12h, 7d"
+    )
+    m.add_argument("--device-class", default=None, help="the class of the devices these codes enrol")
+    m.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="write the codes, one per line, to this new file (mode 0600) instead of printing them",
+    )
+    lst = es.add_parser("list", help="codes with their state (never the codes themselves)")
+    lst.add_argument("--status", choices=["active", "used", "expired", "revoked"], default=None)
+    lst.add_argument("--limit", type=int, default=100)
+    es.add_parser("revoke", help="revoke an unused code").add_argument("code_id", type=int)
+
+    d = s.add_parser("device", help="admin API: devices")
+    _admin_connection(d)
+    ds = d.add_subparsers(dest="device_action", required=True)
+    ds.add_parser("revoke", help="revoke a device: its token stops working at once").add_argument("device_id")
+    for group in (ts, es, ds):
+        for command in group.choices.values():
+            _admin_connection(command, leaf=True)
+
+
+def _admin_connection(q: argparse.ArgumentParser, *, leaf: bool = False) -> None:
+    """How to reach the admin API. Given to the command group (``task --ca X create ...``) and,
+    without defaults of their own, to each of its commands (``task create ... --ca X``)."""
+    default: Any = argparse.SUPPRESS if leaf else None
+    q.add_argument(
+        "--url",
+        default=argparse.SUPPRESS if leaf else os.environ.get("FEDKEYS_URL", "https://127.0.0.1:8443"),
+    )
+    q.add_argument("--ca", type=Path, default=default, help="CA certificate to trust (the dev CA)")
+    add_secret_option(
+        q, "admin-token", env="FEDKEYS_ADMIN_TOKEN", what="the admin API token", default=default
+    )
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _duration(text: str) -> int:
+    """Seconds from ``3600``, ``90m``, ``12h`` or ``7d``."""
+    raw = text.strip().lower()
+    unit = _UNITS.get(raw[-1:])
+    number = raw[:-1] if unit is not None else raw
+    if not number.isdigit() or int(number) <= 0:
+        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (e.g. 3600, 90m, 12h, 7d)")
+    return int(number) * (unit or 1)
 
 
 def _parse_value(raw: str) -> Any:
@@ -99,6 +166,10 @@ def _serve(args: argparse.Namespace) -> None:
     import uvicorn
 
     if args.database_url:
+        from sqlalchemy.engine import make_url
+
+        if make_url(args.database_url).password:
+            log.warning("--database-url shows its password in the process list: use $FEDKEYS_DATABASE_URL")
         os.environ["FEDKEYS_DATABASE_URL"] = args.database_url
     if args.data_dir:
         os.environ["FEDKEYS_DATA_DIR"] = str(args.data_dir)
@@ -113,8 +184,8 @@ def _serve(args: argparse.Namespace) -> None:
     from coordinator.config import Settings
 
     settings = Settings()
-    if not settings.enrollment_secret.get_secret_value() or not settings.admin_token.get_secret_value():
-        raise CliError("set FEDKEYS_ENROLLMENT_SECRET and FEDKEYS_ADMIN_TOKEN")
+    if not settings.admin_token.get_secret_value():
+        raise CliError("set FEDKEYS_ADMIN_TOKEN (devices enrol with codes it mints)")
     uvicorn.run(
         "coordinator.app:create_app",
         factory=True,
@@ -127,49 +198,19 @@ def _serve(args: argparse.Namespace) -> None:
 
 
 def _admin(args: argparse.Namespace) -> None:
+    """``task``, ``enrollment`` and ``device``: one admin API call, its JSON answer printed."""
     import httpx
 
-    token = args.admin_token or os.environ.get("FEDKEYS_ADMIN_TOKEN", "")
+    token = secret_value(args, "admin-token", env="FEDKEYS_ADMIN_TOKEN")
     if not token:
-        raise CliError("pass --admin-token or set FEDKEYS_ADMIN_TOKEN")
+        raise CliError("set FEDKEYS_ADMIN_TOKEN or pass --admin-token-file")
     verify: Any = str(args.ca) if args.ca else True
-    a = args.task_action
+    call = {"task": _task_call, "enrollment": _enrollment_call, "device": _device_call}[args.action]
     with httpx.Client(
         base_url=args.url, verify=verify, headers={"Authorization": f"Bearer {token}"}, timeout=120
     ) as client:
         try:
-            if a == "create":
-                r = client.post(
-                    "/v1/admin/tasks",
-                    json={"name": args.name, "config": _config(args.config, args.set)},
-                )
-            elif a == "update":
-                current = client.get(f"/v1/admin/tasks/{args.name}")
-                if current.status_code != 200:
-                    r = current
-                else:
-                    cfg = _config(args.config, args.set, current.json()["config"])
-                    r = client.put(f"/v1/admin/tasks/{args.name}", json={"config": cfg})
-            elif a in ("start", "pause"):
-                r = client.post(f"/v1/admin/tasks/{args.name}/{a}")
-            elif a == "show":
-                r = client.get(f"/v1/admin/tasks/{args.name}")
-            elif a == "list":
-                r = client.get("/v1/admin/tasks")
-            elif a in ("rounds", "versions"):
-                r = client.get(f"/v1/admin/tasks/{args.name}/{a}")
-            elif a == "rollback":
-                r = client.post(f"/v1/admin/tasks/{args.name}/rollback", json={"version": args.version})
-            elif a == "upload-bundle":
-                if not args.tarball.is_file():
-                    raise CliError(f"{args.tarball}: no such file")
-                r = client.post(
-                    f"/v1/admin/tasks/{args.name}/bundle",
-                    content=args.tarball.read_bytes(),
-                    headers={"Content-Type": "application/x-tar"},
-                )
-            else:  # pragma: no cover - argparse restricts the choices
-                raise CliError(a)
+            r = call(args, client)
         except httpx.HTTPError as e:
             raise CliError(f"cannot reach {args.url}: {e}") from None
     if r.status_code >= 400:
@@ -178,7 +219,83 @@ def _admin(args: argparse.Namespace) -> None:
         except ValueError:
             detail = r.text
         raise CliError(f"{r.status_code}: {detail}")
-    sys.stdout.write(json.dumps(r.json(), indent=2) + "\n")
+    answer = r.json()
+    if args.action == "enrollment" and args.enrollment_action == "mint" and args.out is not None:
+        _save_codes(args.out, answer)
+    sys.stdout.write(json.dumps(answer, indent=2) + "\n")
+
+
+def _task_call(args: argparse.Namespace, client: httpx.Client) -> httpx.Response:
+    a = args.task_action
+    if a == "create":
+        return client.post(
+            "/v1/admin/tasks",
+            json={"name": args.name, "config": _config(args.config, args.set)},
+        )
+    if a == "update":
+        current = client.get(f"/v1/admin/tasks/{args.name}")
+        if current.status_code != 200:
+            return current
+        cfg = _config(args.config, args.set, current.json()["config"])
+        return client.put(f"/v1/admin/tasks/{args.name}", json={"config": cfg})
+    if a in ("start", "pause"):
+        return client.post(f"/v1/admin/tasks/{args.name}/{a}")
+    if a == "show":
+        return client.get(f"/v1/admin/tasks/{args.name}")
+    if a == "list":
+        return client.get("/v1/admin/tasks")
+    if a in ("rounds", "versions"):
+        return client.get(f"/v1/admin/tasks/{args.name}/{a}")
+    if a == "rollback":
+        return client.post(f"/v1/admin/tasks/{args.name}/rollback", json={"version": args.version})
+    if a == "fail-round":
+        return client.post(
+            f"/v1/admin/tasks/{args.name}/rounds/{args.round_id}/fail", json={"reason": args.reason}
+        )
+    if a == "upload-bundle":
+        if not args.tarball.is_file():
+            raise CliError(f"{args.tarball}: no such file")
+        return client.post(
+            f"/v1/admin/tasks/{args.name}/bundle",
+            content=args.tarball.read_bytes(),
+            headers={"Content-Type": "application/x-tar"},
+        )
+    raise CliError(a)  # pragma: no cover - argparse restricts the choices
+
+
+def _enrollment_call(args: argparse.Namespace, client: httpx.Client) -> httpx.Response:
+    a = args.enrollment_action
+    if a == "mint":
+        if args.out is not None and args.out.exists():
+            raise CliError(f"{args.out} exists: the codes go to a new file only")
+        body = {"count": args.count, "expires_in_seconds": args.expires_in, "device_class": args.device_class}
+        return client.post("/v1/admin/enrollment-codes", json=body)
+    if a == "list":
+        params = {"limit": args.limit, **({"status": args.status} if args.status else {})}
+        return client.get("/v1/admin/enrollment-codes", params=params)
+    if a == "revoke":
+        return client.delete(f"/v1/admin/enrollment-codes/{args.code_id}")
+    raise CliError(a)  # pragma: no cover - argparse restricts the choices
+
+
+def _device_call(args: argparse.Namespace, client: httpx.Client) -> httpx.Response:
+    if args.device_action == "revoke":
+        return client.post(f"/v1/admin/devices/{args.device_id}/revoke")
+    raise CliError(args.device_action)  # pragma: no cover - argparse restricts the choices
+
+
+def _save_codes(path: Path, answer: dict[str, Any]) -> None:
+    """Minted codes to a new owner-only file, one per line; only their ids stay in ``answer``."""
+    codes = answer["codes"]
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError as e:
+        raise CliError(f"{path}: {e.strerror}; the minted codes are lost: revoke them") from None
+    with os.fdopen(fd, "w") as f:
+        f.writelines(c["code"] + "\n" for c in codes)
+    for c in codes:
+        del c["code"]
+    answer["written_to"] = str(path)
 
 
 def run(args: argparse.Namespace) -> None:
@@ -197,5 +314,5 @@ def run(args: argparse.Namespace) -> None:
 
         upgrade(make_engine(Settings().database_url))
         sys.stdout.write("database is at the latest schema\n")
-    elif args.action == "task":
+    elif args.action in ("task", "enrollment", "device"):
         _admin(args)

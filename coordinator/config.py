@@ -4,11 +4,20 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Annotated
 
-from pydantic import Field, SecretStr
+from pydantic import BeforeValidator, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = ["Settings", "get_settings"]
+
+
+def _unlimited(value: object) -> object:
+    """``"unlimited"`` (any case) or ``"none"`` means no bound: a limit that can only be lifted
+    by saying so, never by leaving the variable empty."""
+    if isinstance(value, str) and value.strip().lower() in ("unlimited", "none"):
+        return None
+    return value
 
 
 class Settings(BaseSettings):
@@ -25,11 +34,30 @@ class Settings(BaseSettings):
     db_lock_timeout_seconds: float = Field(default=10.0, gt=0, le=600)
     data_dir: Path = Path("fedkeys-data")  # bundles, weights of every model version
     # security
-    enrollment_secret: SecretStr = Field(default=SecretStr(""), description="fleet enrolment secret")
+    enrollment_secret: SecretStr = Field(
+        default=SecretStr(""),
+        description="fleet enrolment secret for simulated fleets (off when empty); devices "
+        "otherwise enrol with one-time codes minted by the admin",
+    )
     admin_token: SecretStr = Field(default=SecretStr(""), description="bearer token of the admin API")
     max_body_bytes: int = 64 * 1024 * 1024  # larger device request bodies are refused with 413
     max_bundle_bytes: int = 2 * 1024 * 1024 * 1024  # admin bundle uploads (a whole model)
+    # every JSON request body (check-in, secure-aggregation messages, admin task routes) is
+    # refused with 413 beyond this, before anything parses it (coordinator.api.guard). The
+    # largest is a device's shares, about 730 bytes per neighbour: 1 MiB holds ~1,400 (a
+    # complete graph of 1,000 devices needs 999); raise it for larger complete graphs
+    max_json_body_bytes: int = Field(default=1024 * 1024, ge=1024, le=64 * 1024 * 1024)
+    # /metrics reads the per-task privacy budget from the database at most this often
+    metrics_refresh_seconds: float = Field(default=15.0, ge=0, le=3600)
     rate_limit_per_minute: int = 600  # requests per device per minute (429 beyond)
+    # enrolment attempts (successful or not) per minute, per client address (an IPv6 /64) and
+    # in all; counted in the database, so every worker and replica shares them (429 beyond)
+    enrollment_per_address_per_minute: int = Field(default=20, ge=1)
+    enrollment_per_minute: int = Field(default=600, ge=1)
+    # devices the fleet secret may enrol (revoked ones count): "unlimited" must be said
+    enrollment_secret_max_devices: Annotated[int | None, BeforeValidator(_unlimited)] = Field(
+        default=1000, ge=1
+    )
     # scheduling
     tick_seconds: float = 0.5  # how often each worker checks round deadlines
     idle_retry_seconds: float = 60.0  # retry_after when no round needs devices
@@ -46,6 +74,12 @@ class Settings(BaseSettings):
     # connection would otherwise starve the requests that hold connections and need a thread
     # to finish (with 1,000 devices a worker stalled for minutes that way)
     request_threads: int = Field(default=24, ge=1, le=256)
+
+    # weight deltas: served only from the last N versions before the one asked for (older
+    # bases get 410 and download the whole vector); the on-disk cache of deltas is bounded
+    delta_max_base_age: int = Field(default=4, ge=0, le=1000)
+    delta_cache_max_files: int = Field(default=64, ge=1)
+    delta_cache_max_bytes: int = Field(default=1 << 30, ge=1)
 
     # publishing new predict.pte for committed versions (needs the export extra)
     publish_predict: bool = True

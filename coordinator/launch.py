@@ -99,6 +99,11 @@ def start_local(
         "FEDKEYS_TICK_SECONDS": "0.2",
         "FEDKEYS_PUBLISH_PREDICT": "false",
         "FEDKEYS_LOG_JSON": "true",
+        # a local fleet (the simulator's ~1,100 devices) enrols at once, from loopback, with the
+        # fleet secret: no enrolment limits here unless a caller sets them (extra_env)
+        "FEDKEYS_ENROLLMENT_PER_ADDRESS_PER_MINUTE": "1000000",
+        "FEDKEYS_ENROLLMENT_PER_MINUTE": "1000000",
+        "FEDKEYS_ENROLLMENT_SECRET_MAX_DEVICES": "unlimited",
         **(extra_env or {}),
     }
     argv = [sys.executable, "-m", "fedkeys.cli", "coordinator", "serve"]

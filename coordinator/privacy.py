@@ -1,17 +1,36 @@
 """Privacy accounting for DP tasks, on Google's ``dp-accounting`` (RDP accountant).
 
 Each training round that reaches aggregation is one Gaussian mechanism with noise multiplier
-``z`` (the joint multiplier of the update and, with adaptive clipping, the clip-count query:
+``z`` (noise over the sensitivity of the task's adjacency relation, see :mod:`protocol.dp`; the
+joint multiplier of the update and, with adaptive clipping, the clip-count query:
 :func:`protocol.dp.combined_noise_multiplier`), applied to a cohort sampled with probability
 ``q``. The accountant composes ``PoissonSampledDpEvent(q, GaussianDpEvent(z))`` per round and
 converts to ``(epsilon, delta)``.
 
+Adjacency. Under ``replace-one`` (the default) the noise is calibrated to the sensitivity
+``2 Delta`` and the accountant charges the add/remove Poisson-subsampled Gaussian at that
+sensitivity. At ``q = 1`` the two coincide exactly (the Gaussian's divergence depends only on
+the distance ``2 Delta`` between the neighbouring sums). At ``q < 1`` the replace-one pair of
+Poisson sampling is the mixtures ``(1-q) N(0) + q N(+-Delta)``, whose tight epsilon
+(``dp-accounting``'s PLD accountant with ``REPLACE_ONE``) is below the charged one: tested in
+tests/coordinator/test_privacy.py (e.g. 1.08 against 1.71 for q = 0.01, z = 1.1, 1000 rounds).
+Under ``add-remove`` the sensitivity is ``Delta`` and the charge is the usual one (Mironov,
+Talwar & Zhang 2019). A round's charge records the relation it was calibrated for
+(``PrivacyPlan.adjacency``; rounds from before the setting existed were calibrated for
+``Delta``); :func:`adjusted_charge` restates it for the task's current relation.
+
 Sampling assumption: ``q = ceil(K * over_selection) / population`` with ``population`` the
-number of devices the operator declares for the task. The coordinator does *not* select by
-Poisson sampling: it takes eligible devices that check in, least recently used first, with a
-cooldown. Amplification by sampling therefore holds only as an approximation (the same caveat
-as Gboard's DP-FedAvg deployments; Kairouz et al. 2021's DP-FTRL avoids it). Without a declared
-population, ``q = 1``: no amplification, which is valid for any selection.
+number of devices the operator declares for the task. Amplification by sampling needs (a) each
+device of a fixed population to take part independently with probability ``q`` (Poisson
+sampling) and (b) the outcome of that sampling to stay hidden from the adversary. Neither
+holds exactly: the coordinator takes eligible devices that check in, least recently used
+first, with a cooldown, and it knows whom it selected. So ``q < 1`` is an approximation (the
+same caveat as Gboard's DP-FedAvg deployments) whose epsilon speaks to observers of the
+released models, not to the coordinator. It would be exact with devices that self-select with a
+local coin of probability ``q`` (Balle et al. 2020, "Privacy amplification via random
+check-ins") and a release that hides the cohort. Against the coordinator the honest charge is
+``q = 1``, which is what a task without a declared population gets: no amplification, every
+round charged in full, valid for any selection.
 """
 
 from __future__ import annotations
@@ -26,11 +45,12 @@ from functools import lru_cache
 from dp_accounting import dp_event, rdp
 from dp_accounting.mechanism_calibration import ExplicitBracketInterval, calibrate_dp_mechanism
 
-from protocol.dp import ddg_tau, update_noise_multiplier
+from protocol.dp import ADJACENCY_FACTOR, Adjacency, ddg_tau, update_noise_multiplier
 
 __all__ = [
     "PrivacyPlan",
     "RoundCharge",
+    "adjusted_charge",
     "calibrate_noise_multiplier",
     "epsilon_spent",
     "plan_round",
@@ -119,12 +139,15 @@ class PrivacyPlan:
     """The noise of one DP round (all standard deviations in quantization levels)."""
 
     mode: str
+    adjacency: Adjacency
+    """The relation the sensitivity (and so ``z``) refers to."""
     z: float
     """Joint noise multiplier the accountant charges (update, clip count, DDG closeness)."""
     z_update: float
     q: float
     delta: float
     sensitivity: float
+    """Of the update sum under ``adjacency`` (protocol.dp.level_sensitivity)."""
     central_std: float
     """central: the coordinator's Gaussian noise on every kept coordinate of the sum."""
     central_count_std: float
@@ -171,6 +194,7 @@ def task_noise_multiplier(
 def plan_round(
     *,
     mode: str,
+    adjacency: Adjacency,
     z: float,
     q: float,
     delta: float,
@@ -182,47 +206,50 @@ def plan_round(
 ) -> PrivacyPlan:
     """Split a round's noise between the update and the clip count, and between devices.
 
-    ``min_devices``: fewest inputs with which the round still commits (the sum carries at
-    least that many devices' noise in the distributed mode). The charged multiplier includes
-    the distributed discrete Gaussian's distance from a discrete Gaussian (Kairouz et al. 2021,
-    Theorem 1: ``eps^2 = 1/z^2 + 2 tau d``) for up to ``selected`` summed devices.
+    ``sensitivity``: of the update sum under ``adjacency``. ``min_devices``: fewest inputs with
+    which the round still commits (the sum carries at least that many devices' noise in the
+    distributed mode). The charged multiplier includes the distributed discrete Gaussian's
+    distance from a discrete Gaussian (Kairouz et al. 2021, Theorem 1: ``eps^2 = 1/z^2 + 2 tau
+    d``) for up to ``selected`` summed devices.
     """
     z_update = update_noise_multiplier(z, count_std)
     total = z_update * sensitivity
-    if mode == "central":
-        return PrivacyPlan(
-            mode,
-            z,
-            z_update,
-            q,
-            delta,
-            sensitivity,
-            total,
-            count_std or 0.0,
-            0.0,
-            0.0,
-            count_std,
-            min_devices,
-        )
-    if mode != "distributed":
+    if mode not in ("central", "distributed"):
         raise ValueError(f"unknown privacy mode {mode!r}")
+    central = mode == "central"
     root = math.sqrt(min_devices)
-    device_std = total / root
-    device_count_std = (count_std or 0.0) / root
-    inv = z_update**-2 + 2 * ddg_tau(device_std, selected) * kept
-    if count_std is not None:
-        inv += count_std**-2 + 2 * ddg_tau(device_count_std, selected)
+    device_std = 0.0 if central else total / root
+    device_count_std = 0.0 if central else (count_std or 0.0) / root
+    if not central:
+        inv = z_update**-2 + 2 * ddg_tau(device_std, selected) * kept
+        if count_std is not None:
+            inv += count_std**-2 + 2 * ddg_tau(device_count_std, selected)
+        z = 1 / math.sqrt(inv)
     return PrivacyPlan(
-        mode,
-        1 / math.sqrt(inv),
-        z_update,
-        q,
-        delta,
-        sensitivity,
-        0.0,
-        0.0,
-        device_std,
-        device_count_std,
-        count_std,
-        min_devices,
+        mode=mode,
+        adjacency=adjacency,
+        z=z,
+        z_update=z_update,
+        q=q,
+        delta=delta,
+        sensitivity=sensitivity,
+        central_std=total if central else 0.0,
+        central_count_std=(count_std or 0.0) if central else 0.0,
+        device_std=device_std,
+        device_count_std=device_count_std,
+        count_std=count_std,
+        min_devices=min_devices,
     )
+
+
+def adjusted_charge(charge: RoundCharge, charged: Adjacency, current: Adjacency) -> RoundCharge:
+    """A round calibrated for the relation ``charged``, as a charge under ``current``.
+
+    Its noise is ``z * F(charged) * Delta`` (``F``: :data:`protocol.dp.ADJACENCY_FACTOR`), i.e.
+    ``z * F(charged) / F(current)`` times the current sensitivity: an add/remove round is worth
+    half its multiplier under replace-one. The other way the multiplier is kept: the clip count
+    has sensitivity 1 under both, so doubling the joint multiplier would overstate it, and
+    keeping it is conservative.
+    """
+    ratio = ADJACENCY_FACTOR[charged] / ADJACENCY_FACTOR[current]
+    return RoundCharge(charge.q, charge.z * min(1.0, ratio))

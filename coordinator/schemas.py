@@ -13,6 +13,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from protocol.codec import check_rotation_block
+from protocol.dp import Adjacency
+from protocol.secagg.common import MIN_DEVICES, MIN_THRESHOLD
 
 __all__ = [
     "CodecSettings",
@@ -93,6 +95,20 @@ class SecAggSettings(_Model):
     # dropped devices keep t surviving neighbours (None: over-selection's surplus + 10%)
     dropout: float | None = Field(default=None, ge=0.0, lt=1.0)
 
+    def check(self, min_reports: int) -> None:
+        """Refuse settings below the protocol's safety floors (protocol.secagg.common; devices
+        enforce them too, so a round with such settings could never complete anyway)."""
+        if min_reports < MIN_DEVICES:
+            raise ValueError(f"secure aggregation needs min_reports >= {MIN_DEVICES}")
+        if self.threshold is not None and self.threshold < MIN_THRESHOLD:
+            raise ValueError(f"secagg.threshold must be at least {MIN_THRESHOLD}")
+        if self.threshold is not None and self.neighbours is not None:
+            k = self.neighbours + self.neighbours % 2  # the degree is rounded up to even
+            if not k < 2 * self.threshold <= 2 * k:
+                raise ValueError(
+                    f"secagg.threshold {self.threshold} must be a strict majority of the {k} neighbours"
+                )
+
     def design_dropout(self, over_selection: float) -> float:
         """The loss the neighbour graph is sized for: a round selects ``over_selection`` times
         its target and stops collecting at the target, so the surplus is lost by design, plus
@@ -129,7 +145,17 @@ class PrivacySettings(_Model):
     delta: float | None = Field(default=None, gt=0, lt=1)  # None = 1 / population**1.1
     population: int | None = Field(default=None, ge=1)
     """Devices the task may draw from: the accountant's sampling rate is the selected share of
-    it (an approximation: selection is not Poisson). None = no amplification by sampling."""
+    it (an approximation: selection is not Poisson, and the coordinator knows the cohort; see
+    coordinator.privacy). None = no amplification by sampling."""
+    adjacency: Adjacency = "replace-one"
+    """Which rounds are neighbours, and so the sensitivity the noise is calibrated to
+    (protocol.dp). ``replace-one``: same cohort, one device's data replaced; sensitivity
+    ``2 Delta`` (``Delta`` bounds one device's quantized update). The honest relation here: the
+    coordinator knows which devices were selected and reported, so only the cohort's contents
+    are private. ``add-remove``: one device more or less; sensitivity ``Delta``, half the noise
+    for the same epsilon. Honest only towards observers who learn neither who nor how many took
+    part (the DP-FedAvg setting of McMahan et al. 2018: secret Poisson sampling, a fixed
+    denominator); use it to compare with epsilons published under that relation."""
     adaptive_clip: bool = False  # Andrew et al. 2021: move clip_norm to a quantile of the norms
     target_quantile: float = Field(default=0.5, gt=0, lt=1)
     clip_lr: float = Field(default=0.2, ge=0, le=10)
@@ -196,8 +222,8 @@ class TaskConfig(_Model):
             raise ValueError("min_reports cannot exceed clients_per_round")
         if self.secagg.enabled and not self.codec.compress:
             raise ValueError("secure aggregation needs codec.compress (ring-encoded updates)")
-        if self.secagg.enabled and self.min_reports < 2:
-            raise ValueError("secure aggregation needs min_reports >= 2")
+        if self.secagg.enabled:
+            self.secagg.check(self.min_reports)
         dp = self.privacy
         if dp.enabled:
             if not self.codec.compress:
@@ -206,6 +232,11 @@ class TaskConfig(_Model):
                 raise ValueError(
                     "differential privacy weighs devices equally: set codec.weight_cap to 1 "
                     "(example-count weights would need noise of their own)"
+                )
+            if self.eligibility.min_examples < 1:
+                raise ValueError(
+                    "differential privacy needs eligibility.min_examples >= 1 (the weight slot is not "
+                    "noised: a device with no examples would stand out)"
                 )
             if dp.mode == "distributed" and not self.secagg.enabled:
                 raise ValueError("distributed DP needs secure aggregation (secagg.enabled)")

@@ -1,7 +1,8 @@
 """Tokens, secrets and TLS certificates.
 
-Device tokens are 256-bit random values; only their SHA-256 is stored (a salt adds nothing
-for full-entropy secrets). Secrets are compared in constant time and never logged.
+Device tokens and one-time enrolment codes are 256-bit random values; only their SHA-256 is
+stored (a salt adds nothing for full-entropy secrets). Secrets are compared in constant time and
+never logged; private keys are written owner-only from the start.
 """
 
 from __future__ import annotations
@@ -10,7 +11,9 @@ import datetime as dt
 import hashlib
 import hmac
 import ipaddress
+import os
 import secrets
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +29,7 @@ __all__ = [
     "new_device_id",
     "new_token",
     "secret_matches",
+    "write_private",
 ]
 
 
@@ -55,15 +59,32 @@ class CertPaths:
     server_key: Path
 
 
+def write_private(path: Path, data: bytes) -> None:
+    """Write a secret file that is owner-only (0600) from its first byte: a new file made with
+    that mode (``mkstemp``; a umask can only narrow it) and renamed over ``path``. Writing into
+    ``path`` and chmod-ing it afterwards left the secret readable under the umask's mode until
+    the chmod, and for good if the process died in between or the file already existed."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
-    path.write_bytes(
+    write_private(
+        path,
         key.private_bytes(
             serialization.Encoding.PEM,
             serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption(),
-        )
+        ),
     )
-    path.chmod(0o600)
 
 
 def make_dev_certs(

@@ -39,6 +39,7 @@ from edge_client.participation import (
     drop_codec_caches,
     run_round,
 )
+from edge_client.policy import DevicePolicy, bucket_eval_counts
 from edge_client.transport import ApiError, FileSink, Transport, TransportError
 from protocol.layout import FloatVec
 from protocol.wire import DeviceState, EnrollRequest, EvalCounts, RoundPlan, TrainReport
@@ -82,6 +83,10 @@ class AgentConfig:
     # one holds about 50 MB of temporaries for the demo model) or whole (streamed to disk).
     weight_deltas: bool = True
     platform: str = field(default_factory=_platform_name)
+    # What this device lets leave it whatever a plan asks (strict for real devices)
+    policy: DevicePolicy = field(default_factory=DevicePolicy)
+    # plain http to the coordinator (a loopback lab only: the token would travel in clear text)
+    allow_http: bool = False
 
 
 @dataclass
@@ -104,13 +109,20 @@ class Agent:
     ) -> None:
         self.cfg = cfg
         self.provider = provider
-        cfg.state_dir.mkdir(parents=True, exist_ok=True)
+        # owner-only: the token, the local messages and the weights live here
+        cfg.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        cfg.state_dir.chmod(0o700)
         self.store = store or DataStore(cfg.state_dir / "messages.db")
         self._stop = threading.Event()
         self._sleep = sleep or self._interruptible_sleep
         self.stats = AgentStats()
         self.transport = transport or Transport(
-            cfg.coordinator, ca=cfg.ca, token=self._load_token(), sleep=self._sleep, on_bytes=self._count
+            cfg.coordinator,
+            ca=cfg.ca,
+            token=self._load_token(),
+            sleep=self._sleep,
+            on_bytes=self._count,
+            allow_http=cfg.allow_http,
         )
         if self.transport.on_bytes is None:
             self.transport.on_bytes = self._count
@@ -259,13 +271,16 @@ class Agent:
         try:
             b = load_bundle(root)
         except BundleError:
-            sink = FileSink(root.with_suffix(".tar"))  # streamed to disk, hashed on the way
+            # streamed to disk, hashed on the way, cut off past its declared size
+            sink = FileSink(root.with_suffix(".tar"), limit=plan.bundle.size)
             try:
                 self.transport.download_to(plan.bundle.url, sink)
-                if sink.hexdigest() != sha:
-                    raise Aborted("downloaded bundle does not match its sha256") from None
+                if sink.size != plan.bundle.size or sink.hexdigest() != sha:
+                    raise Aborted("downloaded bundle does not match its size and sha256") from None
                 sink.close()
                 b = extract_bundle(sink.tmp, root)
+            except ValueError as e:
+                raise Aborted(f"downloaded bundle: {e}") from None
             finally:
                 sink.discard()
         if b.manifest.train.layout.hash() != plan.layout_hash:
@@ -382,6 +397,8 @@ class Agent:
                 sleep=self._sleep,
                 should_continue=lambda: not self.stopped and self.provider.read().eligible,
                 stopping=lambda: self.stopped,
+                policy=self.cfg.policy,
+                report_rng=self.rng,
             )
         except Aborted as e:
             log.info("round %d: left (%s)", round_id, e)
@@ -392,6 +409,12 @@ class Agent:
             # cleanly and go back to checking in (evaluation rounds leave on refusals too)
             log.warning("round %d: left after a coordinator error (%s)", round_id, e)
             return {"round": round_id, "kind": "train", "completed": False, "reason": str(e)}
+        except Exception as e:
+            # A message that breaks the protocol (a neighbour's bad share or key, a roster below
+            # the safety floors, an unsafe URL, a malformed answer) ends this round for this
+            # device, never the agent: the next check-in starts afresh.
+            log.warning("round %d: left after a protocol error", round_id, exc_info=True)
+            return {"round": round_id, "kind": "train", "completed": False, "reason": f"protocol error: {e}"}
         if out.new_version is not None:
             self.model_version = out.new_version
         return {
@@ -415,12 +438,14 @@ class Agent:
         if plan.predict is not None:
             program = self.cfg.state_dir / "programs" / f"{plan.predict.sha256}.pte"
             if not program.exists():
-                sink = FileSink(program)
+                sink = FileSink(program, limit=plan.predict.size)
                 try:
                     self.transport.download_to(plan.predict.url, sink)
-                    if sink.hexdigest() != plan.predict.sha256:
-                        raise Aborted("downloaded predict.pte does not match its sha256")
+                    if sink.size != plan.predict.size or sink.hexdigest() != plan.predict.sha256:
+                        raise Aborted("downloaded predict.pte does not match its size and sha256")
                     sink.commit()
+                except ValueError as e:
+                    raise Aborted(f"downloaded predict.pte: {e}") from None
                 finally:
                     sink.discard()
         return Predictor.from_bundle(bundle, program)
@@ -433,9 +458,14 @@ class Agent:
             predictor = self.predictor_for(plan)
             msgs = self.store.evaluation_texts(self.cfg.eval_holdout)
             counts: EvalCounts = evaluate_messages(predictor, [m.text for m in msgs])
+            if self.cfg.policy.private_metrics:
+                counts = bucket_eval_counts(counts, self.rng)
             self.transport.evaluation(round_id, counts)
-        except (Aborted, ApiError) as e:
+        except (Aborted, ApiError, TransportError) as e:
             return {"round": round_id, "kind": "evaluate", "completed": False, "reason": str(e)}
+        except Exception as e:  # as for training rounds: the round ends, the agent goes on
+            log.warning("round %d: left the evaluation after an error", round_id, exc_info=True)
+            return {"round": round_id, "kind": "evaluate", "completed": False, "reason": f"error: {e}"}
         return {"round": round_id, "kind": "evaluate", "completed": True, "words": counts.words}
 
     def status(self) -> dict[str, Any]:

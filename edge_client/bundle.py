@@ -74,10 +74,13 @@ def extract_bundle(tarball: Path, dest: Path) -> Bundle:
     dest.mkdir(parents=True, exist_ok=True)
     try:
         with tarfile.open(tarball) as tar:
+            seen: set[str] = set()
             for member in tar.getmembers():
-                name = Path(member.name).name
-                if not member.isfile() or name != member.name.lstrip("./"):
+                # flat regular files only: "name" or "./name", each once, never "..", links or dirs
+                name = member.name.removeprefix("./")
+                if not member.isfile() or name != Path(name).name or name in ("", ".", "..") or name in seen:
                     raise BundleError(f"{tarball}: unexpected entry {member.name!r}")
+                seen.add(name)
                 src = tar.extractfile(member)
                 if src is None:
                     raise BundleError(f"{tarball}: cannot read {member.name!r}")

@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from fedkeys.secret_args import add_secret_option, secret_value
+
 __all__ = ["ClientError", "add_parser", "run"]
 
 
@@ -34,7 +36,12 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         q.add_argument(
             "--ca", type=Path, default=None, help="CA certificate to pin (the coordinator's dev CA)"
         )
-        q.add_argument("--enroll-secret", default=os.environ.get("FEDKEYS_ENROLLMENT_SECRET"))
+        add_secret_option(
+            q,
+            "enroll-secret",
+            env="FEDKEYS_ENROLLMENT_SECRET",
+            what="the device's one-time enrolment code (or a simulated fleet's secret)",
+        )
         q.add_argument("--device-class", default="unknown", help="e.g. rpi4, phone (for population filters)")
 
     e = s.add_parser("enroll", help="enrol this device once (the token is stored 0600)")
@@ -81,7 +88,7 @@ def _agent(args: argparse.Namespace, provider: Any = None) -> Any:
         coordinator=url,
         state_dir=args.state_dir,
         ca=ca or (args.state_dir / "ca.pem" if (args.state_dir / "ca.pem").exists() else None),
-        enroll_secret=getattr(args, "enroll_secret", None),
+        enroll_secret=secret_value(args, "enroll-secret", env="FEDKEYS_ENROLLMENT_SECRET"),
         device_class=getattr(args, "device_class", "unknown"),
         min_examples=getattr(args, "min_examples", 20),
         threads=getattr(args, "threads", 1),

@@ -8,10 +8,11 @@ model only on recent messages it has not trained on.
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,11 +50,12 @@ class DataStore:
         self.path = path
         self.retention_seconds = retention_days * 86400
         self._now = now
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # created owner-only before SQLite opens it (its journal files take the same mode): a
+        # chmod afterwards left the messages readable under the umask's mode until it ran
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
         with self._db() as db:
             db.executescript(_SCHEMA)
-        with suppress(OSError):
-            path.chmod(0o600)
 
     @contextmanager
     def _db(self) -> Iterator[sqlite3.Connection]:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import mmap
+import os
+import random
 import re
 import time
 from collections.abc import Callable
@@ -21,6 +23,7 @@ import numpy as np
 import numpy.typing as npt
 
 from edge_client.memory import release_pages
+from edge_client.policy import DevicePolicy, PolicyRefusal, bucket_train_report
 from edge_client.transport import ApiError, ArraySink, FileSink, Transport
 from protocol.bundle import sha256_file
 from protocol.codec import encode
@@ -161,8 +164,9 @@ class WeightsCache:
         else:
             path = self.directory / f"v{version}-{sha}.f32"
             tmp = path.with_name(f".{path.name}.part")
-            self.directory.mkdir(parents=True, exist_ok=True)
-            vec.astype("<f4", copy=False).tofile(tmp)
+            self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
+                vec.astype("<f4", copy=False).tofile(f)
             tmp.replace(path)
             self._files[sha] = (version, path)
             self._by_sha[sha] = (version, _map(path))
@@ -225,12 +229,14 @@ class WeightsCache:
                 raise Aborted("downloaded weights do not match their sha256")
             return self._store(sha, plan.model_version, buf.buffer.view("<f4").astype(np.float32, copy=False))
         path = self.directory / f"v{plan.model_version}-{sha}.f32"
-        sink = FileSink(path)  # streamed to disk: never whole in memory
+        sink = FileSink(path, limit=plan.weights.size)  # streamed to disk: never whole in memory
         try:
             transport.download_to(plan.weights.url, sink)
-            if sink.size % 4 or sink.hexdigest() != sha:
-                raise Aborted("downloaded weights do not match their sha256")
+            if sink.size != plan.weights.size or sink.size % 4 or sink.hexdigest() != sha:
+                raise Aborted("downloaded weights do not match their size and sha256")
             sink.commit()
+        except ValueError as e:  # longer than announced
+            raise Aborted(f"downloaded weights: {e}") from None
         finally:
             sink.discard()
         self._files[sha] = (plan.model_version, path)
@@ -314,18 +320,26 @@ def run_round(
     should_continue: Callable[[], bool] = lambda: True,
     stopping: Callable[[], bool] = lambda: False,
     max_wait: float = 3600.0,
+    policy: DevicePolicy,
+    report_rng: random.Random | None = None,
 ) -> RoundOutcome:
     """Take part in a training round from plan to result. Network faults are retried by the
     transport; a stage the device missed ends its part cleanly (the round goes on without it).
     ``bundle_weights(plan)`` gives the weights the plan's bundle ships with (see
-    :meth:`WeightsCache.get`)."""
+    :meth:`WeightsCache.get`). ``policy`` is checked against the plan before anything is sent
+    (:class:`Aborted` on a refusal) and decides how the training report is rounded."""
     rng = rng or np.random.default_rng()
+    report_rng = report_rng or random.Random()
     cache = weights_cache or WeightsCache()
     t0 = time.time()
     deadline = t0 + max_wait
     times: dict[str, float] = {}
     marks: dict[str, float] = {"start": t0}
     plan = transport.plan(round_id)
+    try:
+        policy.check_plan(plan)
+    except PolicyRefusal as e:
+        raise Aborted(str(e)) from None
     marks["plan"] = time.time()
     secagg: SecAggClient | None = None
     wait = {"sleep": sleep, "should_continue": should_continue, "deadline": deadline}
@@ -400,8 +414,14 @@ def run_round(
             )
             body = pack_dense_update(header, result.delta)
         times["encode"] = time.time() - t
-        transport.upload(round_id, body, result.examples)
-        transport.report(round_id, result.report)
+        if secagg is not None:  # the weight travels inside the masked vector: no count in the clear
+            transport.upload(round_id, body, 0, omit=secagg.omitted)
+        else:
+            transport.upload(round_id, body, result.examples)
+        report = result.report
+        if policy.private_metrics:
+            report = bucket_train_report(report, report_rng)
+        transport.report(round_id, report)
         marks["uploaded"] = time.time()
         # After the upload the device only answers small messages: it stays in the round even
         # if it stops being eligible for training (only a shutdown makes it leave).

@@ -16,7 +16,7 @@ import logging
 import os
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -43,7 +43,16 @@ from protocol.wire import (
     UnmaskResponse,
 )
 
-__all__ = ["ApiError", "ArraySink", "FileSink", "Sink", "Transport", "TransportError"]
+__all__ = [
+    "ApiError",
+    "ArraySink",
+    "FileSink",
+    "Sink",
+    "Transport",
+    "TransportError",
+    "UnsafeUrl",
+    "check_origin",
+]
 
 log = logging.getLogger(__name__)
 M = TypeVar("M", bound=BaseModel)
@@ -60,26 +69,32 @@ class Sink(Protocol):
 
 
 class FileSink:
-    """Streams into ``dest`` through a temporary file next to it; SHA-256 on the way.
+    """Streams into ``dest`` through a temporary file next to it (owner-only, 0600); SHA-256
+    on the way; at most ``limit`` bytes (the artifact's declared size: a longer download is
+    cut off with ``ValueError`` instead of filling the disk).
 
     ``commit()`` renames the finished file into place; ``discard()`` removes the temporary.
     """
 
-    def __init__(self, dest: Path) -> None:
+    def __init__(self, dest: Path, limit: int | None = None) -> None:
         self.dest = dest
         self.tmp = dest.with_name(f".{dest.name}.part")
+        self.limit = limit
         self.size = 0
         self._hash = hashlib.sha256()
         self._f: Any = None
 
     def reset(self) -> None:
         self.close()
-        self.dest.parent.mkdir(parents=True, exist_ok=True)
-        self._f = self.tmp.open("wb")
+        self.dest.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        self._f = os.fdopen(fd, "wb")
         self._hash = hashlib.sha256()
         self.size = 0
 
     def write(self, chunk: bytes) -> None:
+        if self.limit is not None and self.size + len(chunk) > self.limit:
+            raise ValueError(f"download is larger than the expected {self.limit} bytes")
         self._f.write(chunk)
         self._hash.update(chunk)
         self.size += len(chunk)
@@ -139,6 +154,20 @@ class TransportError(Exception):
     """The coordinator stayed unreachable (or kept failing) through every retry."""
 
 
+class UnsafeUrl(ValueError):
+    """A URL the device will not send its token to: another scheme or host than the configured
+    coordinator's (a plan's artifact URLs are paths joined to that origin), or plain http."""
+
+
+def check_origin(base_url: str, *, allow_http: bool = False) -> httpx.URL:
+    """The coordinator's origin, refused unless it is https (``allow_http`` for a loopback lab
+    behind nothing: never for a real device, whose token would travel in clear text)."""
+    url = httpx.URL(base_url)
+    if not url.host or url.scheme not in (("https", "http") if allow_http else ("https",)):
+        raise UnsafeUrl(f"the coordinator's address must be an https:// URL, not {base_url!r}")
+    return url
+
+
 class Transport:
     """One device's connection to the coordinator. ``token`` may be set after enrolment."""
 
@@ -155,7 +184,9 @@ class Transport:
         sleep: Callable[[float], None] = time.sleep,
         transport: httpx.BaseTransport | None = None,
         on_bytes: Callable[[str, int], None] | None = None,
+        allow_http: bool = False,
     ) -> None:
+        self.origin = check_origin(base_url, allow_http=allow_http)
         verify: Any = str(ca) if ca is not None else True
         self._http = httpx.Client(base_url=base_url, verify=verify, timeout=timeout, transport=transport)
         self.token = token
@@ -175,9 +206,26 @@ class Transport:
 
     # -- plumbing ----------------------------------------------------------------------------
 
+    def _path(self, url: str) -> str:
+        """``url`` as a path on the configured origin: a path (``/v1/...``) as it is; an
+        absolute URL only if it names this very origin (then its path); anything else
+        (another host or scheme, a scheme-relative ``//host/...``) is :class:`UnsafeUrl`."""
+        target = httpx.URL(url)
+        if target.is_relative_url and not url.startswith("//") and url.startswith("/"):
+            return url
+        same = (target.scheme, target.host, target.port) == (
+            self.origin.scheme,
+            self.origin.host,
+            self.origin.port,
+        )
+        if not same or not target.is_absolute_url:
+            raise UnsafeUrl(f"refusing to send this device's token to {url!r}")
+        return target.raw_path.decode("ascii")
+
     def _request(self, method: str, path: str, *, sink: Sink | None = None, **kwargs: Any) -> httpx.Response:
         """One call with retries. With a ``sink``, a successful body is streamed into it (the
         returned response has no content then); a retry after a broken stream resets it."""
+        path = self._path(path)
         headers = dict(kwargs.pop("headers", {}) or {})
         if self.token:
             headers["Authorization"] = f"Bearer {self.token}"
@@ -277,11 +325,12 @@ class Transport:
     def inbound_shares(self, round_id: int) -> MaskedInputRequest:
         return self._json("GET", f"/v1/rounds/{round_id}/secagg/shares", MaskedInputRequest)
 
-    def upload(self, round_id: int, body: bytes, examples: int) -> bool:
+    def upload(self, round_id: int, body: bytes, examples: int, omit: Sequence[str] = ()) -> bool:
+        """The encoded update; ``omit``: neighbours a masked input was made without."""
         r = self._request(
             "PUT",
             f"/v1/rounds/{round_id}/update",
-            params={"examples": examples},
+            params={"examples": examples, "omit": list(omit)},
             content=body,
             headers={"Content-Type": "application/octet-stream"},
         )

@@ -168,9 +168,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         from simulator.cli import run as handler
     else:
         handler = handlers[(args.command, getattr(args, "action", None))]
+    from fedkeys.secret_args import SecretError
     from simulator.cli import SimError
 
-    user_errors: tuple[type[Exception], ...] = (UsageError, BundleError, CliError, ClientError, SimError)
+    user_errors: tuple[type[Exception], ...] = (
+        UsageError,
+        BundleError,
+        CliError,
+        ClientError,
+        SimError,
+        SecretError,  # a secret file that cannot be read
+    )
     if args.command == "export":
         from model_export.data import CorpusError
 

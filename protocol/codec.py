@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import secrets
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Annotated, Any
@@ -59,21 +58,28 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from protocol._encoding import B64Bytes
-from protocol.dp import NOISE_TAIL, sample_discrete_gaussian
+from protocol.dp import NOISE_TAIL, NoiseStream, sample_discrete_gaussian
 
 __all__ = [
     "MAX_RING_BITS",
+    "NOISE_NORM_TAIL",
     "CodecError",
     "CodecParams",
+    "DecodedMean",
     "EncodedUpdate",
+    "NormBoundError",
     "SparseUpdate",
+    "check_packed",
     "check_rotation_block",
+    "check_update_norm",
+    "decode_mean",
     "decode_sum",
     "encode",
     "encoded_length",
     "fwht",
     "kept_count",
     "kept_indices",
+    "mean_norm_bound",
     "pack_bits",
     "pack_bits_into",
     "packed_size",
@@ -698,15 +704,17 @@ def encode(
     rng: np.random.Generator,
     *,
     num_examples: int = 1,
-    noise_rng: np.random.Generator | None = None,
+    noise_key: bytes | None = None,
 ) -> EncodedUpdate:
     """Encode one device's float delta into ``encoded_length(params, d)`` ring elements.
 
     ``rng`` supplies the stochastic-rounding dither only (local, not secret). ``num_examples``
     sets the weight ``min(num_examples, weight_cap) / weight_cap`` (0 contributes nothing).
     With ``params.noise_std > 0`` (distributed DP) the quantized coordinates get discrete
-    Gaussian noise from ``noise_rng`` (default: a generator seeded with 128 bits from the OS;
-    the noise must stay secret from the server) and are reduced modulo ``2**ring_bits``.
+    Gaussian noise and are reduced modulo ``2**ring_bits``. The noise must stay secret from the
+    server: it comes from a :class:`protocol.dp.NoiseStream` (AES-CTR keystream) under a fresh
+    key from :mod:`secrets`; ``noise_key`` (32 bytes) fixes that key, for reproducible tests
+    only.
     """
     ring_bits(params)  # refuses a parameter set whose sums could overflow, before any work
     x = _as_float_vector(delta, check_finite=False)  # _l2_norm refuses NaN/Inf
@@ -741,20 +749,20 @@ def encode(
     if params.count_slot:
         out[m + 1] = 0 if clipped else 1
     if params.noise_std > 0 or params.count_noise_std > 0:
-        _add_noise(out, params, m, noise_rng)
+        _add_noise(out, params, m, noise_key)
     return EncodedUpdate(values=out, norm=norm, clipped=clipped, saturated=saturated, weight=weight)
 
 
-def _add_noise(out: RingVec, params: CodecParams, m: int, noise_rng: np.random.Generator | None) -> None:
-    """Distributed DP: discrete Gaussian noise on the value (and count) slots, mod 2**k."""
-    if noise_rng is None:
-        noise_rng = np.random.default_rng(secrets.randbits(128))
+def _add_noise(out: RingVec, params: CodecParams, m: int, noise_key: bytes | None) -> None:
+    """Distributed DP: discrete Gaussian noise on the value (and count) slots, mod 2**k, drawn
+    from a cryptographically secure stream (a fresh random key unless a test fixes one)."""
+    source = NoiseStream(noise_key)
     mask = np.int64((1 << ring_bits(params)) - 1)
     if params.noise_std > 0:
-        noisy = out[:m].astype(np.int64) + sample_discrete_gaussian(params.noise_std, m, noise_rng)
+        noisy = out[:m].astype(np.int64) + sample_discrete_gaussian(params.noise_std, m, source)
         out[:m] = noisy & mask  # two's complement: & is the non-negative residue mod 2**k
     if params.count_slot and params.count_noise_std > 0:
-        c = int(out[m + 1]) + int(sample_discrete_gaussian(params.count_noise_std, 1, noise_rng)[0])
+        c = int(out[m + 1]) + int(sample_discrete_gaussian(params.count_noise_std, 1, source)[0])
         out[m + 1] = c & int(mask)
 
 
@@ -793,25 +801,58 @@ def unclipped_count(sum_values: npt.ArrayLike, params: CodecParams, n_clients: i
     return int(slot[0])
 
 
-def decode_sum(
+NOISE_NORM_TAIL = 8.0
+"""Standard deviations of slack on a Gaussian noise vector's norm: ``||N|| <= sigma (sqrt(m) + t)``
+fails with probability at most ``exp(-t^2 / 2)`` (Gaussian concentration of the norm, a
+1-Lipschitz function), about 1e-14 at ``t = 8``."""
+
+
+class NormBoundError(CodecError):
+    """A decoded mean is longer than a mean of clipped updates can be: some input was not a
+    clipped encoding (a hostile or broken device under secure aggregation)."""
+
+
+def mean_norm_bound(
+    params: CodecParams, n_clients: int, d: int, total_weight: int, *, noise_std: float = 0.0
+) -> float:
+    """Largest L2 norm of the kept-coordinate weighted mean of ``n_clients`` honest encodings.
+
+    In the kept (rotated, subsampled) coordinates, before the ``D / m`` rescaling, the mean
+    ``sum(P x_i) / (W / cap)`` has norm at most ``C``: each ``x_i`` has norm at most
+    ``C w_i / cap`` (step 1 of the module doc), the rotation is orthonormal and keeping a fixed
+    subset ``P`` cannot lengthen a vector, clamping to ``[-R, R]`` only shortens it. Stochastic
+    rounding moves each of the ``m`` kept values of each input by less than one level
+    ``Delta = 2R / (2^b - 1)``: at most ``n Delta sqrt(m)`` in all (worst case, no probability).
+    Noise of ``noise_std`` levels per kept coordinate of the sum (central plus distributed) adds
+    ``Delta noise_std (sqrt(m) + NOISE_NORM_TAIL)`` except with probability about 1e-14. Both
+    error terms are divided by ``W / cap`` like the mean. The model moves by ``D / m`` times this
+    norm (un-rotation is orthonormal): the most one honest device's own update could move it."""
+    m = kept_count(params, d)
+    delta = 2.0 * quant_range(params, d) / ((1 << params.bits) - 1)
+    scale = total_weight / params.weight_cap
+    errors = n_clients * delta * math.sqrt(m) + delta * noise_std * (math.sqrt(m) + NOISE_NORM_TAIL)
+    return params.clip_norm + errors / scale
+
+
+@dataclass(frozen=True)
+class DecodedMean:
+    mean: FloatVec
+    """The weighted mean float delta (model coordinates)."""
+    kept_norm: float
+    """L2 norm of the mean in the kept coordinates (what :func:`mean_norm_bound` bounds)."""
+    bound: float
+
+
+def _checked_kept_mean(
     sum_values: npt.ArrayLike,
     params: CodecParams,
     n_clients: int,
     d: int,
-    *,
-    central_noise_std: float = 0.0,
-    rng: np.random.Generator | None = None,
-) -> FloatVec:
-    """Weighted mean float delta from the modular sum of ``n_clients`` encoded updates.
-
-    Undoes the quantization offset (``n_clients * R``), the subsampling (scale ``D / m``) and
-    the rotation, then divides by the summed weight. ``n_clients`` is the number of inputs in
-    the sum (the surviving devices), at most ``max_clients``. Sums of noisy inputs
-    (``params.noise_std > 0``) are read centred (see :func:`ring_bits`). ``central_noise_std``
-    adds ``N(0, sigma^2)`` (in quantization levels, drawn from ``rng``) to every kept
-    coordinate of the integer sum first: central DP, applied where one device's influence
-    is bounded by :func:`protocol.dp.level_sensitivity`.
-    """
+    central_noise_std: float,
+    noise: NoiseStream | None,
+) -> tuple[npt.NDArray[np.float64], int]:
+    """The summed kept coordinates in value units (offset removed, central noise added) and
+    the summed weight ``W``; refuses a sum that cannot come from ``n_clients`` valid encodings."""
     k = ring_bits(params)
     s = np.asarray(sum_values)
     m = kept_count(params, d)
@@ -832,25 +873,91 @@ def decode_sum(
             f"summed weight {total_weight} exceeds {n_clients} x weight_cap: not a sum of "
             f"{n_clients} valid updates"
         )
-
     levels = (1 << params.bits) - 1
     r = quant_range(params, d)
-    big_d = padded_dim(params, d)
     ints = _centred(s[:m], (n_clients * levels) // 2, k) if params.noise_std > 0 else s[:m]
-    vals = ints.astype(np.float64)
-    if central_noise_std > 0:
-        if rng is None:
-            raise CodecError("central noise needs an rng")
-        vals += rng.normal(0.0, central_noise_std, m)
-    vals = vals * (2.0 * r / levels) - n_clients * r
+    if central_noise_std > 0:  # discrete Gaussian on the integer sum, from a CSPRNG
+        ints = ints.astype(np.int64) + sample_discrete_gaussian(central_noise_std, m, noise or NoiseStream())
+    vals = ints.astype(np.float64) * (2.0 * r / levels) - n_clients * r
+    return vals, total_weight
+
+
+def check_update_norm(values: npt.ArrayLike, params: CodecParams, d: int) -> float:
+    """One encoded update (no secure aggregation, so the server sees it): its weighted norm
+    in the kept coordinates, refused (:class:`NormBoundError`) beyond :func:`mean_norm_bound`
+    for one input. Cheap: no un-rotation."""
+    vals, scale = _checked_kept_mean(values, params, 1, d, 0.0, None)
+    norm = float(np.linalg.norm(vals)) / scale
+    bound = mean_norm_bound(params, 1, d, round(scale * params.weight_cap), noise_std=params.noise_std)
+    if not norm <= bound:
+        raise NormBoundError(
+            f"update norm {norm:.4g} exceeds {bound:.4g} (clip {params.clip_norm:g}): refused"
+        )
+    return norm
+
+
+def decode_sum(
+    sum_values: npt.ArrayLike,
+    params: CodecParams,
+    n_clients: int,
+    d: int,
+    *,
+    central_noise_std: float = 0.0,
+    noise: NoiseStream | None = None,
+) -> FloatVec:
+    """Weighted mean float delta from the modular sum of ``n_clients`` encoded updates
+    (:func:`decode_mean`'s ``mean``; :class:`NormBoundError` beyond the bound)."""
+    return decode_mean(
+        sum_values, params, n_clients, d, central_noise_std=central_noise_std, noise=noise
+    ).mean
+
+
+def decode_mean(
+    sum_values: npt.ArrayLike,
+    params: CodecParams,
+    n_clients: int,
+    d: int,
+    *,
+    central_noise_std: float = 0.0,
+    noise: NoiseStream | None = None,
+) -> DecodedMean:
+    """Weighted mean float delta from the modular sum of ``n_clients`` encoded updates.
+
+    Undoes the quantization offset (``n_clients * R``), the subsampling (scale ``D / m``) and
+    the rotation, then divides by the summed weight. ``n_clients`` is the number of inputs in
+    the sum (the surviving devices), at most ``max_clients``. Sums of noisy inputs
+    (``params.noise_std > 0``) are read centred (see :func:`ring_bits`). ``central_noise_std``
+    adds discrete Gaussian noise ``N_Z(0, sigma^2)`` (in quantization levels, drawn from
+    ``noise``: a fresh secret keystream by default, a keyed one in tests) to every kept
+    coordinate of the integer sum first: central DP, applied where one device's influence is
+    bounded by :func:`protocol.dp.level_sensitivity`. Discrete noise on integers has none of the
+    floating-point leaks of continuous noise (Mironov 2012) and the same privacy bound
+    (Canonne, Kamath & Steinke 2020, Theorem 4).
+
+    The mean's norm in the kept coordinates is checked against :func:`mean_norm_bound`
+    (:class:`NormBoundError` beyond it): under secure aggregation the server never sees an
+    input, and this is where one that was not a clipped encoding shows.
+    """
+    vals, weight = _checked_kept_mean(sum_values, params, n_clients, d, central_noise_std, noise)
+    scale = weight / params.weight_cap
+    kept_norm = float(np.linalg.norm(vals)) / scale
+    total_std = math.sqrt(central_noise_std**2 + n_clients * params.noise_std**2)
+    bound = mean_norm_bound(params, n_clients, d, weight, noise_std=total_std)
+    if not kept_norm <= bound:
+        raise NormBoundError(
+            f"aggregate norm {kept_norm:.4g} exceeds {bound:.4g}, the most a mean of {n_clients} "
+            f"clipped updates can have (clip {params.clip_norm:g}): refused"
+        )
+    m = kept_count(params, d)
+    big_d = padded_dim(params, d)
     if m < big_d:
         full = np.zeros(big_d, dtype=np.float64)
         full[kept_indices(params, d)] = vals * (big_d / m)
     else:
         full = vals
     out = unrotate(full, params, d) if params.rotate else full
-    mean = out / (total_weight / params.weight_cap)
-    return mean.astype(np.float32)
+    mean = out / scale
+    return DecodedMean(mean.astype(np.float32), kept_norm, bound)
 
 
 # ----------------------------------------------------------------------------------------
@@ -1068,8 +1175,9 @@ def pack_bits_into(
             out[g0 : g0 + g * rest].view(vdt)[:] = x.view(gdt)["g"]
 
 
-def _check_packed(data: bytes | memoryview, bits: int, m: int) -> npt.NDArray[np.uint8]:
-    """The packed buffer as a uint8 array, after checking its size and padding bits."""
+def check_packed(data: bytes | memoryview, bits: int, m: int) -> npt.NDArray[np.uint8]:
+    """The packed buffer as a uint8 array, after checking its size and padding bits (every
+    check a packed body can fail: ``m`` ``bits``-bit values are otherwise any bit pattern)."""
     size = packed_size(m, bits)
     buf = memoryview(data).cast("B")
     if len(buf) != size:
@@ -1137,7 +1245,7 @@ class _Unpacker:
 
 def unpack_bits(data: bytes | memoryview, bits: int, m: int) -> RingVec:
     """Inverse of :func:`pack_bits`: ``m`` uint32 values (padding bits must be zero)."""
-    unpacker = _Unpacker(_check_packed(data, bits, m), bits, m)
+    unpacker = _Unpacker(check_packed(data, bits, m), bits, m)
     out = np.empty(m, dtype=np.uint32)
     for start in range(0, m, _UNPACK_CHUNK):
         stop = min(m, start + _UNPACK_CHUNK)
@@ -1152,7 +1260,7 @@ def unpack_bits_add(data: bytes | memoryview, bits: int, acc: npt.NDArray[np.uns
     if acc.ndim != 1 or acc.dtype.kind != "u":
         raise CodecError("acc must be a 1-D unsigned array")
     m = acc.shape[0]
-    unpacker = _Unpacker(_check_packed(data, bits, m), bits, m)
+    unpacker = _Unpacker(check_packed(data, bits, m), bits, m)
     for start in range(0, m, _UNPACK_CHUNK):
         stop = min(m, start + _UNPACK_CHUNK)
         target = acc[start:stop]

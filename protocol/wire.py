@@ -30,6 +30,7 @@ from protocol.codec import (
     CodecError,
     CodecParams,
     SparseUpdate,
+    check_packed,
     pack_bits_into,
     packed_size,
     unpack_bits,
@@ -239,12 +240,18 @@ class SharePlaintext(_Message):
 
 class EncryptedShare(_Message):
     """A :class:`SharePlaintext` encrypted for its recipient (AES-256-GCM; the associated
-    data binds round, sender and recipient). The server relays it without reading it."""
+    data binds round, sender and recipient). The server relays it without reading it.
+
+    The two digests (``protocol.secagg.crypto.share_digest``) commit the sender to the share
+    values inside: the recipient checks them when it decrypts, and the server checks every
+    value the recipient reveals in the unmask stage against them."""
 
     sender: DeviceId
     recipient: DeviceId
     nonce: Bytes12
     ciphertext: Annotated[B64Bytes, Field(min_length=16, max_length=1024)]
+    self_mask_digest: Bytes32
+    key_digest: Bytes32
 
 
 class ShareKeys(_Message):
@@ -254,6 +261,8 @@ class ShareKeys(_Message):
     round_id: RoundId
     sender: DeviceId
     self_mask_commitment: Bytes32
+    own_share_digest: Bytes32
+    """Digest of the self-mask share the sender keeps for itself (it reveals it if it survives)."""
     shares: tuple[EncryptedShare, ...] = Field(max_length=MAX_DEVICES)
 
     @model_validator(mode="after")
@@ -554,6 +563,11 @@ def _parse(
     crc = zlib.crc32(body, zlib.crc32(buf[: HEADER_SIZE - 4]))
     if crc != header.crc32:
         raise ChecksumError(f"CRC32 {crc:08x} != header {header.crc32 or 0:08x}")
+    if kind is UpdateKind.RING:  # the whole body, here where it arrives: nothing is left to fail later
+        try:
+            check_packed(body, header.bits, header.length)
+        except CodecError as e:
+            raise BadBodyError(str(e)) from e
     return header, body
 
 
@@ -566,8 +580,9 @@ def verify_update(
     expected_length: int | None = None,
     expected_dim: int | None = None,
 ) -> tuple[UpdateHeader, memoryview]:
-    """Check a RING update's header, sizes and CRC without decoding it: the header and the
-    packed body (for ``codec.unpack_bits_add``, which adds it into a sum in place)."""
+    """Check a RING update completely without decoding it (header, sizes, CRC, padding bits):
+    the header and the packed body (for ``codec.unpack_bits_add``, which adds it into a sum in
+    place). A body that passes cannot fail later when it is added."""
     return _parse(
         data,
         UpdateKind.RING,
@@ -777,17 +792,29 @@ class TrainReport(_Message):
     aborted: bool = False
 
 
-class EvalCounts(_Message):
-    """Federated evaluation: counts over the device's recent messages, nothing else."""
+_MAX_EVAL_COUNT = 10_000_000  # words or tokens one device scores (int4 columns hold 2**31 - 1)
+_MAX_TOKEN_LOSS = 10_000.0  # nats per token: far past any model that is scored at all
 
-    words: int = Field(ge=0)
-    top1: int = Field(ge=0)
-    top3: int = Field(ge=0)
-    loss_sum: float = Field(ge=0, allow_inf_nan=False)
-    tokens: int = Field(ge=0)
+
+class EvalCounts(_Message):
+    """Federated evaluation: counts over the device's recent messages, nothing else.
+
+    Bounded as a device could plausibly send them (it scores its ``eval_holdout`` newest
+    messages, 20 by default: a few thousand words) and well inside the 32-bit integer columns
+    that store them (past 2**31 - 1 PostgreSQL refused the insert: a 500). The loss is summed
+    over the tokens, so it is bounded per token: the round's sum over every device stays
+    finite."""
+
+    words: int = Field(ge=0, le=_MAX_EVAL_COUNT)
+    top1: int = Field(ge=0, le=_MAX_EVAL_COUNT)
+    top3: int = Field(ge=0, le=_MAX_EVAL_COUNT)
+    loss_sum: float = Field(ge=0, le=_MAX_EVAL_COUNT * _MAX_TOKEN_LOSS, allow_inf_nan=False)
+    tokens: int = Field(ge=0, le=_MAX_EVAL_COUNT)
 
     @model_validator(mode="after")
     def _bounded(self) -> EvalCounts:
         if not self.top1 <= self.top3 <= self.words:
             raise ValueError("need top1 <= top3 <= words")
+        if self.loss_sum > self.tokens * _MAX_TOKEN_LOSS:
+            raise ValueError(f"need loss_sum <= {_MAX_TOKEN_LOSS:g} * tokens")
         return self

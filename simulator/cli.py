@@ -10,6 +10,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from fedkeys.secret_args import add_secret_option, secret_value
+
 __all__ = ["SimError", "add_parser", "run"]
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,6 +82,11 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--central-steps", type=int, default=1500, help="central upper bound budget (--compare)")
     p.add_argument("--coordinator", default=None, help="use this coordinator instead of starting one")
     p.add_argument("--ca", type=Path, default=None)
+    for name, env, what in (
+        ("admin-token", "FEDKEYS_ADMIN_TOKEN", "the --coordinator's admin token"),
+        ("enroll-secret", "FEDKEYS_ENROLLMENT_SECRET", "the --coordinator's fleet enrolment secret"),
+    ):
+        add_secret_option(p, name, env=env, what=what, legacy_flag=False)
     p.add_argument("--forever", action="store_true", help="only run the fleet (tasks are made by the admin)")
 
 
@@ -321,9 +328,13 @@ def _external_coordinator(args: argparse.Namespace) -> Any:
 
     if args.ca is None:
         raise SimError("--coordinator needs --ca (the CA that signed its certificate)")
-    admin, secret = os.environ.get("FEDKEYS_ADMIN_TOKEN"), os.environ.get("FEDKEYS_ENROLLMENT_SECRET")
+    admin = secret_value(args, "admin-token", env="FEDKEYS_ADMIN_TOKEN")
+    secret = secret_value(args, "enroll-secret", env="FEDKEYS_ENROLLMENT_SECRET")
     if not admin or not secret:
-        raise SimError("set FEDKEYS_ADMIN_TOKEN and FEDKEYS_ENROLLMENT_SECRET for --coordinator")
+        raise SimError(
+            "--coordinator needs its admin token and fleet secret: --admin-token-file and "
+            "--enroll-secret-file, or FEDKEYS_ADMIN_TOKEN and FEDKEYS_ENROLLMENT_SECRET"
+        )
     return CoordinatorHandle(args.coordinator, args.ca, admin, secret)
 
 
@@ -332,9 +343,12 @@ def _fleet_only(args: argparse.Namespace, cfg: Any) -> None:
     from simulator.fleet import FleetSpec, make_specs, run_worker
     from simulator.run import _fleet_users
 
-    secret = os.environ.get("FEDKEYS_ENROLLMENT_SECRET")
+    secret = secret_value(args, "enroll-secret", env="FEDKEYS_ENROLLMENT_SECRET")
     if not args.coordinator or not args.ca or not secret:
-        raise SimError("--forever needs --coordinator, --ca and FEDKEYS_ENROLLMENT_SECRET")
+        raise SimError(
+            "--forever needs --coordinator, --ca and the fleet secret (--enroll-secret-file or "
+            "FEDKEYS_ENROLLMENT_SECRET)"
+        )
     specs = make_specs(_fleet_users(), cfg.devices, cfg.seed + os.getpid() % 10_000)
     fleet = FleetSpec(
         coordinator=args.coordinator,

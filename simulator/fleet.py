@@ -219,6 +219,7 @@ def _device_thread(
     from edge_client.agent import Agent, AgentConfig
     from edge_client.datastore import DataStore
     from edge_client.participation import LocalResult
+    from edge_client.policy import DevicePolicy
     from edge_client.transport import Transport
     from protocol.wire import TrainReport
     from simulator.availability import DeviceTrace, FleetClock
@@ -240,6 +241,9 @@ def _device_thread(
         device_class=spec.device_class,
         min_examples=fleet.min_examples,
         eval_holdout=min(20, len(spec.texts) // 5),
+        # the comparisons run unmasked (float32, compressed without secure aggregation) too;
+        # metrics stay rounded as real devices send them
+        policy=DevicePolicy(require_secure_aggregation=False),
     )
     transport = Transport(cfg.coordinator, ca=cfg.ca, retries=8, backoff=0.5, max_backoff=10)
 

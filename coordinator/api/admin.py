@@ -13,9 +13,10 @@ from starlette.concurrency import run_in_threadpool
 from coordinator.api.deps import (
     AdminDep,
     ContextDep,
+    RoundIdPath,
     SessionDep,
     TaskPath,
-    read_body,
+    spool_body,
 )
 from coordinator.db.models import Device
 from coordinator.schemas import (
@@ -26,6 +27,7 @@ from coordinator.schemas import (
     TaskUpdate,
     VersionPublic,
 )
+from coordinator.services import rounds as round_service
 from coordinator.services import tasks
 
 __all__ = ["router"]
@@ -35,6 +37,10 @@ router = APIRouter(prefix="/v1/admin", tags=["admin"])
 
 class Rollback(BaseModel):
     version: int = Field(ge=0, le=(1 << 31) - 1)
+
+
+class RoundFailure(BaseModel):
+    reason: str = Field(min_length=1, max_length=300, description="recorded as the round's failure reason")
 
 
 class FleetSummary(BaseModel):
@@ -82,6 +88,22 @@ def rounds(name: TaskPath, _: AdminDep, session: SessionDep) -> list[RoundPublic
     return tasks.list_rounds(session, name=name)
 
 
+@router.post("/tasks/{name}/rounds/{round_id}/fail")
+def fail_round(
+    name: TaskPath,
+    round_id: RoundIdPath,
+    body: RoundFailure,
+    _: AdminDep,
+    session: SessionDep,
+    ctx: ContextDep,
+) -> RoundPublic:
+    """End an open round now (a stuck one, or one the operator does not want to commit): the
+    model stays unchanged and the task opens its next round. 409 if the round is over."""
+    tasks.task_round(session, name=name, round_id=round_id)
+    rnd = round_service.fail_round(session, ctx, round_id=round_id, reason=body.reason)
+    return tasks.round_public(rnd)
+
+
 @router.get("/tasks/{name}/versions")
 def versions(name: TaskPath, _: AdminDep, session: SessionDep) -> list[VersionPublic]:
     return tasks.list_versions(session, name=name)
@@ -105,18 +127,17 @@ def rollback(name: TaskPath, body: Rollback, _: AdminDep, session: SessionDep) -
 )
 async def upload_bundle(name: TaskPath, request: Request, _: AdminDep, ctx: ContextDep) -> VersionPublic:
     """A bundle tarball (``fedkeys export build`` writes one): its weights become a new version."""
-    body = await read_body(request, ctx.settings.max_bundle_bytes)
     app = request.app
+    with tempfile.TemporaryDirectory() as tmp:
+        tar = Path(tmp) / "bundle.tar"
+        await spool_body(request, ctx.settings.max_bundle_bytes, tar)  # never whole in memory
 
-    def work() -> VersionPublic:
-        with tempfile.TemporaryDirectory() as tmp:
-            tar = Path(tmp) / "bundle.tar"
-            tar.write_bytes(body)
+        def work() -> VersionPublic:
             with app.state.sessions() as session, session.begin():
                 tasks.upload_bundle(session, ctx.store, name=name, tarball=tar)
                 return tasks.list_versions(session, name=name)[-1]
 
-    return await run_in_threadpool(work)
+        return await run_in_threadpool(work)
 
 
 @router.get("/tasks/{name}/selection")

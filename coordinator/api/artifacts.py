@@ -1,17 +1,21 @@
 """Artifact downloads for devices: bundles, weights of a version (or the compressed delta
-from an earlier one), published ``predict.pte``. sha256 ETags, ``If-None-Match`` and ``Range``.
+from one of the few versions before it), published ``predict.pte``. sha256 ETags,
+``If-None-Match`` and ``Range`` (not for deltas).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, BinaryIO
 
 from fastapi import APIRouter, Query, Request, Response
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, StreamingResponse
 from sqlalchemy import select
+from starlette.background import BackgroundTask
 
 from coordinator.api.deps import (
+    MAX_ID,
     ContextDep,
     CurrentDevice,
     SessionDep,
@@ -19,6 +23,8 @@ from coordinator.api.deps import (
     VersionPath,
 )
 from coordinator.db.models import ModelVersion, Task
+from coordinator.services.rounds import Gone
+from coordinator.services.storage import OpenDelta
 from coordinator.services.tasks import NotFound
 
 __all__ = ["router"]
@@ -26,15 +32,42 @@ __all__ = ["router"]
 router = APIRouter(prefix="/v1", tags=["artifacts"])
 
 
+_IMMUTABLE = "private, max-age=31536000, immutable"
+
+
+def _not_modified(request: Request, etag: str) -> bool:
+    return etag in [t.strip() for t in request.headers.get("if-none-match", "").split(",")]
+
+
 def _file(request: Request, path: Path, sha256: str, media_type: str, ctx: ContextDep) -> Response:
     etag = f'"{sha256}"'
-    if etag in [t.strip() for t in request.headers.get("if-none-match", "").split(",")]:
+    if _not_modified(request, etag):
         return Response(status_code=304, headers={"ETag": etag})
     ctx.metrics.bytes_out.labels(media_type).inc(path.stat().st_size)
-    return FileResponse(
-        path,
+    return FileResponse(path, media_type=media_type, headers={"ETag": etag, "Cache-Control": _IMMUTABLE})
+
+
+def _chunks(f: BinaryIO) -> Iterator[bytes]:
+    with f:
+        while chunk := f.read(1 << 16):
+            yield chunk
+
+
+def _delta(request: Request, delta: OpenDelta, ctx: ContextDep) -> Response:
+    """A cached delta, streamed from the descriptor :meth:`ArtifactStore.open_delta` opened
+    (the cache may evict its file meanwhile). No ``Range``: a device decodes a delta as it
+    arrives, and a retry starts over."""
+    media_type = "application/x-fedkeys-xor-delta"
+    etag = f'"{delta.sha256}"'
+    if _not_modified(request, etag):
+        delta.file.close()
+        return Response(status_code=304, headers={"ETag": etag})
+    ctx.metrics.bytes_out.labels(media_type).inc(delta.size)
+    return StreamingResponse(
+        _chunks(delta.file),
         media_type=media_type,
-        headers={"ETag": etag, "Cache-Control": "private, max-age=31536000, immutable"},
+        headers={"ETag": etag, "Cache-Control": _IMMUTABLE, "Content-Length": str(delta.size)},
+        background=BackgroundTask(delta.file.close),  # also when the client left before the body
     )
 
 
@@ -67,9 +100,21 @@ def weights(
     _device: CurrentDevice,
     session: SessionDep,
     ctx: ContextDep,
-    base: Annotated[int | None, Query(ge=0, description="a version the device holds: send the delta")] = None,
+    base: Annotated[
+        int | None,
+        Query(
+            ge=0,
+            le=MAX_ID,
+            description="a version the device holds, one of the last few before this one: send the delta",
+        ),
+    ] = None,
 ) -> Response:
-    """Raw little-endian float32 weights; with ``base``, the XOR delta (zlib) from that version."""
+    """Raw little-endian float32 weights; with ``base``, the XOR delta (zlib) from that version.
+
+    Deltas are served only from the ``delta_max_base_age`` versions of the task just before
+    ``version``: an older (or unknown, or newer) base answers 410 and the device downloads the
+    whole vector. That bounds the pairs any device can make the coordinator compute; the
+    computed deltas are cached on disk within ``delta_cache_max_files``/``_bytes``."""
     mv = _version(session, task, version)
     if base is None or base == version:
         return _file(
@@ -79,9 +124,29 @@ def weights(
             "application/octet-stream",
             ctx,
         )
-    old = _version(session, task, base)
-    path = ctx.store.delta(task, version, base, mv.weights_file, old.weights_file)
-    return _file(request, path, ctx.store.sha256_of(path), "application/x-fedkeys-xor-delta", ctx)
+    settings = ctx.settings
+    recent = session.scalars(
+        select(ModelVersion)
+        .where(ModelVersion.task_id == mv.task_id, ModelVersion.version < version)
+        .order_by(ModelVersion.version.desc())
+        .limit(settings.delta_max_base_age)
+    ).all()
+    old = next((v for v in recent if v.version == base), None)
+    if old is None:
+        raise Gone(
+            f"no delta from version {base}: deltas are served only from the last "
+            f"{settings.delta_max_base_age} versions before {version}; download the whole vector"
+        )
+    delta = ctx.store.open_delta(
+        task,
+        version,
+        base,
+        mv.weights_file,
+        old.weights_file,
+        max_files=settings.delta_cache_max_files,
+        max_bytes=settings.delta_cache_max_bytes,
+    )
+    return _delta(request, delta, ctx)
 
 
 @router.get("/tasks/{task}/versions/{version}/predict.pte", response_class=FileResponse)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path as FilePath
 from typing import Annotated
 
+import anyio.to_thread
 from fastapi import Depends, Path, Request
 from sqlalchemy.orm import Session
 
@@ -17,6 +19,7 @@ from coordinator.services.rounds import RoundContext
 __all__ = [
     "MAX_ID",
     "AdminDep",
+    "BodyTooLarge",
     "ContextDep",
     "CurrentDevice",
     "RoundIdPath",
@@ -24,7 +27,9 @@ __all__ = [
     "SettingsDep",
     "TaskPath",
     "VersionPath",
+    "WrongBodySize",
     "read_body",
+    "spool_body",
 ]
 
 
@@ -100,16 +105,62 @@ class BodyTooLarge(Exception):
     """413: refused before the whole body was read."""
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refusing (413) as soon as it exceeds ``limit`` bytes."""
+class WrongBodySize(Exception):
+    """422: the body is not the exact size the route expects (``read_body(exact=...)``)."""
+
+
+_SPOOL_CHUNK = 1 << 20  # bytes gathered before each write of a spooled body
+
+
+async def _checked_chunks(request: Request, limit: int, exact: int | None) -> AsyncIterator[bytes]:
+    """The body's chunks as they arrive, refused as soon as they are not what is expected."""
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise BodyTooLarge(f"body of {declared} bytes exceeds the limit of {limit}")
-    chunks: list[bytes] = []
+    size_declared = int(declared) if declared is not None and declared.isdigit() else None
+    if size_declared is not None and size_declared > limit:
+        raise BodyTooLarge(f"body of {size_declared} bytes exceeds the limit of {limit}")
+    if exact is not None:
+        if exact > limit:
+            raise BodyTooLarge(f"the expected body of {exact} bytes exceeds the limit of {limit}")
+        if size_declared is None:
+            raise WrongBodySize(f"declare Content-Length: {exact} (the size this route expects)")
+        if size_declared > exact:
+            raise BodyTooLarge(f"body of {size_declared} bytes; this route expects exactly {exact}")
+        if size_declared != exact:
+            raise WrongBodySize(f"body of {size_declared} bytes; this route expects exactly {exact}")
+        limit = exact
     size = 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
             raise BodyTooLarge(f"body exceeds the limit of {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
+        yield chunk
+    if exact is not None and size != exact:
+        raise WrongBodySize(f"body of {size} bytes; this route expects exactly {exact}")
+
+
+async def read_body(request: Request, limit: int, *, exact: int | None = None) -> bytes:
+    """The request body, refusing (413) as soon as it exceeds ``limit`` bytes.
+
+    With ``exact`` (a route that knows the size it expects, e.g. the update of the device's
+    round) the request must declare ``Content-Length: exact`` (422 otherwise, 413 if larger),
+    checked before a byte is read, and the streamed body must have that size: a client that
+    does not send what the route expects is refused before the route buffers anything.
+    """
+    return b"".join([chunk async for chunk in _checked_chunks(request, limit, exact)])
+
+
+async def spool_body(request: Request, limit: int, dest: FilePath) -> int:
+    """Write the request body to ``dest`` as it arrives (refused like :func:`read_body`) and
+    return its size: a body of up to ``limit`` bytes (a bundle: gigabytes) never sits in
+    memory whole. Writes run in a worker thread, a MiB at a time."""
+    size = 0
+    pending = bytearray()
+    with dest.open("wb") as f:
+        async for chunk in _checked_chunks(request, limit, None):
+            pending += chunk
+            size += len(chunk)
+            if len(pending) >= _SPOOL_CHUNK:
+                await anyio.to_thread.run_sync(f.write, bytes(pending))
+                pending.clear()
+        await anyio.to_thread.run_sync(f.write, bytes(pending))
+    return size

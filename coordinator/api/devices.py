@@ -28,9 +28,12 @@ from coordinator.services.devices import (
     checkin_result,
     checkin_statement,
     enroll,
+    limit_enrollment,
 )
 from coordinator.services.rounds import RoundContext
+from protocol._encoding import DeviceId
 from protocol.wire import (
+    MAX_DEVICES,
     AdvertiseKeys,
     CheckinRequest,
     CheckinResponse,
@@ -60,21 +63,37 @@ def _close_later(background: BackgroundTasks, request: Request, round_id: int, m
         background.add_task(rounds.close_if_complete, app.state.sessions, app.state.ctx, round_id)
 
 
-def _base_url(request: Request) -> str:
-    return str(request.base_url).rstrip("/")
-
-
-@router.post("/devices/enroll", status_code=status.HTTP_201_CREATED)
-def enroll_device(body: EnrollRequest, session: SessionDep, settings: SettingsDep) -> EnrollResponse:
-    """Exchange the fleet's enrolment secret for a device id and a bearer token."""
-    device_id, token = enroll(
-        session,
-        secret=body.enrollment_secret,
-        expected_secret=settings.enrollment_secret.get_secret_value(),
-        platform=body.platform,
-        client_version=body.client_version,
-        device_class=body.device_class,
-    )
+@router.post(
+    "/devices/enroll",
+    status_code=status.HTTP_201_CREATED,
+    responses={
+        401: {"description": "wrong secret; unknown, used, expired or revoked code"},
+        403: {"description": "the fleet secret's device limit is reached"},
+        429: {"description": "too many enrolment attempts (Retry-After)"},
+    },
+)
+def enroll_device(body: EnrollRequest, request: Request, settings: SettingsDep) -> EnrollResponse:
+    """Exchange a one-time enrolment code (minted by the admin), or the fleet secret of a
+    simulated fleet, for a device id and a bearer token. Every attempt, successful or not,
+    counts against the enrolment rate limits (per client address and in all; 429 beyond)."""
+    app = request.app
+    with app.state.soft_sessions() as counting, counting.begin():  # committed even if enrolment fails
+        limit_enrollment(
+            counting,
+            address=request.client.host if request.client else None,
+            per_address=settings.enrollment_per_address_per_minute,
+            total=settings.enrollment_per_minute,
+        )
+    with app.state.sessions() as session, session.begin():
+        device_id, token = enroll(
+            session,
+            secret=body.enrollment_secret,
+            fleet_secret=settings.enrollment_secret.get_secret_value(),
+            fleet_max_devices=settings.enrollment_secret_max_devices,
+            platform=body.platform,
+            client_version=body.client_version,
+            device_class=body.device_class,
+        )
     return EnrollResponse(device_id=device_id, token=token)
 
 
@@ -157,7 +176,7 @@ def plan(
     ctx: ContextDep,
 ) -> RoundPlan:
     rnd, _ = rounds.round_for_device(session, round_id, device)
-    return rounds.plan_for(session, ctx, rnd, _base_url(request))
+    return rounds.plan_for(session, ctx, rnd)
 
 
 MAX_STATUS_WAIT = 30.0  # seconds a long poll of the round status may be held
@@ -304,6 +323,10 @@ async def upload(
     request: Request,
     background: BackgroundTasks,
     examples: Annotated[int, Query(ge=0, le=1 << 31, description="local examples behind the update")] = 0,
+    omit: Annotated[
+        list[DeviceId],
+        Query(max_length=MAX_DEVICES, description="neighbours a masked input was made without"),
+    ] = [],  # noqa: B006 (FastAPI copies defaults per request)
 ) -> Response:
     """The device's encoded (and, with secure aggregation, masked) update: a binary body in
     the format of protocol/wire.py, checked and stored until the round's sum is taken.
@@ -312,15 +335,18 @@ async def upload(
     token = _bearer(request)
     sessions = app.state.sessions
 
-    def check_auth() -> str:
+    def check_auth() -> tuple[str, int | None]:
         with sessions() as session, session.begin():
             device = authenticate(
                 session, token=token, rate_limit_per_minute=app.state.settings.rate_limit_per_minute
             )
-            return device.id
+            return device.id, rounds.expected_upload(session, round_id=round_id, device_id=device.id)
 
-    device_id = await run_in_threadpool(check_auth)  # before the body is read
-    body = await read_body(request, app.state.settings.max_body_bytes)
+    # before the body is read: who sends it, whether it may send one now, and its exact size
+    device_id, size = await run_in_threadpool(check_auth)
+    if size is None:  # a repeat of an upload that is in: nothing to read
+        return Response(status_code=200, content=b'{"accepted":false}', media_type="application/json")
+    body = await read_body(request, app.state.settings.max_body_bytes, exact=size)
 
     def work() -> bool:
         # checked without locks; then one short transaction appends it
@@ -332,7 +358,13 @@ async def upload(
             return False
         with sessions() as session, session.begin():
             return rounds.upload(
-                session, app.state.ctx, round_id=round_id, device_id=device_id, body=body, weight=weight
+                session,
+                app.state.ctx,
+                round_id=round_id,
+                device_id=device_id,
+                body=body,
+                weight=weight,
+                omitted=omit,
             )
 
     fresh = await run_in_threadpool(work)

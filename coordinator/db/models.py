@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     DateTime,
     Float,
     ForeignKey,
@@ -22,6 +23,7 @@ from sqlalchemy import (
     LargeBinary,
     String,
     UniqueConstraint,
+    false,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -29,6 +31,8 @@ __all__ = [
     "Base",
     "Candidate",
     "Device",
+    "EnrollmentCode",
+    "EnrollmentCounter",
     "EvalReport",
     "ModelVersion",
     "Participant",
@@ -67,6 +71,45 @@ class Device(Base):
     util_seconds: Mapped[float | None] = mapped_column(Float)
     rate_window: Mapped[int] = mapped_column(BigInteger, default=0)  # minute of the counter
     rate_count: Mapped[int] = mapped_column(Integer, default=0)
+    # how the device enrolled: "code" (a one-time code, kept in enrollment_code_id) or "fleet"
+    # (the fleet secret; devices enrolled before codes existed are "fleet" too)
+    enrollment: Mapped[str] = mapped_column(String(8), server_default="fleet")
+    enrollment_code_id: Mapped[int | None] = mapped_column(
+        ForeignKey("enrollment_codes.id", name="fk_devices_enrollment_code_id")
+    )
+    # the enrolment code fixed the device class: check-ins do not change it
+    class_fixed: Mapped[bool] = mapped_column(Boolean, server_default=false())
+    # revoked by the admin: the token hash was replaced (no token matches it); the row stays
+    revoked_at: Mapped[datetime | None]
+
+
+class EnrollmentCode(Base):
+    """A one-time enrolment code minted by the admin. Only its SHA-256 is stored; ``prefix``
+    (its first characters) lets the admin tell codes apart. Used at most once: the enrolment
+    that claims it sets ``used_at`` in a conditional UPDATE, so of two concurrent enrolments
+    with one code exactly one succeeds."""
+
+    __tablename__ = "enrollment_codes"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    code_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    prefix: Mapped[str] = mapped_column(String(8))
+    device_class: Mapped[str | None] = mapped_column(String(32))  # given to the device it enrols
+    created_at: Mapped[datetime]
+    expires_at: Mapped[datetime | None]
+    used_at: Mapped[datetime | None]
+    revoked_at: Mapped[datetime | None]
+
+
+class EnrollmentCounter(Base):
+    """Enrolment attempts in one minute under one key (a client address, or all): the rate
+    limit's state, shared by every worker and replica. Rows of past minutes are pruned."""
+
+    __tablename__ = "enrollment_counters"
+
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    minute: Mapped[int] = mapped_column(BigInteger)
+    attempts: Mapped[int] = mapped_column(Integer)
 
 
 class Task(Base):

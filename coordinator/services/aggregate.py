@@ -9,7 +9,6 @@ commits the result in one transaction that re-checks the claim.
 from __future__ import annotations
 
 import logging
-import secrets
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -24,14 +23,16 @@ from coordinator.schemas import TaskConfig
 from coordinator.services.rounds import (
     AGGREGATING,
     DONE,
+    RETRYABLE,
     RoundContext,
     _fail,
     _utc,
+    fail_after_error,
     plain_sum,
     unmask_responses,
 )
-from protocol.codec import CodecError, CodecParams, decode_sum, unclipped_count
-from protocol.dp import gaussian_noise, next_clip_norm
+from protocol.codec import CodecError, CodecParams, NormBoundError, decode_mean, unclipped_count
+from protocol.dp import NoiseStream, next_clip_norm, sample_discrete_gaussian
 from protocol.secagg.common import SecAggError
 from protocol.secagg.server import SecAggServer
 
@@ -65,46 +66,56 @@ def _claim(factory: sessionmaker[Session], ctx: RoundContext, round_id: int) -> 
         return now
 
 
-def _ring(session: Session, rnd: Round) -> tuple[np.ndarray[Any, np.dtype[np.uint32]], int]:
+def _ring(
+    session: Session, rnd: Round, clip_norm: float, record: dict[str, Any]
+) -> tuple[np.ndarray[Any, np.dtype[np.uint32]], int]:
     """The integer sum of a compressed round and the number of inputs in it."""
     plan = rnd.plan
     if plan.get("secagg") is not None:
         server = SecAggServer.from_bytes(rnd.secagg_state or b"")
         total = server.unmask(unmask_responses(session, rnd.id))
+        if server.refused:  # reveals that failed their digests: left out, the others sufficed
+            record["unmask_refused"] = server.refused
         return total.astype(np.uint32, copy=False), len(plan["unmask"]["survivors"])
     # compressed without secure aggregation: a plain integer sum, which the codec's ring
     # width keeps below 2**k for up to max_clients inputs (so mod 2**32 loses nothing)
-    vec, _, n = plain_sum(session, rnd)
-    if vec is None:
+    got = plain_sum(session, rnd, clip_norm)
+    if got.total is None:
         raise CodecError("no update arrived")
-    return vec.astype(np.uint32, copy=False), n
+    return got.total.astype(np.uint32, copy=False), got.count
 
 
 def _mean_delta(
-    session: Session, rnd: Round, d: int, rng: np.random.Generator
-) -> tuple[np.ndarray[Any, np.dtype[np.float32]], int, dict[str, Any]]:
-    """The mean delta, the number of summed devices and DP diagnostics (empty without DP)."""
+    session: Session, rnd: Round, d: int, clip_norm: float
+) -> tuple[np.ndarray[Any, np.dtype[np.float32]], int, dict[str, Any], dict[str, Any]]:
+    """The mean delta, the number of summed devices, DP diagnostics (empty without DP) and
+    what the round's record should say of the sum (its norm against the bound, clipping)."""
     plan = rnd.plan
+    record: dict[str, Any] = {}
     if plan.get("codec") is None:
-        total, weight, n = plain_sum(session, rnd)
-        if total is None:
+        got = plain_sum(session, rnd, clip_norm)
+        if got.total is None:
             raise CodecError("no update arrived")
-        if weight <= 0:
+        if got.weight <= 0:
             raise CodecError("summed weight is 0")
-        return (total / weight).astype(np.float32), n, {}
+        record["clipped_updates"] = got.clipped
+        return (got.total / got.weight).astype(np.float32), got.count, {}, record
     codec = CodecParams.model_validate(plan["codec"])
-    ring, n = _ring(session, rnd)
+    ring, n = _ring(session, rnd, clip_norm, record)
     dp = plan.get("dp")
+    central = 0.0 if dp is None else float(dp["central_std"])
+    decoded = decode_mean(ring, codec, n, d, central_noise_std=central)
+    record["aggregate_norm"] = {"kept": round(decoded.kept_norm, 6), "bound": round(decoded.bound, 6)}
+    mean = decoded.mean
     if dp is None:
-        return decode_sum(ring, codec, n, d), n, {}
-    mean = decode_sum(ring, codec, n, d, central_noise_std=float(dp["central_std"]), rng=rng)
+        return mean, n, {}, record
     info: dict[str, Any] = dict(rnd.metrics.get("dp") or {})  # set when the round opened
     if codec.count_slot:
         count = unclipped_count(ring, codec, n, d) + float(
-            gaussian_noise(float(dp["central_count_std"]), 1, rng)[0]
+            sample_discrete_gaussian(float(dp["central_count_std"]), 1, NoiseStream())[0]
         )
         info["unclipped_fraction"] = count / n  # noisy: only its use below is private
-    return mean, n, info
+    return mean, n, info, record
 
 
 def _next_clip(cfg: TaskConfig, info: dict[str, Any]) -> None:
@@ -120,6 +131,18 @@ def aggregate(factory: sessionmaker[Session], ctx: RoundContext, round_id: int) 
     claim = _claim(factory, ctx, round_id)
     if claim is None:
         return None
+    try:
+        return _aggregate(factory, ctx, round_id, claim)
+    except RETRYABLE:
+        raise  # a busy database: the claim goes stale and the job is taken over
+    except Exception as e:  # anything else would fail the same way at every retry
+        fail_after_error(factory, ctx, round_id, e)
+        return None
+
+
+def _aggregate(
+    factory: sessionmaker[Session], ctx: RoundContext, round_id: int, claim: datetime
+) -> int | None:
     with factory() as session:
         rnd = session.get(Round, round_id)
         assert rnd is not None
@@ -134,7 +157,7 @@ def aggregate(factory: sessionmaker[Session], ctx: RoundContext, round_id: int) 
         d = rnd.plan["dim"]
         failure: Exception | None = None
         try:
-            delta, n, dp_info = _mean_delta(session, rnd, d, np.random.default_rng(secrets.randbits(128)))
+            delta, n, dp_info, record = _mean_delta(session, rnd, d, cfg.codec.clip_norm)
             _next_clip(cfg, dp_info)
             if not np.isfinite(delta).all():
                 raise CodecError("aggregate contains NaN or Inf")
@@ -150,6 +173,8 @@ def aggregate(factory: sessionmaker[Session], ctx: RoundContext, round_id: int) 
             rnd = session.get(Round, round_id, with_for_update=True, populate_existing=True)
             if rnd is not None and rnd.stage == AGGREGATING:
                 _fail(session, ctx, rnd, f"aggregation: {failure}")
+                if isinstance(failure, NormBoundError):
+                    rnd.metrics = {**rnd.metrics, "aggregate_refused": str(failure)}
         return None
     with factory() as session, session.begin():
         rnd = session.get(Round, round_id, with_for_update=True, populate_existing=True)
@@ -165,6 +190,7 @@ def aggregate(factory: sessionmaker[Session], ctx: RoundContext, round_id: int) 
         metrics: dict[str, Any] = {
             "reports": n,
             "update_norm": float(np.linalg.norm(delta)),
+            **record,
         }
         if dp_info:
             metrics["dp"] = dp_info

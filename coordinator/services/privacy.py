@@ -12,6 +12,7 @@ from coordinator.db.models import Round, Task
 from coordinator.privacy import (
     PrivacyPlan,
     RoundCharge,
+    adjusted_charge,
     epsilon_spent,
     plan_round,
     sampling_rate,
@@ -20,7 +21,7 @@ from coordinator.privacy import (
 )
 from coordinator.schemas import PrivacyStatus, TaskConfig
 from protocol.codec import CodecParams, kept_count, quant_range
-from protocol.dp import level_sensitivity, update_noise_multiplier
+from protocol.dp import ADJACENCY_FACTOR, Adjacency, level_sensitivity, update_noise_multiplier
 
 __all__ = ["charge", "charges", "check", "current_clip", "privacy_plan", "privacy_status", "refusal"]
 
@@ -56,9 +57,11 @@ def privacy_plan(cfg: TaskConfig, codec: CodecParams, d: int) -> PrivacyPlan:
     """The noise of the task's next round with these (noise-free) codec parameters."""
     q, delta, z = _rates(cfg)
     kept = kept_count(codec, d)
-    sens = level_sensitivity(codec.clip_norm, codec.bits, quant_range(codec, d), kept)
+    adjacency = cfg.privacy.adjacency
+    sens = level_sensitivity(codec.clip_norm, codec.bits, quant_range(codec, d), kept, adjacency=adjacency)
     return plan_round(
         mode=cfg.privacy.mode,
+        adjacency=adjacency,
         z=z,
         q=q,
         delta=delta,
@@ -70,11 +73,24 @@ def privacy_plan(cfg: TaskConfig, codec: CodecParams, d: int) -> PrivacyPlan:
     )
 
 
-def charges(session: Session, task_id: int) -> list[RoundCharge]:
+_LEGACY_ADJACENCY: Adjacency = "add-remove"
+"""Rounds planned before the adjacency setting existed were calibrated to one device's bound."""
+
+
+def charges(session: Session, task_id: int, adjacency: Adjacency) -> list[RoundCharge]:
+    """The task's charged rounds, each restated for the relation ``adjacency``
+    (:func:`coordinator.privacy.adjusted_charge`)."""
     rows = session.execute(
-        select(Round.dp_q, Round.dp_z).where(Round.task_id == task_id, Round.dp_z.is_not(None))
+        select(Round.dp_q, Round.dp_z, Round.plan[("dp", "adjacency")].as_string()).where(
+            Round.task_id == task_id, Round.dp_z.is_not(None)
+        )
     ).all()
-    return [RoundCharge(float(q), float(z)) for q, z in rows if q is not None and z is not None]
+    out = []
+    for q, z, charged in rows:
+        if q is not None and z is not None:
+            rel = charged if charged in ADJACENCY_FACTOR else _LEGACY_ADJACENCY
+            out.append(adjusted_charge(RoundCharge(float(q), float(z)), rel, adjacency))
+    return out
 
 
 def charge(rnd: Round) -> None:
@@ -91,7 +107,7 @@ def privacy_status(
     if not cfg.privacy.enabled:
         return None
     q, delta, z = _rates(cfg)
-    spent = charges(session, task.id)
+    spent = charges(session, task.id, cfg.privacy.adjacency)
     eps = epsilon_spent(spent, delta)
     after = epsilon_spent([*spent, RoundCharge(q, next_z or z)], delta)
     target = cfg.privacy.target_epsilon

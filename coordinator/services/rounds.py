@@ -19,7 +19,7 @@ too few left and the round fails with the model unchanged.
 from __future__ import annotations
 
 import base64
-import hashlib
+import json
 import logging
 import math
 import random
@@ -27,7 +27,7 @@ import secrets
 import threading
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -35,6 +35,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 from sqlalchemy import delete, func, select, update
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session
 
 from coordinator.config import Settings
@@ -56,10 +58,19 @@ from coordinator.selection import SelectionPolicy
 from coordinator.selection import select as select_devices
 from coordinator.services.privacy import charge, current_clip, privacy_plan, refusal
 from coordinator.services.storage import ArtifactStore
-from protocol.codec import CodecError, CodecParams, encoded_length, ring_bits
-from protocol.secagg.common import SecAggError, secagg_params_for
+from protocol.codec import (
+    CodecError,
+    CodecParams,
+    check_update_norm,
+    encoded_length,
+    packed_size,
+    ring_bits,
+)
+from protocol.secagg.common import MIN_DEVICES, SecAggError, secagg_params_for
 from protocol.secagg.server import SecAggServer
 from protocol.wire import (
+    API_PREFIX,
+    HEADER_SIZE,
     AdvertiseKeys,
     ArtifactRef,
     CheckinResponse,
@@ -90,6 +101,7 @@ __all__ = [
     "DONE",
     "DROPPED",
     "EVALUATING",
+    "RETRYABLE",
     "SELECTED",
     "SELECTING",
     "UPLOAD",
@@ -106,6 +118,8 @@ __all__ = [
     "close_if_complete",
     "current_views",
     "evaluation",
+    "fail_after_error",
+    "fail_round",
     "fresh_views",
     "inbound_shares",
     "join_pool",
@@ -137,6 +151,10 @@ SELECTION_PATIENCE = 10  # selection windows a round waits for enough eligible d
 SELECTED = "selected"
 DROPPED = "dropped"
 EVALUATED = "evaluated"
+
+
+RETRYABLE = (OperationalError, PoolTimeout)
+"""Errors of a busy or briefly unreachable database: the work is retried, the round kept."""
 
 
 class StageConflict(Exception):
@@ -313,6 +331,9 @@ def _open_round(session: Session, ctx: RoundContext, task: Task) -> Round | None
         "deadlines": cfg.deadlines.model_dump(),
         "codec": None,
         "secagg": None,
+        # drawn here from the OS CSPRNG, not derived from the round id: nobody can predict (and
+        # enrol identities to game) which of a selection's candidates it takes
+        "selection_seed": secrets.token_hex(32),
     }
     if dp_plan is not None:
         plan["dp"] = dp_plan.to_json()
@@ -326,7 +347,7 @@ def _open_round(session: Session, ctx: RoundContext, task: Task) -> Round | None
                 graph_seed=secrets.token_bytes(32),
                 degree=cfg.secagg.neighbours,
                 threshold=cfg.secagg.threshold,
-                min_devices=max(2, cfg.min_reports),
+                min_devices=max(MIN_DEVICES, cfg.min_reports),
                 dropout=cfg.secagg.design_dropout(cfg.over_selection),
             )
             plan["secagg"] = sec.model_dump(mode="json")
@@ -338,6 +359,7 @@ def _open_round(session: Session, ctx: RoundContext, task: Task) -> Round | None
 def _dp_metrics(dp: PrivacyPlan, codec: CodecParams) -> dict[str, Any]:
     return {
         "mode": dp.mode,
+        "adjacency": dp.adjacency,
         "noise_multiplier": dp.z,
         "sampling_rate": dp.q,
         "clip_norm": codec.clip_norm,
@@ -465,8 +487,10 @@ def _recent_durations(session: Session, ctx: RoundContext, rnd: Round) -> tuple[
     return got
 
 
-def plan_for(session: Session, ctx: RoundContext, rnd: Round, base_url: str) -> RoundPlan:
-    """The device-facing plan of a round (URLs relative to ``base_url``)."""
+def plan_for(session: Session, ctx: RoundContext, rnd: Round) -> RoundPlan:
+    """The device-facing plan of a round. Artifact URLs are paths (``/v1/...``): a device joins
+    them to the coordinator origin it was configured with, so neither a request's ``Host``
+    header nor a TLS-terminating proxy can make it send its token anywhere else."""
     p = rnd.plan
     bundle = ctx.store.bundle(p["bundle_dir"])
     tar = ctx.store.bundle_tarball(p["bundle_dir"])
@@ -478,7 +502,7 @@ def plan_for(session: Session, ctx: RoundContext, rnd: Round, base_url: str) -> 
     predict = None
     if mv.predict_file and mv.predict_sha256:
         predict = ArtifactRef(
-            url=f"{base_url}/v1/tasks/{task}/versions/{version}/predict.pte",
+            url=f"{API_PREFIX}/tasks/{task}/versions/{version}/predict.pte",
             sha256=mv.predict_sha256,
             size=ctx.store.path(mv.predict_file).stat().st_size,
         )
@@ -494,12 +518,12 @@ def plan_for(session: Session, ctx: RoundContext, rnd: Round, base_url: str) -> 
         kind=rnd.kind,
         model_version=version,
         bundle=ArtifactRef(
-            url=f"{base_url}/v1/bundles/{p['bundle_dir']}.tar",
+            url=f"{API_PREFIX}/bundles/{p['bundle_dir']}.tar",
             sha256=ctx.store.sha256_of(tar),
             size=tar.stat().st_size,
         ),
         weights=ArtifactRef(
-            url=f"{base_url}/v1/tasks/{task}/versions/{version}/weights",
+            url=f"{API_PREFIX}/tasks/{task}/versions/{version}/weights",
             sha256=p["weights_sha256"],
             size=4 * bundle.manifest.train.layout.size,
         ),
@@ -716,7 +740,13 @@ def _join_pool(
         or 0
     )
     if pool >= math.ceil(view.selection_target * cfg.selection_pool):
-        advance(session, ctx, view.round_id, wait=False)
+        try:
+            with session.begin_nested():  # a failing close must not cost this device its check-in
+                advance(session, ctx, view.round_id, wait=False)
+        except RETRYABLE:
+            raise
+        except Exception:  # the ticker's close of the same selection fails the round with it
+            log.exception("round %d: closing the selection failed", view.round_id)
         if session.get(Participant, (view.round_id, device_id)) is not None:
             return CheckinResponse(
                 action="evaluate" if view.kind == "evaluate" else "train",
@@ -791,6 +821,25 @@ def _participants(session: Session, round_id: int) -> list[Participant]:
     )
 
 
+def _refuse(session: Session, rnd: Round, refused: dict[str, str]) -> None:
+    """Drop devices whose stored message failed its check when the stage closed (device ->
+    reason): they lose this round, the round goes on without them (recorded per stage)."""
+    if not refused:
+        return
+    session.execute(
+        update(Participant)
+        .where(Participant.round_id == rnd.id, Participant.device_id.in_(list(refused)))
+        .values(stage=DROPPED)
+    )
+    record = dict(rnd.metrics.get("refused", {}))
+    record[rnd.stage] = {**record.get(rnd.stage, {}), **{d: r[:200] for d, r in refused.items()}}
+    rnd.metrics = {**rnd.metrics, "refused": record}
+    for device, reason in refused.items():
+        log_event(
+            log, "message refused at stage close", round=rnd.id, stage=rnd.stage, device=device, reason=reason
+        )
+
+
 def _drop_missing(session: Session, rnd: Round, keep: set[str]) -> None:
     """Every live participant of the round not in ``keep`` is dropped (counted per stage)."""
     stmt = update(Participant).where(Participant.round_id == rnd.id, Participant.stage != DROPPED)
@@ -811,7 +860,7 @@ def _close_selection(session: Session, ctx: RoundContext, rnd: Round, task: Task
     rows = session.execute(
         select(Candidate, Device)
         .join(Device, Device.id == Candidate.device_id)
-        .where(Candidate.round_id == rnd.id)
+        .where(Candidate.round_id == rnd.id, Device.revoked_at.is_(None))  # revoked since it joined
     ).all()
     need = rnd.plan["min_reports"]
     if len(rows) < need:
@@ -823,7 +872,7 @@ def _close_selection(session: Session, ctx: RoundContext, rnd: Round, task: Task
                 f"only {len(rows)} eligible devices checked in; the round needs {need}",
             )
         return
-    seed = hashlib.sha256(f"{rnd.id}".encode()).digest()
+    seed = bytes.fromhex(rnd.plan.get("selection_seed") or secrets.token_hex(32))
     cands = [
         SelectionCandidate(
             device_id=dev.id,
@@ -923,7 +972,40 @@ def close_if_complete(
     Devices call it after their message committed (``wait=False``: whoever holds the round's
     lock is closing the stage, or the ticker will), the ticker for every open round. A cheap
     read first, without locks: uploads hold the round in share mode, and taking it exclusively
-    every tick would stall them for nothing."""
+    every tick would stall them for nothing.
+
+    A stage close that raises anything but a busy database (which the next tick retries) fails
+    the round with the error as its reason (:func:`fail_after_error`): a round is never left
+    open to fail the same way at every tick, which would keep its task from opening another."""
+    try:
+        moved = _close_if_complete(factory, ctx, round_id, wait=wait)
+    except RETRYABLE:
+        raise
+    except Exception as e:
+        moved = fail_after_error(factory, ctx, round_id, e)
+    if moved:  # committed: this worker's long polls hear of it at their next tick
+        ctx._views = None
+    return moved
+
+
+def fail_after_error(
+    factory: Callable[[], Session], ctx: RoundContext, round_id: int, error: Exception
+) -> bool:
+    """Fail an open round in a transaction of its own after ``error`` broke its stage close or
+    aggregation (logged with its traceback: it is a bug or damaged state, not a device's
+    message, which stage closes refuse one device at a time). True if the round was failed."""
+    log.exception("round %d: failing it after an unexpected error", round_id, exc_info=error)
+    with factory() as session, session.begin():
+        rnd = session.get(Round, round_id, with_for_update=True, populate_existing=True)
+        if rnd is None or rnd.stage == DONE:
+            return False
+        _fail(session, ctx, rnd, f"internal error at stage {rnd.stage}: {type(error).__name__}: {error}")
+    return True
+
+
+def _close_if_complete(
+    factory: Callable[[], Session], ctx: RoundContext, round_id: int, *, wait: bool
+) -> bool:
     with factory() as session, session.begin():
         rnd = session.get(Round, round_id)
         if rnd is None or rnd.stage in (DONE, AGGREGATING):
@@ -952,10 +1034,7 @@ def close_if_complete(
                     ctx.now(),
                 )
             )
-        moved = due and advance(session, ctx, round_id, wait=wait)
-    if moved:  # committed: this worker's long polls hear of it at their next tick
-        ctx._views = None
-    return moved
+        return due and advance(session, ctx, round_id, wait=wait)
 
 
 def advance(session: Session, ctx: RoundContext, round_id: int, *, wait: bool = True) -> bool:
@@ -1008,25 +1087,42 @@ def advance(session: Session, ctx: RoundContext, round_id: int, *, wait: bool = 
         ):
             return False
         elif stage == Stage.ADVERTISE_KEYS:
-            done = [p for p in live if p.stage == Stage.ADVERTISE_KEYS]
-            if len(done) < max(2, rnd.plan["min_reports"]):
+            server = SecAggServer.from_bytes(_need(rnd.secagg_state))
+            refused: dict[str, str] = {}
+            done = []
+            for p in live:  # replay the stage's messages, kept in the participants' rows
+                if p.stage != Stage.ADVERTISE_KEYS:
+                    continue
+                try:
+                    server.add_advertisement(_advertisement(rnd, p))
+                except (SecAggError, ValueError) as e:  # checked on arrival: only a changed rule
+                    refused[p.device_id] = str(e)
+                else:
+                    done.append(p)
+            _refuse(session, rnd, refused)
+            if len(done) < max(MIN_DEVICES, rnd.plan["min_reports"]):
                 _fail(session, ctx, rnd, f"only {len(done)} devices advertised keys")
                 return True
-            server = SecAggServer.from_bytes(_need(rnd.secagg_state))
-            for p in done:  # replay the stage's messages, kept in the participants' rows
-                server.add_advertisement(_advertisement(rnd, p))
             server.close_advertise()
             _drop_missing(session, rnd, {p.device_id for p in done})
             rnd.secagg_state = server.to_bytes()
             _set_stage(ctx, rnd, Stage.SHARE_KEYS, d.share)
         elif stage == Stage.SHARE_KEYS:
             server = SecAggServer.from_bytes(_need(rnd.secagg_state))
-            for blob in session.scalars(  # replay the stage's messages in one query
-                select(Participant.secagg_msg).where(
+            refused = {}
+            for device_id, blob in session.execute(  # replay the stage's messages in one query
+                select(Participant.device_id, Participant.secagg_msg).where(
                     Participant.round_id == rnd.id, Participant.stage == Stage.SHARE_KEYS
                 )
-            ):
-                server.add_share_keys(ShareKeys.model_validate_json(_need(blob)))
+            ).tuples():
+                try:
+                    msg = ShareKeys.model_validate_json(_need(blob))
+                    if msg.sender != device_id:
+                        raise SecAggError(f"stored share-keys message names {msg.sender!r}")
+                    server.add_share_keys(msg)
+                except (SecAggError, ValueError) as e:
+                    refused[device_id] = str(e)
+            _refuse(session, rnd, refused)
             active = set(server.close_share_keys())
             _drop_missing(session, rnd, active)
             session.execute(update(Participant).where(Participant.round_id == rnd.id).values(secagg_msg=None))
@@ -1034,6 +1130,38 @@ def advance(session: Session, ctx: RoundContext, round_id: int, *, wait: bool = 
             _set_stage(ctx, rnd, Stage.MASKED_INPUT, d.upload)
         elif stage in (Stage.MASKED_INPUT, UPLOAD):
             uploaded = {p.device_id for p in live if p.stage in (Stage.MASKED_INPUT, UPLOAD)}
+            server = None
+            if stage == Stage.MASKED_INPUT:
+                # Uploads were checked whole when they arrived; one that fails now (a rule that
+                # changed under a stored upload, a damaged row) costs its device the round and
+                # nothing else: the sum is validated before anything is added into it.
+                server = SecAggServer.from_bytes(_need(rnd.secagg_state))
+                refused = {}
+                # first whom each uploader masked without: those neighbours' inputs stay out
+                for device_id, blob in session.execute(
+                    select(Participant.device_id, Participant.secagg_msg).where(
+                        Participant.round_id == rnd.id,
+                        Participant.stage == Stage.MASKED_INPUT,
+                        Participant.secagg_msg.is_not(None),
+                    )
+                ).tuples():
+                    try:
+                        server.record_omissions(device_id, _omissions(_need(blob)))
+                    except (SecAggError, ValueError) as e:
+                        refused[device_id] = str(e)
+                for u in server.accused & uploaded:
+                    refused[u] = "a neighbour could not use its share and masked without it"
+                for device_id, _, body in _uploads(session, rnd.id):  # streamed into one sum
+                    if device_id not in uploaded or device_id in refused:
+                        continue
+                    try:
+                        server.add_masked_update(device_id, body, layout_hash=rnd.plan["layout_hash"])
+                    except (WireError, SecAggError) as e:
+                        refused[device_id] = str(e)
+                missing = uploaded - set(server.survivors) - set(refused)
+                refused.update(dict.fromkeys(missing, "stored upload is missing"))
+                _refuse(session, rnd, refused)
+                uploaded -= set(refused)
             if len(uploaded) < rnd.plan["min_reports"]:
                 _fail(
                     session,
@@ -1046,20 +1174,16 @@ def advance(session: Session, ctx: RoundContext, round_id: int, *, wait: bool = 
             rnd.reported = len(uploaded)
             rnd.bytes_in = sum(p.upload_bytes for p in live if p.device_id in uploaded)
             charge(rnd)  # from here on the coordinator can compute the (noisy) sum
-            if stage == UPLOAD:
+            if server is None:
                 _set_stage(ctx, rnd, AGGREGATING, 0)
             else:
-                server = SecAggServer.from_bytes(_need(rnd.secagg_state))
-                added = 0
-                for device_id, _, body in _uploads(session, rnd.id):  # streamed into one sum
-                    server.add_masked_update(device_id, body, layout_hash=rnd.plan["layout_hash"])
-                    added += 1
-                if added != len(uploaded):
-                    raise SecAggError(f"{added} stored uploads for {len(uploaded)} uploaded devices")
                 request = server.close_masked_input()
                 rnd.plan = {**rnd.plan, "unmask": request.model_dump(mode="json")}
                 rnd.secagg_state = server.to_bytes()
                 session.execute(delete(RoundUpload).where(RoundUpload.round_id == rnd.id))
+                session.execute(
+                    update(Participant).where(Participant.round_id == rnd.id).values(secagg_msg=None)
+                )
                 _set_stage(ctx, rnd, Stage.UNMASK, d.unmask)
         elif stage == Stage.UNMASK:
             _set_stage(ctx, rnd, AGGREGATING, 0)
@@ -1071,6 +1195,14 @@ def advance(session: Session, ctx: RoundContext, round_id: int, *, wait: bool = 
         _fail(session, ctx, rnd, f"secure aggregation: {e}")
         return True
     return rnd.stage != stage
+
+
+def _omissions(blob: bytes) -> list[str]:
+    """A stored list of omitted neighbours (JSON, written by :func:`upload`)."""
+    got = json.loads(blob)
+    if not isinstance(got, list) or not all(isinstance(u, str) for u in got):
+        raise ValueError("stored omissions are not a list of device ids")
+    return got
 
 
 def _need(blob: bytes | None) -> bytes:
@@ -1270,6 +1402,43 @@ def inbound_shares(
     return _snapshot(ctx, rnd).masked_input_request(device.id)
 
 
+def expected_upload(session: Session, *, round_id: int, device_id: str) -> int | None:
+    """Bytes of the upload this device may send now, checked before its body is read: the
+    device must be a live participant of the round's upload stage (else the usual 403/409/410),
+    and the frame's size is fixed by the round's plan. None for a repeat (already in: the body
+    need not be read at all)."""
+    rnd, part = _round_and_participant(session, round_id, device_id)
+    if part.stage in (Stage.MASKED_INPUT, UPLOAD, Stage.UNMASK):
+        return None
+    if part.stage == DROPPED:
+        raise Gone(f"round {rnd.id} went on without this device")
+    if rnd.stage == DONE:
+        raise Gone(f"round {rnd.id} is over ({rnd.outcome})")
+    _expect(rnd, Stage.MASKED_INPUT, UPLOAD)
+    p = rnd.plan
+    if rnd.stage == Stage.MASKED_INPUT:
+        if part.stage != Stage.SHARE_KEYS:
+            raise Gone("device did not complete key sharing in time")
+        sec = _secagg_params(p)
+        assert sec is not None
+        return HEADER_SIZE + packed_size(sec.vector_length, sec.ring_bits)
+    codec = _codec_params(p)
+    if codec is None:
+        return HEADER_SIZE + 4 * int(p["dim"])
+    return HEADER_SIZE + packed_size(encoded_length(codec, int(p["dim"])), ring_bits(codec))
+
+
+def fail_round(session: Session, ctx: RoundContext, *, round_id: int, reason: str) -> Round:
+    """The admin ends an open round (any stage, aggregation included: its commit re-checks the
+    stage and gives up); the task opens its next round as usual. 409 if it is over already."""
+    rnd = _lock(session, round_id)
+    if rnd.stage == DONE:
+        raise StageConflict(f"round {round_id} is over already ({rnd.outcome})")
+    _fail(session, ctx, rnd, f"failed by the admin: {reason}")
+    ctx._views = None
+    return rnd
+
+
 def check_upload(
     session: Session, *, round_id: int, device_id: str, body: bytes, examples: int
 ) -> float | None:
@@ -1333,6 +1502,7 @@ def _decode_plain(rnd: Round, body: bytes) -> tuple[str, npt.NDArray[Any], npt.N
             expected_bits=ring_bits(codec),
             expected_length=encoded_length(codec, dim),
         )
+        check_update_norm(values, codec, dim)  # the server sees this update: it is checked alone
         return "ring", values, None
     raise WireError(f"update kind {header.kind.name} does not match this round's codec")
 
@@ -1345,8 +1515,12 @@ def upload(
     device_id: str,
     body: bytes,
     weight: float,
+    omitted: Sequence[str] = (),
 ) -> bool:
-    """Record a checked upload (appended: no shared row is rewritten). False for a repeat."""
+    """Record a checked upload (appended: no shared row is rewritten). False for a repeat.
+    ``omitted``: the neighbours a masked input was made without (unusable shares), checked
+    against the relayed shares and kept in the participant's message slot until the stage
+    closes (:func:`_close_masked_input`)."""
     rnd = _lock_shared(session, round_id)
     part = _my_part(session, rnd, device_id, lock=True)
     if part.stage in (Stage.MASKED_INPUT, UPLOAD, Stage.UNMASK):
@@ -1355,6 +1529,11 @@ def upload(
     secure = rnd.stage == Stage.MASKED_INPUT
     if secure and part.stage != Stage.SHARE_KEYS:
         raise Gone("device did not complete key sharing in time")
+    if omitted and not secure:
+        raise StageConflict("only a masked input names neighbours it masked without")
+    if secure:
+        omitted = _snapshot(ctx, rnd).check_omissions(device_id, omitted)
+        part.secagg_msg = json.dumps(list(omitted)).encode() if omitted else None
     # The round takes K updates. Uploads in flight at once on PostgreSQL (share locks) can
     # overshoot by a few, never beyond the selected devices that the ring's headroom covers.
     have = session.scalar(
@@ -1397,12 +1576,25 @@ def _uploads(session: Session, round_id: int) -> Iterator[tuple[str, float, byte
             yield device_id, weight, body
 
 
-def plain_sum(session: Session, rnd: Round) -> tuple[npt.NDArray[Any] | None, float, int]:
-    """The sum of a round's updates without secure aggregation: uint32 ring words for the
-    compressed codec (the ring width keeps the true sum below 2**k), else the weighted float64
-    sum; the summed weight and the number of updates. None for the vector when none arrived."""
+@dataclass(frozen=True)
+class PlainSum:
+    """The sum of a round's updates without secure aggregation."""
+
+    total: npt.NDArray[Any] | None
+    """uint32 ring words for the compressed codec (the ring width keeps the true sum below
+    2**k), else the weighted float64 sum; None when no update arrived."""
+    weight: float
+    count: int
+    clipped: int = 0
+    """Float updates the coordinator clipped to the task's clip norm."""
+
+
+def plain_sum(session: Session, rnd: Round, clip_norm: float) -> PlainSum:
+    """The sum of a round's updates without secure aggregation. Float updates (no codec, so no
+    clipping on the device) are clipped here to ``clip_norm``, the bound the codec applies on
+    devices: no single device moves the weighted mean further than that."""
     total: npt.NDArray[Any] | None = None
-    weight_sum, n = 0.0, 0
+    weight_sum, n, clipped = 0.0, 0, 0
     for _, weight, body in _uploads(session, rnd.id):
         kind, values, indices = _decode_plain(rnd, body)
         if kind == "ring":
@@ -1412,13 +1604,18 @@ def plain_sum(session: Session, rnd: Round) -> tuple[npt.NDArray[Any] | None, fl
         else:
             if total is None:
                 total = np.zeros(int(rnd.plan["dim"]), dtype=np.float64)
+            v = values.astype(np.float64)
+            norm = float(np.linalg.norm(v))
+            if norm > clip_norm:
+                v *= clip_norm / norm
+                clipped += 1
             if indices is None:
-                total += weight * values.astype(np.float64)
+                total += weight * v
             else:
-                np.add.at(total, indices, weight * values.astype(np.float64))
+                np.add.at(total, indices, weight * v)
         weight_sum += weight
         n += 1
-    return total, weight_sum, n
+    return PlainSum(total, weight_sum, n, clipped)
 
 
 def unmask_request(session: Session, *, round_id: int, device: Device) -> UnmaskRequest:

@@ -1,5 +1,5 @@
 """Artifact storage on disk: bundles, the flat weight vector of every model version, published
-``predict.pte`` programs, and compressed deltas between versions.
+``predict.pte`` programs, and compressed deltas between versions (a bounded cache).
 
 Files are written to a temporary name and renamed, so a crash never leaves a half file under a
 name the database points to. Weights are raw little-endian float32 (the layout's order).
@@ -7,11 +7,15 @@ name the database points to. Weights are raw little-endian float32 (the layout's
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
 import tempfile
+import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import numpy.typing as npt
@@ -20,9 +24,49 @@ from edge_client.bundle import Bundle, extract_bundle, load_bundle, pack_bundle
 from protocol.bundle import sha256_file
 from protocol.delta import xor_delta
 
-__all__ = ["ArtifactStore"]
+__all__ = ["ArtifactStore", "OpenDelta"]
 
 FloatVec = npt.NDArray[np.float32]
+
+
+_STALE_TEMP_SECONDS = 3600.0  # a temporary delta file this old belongs to no running write
+
+
+@dataclass(frozen=True)
+class OpenDelta:
+    """A cached delta open for reading (see :meth:`ArtifactStore.open_delta`)."""
+
+    file: BinaryIO
+    size: int
+    sha256: str
+
+
+def _write_open(path: Path, data: bytes) -> BinaryIO:
+    """Write ``data`` to a temporary file, open it for reading, then rename it to ``path``:
+    the reader holds the file before anyone else can see (or evict) it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        reader = open(tmp, "rb")  # noqa: SIM115 - the caller closes it
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return reader
+
+
+def _sha256_open(f: BinaryIO) -> str:
+    """sha256 of an open file's whole content, read with ``pread`` (the offset is untouched)."""
+    h = hashlib.sha256()
+    offset = 0
+    while chunk := os.pread(f.fileno(), 1 << 20, offset):
+        h.update(chunk)
+        offset += len(chunk)
+    return h.hexdigest()
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -123,12 +167,69 @@ class ArtifactStore:
     def delta_path(self, task: str, version: int, base: int) -> Path:
         return self.root / "weights" / task / f"v{version}-from-v{base}.xdelta"
 
-    def delta(self, task: str, version: int, base: int, new_file: str, base_file: str) -> Path:
-        """The compressed delta from ``base`` to ``version`` (computed once, then cached)."""
+    def open_delta(
+        self,
+        task: str,
+        version: int,
+        base: int,
+        new_file: str,
+        base_file: str,
+        *,
+        max_files: int,
+        max_bytes: int,
+    ) -> OpenDelta:
+        """The compressed delta from ``base`` to ``version``, open for reading: computed on
+        first use, then cached on disk, with at most ``max_files`` deltas and ``max_bytes``
+        bytes of them kept (the least recently served go first).
+
+        The answer is served from the returned descriptor, opened before any other request
+        could evict the file (a new delta is opened under its temporary name, then renamed into
+        place), so eviction by this or any other worker only removes names: a response that is
+        streaming never loses its file. The caller closes the file."""
         path = self.delta_path(task, version, base)
-        if not path.exists():
-            _atomic_write(path, xor_delta(self.load_weights(new_file), self.load_weights(base_file)))
-        return path
+        f: BinaryIO
+        try:
+            f = path.open("rb")
+        except FileNotFoundError:
+            data = xor_delta(self.load_weights(new_file), self.load_weights(base_file))
+            f = _write_open(path, data)
+            size = len(data)
+            self._hashes[(str(path), size)] = hashlib.sha256(data).hexdigest()
+            del data
+            self.evict_deltas(max_files=max_files, max_bytes=max_bytes)
+        else:
+            with contextlib.suppress(FileNotFoundError):  # evicted meanwhile: served all the same
+                os.utime(path)  # recently served: evicted last
+            size = os.fstat(f.fileno()).st_size
+        digest = self._hashes.get((str(path), size))
+        if digest is None:
+            digest = self._hashes[(str(path), size)] = _sha256_open(f)
+        return OpenDelta(f, size, digest)
+
+    def evict_deltas(self, *, max_files: int, max_bytes: int) -> int:
+        """Remove the least recently served deltas (by mtime) until at most ``max_files`` of
+        them and ``max_bytes`` bytes remain, and temporary files a crash left behind; returns
+        how many deltas went. Workers evicting at once may remove a file twice (harmless)."""
+        found: list[tuple[int, int, Path]] = []
+        now = time.time()
+        for p in (self.root / "weights").glob("*/*xdelta*"):
+            try:
+                st = p.stat()
+            except FileNotFoundError:
+                continue
+            if p.name.endswith(".xdelta"):
+                found.append((st.st_mtime_ns, st.st_size, p))
+            elif p.name.startswith(".") and now - st.st_mtime > _STALE_TEMP_SECONDS:
+                p.unlink(missing_ok=True)  # a write that never finished
+        found.sort()  # oldest first
+        count, total, removed = len(found), sum(size for _, size, _ in found), 0
+        for _, size, p in found:
+            if count <= max_files and total <= max_bytes:
+                break
+            p.unlink(missing_ok=True)
+            self._hashes.pop((str(p), size), None)
+            count, total, removed = count - 1, total - size, removed + 1
+        return removed
 
     def path(self, relative: str) -> Path:
         return self.root / relative

@@ -171,32 +171,42 @@ def rollback(session: Session, *, name: str, version: int) -> ModelVersion:
     return mv
 
 
+def round_public(r: Round) -> RoundPublic:
+    return RoundPublic(
+        id=r.id,
+        number=r.number,
+        kind=r.kind,
+        stage=r.stage,
+        outcome=r.outcome,
+        failure_reason=r.failure_reason,
+        base_version=r.base_version,
+        new_version=r.new_version,
+        selection_target=r.selection_target,
+        selected=r.selected,
+        reported=r.reported,
+        bytes_in=r.bytes_in,
+        bytes_out=r.bytes_out,
+        created_at=r.created_at,
+        finished_at=r.finished_at,
+        metrics=r.metrics,
+    )
+
+
 def list_rounds(session: Session, *, name: str, limit: int = 100) -> list[RoundPublic]:
     task = get_task(session, name)
     rounds = session.scalars(
         select(Round).where(Round.task_id == task.id).order_by(Round.number.desc()).limit(limit)
     ).all()
-    return [
-        RoundPublic(
-            id=r.id,
-            number=r.number,
-            kind=r.kind,
-            stage=r.stage,
-            outcome=r.outcome,
-            failure_reason=r.failure_reason,
-            base_version=r.base_version,
-            new_version=r.new_version,
-            selection_target=r.selection_target,
-            selected=r.selected,
-            reported=r.reported,
-            bytes_in=r.bytes_in,
-            bytes_out=r.bytes_out,
-            created_at=r.created_at,
-            finished_at=r.finished_at,
-            metrics=r.metrics,
-        )
-        for r in rounds
-    ]
+    return [round_public(r) for r in rounds]
+
+
+def task_round(session: Session, *, name: str, round_id: int) -> Round:
+    """Round ``round_id`` of task ``name`` (404 if the task has no such round)."""
+    task = get_task(session, name)
+    rnd = session.get(Round, round_id)
+    if rnd is None or rnd.task_id != task.id:
+        raise NotFound(f"task {name!r} has no round {round_id}")
+    return rnd
 
 
 def list_versions(session: Session, *, name: str) -> list[VersionPublic]:

@@ -19,6 +19,7 @@ retried roster), not every device's keys.
 from __future__ import annotations
 
 import hashlib
+import logging
 import secrets
 import struct
 from collections.abc import Callable, Sequence
@@ -31,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from protocol._encoding import B64Bytes, Bytes32
 from protocol.secagg import crypto, shamir
 from protocol.secagg.common import (
+    MIN_THRESHOLD,
     SecAggError,
     StageError,
     check_ring_vector,
@@ -52,6 +54,8 @@ from protocol.wire import (
 )
 
 __all__ = ["SecAggClient"]
+
+log = logging.getLogger(__name__)
 
 RandomBytes = Callable[[int], bytes]
 
@@ -87,6 +91,8 @@ class _ClientState(BaseModel):
     """The device's own share of its secrets (only the self-mask one is ever revealed)."""
     held: dict[str, _HeldShares] = Field(default_factory=dict)
     """Shares received from neighbours (owner -> shares), set in the masked-input stage."""
+    omitted: list[str] = Field(default_factory=list)
+    """Neighbours whose relayed share was unusable: not masked with (told to the server)."""
     unmask_request: UnmaskRequest | None = None
     unmask_response: UnmaskResponse | None = None
     revealed: dict[str, Literal["self_mask", "key"]] = Field(default_factory=dict)
@@ -103,6 +109,14 @@ def _roster_digest(roster: ShareKeysRequest) -> bytes:
     return h.digest()
 
 
+def _share_digests(round_id: int, owner: str, holder: str, x: int, b: bytes, k: bytes) -> tuple[bytes, bytes]:
+    """The digests of the two share values ``owner`` gives ``holder`` (see EncryptedShare)."""
+    return (
+        crypto.share_digest(round_id, owner, holder, x, crypto.SHARE_SELF_MASK, b),
+        crypto.share_digest(round_id, owner, holder, x, crypto.SHARE_KEY, k),
+    )
+
+
 class SecAggClient:
     """One device in one secure-aggregation round (Bonawitz et al. 2017, SecAgg+ graph).
 
@@ -117,6 +131,8 @@ class SecAggClient:
         *,
         random_bytes: RandomBytes = secrets.token_bytes,
     ) -> None:
+        if params.threshold is not None and params.threshold < MIN_THRESHOLD:
+            raise SecAggError(f"the plan's threshold {params.threshold} is below the minimum {MIN_THRESHOLD}")
         self._random = random_bytes
         self._s = _ClientState(
             device=device,
@@ -238,6 +254,12 @@ class SecAggClient:
         self._positions = None
         neighbours = sorted(neighbours_of(me, ids, p.graph_seed, degree))
         entries = {v: roster.devices[self._index(v) - 1] for v in neighbours}
+        for v, a in entries.items():  # the coordinator should have refused these already
+            for key in (a.cipher_public_key, a.mask_public_key):
+                try:
+                    crypto.check_public_key(key)
+                except ValueError as e:
+                    raise SecAggError(f"the roster carries an invalid key of {v!r}: {e}") from None
         self._s.neighbours = neighbours
         self._s.mask_public_keys = {v: entries[v].mask_public_key for v in neighbours}
 
@@ -260,6 +282,7 @@ class SecAggClient:
                 self_mask_share=shamir.share_to_bytes(yb),
                 key_share=shamir.share_to_bytes(yk),
             )
+            digests = _share_digests(p.round_id, me, v, x, plain.self_mask_share, plain.key_share)
             key = self._pair_key(crypto.PURPOSE_ENCRYPT, v, entries[v].cipher_public_key)
             self._s.cipher_keys[v] = key
             nonce = self._random(crypto.NONCE_BYTES)
@@ -271,11 +294,23 @@ class SecAggClient:
                 sender=me,
                 recipient=v,
             )
-            out.append(EncryptedShare(sender=me, recipient=v, nonce=nonce, ciphertext=ct))
+            out.append(
+                EncryptedShare(
+                    sender=me,
+                    recipient=v,
+                    nonce=nonce,
+                    ciphertext=ct,
+                    self_mask_digest=digests[0],
+                    key_digest=digests[1],
+                )
+            )
         response = ShareKeys(
             round_id=p.round_id,
             sender=me,
             self_mask_commitment=crypto.mask_commitment(p.round_id, me, self._s.self_mask_seed),
+            own_share_digest=crypto.share_digest(
+                p.round_id, me, me, self._index(me), crypto.SHARE_SELF_MASK, self._s.own_share.self_mask_share
+            ),
             shares=tuple(out),
         )
         self._s.share_keys_response = response
@@ -310,46 +345,72 @@ class SecAggClient:
         _, threshold = resolve_graph(p, len(self._s.roster_ids))
 
         neighbours = set(self._s.neighbours)
+        relayed: set[str] = set()
+        omitted: list[str] = []
         held: dict[str, _HeldShares] = {}
-        my_x = self._index(me)
         for enc in received:
             if enc.recipient != me:
                 raise SecAggError(f"share addressed to {enc.recipient!r}, not {me!r}")
             if enc.sender not in neighbours:
                 raise SecAggError(f"share from {enc.sender!r}, which is not a neighbour")
-            if enc.sender in held:
+            if enc.sender in relayed:
                 raise SecAggError(f"two shares from {enc.sender!r}")
-            key = self._s.cipher_keys[enc.sender]
-            raw = crypto.decrypt_share(
-                key, enc.nonce, enc.ciphertext, round_id=p.round_id, sender=enc.sender, recipient=me
-            )
+            relayed.add(enc.sender)
             try:
-                plain = SharePlaintext.model_validate_json(raw)
-            except ValidationError as e:
-                raise SecAggError(f"undecodable share bundle from {enc.sender!r}") from e
-            if (plain.round_id, plain.sender, plain.recipient, plain.x) != (
-                p.round_id,
-                enc.sender,
-                me,
-                my_x,
-            ):
-                raise SecAggError(f"share bundle from {enc.sender!r} has wrong metadata")
-            held[enc.sender] = _HeldShares(self_mask_share=plain.self_mask_share, key_share=plain.key_share)
-        if len(held) < threshold - 1:  # with its own share, t - 1 could still unmask it
+                held[enc.sender] = self._open_share(enc)
+            except SecAggError as e:
+                # Treated as if the sender had dropped before sharing: no mask with it, nothing of
+                # it held. The server learns whom this device omitted with its upload and drops
+                # the sender (its input could not be unmasked against this one's).
+                log.warning("round %d: omitting %r, whose share is unusable: %s", p.round_id, enc.sender, e)
+                omitted.append(enc.sender)
+        if len(held) < max(threshold - 1, 1):  # with its own share, t - 1 could still unmask it
             raise SecAggError(
-                f"only {len(held)} neighbours of {me!r} completed key sharing; the threshold is {threshold}"
+                f"only {len(held)} neighbours of {me!r} completed key sharing with usable shares; "
+                f"the threshold is {threshold}"
             )
 
         plus: list[bytes] = [self._s.self_mask_seed]
         minus: list[bytes] = []
+        my_x = self._index(me)
         for v in sorted(held):
             seed = self._pair_key(crypto.PURPOSE_MASK, v, self._s.mask_public_keys[v])
             (plus if my_x < self._index(v) else minus).append(seed)
         in_place = overwrite and isinstance(x, np.ndarray) and x.dtype == np.uint32 and x.flags.writeable
         out = crypto.masked_vector(x, plus, minus, p.ring_bits, out=x if in_place else None)
         self._s.held = held
+        self._s.omitted = sorted(omitted)
         self._s.stage = Stage.UNMASK
         return out
+
+    def _open_share(self, enc: EncryptedShare) -> _HeldShares:
+        """Decrypt and check one relayed share bundle (metadata and the sender's digests)."""
+        p = self._s.params
+        me = self._s.device
+        try:
+            raw = crypto.decrypt_share(
+                self._s.cipher_keys[enc.sender],
+                enc.nonce,
+                enc.ciphertext,
+                round_id=p.round_id,
+                sender=enc.sender,
+                recipient=me,
+            )
+            plain = SharePlaintext.model_validate_json(raw)
+        except (crypto.DecryptionError, ValidationError) as e:
+            raise SecAggError(f"undecryptable share bundle: {e}") from None
+        my_x = self._index(me)
+        if (plain.round_id, plain.sender, plain.recipient, plain.x) != (p.round_id, enc.sender, me, my_x):
+            raise SecAggError("share bundle has wrong metadata")
+        want = _share_digests(p.round_id, enc.sender, me, my_x, plain.self_mask_share, plain.key_share)
+        if want != (enc.self_mask_digest, enc.key_digest):
+            raise SecAggError("share bundle does not match the sender's digests")
+        return _HeldShares(self_mask_share=plain.self_mask_share, key_share=plain.key_share)
+
+    @property
+    def omitted(self) -> list[str]:
+        """Neighbours this device masked without (unusable shares): sent with its upload."""
+        return list(self._s.omitted)
 
     # -- stage 4 ---------------------------------------------------------------------------
 

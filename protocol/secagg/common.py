@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -12,11 +13,15 @@ from protocol.secagg.graph import GraphError, default_threshold, resolve_degree
 from protocol.wire import SecAggParams, Stage
 
 __all__ = [
+    "MIN_DEVICES",
+    "MIN_THRESHOLD",
     "DuplicateInputError",
     "SecAggError",
     "StageError",
     "UnrecoverableError",
+    "check_graph",
     "check_ring_vector",
+    "minimum_degree",
     "resolve_graph",
     "secagg_params_for",
 ]
@@ -77,8 +82,43 @@ def secagg_params_for(
     )
 
 
+# Safety floors, enforced by the coordinator and independently by every device (a device never
+# trusts the plan for them). With t = 1 a device's own share *is* its self-mask seed: a server
+# that relays no shares would unmask its input alone. A threshold of at most half the
+# neighbourhood lets two disjoint groups of neighbours each reconstruct a secret, so one
+# could get the self-mask seed and the other the mask key of the same device (Bonawitz et al.
+# 2017 need t > n/2 for that reason; Bell et al. 2020 per neighbourhood).
+MIN_THRESHOLD = 2
+MIN_DEVICES = 3
+"""Fewest devices in a secure sum: with two, each learns the other's input from the sum."""
+
+
+def minimum_degree(n: int) -> int:
+    """Fewest neighbours a device may mask with among ``n``: ``ceil(log2 n)`` (half the default
+    degree, Bell et al.'s O(log n) regime), or everyone else when ``n`` is smaller."""
+    return min(n - 1, max(MIN_THRESHOLD, math.ceil(math.log2(max(n, 2)))))
+
+
+def check_graph(n: int, degree: int, threshold: int) -> None:
+    """Refuse (:class:`SecAggError`) a graph below the safety floors: at least
+    :data:`MIN_DEVICES` devices, ``degree >= minimum_degree(n)``, ``threshold >= 2``,
+    ``2 * threshold > degree`` (a strict majority of the neighbourhood) and
+    ``threshold <= degree`` (a dropped device's key must stay recoverable from neighbours)."""
+    if n < MIN_DEVICES:
+        raise SecAggError(f"secure aggregation needs at least {MIN_DEVICES} devices, got {n}")
+    if degree < minimum_degree(n):
+        raise SecAggError(f"degree {degree} is below the minimum {minimum_degree(n)} for {n} devices")
+    if threshold < MIN_THRESHOLD:
+        raise SecAggError(f"threshold {threshold} is below the minimum {MIN_THRESHOLD}")
+    if 2 * threshold <= degree:
+        raise SecAggError(f"threshold {threshold} is not a strict majority of {degree} neighbours")
+    if threshold > degree:
+        raise SecAggError(f"threshold {threshold} exceeds the neighbourhood size {degree} for {n} devices")
+
+
 def resolve_graph(params: SecAggParams, n: int) -> tuple[int, int]:
-    """``(degree, threshold)`` for ``n`` devices under ``params`` (same on every side)."""
+    """``(degree, threshold)`` for ``n`` devices under ``params`` (same on every side),
+    checked against the safety floors (:func:`check_graph`)."""
     if n < params.min_devices:
         raise SecAggError(f"{n} devices advertised keys, the round needs {params.min_devices}")
     try:
@@ -86,8 +126,7 @@ def resolve_graph(params: SecAggParams, n: int) -> tuple[int, int]:
     except GraphError as e:
         raise SecAggError(str(e)) from e
     threshold = params.threshold if params.threshold is not None else default_threshold(degree)
-    if threshold > degree:
-        raise SecAggError(f"threshold {threshold} exceeds the neighbourhood size {degree} for {n} devices")
+    check_graph(n, degree, threshold)
     return degree, threshold
 
 

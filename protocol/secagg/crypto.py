@@ -44,9 +44,12 @@ __all__ = [
     "NONCE_BYTES",
     "PURPOSE_ENCRYPT",
     "PURPOSE_MASK",
+    "SHARE_KEY",
+    "SHARE_SELF_MASK",
     "DecryptionError",
     "KeyPair",
     "apply_masks",
+    "check_public_key",
     "decrypt_share",
     "derive_pair_key",
     "encrypt_share",
@@ -59,6 +62,7 @@ __all__ = [
     "public_from_private",
     "ring_dtype",
     "share_associated_data",
+    "share_digest",
 ]
 
 KEY_BYTES = 32
@@ -66,6 +70,8 @@ PRG_KEY_BYTES = 16  # AES-128: the PRG keys with the first 16 bytes of a seed
 NONCE_BYTES = 12
 PURPOSE_ENCRYPT = b"share-encryption"
 PURPOSE_MASK = b"pairwise-mask"
+SHARE_SELF_MASK = b"self-mask"  # the two secrets a device Shamir-shares (share_digest kinds)
+SHARE_KEY = b"key"
 _LABEL = b"fedkeys/secagg/v1/"
 _CHUNK_BYTES = 1 << 18  # PRG chunk: stays in L2 while it is added
 
@@ -139,6 +145,23 @@ def derive_pair_key(
     return HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=None, info=info).derive(shared)
 
 
+_PROBE = X25519PrivateKey.from_private_bytes(hashlib.sha256(_LABEL + b"public-key-probe").digest())
+
+
+def check_public_key(raw: bytes) -> None:
+    """Refuse (``ValueError``) an X25519 public key that is not 32 bytes or is a low-order
+    point. Curve25519 scalars are multiples of the cofactor 8, so a low-order point gives the
+    all-zero shared secret with *every* private key: one exchange with a fixed probe key finds
+    it (``cryptography``/OpenSSL refuse the all-zero result). With such a key a device's
+    pairwise masks would be known to anyone (the HKDF input is a constant)."""
+    if len(raw) != KEY_BYTES:
+        raise ValueError(f"X25519 public key must have {KEY_BYTES} bytes, got {len(raw)}")
+    try:
+        _PROBE.exchange(X25519PublicKey.from_public_bytes(raw))
+    except ValueError as e:
+        raise ValueError("low-order X25519 public key") from e
+
+
 def share_associated_data(round_id: int, sender: str, recipient: str) -> bytes:
     """AES-GCM associated data of a share ciphertext (direction matters: not sorted)."""
     s, r = sender.encode(), recipient.encode()
@@ -175,6 +198,20 @@ def mask_commitment(round_id: int, device: str, seed: bytes) -> bytes:
     return hashlib.sha256(
         _LABEL + b"self-mask/" + struct.pack(">QH", round_id, len(raw)) + raw + seed
     ).digest()
+
+
+def share_digest(round_id: int, owner: str, holder: str, x: int, kind: bytes, value: bytes) -> bytes:
+    """SHA-256 commitment to one Shamir share value of ``owner``'s secret ``kind``
+    (:data:`SHARE_SELF_MASK` or :data:`SHARE_KEY`) held by ``holder`` at point ``x``.
+
+    The owner publishes these digests with its encrypted shares (and one for its own share), so
+    that the server can check every share a device reveals in the unmask stage and leave out a
+    device that reveals a wrong one, instead of reconstructing a wrong secret from it. A share
+    is a uniformly random field element of the owner's fresh polynomial (at most ``t - 1`` of
+    them are ever revealed per secret), so its digest hides it."""
+    o, h = owner.encode(), holder.encode()
+    head = _LABEL + b"share-digest/" + kind + b"/" + struct.pack(">QIH", round_id, x, len(o)) + o
+    return hashlib.sha256(head + struct.pack(">H", len(h)) + h + value).digest()
 
 
 def ring_dtype(bits: int) -> np.dtype[Any]:

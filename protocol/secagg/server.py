@@ -72,6 +72,8 @@ class _ServerState(BaseModel):
     roster: ShareKeysRequest | None = None
     commitments: dict[str, Bytes32] = Field(default_factory=dict)
     """Devices that completed stage 2 (U2) -> their self-mask commitments."""
+    own_digests: dict[str, Bytes32] = Field(default_factory=dict)
+    """Devices in U2 -> the digest of the self-mask share each keeps for itself."""
     excluded: list[str] = Field(default_factory=list)
     """Devices that shared keys but had fewer than t - 1 neighbours that did: left out."""
     mailbox: dict[str, list[EncryptedShare]] = Field(default_factory=dict)
@@ -79,8 +81,13 @@ class _ServerState(BaseModel):
     share_messages: dict[str, ShareKeys] = Field(default_factory=dict)
     inputs: list[str] = Field(default_factory=list)
     """Devices whose masked input is in the running sum (U3), in arrival order."""
+    omissions: dict[str, list[str]] = Field(default_factory=dict)
+    """Device -> neighbours whose relayed share it could not use (undecryptable, or not what
+    their digests say): it masked without them. Each one is dropped from the round."""
     unmask_request: UnmaskRequest | None = None
     responses: dict[str, UnmaskResponse] = Field(default_factory=dict)
+    refused: list[str] = Field(default_factory=list)
+    """Survivors whose unmask response failed its checks at reconstruction: left out of it."""
 
 
 class SecAggServer:
@@ -115,6 +122,11 @@ class SecAggServer:
     @property
     def excluded(self) -> list[str]:
         return list(self._s.excluded)
+
+    @property
+    def refused(self) -> list[str]:
+        """Survivors whose unmask response was left out of the reconstruction."""
+        return list(self._s.refused)
 
     def has_masked_input(self, device: str) -> bool:
         return device in self._s.inputs
@@ -198,6 +210,11 @@ class SecAggServer:
             raise DuplicateInputError(f"{msg.device!r} already advertised different keys")
         if msg.cipher_public_key == msg.mask_public_key:
             raise SecAggError(f"{msg.device!r} advertised the same key twice")
+        for key in (msg.cipher_public_key, msg.mask_public_key):
+            try:
+                crypto.check_public_key(key)
+            except ValueError as e:
+                raise SecAggError(f"{msg.device!r} advertised an invalid key: {e}") from None
         return True
 
     def add_advertisement(self, msg: AdvertiseKeys) -> None:
@@ -250,6 +267,7 @@ class SecAggServer:
         if self.check_share_keys(msg):
             self._s.share_messages[msg.sender] = msg
             self._s.commitments[msg.sender] = msg.self_mask_commitment
+            self._s.own_digests[msg.sender] = msg.own_share_digest
 
     def close_share_keys(self) -> list[str]:
         """End stage 2. Devices with fewer than ``t - 1`` neighbours that shared keys are
@@ -273,6 +291,7 @@ class SecAggServer:
         self._s.excluded = sorted(set(self._s.share_messages) - active)
         for u in self._s.excluded:
             del self._s.commitments[u]
+            del self._s.own_digests[u]
         mailbox: dict[str, list[EncryptedShare]] = {v: [] for v in sorted(active)}
         for u in sorted(active):
             for share in self._s.share_messages[u].shares:
@@ -296,6 +315,39 @@ class SecAggServer:
             shares=tuple(self._s.mailbox[device]),
         )
 
+    def check_omissions(self, device: str, omitted: Iterable[str]) -> list[str]:
+        """Validate the neighbours ``device`` says it did not mask with (their shares were
+        unusable): only devices whose share was relayed to it. Sorted, without repeats."""
+        self._expect(Stage.MASKED_INPUT, "check_omissions")
+        if device not in self._s.mailbox:
+            raise SecAggError(f"{device!r} may not send a masked input in this round")
+        senders = {e.sender for e in self._s.mailbox[device]}
+        out = sorted(set(omitted))
+        strange = [u for u in out if u not in senders]
+        if strange:
+            raise SecAggError(f"{device!r} omits {strange[:5]}, whose shares were never relayed to it")
+        return out
+
+    def record_omissions(self, device: str, omitted: Iterable[str]) -> None:
+        """Record whom ``device`` masked without (:meth:`check_omissions`). Call it for every
+        uploader before adding inputs: an omitted device is dropped from the round (its pairwise
+        mask with the omitter is missing), so its input must not go into the sum
+        (:attr:`accused`); its masks with everyone else are removed like a dropped device's."""
+        out = self.check_omissions(device, omitted)
+        late = sorted(set(out) & set(self._s.inputs))
+        if late:
+            raise SecAggError(f"omissions must be recorded before inputs: {late[:5]} already added")
+        if out:
+            self._s.omissions[device] = out
+
+    @property
+    def accused(self) -> set[str]:
+        """Devices some uploader masked without: they are dropped from the round."""
+        return {u for us in self._s.omissions.values() for u in us}
+
+    def _omitted_by(self, owner: str) -> set[str]:
+        return {v for v, us in self._s.omissions.items() if owner in us}
+
     def add_masked_input(self, device: str, values: npt.ArrayLike) -> None:
         """Add a device's masked vector into the running sum (mod ``2**k``)."""
         self._expect(Stage.MASKED_INPUT, "add_masked_input")
@@ -303,6 +355,8 @@ class SecAggServer:
             raise SecAggError(f"{device!r} may not send a masked input in this round")
         if device in self._s.inputs:
             raise DuplicateInputError(f"{device!r} already sent its masked input")
+        if device in self.accused:
+            raise SecAggError(f"{device!r} was masked without by a neighbour: its input is left out")
         v = check_ring_vector(values, self._s.params)
         np.add(self._sum, v.astype(self._dtype, copy=False), out=self._sum)
         self._s.inputs.append(device)
@@ -319,6 +373,8 @@ class SecAggServer:
             raise SecAggError(f"{device!r} may not send a masked input in this round")
         if device in self._s.inputs:
             raise DuplicateInputError(f"{device!r} already sent its masked input")
+        if device in self.accused:
+            raise SecAggError(f"{device!r} was masked without by a neighbour: its input is left out")
         p = self._s.params
         header, body = verify_update(
             data,
@@ -343,6 +399,8 @@ class SecAggServer:
         self._expect(Stage.MASKED_INPUT, "close_masked_input")
         survivors = sorted(self._s.inputs)
         dropped = sorted(set(self._s.mailbox) - set(survivors))
+        # only survivors' omissions shape the sum (a dropped device's masks are all removed)
+        self._s.omissions = {v: us for v, us in self._s.omissions.items() if v in self._s.inputs}
         need = max(self._threshold(), self._s.params.min_devices)
         if len(survivors) < need:
             raise SecAggError(f"only {len(survivors)} masked inputs arrived; the round needs {need}")
@@ -353,13 +411,24 @@ class SecAggServer:
         self._s.stage = Stage.UNMASK
         return self._s.unmask_request
 
+    def _holders(self, owner: str, alive: set[str]) -> set[str]:
+        """Surviving neighbours that hold a usable share of ``owner`` (not its omitters)."""
+        return set(self._neighbours(owner) & alive) - self._omitted_by(owner)
+
+    def _needs_recovery(self, owner: str, alive: set[str]) -> bool:
+        """A survivor's self-mask is always removed; a dropped device's mask key is needed only
+        if some survivor masked with it (everyone may have omitted it)."""
+        return owner in alive or bool(self._holders(owner, alive))
+
     def _check_recoverable(self, holders: set[str], owners: set[str]) -> None:
-        """Every owner needs t shares among ``holders``: its neighbours', plus its own if it
-        is a holder itself (a survivor reveals its own self-mask share)."""
+        """Every owner needs t shares among ``holders``: its neighbours' that did not omit it,
+        plus its own if it is a holder itself (a survivor reveals its own self-mask share)."""
         t = self._threshold()
         short = {}
         for u in sorted(owners):
-            have = len(self._neighbours(u) & holders) + (u in holders)
+            if not self._needs_recovery(u, holders):
+                continue
+            have = len(self._holders(u, holders)) + (u in holders)
             if have < t:
                 short[u] = have
         if short:
@@ -377,6 +446,7 @@ class SecAggServer:
         :meth:`check_advertisement`): False for an identical resend, True for a new response."""
         self._expect(Stage.UNMASK, "add_unmask_response")
         self._check_round(msg.round_id, "unmask response")
+        p = self._s.params
         req = self._s.unmask_request
         assert req is not None
         if msg.sender not in req.survivors:
@@ -386,14 +456,26 @@ class SecAggServer:
             if old == msg:
                 return False
             raise DuplicateInputError(f"{msg.sender!r} already answered the unmask stage")
-        held_from = (self._neighbours(msg.sender) & set(self._s.mailbox)) | {msg.sender}
         alive, gone = set(req.survivors), set(req.dropped)
+        # what the sender was given (the relayed shares, with their owners' digests), and its own
+        given = {e.sender: e for e in self._s.mailbox.get(msg.sender, ())}
+        x = self._index[msg.sender]
+
+        def digest(owner: str, kind: bytes, value: bytes) -> bytes:
+            return crypto.share_digest(p.round_id, owner, msg.sender, x, kind, value)
+
         for s in msg.self_mask_shares:
-            if s.owner not in held_from or s.owner not in alive:
+            if s.owner not in alive or (s.owner != msg.sender and s.owner not in given):
                 raise SecAggError(f"{msg.sender!r} revealed a self-mask share of {s.owner!r}")
+            own = s.owner == msg.sender
+            want = self._s.own_digests[s.owner] if own else given[s.owner].self_mask_digest
+            if digest(s.owner, crypto.SHARE_SELF_MASK, s.value) != want:
+                raise SecAggError(f"{msg.sender!r} revealed a self-mask share of {s.owner!r} not given to it")
         for s in msg.key_shares:
-            if s.owner not in held_from or s.owner not in gone:
+            if s.owner not in gone or s.owner not in given:
                 raise SecAggError(f"{msg.sender!r} revealed a key share of {s.owner!r}")
+            if digest(s.owner, crypto.SHARE_KEY, s.value) != given[s.owner].key_digest:
+                raise SecAggError(f"{msg.sender!r} revealed a key share of {s.owner!r} not given to it")
         return True
 
     def add_unmask_response(self, msg: UnmaskResponse) -> None:
@@ -406,16 +488,25 @@ class SecAggServer:
 
         Raises :class:`UnrecoverableError` naming the devices whose secrets have fewer than
         t revealed shares, and :class:`SecAggError` if a reconstruction does not match the
-        device's public key or commitment: never a silently wrong sum.
+        device's public key or commitment: never a silently wrong sum. A response that fails
+        its checks (:meth:`check_unmask_response`: a share the sender was not given) is left
+        out, with its sender listed in :attr:`refused`; the secrets are reconstructed from the
+        other responses.
         """
         for r in responses:
-            self.add_unmask_response(r)
+            try:
+                self.add_unmask_response(r)
+            except SecAggError:
+                if r.sender not in self._s.refused:
+                    self._s.refused.append(r.sender)
         self._expect(Stage.UNMASK, "unmask")
         req = self._s.unmask_request
         assert req is not None
         p = self._s.params
         t = self._threshold()
         survivors, dropped = list(req.survivors), list(req.dropped)
+        alive = set(survivors)
+        dropped = [u for u in dropped if self._needs_recovery(u, alive)]
         self_shares: dict[str, list[tuple[int, int]]] = {u: [] for u in survivors}
         key_shares: dict[str, list[tuple[int, int]]] = {u: [] for u in dropped}
         for holder in sorted(self._s.responses):
@@ -423,7 +514,8 @@ class SecAggServer:
             for s in self._s.responses[holder].self_mask_shares:
                 self_shares[s.owner].append((x, shamir.share_from_bytes(s.value)))
             for s in self._s.responses[holder].key_shares:
-                key_shares[s.owner].append((x, shamir.share_from_bytes(s.value)))
+                if s.owner in key_shares:
+                    key_shares[s.owner].append((x, shamir.share_from_bytes(s.value)))
         short = {u: len(v) for u, v in {**self_shares, **key_shares}.items() if len(v) < t}
         if short:
             detail = ", ".join(f"{u!r} ({h} of {t})" for u, h in list(short.items())[:20])
@@ -440,13 +532,12 @@ class SecAggServer:
             if crypto.mask_commitment(p.round_id, u, seed) != self._s.commitments[u]:
                 raise SecAggError(f"reconstructed self-mask seed of {u!r} fails its commitment")
             sub.append(seed)
-        alive = set(survivors)
         for u in dropped:
             sk_raw = self._reconstruct(u, key_shares[u], t)
             sk = crypto.private_from_bytes(sk_raw)
             if crypto.public_from_private(sk) != self._s.advertised[u].mask_public_key:
                 raise SecAggError(f"reconstructed mask key of {u!r} fails its public key")
-            for v in sorted(self._neighbours(u) & alive):
+            for v in sorted(self._holders(u, alive)):  # an omitter never masked with u
                 seed = crypto.derive_pair_key(
                     sk,
                     self._s.advertised[v].mask_public_key,

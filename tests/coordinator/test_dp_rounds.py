@@ -31,6 +31,7 @@ def dp_config(mode: str, **privacy: Any) -> dict[str, Any]:
         over_selection=1.25,
         min_reports=3,
         codec={"clip_norm": CLIP, "bits": BITS, "keep_fraction": KEEP, "weight_cap": 1},
+        eligibility={"min_examples": 1},
         privacy={"mode": mode, "noise_multiplier": Z, "delta": DELTA, "population": POPULATION, **privacy},
         max_rounds=3,
     )
@@ -71,7 +72,8 @@ def test_dp_round_has_the_configured_noise_and_the_budget_stops_the_task(
     d = w0.size
     params = CodecParams(clip_norm=CLIP, bits=BITS, keep_fraction=KEEP, max_clients=5, seed=b"s" * 32)
     m, big_d = kept_count(params, d), padded_dim(params, d)
-    sens = level_sensitivity(CLIP, BITS, quant_range(params, d), m)
+    # the task's default adjacency, replace-one: twice one device's bound
+    sens = level_sensitivity(CLIP, BITS, quant_range(params, d), m, adjacency="replace-one")
     total_levels = Z * sens * (math.sqrt(n / 3) if mode == "distributed" else 1.0)
     level = 2 * quant_range(params, d) / ((1 << BITS) - 1)
     # kept coordinates carry total_levels; scaled by D/m, divided by n, spread by the rotation

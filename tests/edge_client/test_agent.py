@@ -5,8 +5,10 @@ coordinator: rounds complete, only encoded updates and scalars leave the device,
 from __future__ import annotations
 
 import json
+import sys
 import threading
 import time
+import traceback
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -105,21 +107,71 @@ def make_agent(
     return Agent(cfg, provider or StaticProvider(READY), store=store, transport=transport)
 
 
-def run_agents(agents: list[Agent], rounds: int, timeout: float = 240) -> None:
-    errors: list[BaseException] = []
+def thread_stacks() -> str:
+    """Every thread's Python stack, by name."""
+    names = {t.ident: t.name for t in threading.enumerate()}
+    return "\n".join(
+        f"--- {names.get(ident, ident)}\n{''.join(traceback.format_stack(frame))}"
+        for ident, frame in sys._current_frames().items()
+    )
+
+
+def unexpected_outcome(server: Server, expect: list[str]) -> str | None:
+    """The first finished round of task "kb" whose outcome is not ``expect``'s, described."""
+    try:
+        with server.admin(timeout=10) as admin:
+            rounds = admin.get("/v1/admin/tasks/kb/rounds").json()
+    except httpx.HTTPError:
+        return None  # asked again on the next poll
+    for i, r in enumerate(rounds):
+        if r["stage"] == "done" and (i >= len(expect) or r["outcome"] != expect[i]):
+            return f"round {r['number']} ended {r['outcome']} ({r['failure_reason']}); expected {expect}"
+    return None
+
+
+def run_agents(
+    agents: list[Agent],
+    rounds: int,
+    timeout: float = 240,
+    *,
+    server: Server | None = None,
+    expect: list[str] | None = None,
+) -> None:
+    """Run the agents as threads of this process (as the simulator does) until each took part
+    in ``rounds`` rounds. Fails at once, with every thread's stack, when an agent raises, when
+    one is still running ``timeout + 30`` s after the start, or (given ``server`` and
+    ``expect``) when a round of the task ends with another outcome than ``expect`` lists."""
+    errors: list[str] = []
 
     def go(a: Agent) -> None:
         try:
             a.run(max_rounds=rounds, max_seconds=timeout)
         except BaseException as e:
-            errors.append(e)
+            errors.append(f"{threading.current_thread().name}: {''.join(traceback.format_exception(e))}")
 
-    threads = [threading.Thread(target=go, args=(a,), daemon=True) for a in agents]
+    threads = [
+        threading.Thread(target=go, args=(a,), name=f"agent-{i}", daemon=True) for i, a in enumerate(agents)
+    ]
     for t in threads:
         t.start()
-    for t in threads:
-        t.join(timeout + 30)
-    assert not errors, errors
+    deadline = time.monotonic() + timeout + 30
+    problem: str | None = None
+    while problem is None:
+        alive = [t for t in threads if t.is_alive()]
+        if errors:
+            problem = "an agent raised:\n" + "\n".join(errors)
+        elif server is not None and expect is not None:
+            problem = unexpected_outcome(server, expect)
+        if problem is None and not alive:
+            return
+        if problem is None and time.monotonic() > deadline:
+            problem = f"{', '.join(t.name for t in alive)} still running {timeout + 30:.0f} s after the start"
+        if problem is None:
+            alive[0].join(1.0)
+    stacks = thread_stacks()
+    for a in agents:
+        a.stop()
+    pytest.fail(f"{problem}\n\nEvery thread's stack:\n{stacks}", pytrace=False)
 
 
 def test_agents_complete_secure_rounds_and_send_no_text(
@@ -141,7 +193,7 @@ def test_agents_complete_secure_rounds_and_send_no_text(
     agents = [make_agent(server, tmp_path, f"dev{i}", user_texts[i], recs[i]) for i in range(3)]
     agents[0].cfg.keep_program = True  # the others unload train.pte after each round
     agents[1].cfg.drop_codec_caches = True  # as `fedkeys client run` does
-    run_agents(agents, rounds=2)
+    run_agents(agents, rounds=2, server=server, expect=["committed", "committed"])
     with server.admin() as admin:
         versions = admin.get("/v1/admin/tasks/kb/versions").json()
         rounds = admin.get("/v1/admin/tasks/kb/rounds").json()
@@ -176,9 +228,9 @@ def test_dropped_connection_mid_upload_is_retried_idempotently(
 ) -> None:
     server = sqlite_server
     cfg = task_config(
-        clients_per_round=2,
+        clients_per_round=3,
         over_selection=1.0,
-        min_reports=2,
+        min_reports=3,  # a secure sum needs at least three
         max_rounds=1,
         eligibility={"min_examples": 10},
         training={"local_steps": 2},
@@ -188,10 +240,11 @@ def test_dropped_connection_mid_upload_is_retried_idempotently(
     agents = [
         make_agent(server, tmp_path, "a", user_texts[0], flaky),
         make_agent(server, tmp_path, "b", user_texts[1]),
+        make_agent(server, tmp_path, "c", user_texts[2]),
     ]
-    run_agents(agents, rounds=1)
+    run_agents(agents, rounds=1, server=server, expect=["committed"])
     rnd = wait_round(server)
-    assert rnd["outcome"] == "committed" and rnd["reported"] == 2
+    assert rnd["outcome"] == "committed" and rnd["reported"] == 3
     uploads = [b for m, p, b in flaky.bodies if p.endswith("/update")]
     assert len(uploads) == 2 and uploads[0] == uploads[1]  # the same update, sent twice, counted once
 
@@ -201,9 +254,9 @@ def test_unplugged_mid_training_leaves_cleanly(
 ) -> None:
     server = sqlite_server
     cfg = task_config(
-        clients_per_round=2,
-        over_selection=1.5,
-        min_reports=2,
+        clients_per_round=3,
+        over_selection=1.34,  # 4 selected
+        min_reports=3,
         max_rounds=1,
         eligibility={"min_examples": 10},
         deadlines={"upload": 8},
@@ -211,9 +264,9 @@ def test_unplugged_mid_training_leaves_cleanly(
     )
     setup_task(server, tiny_bundle_dir.with_suffix(".tar"), cfg)
     unplug = UnplugAfter(READY)
-    agents = [make_agent(server, tmp_path, f"d{i}", user_texts[i]) for i in range(2)]
-    agents.append(make_agent(server, tmp_path, "victim", user_texts[2], provider=unplug))
-    real_train = agents[2].local_train
+    agents = [make_agent(server, tmp_path, f"d{i}", user_texts[i]) for i in range(3)]
+    agents.append(make_agent(server, tmp_path, "victim", user_texts[3], provider=unplug))
+    real_train = agents[3].local_train
     calls: dict[str, Any] = {}
 
     def unplug_after_start(plan: Any, weights: Any) -> Any:
@@ -221,12 +274,12 @@ def test_unplugged_mid_training_leaves_cleanly(
         calls["result"] = real_train(plan, weights)
         return calls["result"]
 
-    agents[2].local_train = unplug_after_start  # type: ignore[method-assign]
-    run_agents(agents, rounds=1, timeout=90)
+    agents[3].local_train = unplug_after_start  # type: ignore[method-assign]
+    run_agents(agents, rounds=1, timeout=90, server=server, expect=["committed"])
     assert calls["result"].report.aborted
-    assert agents[2].stats.rounds and not agents[2].stats.rounds[0]["completed"]
+    assert agents[3].stats.rounds and not agents[3].stats.rounds[0]["completed"]
     rnd = wait_round(server)
-    assert rnd["outcome"] == "committed" and rnd["reported"] == 2
+    assert rnd["outcome"] == "committed" and rnd["reported"] == 3
 
 
 def test_wrong_ca_is_refused(sqlite_server: Server, tmp_path: Path) -> None:
@@ -295,16 +348,16 @@ def test_restarted_coordinator_mid_round(
     server = start_server(tmp_path, db)
     port = int(server.url.rsplit(":", 1)[1])
     cfg = task_config(
-        clients_per_round=2,
+        clients_per_round=3,
         over_selection=1.0,
-        min_reports=2,
+        min_reports=3,
         max_rounds=1,
         eligibility={"min_examples": 10},
         deadlines={"upload": 40, "unmask": 30},
         training={"local_steps": 40},
     )
     setup_task(server, tiny_bundle_dir.with_suffix(".tar"), cfg)
-    agents = [make_agent(server, tmp_path, f"r{i}", user_texts[i]) for i in range(2)]
+    agents = [make_agent(server, tmp_path, f"r{i}", user_texts[i]) for i in range(3)]
     thread = threading.Thread(target=run_agents, args=(agents, 1, 120), daemon=True)
     thread.start()
     end = time.time() + 60

@@ -8,7 +8,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from edge_client.transport import ApiError, ArraySink, FileSink, Transport, TransportError
+from edge_client.transport import ApiError, ArraySink, FileSink, Transport, TransportError, UnsafeUrl
 from protocol.wire import DeviceState
 
 
@@ -113,3 +113,57 @@ def test_download_errors_are_api_errors_and_leave_the_sink_alone(tmp_path: Path)
     too_long, _ = make(lambda r: httpx.Response(200, content=b"x" * 17))
     with pytest.raises(ValueError, match="larger"):
         too_long.download_to("/x", sink)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://evil.example/v1/tasks/kb/versions/1/weights",
+        "http://coord/v1/tasks/kb/versions/1/weights",  # same host, clear text
+        "https://coord:8443/v1/x",  # another port
+        "//evil.example/v1/x",  # scheme-relative
+        "v1/x",  # not a path on the origin
+    ],
+)
+def test_the_token_goes_only_to_the_configured_origin(url: str) -> None:
+    """Issue 17.5: plan URLs are joined to the configured https origin; a plan that names any
+    other place gets no request (and no bearer token) at all."""
+    seen: list[httpx.Request] = []
+    t, _ = make(lambda r: seen.append(r) or httpx.Response(200, content=b"x"))
+    with pytest.raises(UnsafeUrl):
+        t.download(url)
+    assert seen == []
+
+
+def test_paths_and_same_origin_urls_are_fetched_with_the_token() -> None:
+    seen: list[httpx.Request] = []
+    t, _ = make(lambda r: seen.append(r) or httpx.Response(200, content=b"x"))
+    t.download("/v1/bundles/ab.tar")
+    t.download("https://coord/v1/bundles/ab.tar?x=1")
+    assert [str(r.url) for r in seen] == [
+        "https://coord/v1/bundles/ab.tar",
+        "https://coord/v1/bundles/ab.tar?x=1",
+    ]
+    assert all(r.headers["authorization"] == "Bearer tok" for r in seen)
+
+
+def test_plain_http_coordinator_is_refused_unless_allowed() -> None:
+    with pytest.raises(UnsafeUrl, match="https"):
+        Transport("http://coord", token="t")
+    Transport("http://127.0.0.1:8000", token="t", allow_http=True).close()
+
+
+def test_file_sink_stops_at_the_declared_size(tmp_path: Path) -> None:
+    sink = FileSink(tmp_path / "a.bin", limit=10)
+    sink.reset()
+    sink.write(b"12345")
+    with pytest.raises(ValueError, match="larger"):
+        sink.write(b"123456")
+    sink.discard()
+    assert not (tmp_path / "a.bin").exists()
+    sink = FileSink(tmp_path / "d" / "b.bin", limit=10)
+    sink.reset()
+    sink.write(b"1")
+    assert sink.tmp.stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "d").stat().st_mode & 0o777 == 0o700
+    sink.commit()

@@ -640,3 +640,56 @@ def test_unpack_add_crosses_chunks_and_refuses_before_touching_the_sum() -> None
     with pytest.raises(CodecError, match="padding"):
         codec.unpack_bits_add(bytes(packed), 11, acc)
     np.testing.assert_array_equal(acc, v)  # untouched
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    n=st.integers(1, 12),
+    bits=st.integers(2, 12),
+    rotate=st.booleans(),
+    keep=st.sampled_from([1.0, 0.5, 1 / 16]),
+    cap=st.integers(1, 16),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_honest_means_never_exceed_the_norm_bound(
+    n: int, bits: int, rotate: bool, keep: float, cap: int, seed: int
+) -> None:
+    """Issue 17.6: every sum of clipped encodings (any norms, any weights, spiky or flat
+    deltas) decodes within :func:`codec.mean_norm_bound`, with room to spare."""
+    d = 300
+    params = _params(
+        bits=bits, rotate=rotate, keep_fraction=keep, max_clients=n, weight_cap=cap, clip_norm=0.7
+    )
+    rng = np.random.default_rng(seed)
+    vecs = []
+    for i in range(n):
+        delta = rng.normal(size=d) * rng.choice([1e-3, 1.0, 100.0])
+        if i % 3 == 0:
+            delta[rng.integers(d)] = 1e3  # one spike: clamped without rotation
+        vecs.append(codec.encode(delta, params, rng, num_examples=int(rng.integers(1, 2 * cap))).values)
+    got = codec.decode_mean(codec.ring_sum(vecs, codec.ring_bits(params)), params, n, d)
+    assert got.kept_norm <= got.bound
+    assert np.isfinite(got.mean).all()
+
+
+@pytest.mark.parametrize(("kind", "n"), [("random words", 10), ("every value at +R", 3)])
+def test_a_hostile_input_in_a_secure_sum_is_refused_not_applied(kind: str, n: int) -> None:
+    """Under secure aggregation the server sees only the sum: one device that sends random
+    ring words, or every value at its maximum (4 C in the kept coordinates, so it outweighs
+    the honest mean when the round is small), instead of a clipped encoding is caught there."""
+    d = 4096
+    params = _params(bits=8, rotate=True, keep_fraction=1.0, max_clients=n, weight_cap=16, clip_norm=1.0)
+    k = codec.ring_bits(params)
+    rng = np.random.default_rng(3)
+    honest = [
+        codec.encode(rng.normal(size=d) * 0.01, params, rng, num_examples=16).values for _ in range(n - 1)
+    ]
+    ok = codec.decode_mean(codec.ring_sum([*honest, honest[0]], k), params, n, d)
+    assert ok.kept_norm < 0.7 * ok.bound
+    bad = honest[0].copy()
+    if kind == "random words":
+        bad[:-1] = rng.integers(0, 1 << k, len(bad) - 1, dtype=np.uint64).astype(np.uint32)
+    else:
+        bad[:-1] = (1 << params.bits) - 1
+    with pytest.raises(codec.NormBoundError, match="exceeds"):
+        codec.decode_sum(codec.ring_sum([*honest, bad], k), params, n, d)

@@ -12,7 +12,6 @@ from hypothesis import strategies as st
 
 from protocol import codec
 from protocol.secagg import (
-    DecryptionError,
     DuplicateInputError,
     SecAggClient,
     SecAggError,
@@ -23,7 +22,14 @@ from protocol.secagg import (
     resolve_graph,
     secagg_params_for,
 )
-from protocol.wire import EncryptedShare, MaskedInputRequest, SecAggParams, Stage, UnmaskResponse
+from protocol.wire import (
+    EncryptedShare,
+    MaskedInputRequest,
+    SecAggParams,
+    ShareKeysRequest,
+    Stage,
+    UnmaskResponse,
+)
 from tests.protocol.helpers import (
     ADVERTISE,
     COMPLETE,
@@ -287,37 +293,112 @@ def test_server_refuses_a_share_of_the_wrong_kind() -> None:
         server.add_unmask_response(forged)
 
 
-def test_tampered_relayed_ciphertext_is_rejected() -> None:
-    params, clients, server = _setup()
-    for c in clients.values():
-        server.add_advertisement(c.advertise_keys())
-    roster = server.close_advertise()
-    for c in clients.values():
-        server.add_share_keys(c.share_keys(roster))
-    server.close_share_keys()
-    req = server.masked_input_request("d2")
-    bad = bytearray(req.shares[0].ciphertext)
+def _unmask_all(
+    clients: dict[str, SecAggClient],
+    server: SecAggServer,
+    xs: dict[str, np.ndarray],
+    shares: dict[str, tuple[EncryptedShare, ...]],
+) -> tuple[np.ndarray, list[UnmaskResponse]]:
+    """Stages 3 and 4 as the coordinator runs them: every upload's omissions are recorded
+    before any input is added, and omitted devices' inputs are left out."""
+    masked = {d: c.masked_input(xs[d], shares[d]) for d, c in clients.items()}
+    for d, c in clients.items():
+        server.record_omissions(d, c.omitted)
+    for d, y in masked.items():
+        if d not in server.accused:
+            server.add_masked_input(d, y)
+    req = server.close_masked_input()
+    responses = [clients[d].unmask(req.survivors, req.dropped) for d in req.survivors]
+    return server.unmask(responses), responses
+
+
+def _garble(share: EncryptedShare) -> EncryptedShare:
+    bad = bytearray(share.ciphertext)
     bad[0] ^= 1
-    tampered = EncryptedShare(
-        sender=req.shares[0].sender,
-        recipient="d2",
-        nonce=req.shares[0].nonce,
-        ciphertext=bytes(bad),
+    return share.model_copy(update={"ciphertext": bytes(bad)})
+
+
+def test_a_neighbour_with_an_unusable_share_is_treated_as_dropped() -> None:
+    """Issue 17.3: a share that does not decrypt, or does not match its sender's digests, no
+    longer ends the recipient's round: it masks without that neighbour and says so with its
+    upload; the server drops the neighbour and the others' sum is exact."""
+    params, clients, server = _setup(n=6)
+    _to_masked_stage(clients, server)
+    shares = {d: server.masked_input_request(d).shares for d in clients}
+    first = shares["d2"][0]  # from d0: does not decrypt
+    shares["d2"] = (_garble(first), *shares["d2"][1:])
+    second = shares["d3"][1]  # from d1: decrypts, but its digests were not the sender's
+    shares["d3"] = (shares["d3"][0], second.model_copy(update={"key_digest": bytes(32)}), *shares["d3"][2:])
+    xs = _inputs(sorted(clients), params.vector_length, params.ring_bits, 5)
+    total, _ = _unmask_all(clients, server, xs, shares)
+    assert clients["d2"].omitted == [first.sender] and clients["d3"].omitted == [second.sender]
+    assert server.accused == {first.sender, second.sender}
+    kept = [xs[d] for d in clients if d not in server.accused]
+    np.testing.assert_array_equal(total, codec.ring_sum(kept, params.ring_bits))
+    assert server.refused == []
+
+
+def test_a_device_that_sends_garbage_to_everyone_costs_only_itself() -> None:
+    params, clients, server = _setup(n=5)
+    _to_masked_stage(clients, server)
+    shares = {
+        d: tuple(_garble(e) if e.sender == "d4" else e for e in server.masked_input_request(d).shares)
+        for d in clients
+    }
+    xs = _inputs(sorted(clients), params.vector_length, params.ring_bits, 6)
+    total, _ = _unmask_all(clients, server, xs, shares)
+    assert server.accused == {"d4"}
+    np.testing.assert_array_equal(
+        total, codec.ring_sum([xs[d] for d in ("d0", "d1", "d2", "d3")], params.ring_bits)
     )
-    x = np.zeros(params.vector_length, dtype=np.uint32)
-    with pytest.raises(DecryptionError):
-        clients["d2"].masked_input(x, (tampered, *req.shares[1:]))
-    # re-addressed: a share for d2 presented as one for d3
+
+
+def test_omissions_are_checked_where_they_arrive() -> None:
+    params, clients, server = _setup(n=5)
+    _to_masked_stage(clients, server)
+    with pytest.raises(SecAggError, match="never relayed"):
+        server.check_omissions("d0", ["d9"])
+    server.add_masked_input("d1", np.zeros(params.vector_length, dtype=np.uint32))
+    with pytest.raises(SecAggError, match="before inputs"):
+        server.record_omissions("d0", ["d1"])
+
+
+def test_a_readdressed_share_is_not_held() -> None:
+    params, clients, server = _setup(n=5)
+    _to_masked_stage(clients, server)
+    req = server.masked_input_request("d2")
     readdressed = MaskedInputRequest(
         round_id=req.round_id,
         recipient="d3",
         shares=tuple(s.model_copy(update={"recipient": "d3"}) for s in req.shares if s.sender != "d3"),
     )
-    with pytest.raises(DecryptionError):
+    x = np.zeros(params.vector_length, dtype=np.uint32)
+    with pytest.raises(SecAggError, match="usable shares"):  # none decrypts: too few to mask with
         clients["d3"].masked_input(x, readdressed)
 
 
-def test_corrupted_revealed_share_never_gives_a_wrong_sum() -> None:
+def test_a_lying_reveal_is_left_out_and_the_others_unmask() -> None:
+    params, clients, server = _setup(n=6)  # complete graph: degree 5, t = 3
+    _to_masked_stage(clients, server)
+    xs = _inputs(sorted(clients), params.vector_length, params.ring_bits, 8)
+    for d, c in clients.items():
+        server.add_masked_input(d, c.masked_input(xs[d], server.masked_input_request(d)))
+    req = server.close_masked_input()
+    responses = [clients[d].unmask(req.survivors, req.dropped) for d in req.survivors]
+    r0 = responses[0]
+    s0 = r0.self_mask_shares[1]
+    wrong = bytes(65) + bytes([s0.value[-1] ^ 1])
+    lie = r0.model_copy(
+        update={"self_mask_shares": (r0.self_mask_shares[0], s0.model_copy(update={"value": wrong}))}
+    )
+    with pytest.raises(SecAggError, match="not given to it"):
+        server.check_unmask_response(lie)  # refused where it arrives
+    total = server.unmask([lie, *responses[1:]])
+    assert server.refused == [r0.sender]
+    np.testing.assert_array_equal(total, codec.ring_sum(list(xs.values()), params.ring_bits))
+
+
+def test_too_many_lying_reveals_fail_loudly() -> None:
     params, clients, server = _setup(n=6)
     _to_masked_stage(clients, server)
     for d, c in clients.items():
@@ -325,19 +406,23 @@ def test_corrupted_revealed_share_never_gives_a_wrong_sum() -> None:
         server.add_masked_input(d, c.masked_input(x, server.masked_input_request(d)))
     req = server.close_masked_input()
     responses = [clients[d].unmask(req.survivors, req.dropped) for d in req.survivors]
-    r0 = responses[0]
-    s0 = r0.self_mask_shares[0]
-    wrong = bytes(65) + bytes([s0.value[-1] ^ 1])
-    responses[0] = r0.model_copy(
-        update={"self_mask_shares": (s0.model_copy(update={"value": wrong}), *r0.self_mask_shares[1:])}
-    )
-    with pytest.raises(SecAggError, match="reconstruct"):
-        server.unmask(responses)
+    zero = bytes(66)
+    liars = [
+        r.model_copy(
+            update={
+                "self_mask_shares": tuple(s.model_copy(update={"value": zero}) for s in r.self_mask_shares)
+            }
+        )
+        for r in responses[:4]
+    ]
+    with pytest.raises(UnrecoverableError):
+        server.unmask([*liars, *responses[4:]])
+    assert len(server.refused) == 4
 
 
 def test_devices_left_with_too_few_sharing_neighbours_are_excluded() -> None:
     devices = [f"d{i:02d}" for i in range(16)]
-    params = _params(6, 16, degree=8, threshold=3)
+    params = _params(6, 16, degree=8, threshold=5)
     graph = neighbour_graph(devices, params.graph_seed, 8)
     victim = devices[5]
     # 7 of the victim's 8 neighbours drop before sharing keys: 1 < t - 1 remain
@@ -487,15 +572,43 @@ def test_client_retries_are_idempotent_until_the_next_stage() -> None:
     assert restored.stage is Stage.MASKED_INPUT
 
 
-def test_low_order_public_key_is_refused_as_a_protocol_error() -> None:
+def test_low_order_public_key_is_refused_by_server_and_clients() -> None:
     _, clients, server = _setup(n=3)
     ads = [c.advertise_keys() for c in clients.values()]
     bad = ads[1].model_copy(update={"cipher_public_key": bytes(32)})
-    for a in (ads[0], bad, ads[2]):
-        server.add_advertisement(a)
-    roster = server.close_advertise()
     with pytest.raises(SecAggError, match="low-order"):
-        clients["d0"].share_keys(roster)
+        server.add_advertisement(bad)
+    # a coordinator that relays it anyway: every client refuses the roster
+    roster = ShareKeysRequest(round_id=ads[0].round_id, devices=(ads[0], bad, ads[2]), degree=2, threshold=2)
+    for d in ("d0", "d2"):
+        with pytest.raises(SecAggError, match="low-order"):
+            clients[d].share_keys(roster)
+
+
+@pytest.mark.parametrize(("degree", "threshold"), [(None, 1), (4, 2), (6, 3), (2, 3)])
+def test_thresholds_below_the_floors_are_refused_on_both_sides(degree: int | None, threshold: int) -> None:
+    params = _params(4, 8, degree=degree, threshold=threshold)
+    with pytest.raises(SecAggError):
+        resolve_graph(params, 9)
+    if threshold == 1:  # a device refuses such a plan at once
+        with pytest.raises(SecAggError, match="below the minimum"):
+            SecAggClient("d0", params)
+
+
+def test_secure_aggregation_needs_three_devices() -> None:
+    with pytest.raises(SecAggError, match="at least 3"):
+        resolve_graph(_params(4, 8), 2)
+
+
+def test_a_client_never_masks_without_live_neighbours() -> None:
+    """The reproduced t = 1 attack needs a coordinator that relays no shares: the device then
+    refuses to mask with fewer than max(t - 1, 1) live neighbours, so its input never goes out
+    protected by its self-mask alone."""
+    params, clients, server = _setup(n=4)
+    _to_masked_stage(clients, server)
+    x = np.full(params.vector_length, 7, dtype=np.uint32)
+    with pytest.raises(SecAggError, match="completed key sharing"):
+        clients["d0"].masked_input(x, ())
 
 
 def test_server_adds_binary_uploads_in_place() -> None:

@@ -297,3 +297,16 @@ def test_messages_refuse_invalid_fields() -> None:
         UnmaskResponse(round_id=1, sender="a", self_mask_shares=(share,), key_shares=(share,))
     with pytest.raises(ValidationError):
         wire.RevealedShare(owner="b", value=bytes(65))
+
+
+def test_verify_update_checks_the_whole_body_where_it_arrives() -> None:
+    """Issue 17.1: an upload whose padding bits are set (CRC recomputed) passed the upload check
+    and failed only when the stage closed, which wedged the round. It is refused on arrival."""
+    data, _ = _ring(13, 20)
+    padded = bytearray(data)
+    padded[-1] |= 0x80
+    with pytest.raises(BadBodyError, match="padding"):
+        wire.verify_update(_reframe(padded), expected_round=9, expected_layout_hash=HASH)
+    header, body = wire.verify_update(data, expected_round=9, expected_layout_hash=HASH)
+    acc = np.zeros(20, dtype=np.uint16)
+    codec.unpack_bits_add(body, header.bits, acc)  # what passed cannot fail later

@@ -50,7 +50,7 @@ def _small(**over: Any) -> SimConfig:
         devices=8,
         per_round=3,
         rounds=2,
-        min_reports=2,
+        min_reports=3,  # a secure sum needs at least three
         over_selection=1.34,
         eval_every=1,
         eval_messages=20,

@@ -1,0 +1,365 @@
+"""The round stage machine, driven through the coordinator's service functions (no HTTP, no
+clock races): whatever a stored message or a bug does at a stage close, the round moves on
+(issue 17.1) without the device that sent it, or fails with a reason, and the task opens its
+next round. The devices are the real protocol code (SecAggClient, codec, wire format)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from coordinator.app import create_app
+from coordinator.config import Settings
+from coordinator.db.models import Device, Participant, Round, RoundUpload
+from coordinator.schemas import TaskConfig
+from coordinator.security import hash_token
+from coordinator.services import rounds, tasks
+from coordinator.services.aggregate import aggregate
+from coordinator.services.rounds import RoundContext
+from protocol import codec
+from protocol.secagg.client import SecAggClient
+from protocol.secagg.server import SecAggServer
+from protocol.wire import RoundPlan, Stage, UpdateHeader, UpdateKind, pack_update
+from tests.coordinator.scripted import ready_state
+from tests.servers import Server
+
+pytestmark = pytest.mark.slow  # builds the tiny bundle (shared, cached)
+
+
+@dataclass
+class Coord:
+    sessions: sessionmaker[Session]
+    ctx: RoundContext
+    data_dir: Path
+
+    @contextmanager
+    def tx(self) -> Iterator[Session]:
+        with self.sessions() as session, session.begin():
+            yield session
+
+
+@pytest.fixture
+def coord(tmp_path: Path, tiny_bundle_dir: Path) -> Iterator[Coord]:
+    settings = Settings(
+        database_url=f"sqlite:///{tmp_path / 'c.db'}",
+        data_dir=tmp_path / "data",
+        publish_predict=False,
+    )
+    app = create_app(settings, background=False)
+    c = Coord(app.state.sessions, app.state.ctx, tmp_path / "data")
+    cfg = TaskConfig.model_validate(
+        {
+            "clients_per_round": 5,
+            "over_selection": 1.0,
+            "min_reports": 3,
+            "cooldown_rounds": 0,
+            "selection_pool": 1.0,
+            "eligibility": {"min_examples": 0},
+            "codec": {"clip_norm": 10.0, "keep_fraction": 1.0, "bits": 16, "weight_cap": 16},
+            "server_optimizer": {"name": "fedavg", "lr": 1.0},
+        }
+    )
+    with c.tx() as s:
+        tasks.create_task(s, name="kb", config=cfg)
+        tasks.upload_bundle(s, c.ctx.store, name="kb", tarball=tiny_bundle_dir.with_suffix(".tar"))
+        tasks.set_status(s, name="kb", status="active")
+        for i in range(5):
+            s.add(
+                Device(
+                    id=f"dev{i}",
+                    token_hash=hash_token(f"token-{i}"),
+                    created_at=c.ctx.now(),
+                    platform="test",
+                    client_version="0.1.0",
+                )
+            )
+    yield c
+    app.state.engine.dispose()
+    app.state.soft_engine.dispose()
+
+
+@dataclass
+class SecureRound:
+    """One round of five devices driven stage by stage through the service functions."""
+
+    c: Coord
+    round_id: int = 0
+    plan: RoundPlan | None = None
+    clients: dict[str, SecAggClient] = field(default_factory=dict)
+    encoded: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def device(self, s: Session, d: str) -> Device:
+        dev = s.get(Device, d)
+        assert dev is not None
+        return dev
+
+    def select(self) -> None:
+        with self.c.tx() as s:
+            rounds.open_rounds(s, self.c.ctx)
+        view = rounds.current_views(self.c.sessions, self.c.ctx).rounds[0]
+        for i in range(5):
+            r = rounds.join_pool(self.c.sessions, self.c.ctx, view, f"dev{i}", ready_state())
+        assert r.action == "train" and r.round_id is not None
+        self.round_id = r.round_id
+        with self.c.tx() as s:
+            rnd = s.get(Round, self.round_id)
+            assert rnd is not None and rnd.stage == Stage.ADVERTISE_KEYS
+            self.plan = rounds.plan_for(s, self.c.ctx, rnd)
+        assert self.plan.secagg is not None
+        # issue 17.5: paths, joined by the device to the origin it was configured with
+        refs = [self.plan.bundle, self.plan.weights, *([self.plan.predict] if self.plan.predict else [])]
+        assert all(ref.url.startswith("/v1/") for ref in refs)
+        self.clients = {f"dev{i}": SecAggClient(f"dev{i}", self.plan.secagg) for i in range(5)}
+
+    def close(self) -> str:
+        self.c.ctx._views = None
+        rounds.close_if_complete(self.c.sessions, self.c.ctx, self.round_id, wait=True)
+        return self.stage()
+
+    def stage(self) -> str:
+        with self.c.tx() as s:
+            rnd = s.get(Round, self.round_id)
+            assert rnd is not None
+            return rnd.stage
+
+    def record(self) -> Round:
+        with self.c.tx() as s:
+            rnd = s.get(Round, self.round_id)
+            assert rnd is not None
+            return rnd
+
+    def advertise(self) -> None:
+        with self.c.tx() as s:
+            for d, cl in self.clients.items():
+                rounds.advertise(
+                    s, self.c.ctx, round_id=self.round_id, device=self.device(s, d), msg=cl.advertise_keys()
+                )
+        assert self.close() == Stage.SHARE_KEYS
+
+    def share(self) -> None:
+        with self.c.tx() as s:
+            for d, cl in self.clients.items():
+                roster = rounds.roster(s, self.c.ctx, round_id=self.round_id, device=self.device(s, d))
+                rounds.share_keys(
+                    s, self.c.ctx, round_id=self.round_id, device=self.device(s, d), msg=cl.share_keys(roster)
+                )
+
+    def upload(self, devices: list[str]) -> None:
+        assert self.plan is not None and self.plan.codec is not None and self.plan.secagg is not None
+        dim = self.c.ctx.store.bundle(self.record().plan["bundle_dir"]).manifest.train.layout.size
+        rng = np.random.default_rng(7)
+        for d in devices:
+            delta = rng.normal(0, 0.01, dim).astype(np.float32)
+            self.encoded[d] = codec.encode(delta, self.plan.codec, rng, num_examples=16).values
+            with self.c.tx() as s:
+                shares = rounds.inbound_shares(
+                    s, self.c.ctx, round_id=self.round_id, device=self.device(s, d)
+                )
+            masked = self.clients[d].masked_input(self.encoded[d].copy(), shares)
+            header = UpdateHeader(
+                kind=UpdateKind.RING,
+                bits=self.plan.secagg.ring_bits,
+                round_id=self.round_id,
+                layout_hash=self.plan.layout_hash,
+                keep_fraction=self.plan.codec.keep_fraction,
+                length=len(masked),
+                dim=dim,
+            )
+            body = pack_update(header, masked)
+            with self.c.tx() as s:
+                w = rounds.check_upload(s, round_id=self.round_id, device_id=d, body=body, examples=16)
+                assert w is not None
+            with self.c.tx() as s:
+                rounds.upload(s, self.c.ctx, round_id=self.round_id, device_id=d, body=body, weight=w)
+
+    def unmask(self) -> None:
+        with self.c.tx() as s:
+            req = rounds.unmask_request(s, round_id=self.round_id, device=self.device(s, "dev0"))
+            for d in req.survivors:
+                msg = self.clients[d].unmask(req.survivors, req.dropped)
+                rounds.unmask(s, self.c.ctx, round_id=self.round_id, device=self.device(s, d), msg=msg)
+
+    def expected_mean(self, devices: list[str]) -> np.ndarray:
+        assert self.plan is not None and self.plan.codec is not None and self.plan.secagg is not None
+        dim = self.c.ctx.store.bundle(self.record().plan["bundle_dir"]).manifest.train.layout.size
+        total = codec.ring_sum([self.encoded[d] for d in devices], self.plan.secagg.ring_bits)
+        return codec.decode_sum(total, self.plan.codec, len(devices), dim)
+
+
+def _weights(c: Coord, version: int) -> np.ndarray:
+    return np.fromfile(c.data_dir / "weights" / "kb" / f"v{version}.f32", dtype="<f4")
+
+
+def _next_round_opens(c: Coord, after: int) -> None:
+    with c.tx() as s:
+        opened = rounds.open_rounds(s, c.ctx)
+        assert opened and opened[0].id > after and opened[0].stage == rounds.SELECTING
+
+
+def test_a_damaged_stored_share_message_drops_its_device_not_the_round(coord: Coord) -> None:
+    r = SecureRound(coord)
+    r.select()
+    r.advertise()
+    r.share()
+    with coord.tx() as s:  # what a damaged row (or a rule that changed under it) looks like
+        s.execute(
+            update(Participant)
+            .where(Participant.round_id == r.round_id, Participant.device_id == "dev4")
+            .values(secagg_msg=b'{"round_id": 1')
+        )
+    assert r.close() == Stage.MASKED_INPUT
+    assert "dev4" in r.record().metrics["refused"][Stage.SHARE_KEYS]
+    honest = ["dev0", "dev1", "dev2", "dev3"]
+    r.upload(honest)
+    assert r.close() == Stage.UNMASK
+    r.unmask()
+    assert r.close() == rounds.AGGREGATING
+    assert aggregate(coord.sessions, coord.ctx, r.round_id) == 1
+    np.testing.assert_allclose(_weights(coord, 1) - _weights(coord, 0), r.expected_mean(honest), atol=1e-6)
+
+
+def test_a_damaged_stored_upload_drops_its_device_and_the_others_commit(coord: Coord) -> None:
+    """Issue 17.1's wedge: a body that fails only when the masked-input stage closes raised out
+    of the close (rolled back and retried at every tick). Now its device is dropped there."""
+    r = SecureRound(coord)
+    r.select()
+    r.advertise()
+    r.share()
+    assert r.close() == Stage.MASKED_INPUT
+    everyone = [f"dev{i}" for i in range(5)]
+    r.upload(everyone)
+    with coord.tx() as s:
+        body = s.scalar(
+            select(RoundUpload.body).where(
+                RoundUpload.round_id == r.round_id, RoundUpload.device_id == "dev2"
+            )
+        )
+        assert body is not None
+        tampered = bytearray(body)
+        tampered[-1] ^= 0xFF
+        s.execute(
+            update(RoundUpload)
+            .where(RoundUpload.round_id == r.round_id, RoundUpload.device_id == "dev2")
+            .values(body=bytes(tampered))
+        )
+    assert r.close() == Stage.UNMASK
+    rec = r.record()
+    assert "dev2" in rec.metrics["refused"][Stage.MASKED_INPUT]
+    assert rec.plan["unmask"]["dropped"] == ["dev2"]
+    r.unmask()
+    assert r.close() == rounds.AGGREGATING
+    assert aggregate(coord.sessions, coord.ctx, r.round_id) == 1
+    kept = [d for d in everyone if d != "dev2"]
+    np.testing.assert_allclose(_weights(coord, 1) - _weights(coord, 0), r.expected_mean(kept), atol=1e-6)
+
+
+def test_an_unexpected_error_at_a_stage_close_fails_the_round_once(
+    coord: Coord, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    r = SecureRound(coord)
+    r.select()
+    r.advertise()
+    r.share()
+
+    def boom(self: SecAggServer) -> list[str]:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(SecAggServer, "close_share_keys", boom)
+    assert r.close() == rounds.DONE
+    rec = r.record()
+    assert rec.outcome == "failed" and "RuntimeError: boom" in (rec.failure_reason or "")
+    assert rec.stage == rounds.DONE
+    _next_round_opens(coord, r.round_id)
+
+
+def test_an_unexpected_error_in_aggregation_fails_the_round(
+    coord: Coord, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    r = SecureRound(coord)
+    r.select()
+    r.advertise()
+    r.share()
+    assert r.close() == Stage.MASKED_INPUT
+    r.upload([f"dev{i}" for i in range(5)])
+    assert r.close() == Stage.UNMASK
+    r.unmask()
+    assert r.close() == rounds.AGGREGATING
+
+    def boom(*a: object, **k: object) -> None:
+        raise KeyError("lost")
+
+    monkeypatch.setattr(coord.ctx.store, "load_weights", boom)
+    assert aggregate(coord.sessions, coord.ctx, r.round_id) is None
+    rec = r.record()
+    assert rec.outcome == "failed" and "KeyError" in (rec.failure_reason or "")
+    _next_round_opens(coord, r.round_id)
+
+
+def test_the_admin_can_fail_a_stuck_round_at_any_stage(coord: Coord) -> None:
+    r = SecureRound(coord)
+    r.select()
+    r.advertise()
+    r.share()
+    assert r.close() == Stage.MASKED_INPUT
+    r.upload([f"dev{i}" for i in range(5)])
+    assert r.close() == Stage.UNMASK
+    r.unmask()
+    assert r.close() == rounds.AGGREGATING
+    with coord.tx() as s:
+        rounds.fail_round(s, coord.ctx, round_id=r.round_id, reason="operator says no")
+    assert aggregate(coord.sessions, coord.ctx, r.round_id) is None  # the claim sees it is over
+    rec = r.record()
+    assert rec.outcome == "failed" and rec.failure_reason == "failed by the admin: operator says no"
+    assert not (coord.data_dir / "weights" / "kb" / "v1.f32").exists()
+    with coord.tx() as s, pytest.raises(rounds.StageConflict):
+        rounds.fail_round(s, coord.ctx, round_id=r.round_id, reason="again")
+    _next_round_opens(coord, r.round_id)
+
+
+def test_fail_round_over_the_admin_api_and_cli(sqlite_server: Server, tiny_bundle_dir: Path) -> None:
+    from fedkeys.cli import main
+    from tests.coordinator.test_rounds import setup_task, task_config
+
+    setup_task(sqlite_server, tiny_bundle_dir.with_suffix(".tar"), task_config(max_rounds=None))
+    with sqlite_server.admin() as admin:
+        for _ in range(50):
+            open_rounds = admin.get("/v1/admin/tasks/kb/rounds").json()
+            if open_rounds:
+                break
+            time.sleep(0.1)
+        rid = open_rounds[0]["id"]
+        r = admin.post(f"/v1/admin/tasks/kb/rounds/{rid}/fail", json={"reason": "stuck"})
+        assert r.status_code == 200, r.text
+        assert r.json()["outcome"] == "failed" and r.json()["failure_reason"] == "failed by the admin: stuck"
+        assert admin.post(f"/v1/admin/tasks/kb/rounds/{rid}/fail", json={"reason": "x"}).status_code == 409
+        assert admin.post("/v1/admin/tasks/kb/rounds/999999/fail", json={"reason": "x"}).status_code == 404
+        assert admin.post(f"/v1/admin/tasks/kb/rounds/{rid}/fail", json={"reason": ""}).status_code == 422
+        for _ in range(50):  # the task opens its next round
+            newer = [x for x in admin.get("/v1/admin/tasks/kb/rounds").json() if x["id"] > rid]
+            if newer:
+                break
+            time.sleep(0.1)
+        assert newer and newer[0]["stage"] == "selecting"
+    token = sqlite_server.data_dir.parent / "admin-token"
+    token.write_text(sqlite_server.admin_token)
+    token.chmod(0o600)
+    common = ["--url", sqlite_server.url, "--ca", str(sqlite_server.ca), "--admin-token-file", str(token)]
+    args = [
+        "coordinator",
+        "task",
+        "fail-round",
+        "kb",
+        str(newer[0]["id"]),
+        "--reason",
+        "from the cli",
+        *common,
+    ]
+    assert main(args) == 0
