@@ -41,6 +41,7 @@ __all__ = [
     "HEADER_SIZE",
     "MAGIC",
     "MAX_DEVICES",
+    "MAX_INT32",
     "MAX_UPDATE_LENGTH",
     "WIRE_VERSION",
     "AdvertiseKeys",
@@ -99,6 +100,9 @@ __all__ = [
 WIRE_VERSION = 1
 API_PREFIX = f"/v{WIRE_VERSION}"
 MAX_DEVICES = 10_000  # largest roster a message may carry
+MAX_INT32 = (1 << 31) - 1
+"""Largest count a message may carry: the coordinator stores counts in 32-bit columns (a larger
+one was a 500 on PostgreSQL, which checks the range)."""
 
 
 class WireError(ValueError):
@@ -699,7 +703,7 @@ class DeviceState(_Message):
     free_storage_mb: float = Field(ge=0, allow_inf_nan=False)
     client_version: str = Field(pattern=r"^\d+\.\d+\.\d+([.+-][0-9A-Za-z.-]+)?$", max_length=32)
     model_version: int | None = Field(default=None, ge=0)
-    examples: int = Field(default=0, ge=0, le=1 << 31)
+    examples: int = Field(default=0, ge=0, le=MAX_INT32)
     """Messages in the device's local store (a count, no content)."""
     device_class: str = Field(default="unknown", pattern=r"^[a-z0-9_-]{1,32}$")
 
@@ -781,19 +785,21 @@ class RoundStatus(_Message):
     retry_after: float = Field(ge=0)
 
 
+_MAX_TOKEN_LOSS = 10_000.0  # nats per token: far past any model that is scored at all
+
+
 class TrainReport(_Message):
     """Scalar metrics of local training (never text)."""
 
-    loss_before: float = Field(allow_inf_nan=False)
-    loss_after: float = Field(allow_inf_nan=False)
-    examples: int = Field(ge=0)
-    steps: int = Field(ge=0)
-    seconds: float = Field(ge=0, allow_inf_nan=False)
+    loss_before: float = Field(ge=0, le=_MAX_TOKEN_LOSS, allow_inf_nan=False)
+    loss_after: float = Field(ge=0, le=_MAX_TOKEN_LOSS, allow_inf_nan=False)
+    examples: int = Field(ge=0, le=MAX_INT32)
+    steps: int = Field(ge=0, le=MAX_INT32)
+    seconds: float = Field(ge=0, le=1e7, allow_inf_nan=False)
     aborted: bool = False
 
 
 _MAX_EVAL_COUNT = 10_000_000  # words or tokens one device scores (int4 columns hold 2**31 - 1)
-_MAX_TOKEN_LOSS = 10_000.0  # nats per token: far past any model that is scored at all
 
 
 class EvalCounts(_Message):

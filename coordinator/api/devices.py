@@ -34,6 +34,7 @@ from coordinator.services.rounds import RoundContext
 from protocol._encoding import DeviceId
 from protocol.wire import (
     MAX_DEVICES,
+    MAX_INT32,
     AdvertiseKeys,
     CheckinRequest,
     CheckinResponse,
@@ -322,7 +323,7 @@ async def upload(
     round_id: RoundIdPath,
     request: Request,
     background: BackgroundTasks,
-    examples: Annotated[int, Query(ge=0, le=1 << 31, description="local examples behind the update")] = 0,
+    examples: Annotated[int, Query(ge=0, le=MAX_INT32, description="local examples behind the update")] = 0,
     omit: Annotated[
         list[DeviceId],
         Query(max_length=MAX_DEVICES, description="neighbours a masked input was made without"),

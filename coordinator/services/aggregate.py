@@ -16,13 +16,14 @@ import numpy as np
 from sqlalchemy import delete, func, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from coordinator.db.models import ModelVersion, Round, RoundUpload, Task
+from coordinator.db.models import ModelVersion, Participant, Round, RoundUpload, Task
 from coordinator.observability import log_event
 from coordinator.optimizers import OptimizerState, make_optimizer
 from coordinator.schemas import TaskConfig
 from coordinator.services.rounds import (
     AGGREGATING,
     DONE,
+    DROPPED,
     RETRYABLE,
     RoundContext,
     _fail,
@@ -228,9 +229,10 @@ def _aggregate(
 
 
 def _reports(session: Session, round_id: int) -> list[dict[str, Any]]:
-    from coordinator.db.models import Participant
-
-    rows = session.scalars(select(Participant.report).where(Participant.round_id == round_id)).all()
+    """Training reports of the devices whose update is in the sum (not of dropped ones)."""
+    rows = session.scalars(
+        select(Participant.report).where(Participant.round_id == round_id, Participant.stage != DROPPED)
+    ).all()
     return [r for r in rows if r]
 
 

@@ -216,7 +216,10 @@ def test_a_damaged_stored_share_message_drops_its_device_not_the_round(coord: Co
             .values(secagg_msg=b'{"round_id": 1')
         )
     assert r.close() == Stage.MASKED_INPUT
-    assert "dev4" in r.record().metrics["refused"][Stage.SHARE_KEYS]
+    rec = r.record()
+    assert "dev4" in rec.metrics["refused"][Stage.SHARE_KEYS]
+    # issue 17.10: the selection seed came from a CSPRNG and is kept with the round
+    assert len(bytes.fromhex(rec.plan["selection_seed"])) == 32
     honest = ["dev0", "dev1", "dev2", "dev3"]
     r.upload(honest)
     assert r.close() == Stage.UNMASK
