@@ -11,9 +11,7 @@ import datetime as dt
 import hashlib
 import hmac
 import ipaddress
-import os
 import secrets
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +19,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from coordinator.files import atomic_write
 
 __all__ = [
     "CertPaths",
@@ -61,19 +61,10 @@ class CertPaths:
 
 def write_private(path: Path, data: bytes) -> None:
     """Write a secret file that is owner-only (0600) from its first byte: a new file made with
-    that mode (``mkstemp``; a umask can only narrow it) and renamed over ``path``. Writing into
+    that mode and renamed over ``path`` (:func:`coordinator.files.atomic_write`). Writing into
     ``path`` and chmod-ing it afterwards left the secret readable under the umask's mode until
     the chmod, and for good if the process died in between or the file already existed."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, data)
 
 
 def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:

@@ -1402,11 +1402,9 @@ def inbound_shares(
     return _snapshot(ctx, rnd).masked_input_request(device.id)
 
 
-def expected_upload(session: Session, *, round_id: int, device_id: str) -> int | None:
-    """Bytes of the upload this device may send now, checked before its body is read: the
-    device must be a live participant of the round's upload stage (else the usual 403/409/410),
-    and the frame's size is fixed by the round's plan. None for a repeat (already in: the body
-    need not be read at all)."""
+def _upload_slot(session: Session, round_id: int, device_id: str) -> Round | None:
+    """The round, if this device may upload to it now (a live participant of its upload stage;
+    the usual 403/409/410 otherwise); None when its update is in already (a repeat)."""
     rnd, part = _round_and_participant(session, round_id, device_id)
     if part.stage in (Stage.MASKED_INPUT, UPLOAD, Stage.UNMASK):
         return None
@@ -1415,10 +1413,21 @@ def expected_upload(session: Session, *, round_id: int, device_id: str) -> int |
     if rnd.stage == DONE:
         raise Gone(f"round {rnd.id} is over ({rnd.outcome})")
     _expect(rnd, Stage.MASKED_INPUT, UPLOAD)
-    p = rnd.plan
+    if rnd.stage == Stage.MASKED_INPUT and part.stage != Stage.SHARE_KEYS:
+        raise Gone("device did not complete key sharing in time")
+    return rnd
+
+
+def expected_upload(session: Session, *, round_id: int, device_id: str) -> int | None:
+    """Bytes of the upload this device may send now, checked before its body is read: the
+    device must be a live participant of the round's upload stage (else the usual 403/409/410),
+    and the frame's size is fixed by the round's plan. None for a repeat (already in: the body
+    need not be read at all)."""
+    got = _upload_slot(session, round_id, device_id)
+    if got is None:
+        return None
+    rnd, p = got, got.plan
     if rnd.stage == Stage.MASKED_INPUT:
-        if part.stage != Stage.SHARE_KEYS:
-            raise Gone("device did not complete key sharing in time")
         sec = _secagg_params(p)
         assert sec is not None
         return HEADER_SIZE + packed_size(sec.vector_length, sec.ring_bits)
@@ -1447,18 +1456,11 @@ def check_upload(
     (capped example count; 0 with secure aggregation, whose weights travel inside the masked
     vector), or None when it is a repeat. Raises the usual 4xx errors otherwise; the write
     (:func:`upload`) re-checks the stage under the round's lock."""
-    rnd, part = _round_and_participant(session, round_id, device_id)
-    if part.stage in (Stage.MASKED_INPUT, UPLOAD, Stage.UNMASK):
+    got = _upload_slot(session, round_id, device_id)
+    if got is None:
         return None  # idempotent: this device's update is already in
-    if part.stage == DROPPED:
-        raise Gone(f"round {rnd.id} went on without this device")
-    if rnd.stage == DONE:
-        raise Gone(f"round {rnd.id} is over ({rnd.outcome})")
-    _expect(rnd, Stage.MASKED_INPUT, UPLOAD)
-    p = rnd.plan
+    rnd, p = got, got.plan
     if rnd.stage == Stage.MASKED_INPUT:
-        if part.stage != Stage.SHARE_KEYS:
-            raise Gone("device did not complete key sharing in time")
         sec = _secagg_params(p)
         assert sec is not None
         verify_update(

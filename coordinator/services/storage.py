@@ -20,6 +20,7 @@ from typing import BinaryIO
 import numpy as np
 import numpy.typing as npt
 
+from coordinator.files import atomic_write, write_open
 from edge_client.bundle import Bundle, extract_bundle, load_bundle, pack_bundle
 from protocol.bundle import sha256_file
 from protocol.delta import xor_delta
@@ -41,24 +42,6 @@ class OpenDelta:
     sha256: str
 
 
-def _write_open(path: Path, data: bytes) -> BinaryIO:
-    """Write ``data`` to a temporary file, open it for reading, then rename it to ``path``:
-    the reader holds the file before anyone else can see (or evict) it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        reader = open(tmp, "rb")  # noqa: SIM115 - the caller closes it
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return reader
-
-
 def _sha256_open(f: BinaryIO) -> str:
     """sha256 of an open file's whole content, read with ``pread`` (the offset is untouched)."""
     h = hashlib.sha256()
@@ -67,20 +50,6 @@ def _sha256_open(f: BinaryIO) -> str:
         h.update(chunk)
         offset += len(chunk)
     return h.hexdigest()
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class ArtifactStore:
@@ -134,7 +103,7 @@ class ArtifactStore:
 
         buf = io.BytesIO()
         np.savez(buf, **state)  # type: ignore[arg-type]
-        _atomic_write(self.optimizer_state_path(task, version), buf.getvalue())
+        atomic_write(self.optimizer_state_path(task, version), buf.getvalue())
 
     def load_optimizer_state(self, task: str, version: int) -> dict[str, FloatVec]:
         path = self.optimizer_state_path(task, version)
@@ -153,7 +122,7 @@ class ArtifactStore:
         """Write a version's vector; returns (relative file name, sha256)."""
         data = np.ascontiguousarray(vec, dtype="<f4").tobytes()
         path = self.weights_path(task, version)
-        _atomic_write(path, data)
+        atomic_write(path, data)
         return str(path.relative_to(self.root)), hashlib.sha256(data).hexdigest()
 
     def load_weights(self, relative: str) -> FloatVec:
@@ -161,7 +130,7 @@ class ArtifactStore:
 
     def save_predict(self, task: str, version: int, program: bytes) -> tuple[str, str]:
         path = self.predict_path(task, version)
-        _atomic_write(path, program)
+        atomic_write(path, program)
         return str(path.relative_to(self.root)), hashlib.sha256(program).hexdigest()
 
     def delta_path(self, task: str, version: int, base: int) -> Path:
@@ -192,7 +161,7 @@ class ArtifactStore:
             f = path.open("rb")
         except FileNotFoundError:
             data = xor_delta(self.load_weights(new_file), self.load_weights(base_file))
-            f = _write_open(path, data)
+            f = write_open(path, data)
             size = len(data)
             self._hashes[(str(path), size)] = hashlib.sha256(data).hexdigest()
             del data

@@ -227,16 +227,8 @@ class HostileDevice(ScriptedDevice):
     old_upload: bytes | None = None
     rng: np.random.Generator = field(default_factory=np.random.default_rng)
 
-    def transport(self) -> Transport:
-        return Transport(
-            self.url,
-            ca=Path(self.ca),
-            token=self.token or None,
-            retries=self.retries,
-            backoff=0.2,
-            max_backoff=2.0,
-            transport=StatusTap(Path(self.ca), self.seen, "hostile"),
-        )
+    def http_transport(self) -> httpx.BaseTransport:
+        return StatusTap(Path(self.ca), self.seen, "hostile")
 
     def http(self, token: str | None = None) -> httpx.Client:
         """A raw client (for requests the typed transport would not send)."""

@@ -8,6 +8,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+import httpx
 import numpy as np
 
 from edge_client.transport import ApiError, Transport
@@ -66,7 +67,12 @@ class ScriptedDevice:
             retries=self.retries,
             backoff=0.2,
             max_backoff=2.0,
+            transport=self.http_transport(),
         )
+
+    def http_transport(self) -> httpx.BaseTransport | None:
+        """The httpx transport under this device's requests (None: httpx's own)."""
+        return None
 
     def enroll(self) -> None:
         with self.transport() as t:

@@ -464,3 +464,30 @@ def test_one_gb_bodies_to_every_route_leave_the_server_memory_flat(tmp_path: Pat
     assert max(o.seconds for o, _ in results) < 10
     grown_mb = (after["VmHWM"] - before["VmRSS"]) / 1024
     assert grown_mb < 50, (before, after)
+
+
+def test_an_upload_is_refused_before_its_body_is_read_unless_the_device_may_send_it(app: InProcess) -> None:
+    """Issue 17.2: the upload route authenticates, checks that the device is a live
+    participant of the round's upload stage, and (when it is) that the declared size is the
+    one the round's plan fixes, all before it reads a byte of the body."""
+    read = {"chunks": 0}
+
+    async def body() -> AsyncIterator[bytes]:
+        for _ in range(16):
+            read["chunks"] += 1
+            yield b"\x00" * 65536
+
+    for round_id in (1, 999):  # no such round, or one the device was not selected for
+        read["chunks"] = 0
+        r = app.request(
+            "PUT",
+            f"/v1/rounds/{round_id}/update",
+            content=body(),
+            headers={
+                "Authorization": f"Bearer {app.device_token}",
+                "Content-Length": str(16 * 65536),
+                "Content-Type": "application/octet-stream",
+            },
+        )
+        assert r.status_code in (403, 410), r.text
+        assert read["chunks"] <= 1  # httpx may have pulled the first chunk; the route read none

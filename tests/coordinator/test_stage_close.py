@@ -187,6 +187,17 @@ class SecureRound:
                 msg = self.clients[d].unmask(req.survivors, req.dropped)
                 rounds.unmask(s, self.c.ctx, round_id=self.round_id, device=self.device(s, d), msg=msg)
 
+    def to_aggregation(self) -> None:
+        """Every stage with all five devices, up to the round waiting for its aggregation."""
+        self.select()
+        self.advertise()
+        self.share()
+        assert self.close() == Stage.MASKED_INPUT
+        self.upload([f"dev{i}" for i in range(5)])
+        assert self.close() == Stage.UNMASK
+        self.unmask()
+        assert self.close() == rounds.AGGREGATING
+
     def expected_mean(self, devices: list[str]) -> np.ndarray:
         assert self.plan is not None and self.plan.codec is not None and self.plan.secagg is not None
         dim = self.c.ctx.store.bundle(self.record().plan["bundle_dir"]).manifest.train.layout.size
@@ -287,14 +298,7 @@ def test_an_unexpected_error_in_aggregation_fails_the_round(
     coord: Coord, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     r = SecureRound(coord)
-    r.select()
-    r.advertise()
-    r.share()
-    assert r.close() == Stage.MASKED_INPUT
-    r.upload([f"dev{i}" for i in range(5)])
-    assert r.close() == Stage.UNMASK
-    r.unmask()
-    assert r.close() == rounds.AGGREGATING
+    r.to_aggregation()
 
     def boom(*a: object, **k: object) -> None:
         raise KeyError("lost")
@@ -308,14 +312,7 @@ def test_an_unexpected_error_in_aggregation_fails_the_round(
 
 def test_the_admin_can_fail_a_stuck_round_at_any_stage(coord: Coord) -> None:
     r = SecureRound(coord)
-    r.select()
-    r.advertise()
-    r.share()
-    assert r.close() == Stage.MASKED_INPUT
-    r.upload([f"dev{i}" for i in range(5)])
-    assert r.close() == Stage.UNMASK
-    r.unmask()
-    assert r.close() == rounds.AGGREGATING
+    r.to_aggregation()
     with coord.tx() as s:
         rounds.fail_round(s, coord.ctx, round_id=r.round_id, reason="operator says no")
     assert aggregate(coord.sessions, coord.ctx, r.round_id) is None  # the claim sees it is over
