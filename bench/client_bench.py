@@ -64,7 +64,7 @@ def one_round(
     bundle: Path, devices: int, work: Path, rounds: int = 1, client_args: tuple[str, ...] = ()
 ) -> list[dict[str, Any]]:
     from coordinator.launch import start_local, stop_local
-    from simulator.run import SimConfig
+    from simulator.config import SimConfig
 
     coord = start_local(work / "coordinator", extra_env={"FEDKEYS_PUBLISH_PREDICT": "true"})
     try:
@@ -273,8 +273,8 @@ def _breakdown_child(bundle_dir: Path, work: Path) -> None:
 
 def breakdown(bundle: Path, client_python: str) -> list[dict[str, Any]]:
     """Run :func:`_breakdown_child` in the client interpreter; its rows."""
-    from edge_client.bundle import load_bundle
-    from simulator.run import SimConfig
+    from protocol.bundle import load_bundle
+    from simulator.config import SimConfig
 
     b = load_bundle(bundle)
     cfg = SimConfig().task_config()
@@ -382,8 +382,8 @@ def memory_notes(rows: list[dict[str, Any]], res: list[dict[str, Any]], deltas: 
 
 
 def suggestion_latency(state: Path, prefixes: list[str]) -> dict[str, float]:
-    from edge_client.bundle import load_bundle
     from edge_client.runtime import Predictor, set_threads
+    from protocol.bundle import load_bundle
 
     set_threads(1)
     bundle = load_bundle(sorted((state / "bundles").glob("*/manifest.json"))[-1].parent)
@@ -428,10 +428,10 @@ def main() -> None:
     if args.breakdown_only:
         print("\n".join(breakdown_table(breakdown(args.bundle, args.client_python))))
         return
-    from edge_client.bundle import load_bundle
     from model_export.data import load_chitchat, split_corpus
     from model_export.evaluate import eval_messages
-    from simulator.run import SimConfig
+    from protocol.bundle import load_bundle
+    from simulator.config import SimConfig
 
     sim = SimConfig()
     load = os.getloadavg()[0]

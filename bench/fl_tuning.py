@@ -64,7 +64,7 @@ def run_trial(trial: Trial, bundle_dir: str) -> dict[str, Any]:
     from model_export.export import model_from_bundle
     from protocol.codec import CodecParams, decode_sum, encode, ring_bits
     from simulator.compare import device_texts
-    from simulator.run import VersionEvaluator, heldout_sample
+    from simulator.evaluation import VersionEvaluator, heldout_sample
 
     torch.set_num_threads(1)
     torch.manual_seed(trial.seed)
@@ -195,7 +195,7 @@ def main() -> None:
     args = ap.parse_args()
     trials = [replace(Trial("x"), **o) for o in json.loads(args.trials)] if args.trials else GRIDS[args.grid]
     if args.baseline:
-        from simulator.run import VersionEvaluator, heldout_sample
+        from simulator.evaluation import VersionEvaluator, heldout_sample
 
         ev = VersionEvaluator(Path(args.bundle), heldout_sample(trials[0].eval_messages, 0))
         r0 = ev.eager(ev.bundle.initial_weights())

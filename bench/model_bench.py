@@ -55,8 +55,8 @@ def _contexts(n: int) -> list[str]:
 
 def latency(bundle_dir: Path, queries: int) -> dict[str, float]:
     _pin_one_core()
-    from edge_client.bundle import load_bundle
     from edge_client.runtime import Predictor
+    from protocol.bundle import load_bundle
 
     pred = Predictor.from_bundle(load_bundle(bundle_dir))
     ctx = _contexts(queries + 50)
@@ -78,9 +78,9 @@ def latency(bundle_dir: Path, queries: int) -> dict[str, float]:
 
 def _batch(bundle_dir: Path):  # type: ignore[no-untyped-def]
     from edge_client.batching import encode_messages, pack_batches
-    from edge_client.bundle import load_bundle
     from edge_client.tokenizer import Tokenizer
     from model_export.data import load_chitchat, normalize, split_corpus
+    from protocol.bundle import load_bundle
 
     b = load_bundle(bundle_dir)
     tok = Tokenizer(b.path(b.manifest.tokenizer))
@@ -167,9 +167,9 @@ def peak_rss(bundle_dir: Path, steps: int) -> dict[str, float]:
     import numpy as np
 
     from edge_client.batching import encode_messages, pack_batches
-    from edge_client.bundle import load_bundle
     from edge_client.runtime import OptimizerConfig, Trainer
     from edge_client.tokenizer import Tokenizer
+    from protocol.bundle import load_bundle
 
     texts = Path(os.environ["FEDKEYS_BENCH_TEXTS"]).read_text().splitlines()
     b = load_bundle(bundle_dir)
@@ -191,8 +191,8 @@ def peak_rss(bundle_dir: Path, steps: int) -> dict[str, float]:
 
 def predict_rss(bundle_dir: Path, queries: int) -> dict[str, float]:
     """A fresh process that only suggests (the keyboard's side)."""
-    from edge_client.bundle import load_bundle
     from edge_client.runtime import Predictor
+    from protocol.bundle import load_bundle
 
     pred = Predictor.from_bundle(load_bundle(bundle_dir))
     for t in ["how are ", "i am going to the ", "what do you th"] * max(1, queries // 3):
@@ -253,7 +253,7 @@ def main() -> None:
     user = max(fed, key=lambda u: len(fed[u]) if len(fed[u]) < 1000 else 0)
     texts_file = Path("/tmp/fedkeys-bench-device-texts.txt")
     texts_file.write_text("\n".join(normalize(m.text) for m in fed[user][-400:]))
-    from edge_client.bundle import load_bundle
+    from protocol.bundle import load_bundle
 
     weights_file = Path("/tmp/fedkeys-bench-weights.f32")
     load_bundle(args.bundle).initial_weights().tofile(weights_file)

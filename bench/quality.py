@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 from bench.model_bench import _record  # noqa: E402
 from edge_client.batching import encode_messages, pack_batches  # noqa: E402
 from edge_client.tokenizer import Tokenizer  # noqa: E402
-from fedkeys.console import rich_progress  # noqa: E402
+from model_export.console import rich_progress  # noqa: E402
 from model_export.data import load_chitchat  # noqa: E402
 from model_export.evaluate import EvalResult, fitting  # noqa: E402
 from model_export.export import build_bundle  # noqa: E402
@@ -76,7 +76,7 @@ def main() -> None:
                 profile.bundle,
                 profile=profile.name,
             )
-            from edge_client.bundle import load_bundle
+            from protocol.bundle import load_bundle
 
             rows.append(
                 (

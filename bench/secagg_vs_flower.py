@@ -496,7 +496,7 @@ def our_round(pool: Any, n: int, d: int, config: dict[str, Any], seed: int) -> d
 def measure_prg_rate(total_bytes: int = 1 << 30) -> dict[str, float]:
     """Keystream rates on one core (bytes per CPU second, best of 3): AES-256-CTR through
     OpenSSL's CTR mode ("aes256_ctr") and through its GCM kernel ("aes256_gcm": the same
-    keystream from counter block 2, see protocol.secagg.crypto._Keystream), AES-128 the
+    keystream from counter block 2, see protocol.keystream.Keystream), AES-128 the
     same two ways, and ChaCha20. "aes128" is the faster AES-128 path: the PRG the masks use
     and the floor's rate (until 2026-12-01 the masks used AES-256: "aes256")."""
     from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes

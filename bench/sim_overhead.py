@@ -136,10 +136,10 @@ def latency_lines(rounds: list[dict[str, Any]], devices: list[dict[str, Any]]) -
     for r in rounds:
         closed = r["created_ts"] + float((r.get("stage_seconds") or {}).get("selecting") or 0.0)
         marks = [
-            d_r.get("marks") or {}
+            d_r.marks or {}
             for d in devices
             for d_r in d.get("rounds", [])
-            if d_r.get("round") == r["round_id"] and d_r.get("kind") == "train"
+            if d_r.round == r["round_id"] and d_r.kind == "train"
         ]
         cells = []
         for m in MARKS:
@@ -150,7 +150,8 @@ def latency_lines(rounds: list[dict[str, Any]], devices: list[dict[str, Any]]) -
 
 
 def main() -> None:
-    from simulator.run import SimConfig, default_workers, local_coordinator, run_simulation
+    from simulator.config import SimConfig
+    from simulator.run import default_workers, local_coordinator, run_simulation
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--bundle", type=Path, default=ROOT / "artifacts/demo/bundle")

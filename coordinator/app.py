@@ -43,7 +43,7 @@ from coordinator.observability import Metrics, configure_logging
 from coordinator.schemas import TaskConfig
 from coordinator.services.aggregate import aggregate, pending_aggregations, publish_pending
 from coordinator.services.devices import AuthError, RateLimited, checkin_statement
-from coordinator.services.privacy import privacy_status
+from coordinator.services.privacy_budget import privacy_status
 from coordinator.services.rounds import (
     DONE,
     Forbidden,
@@ -55,7 +55,7 @@ from coordinator.services.rounds import (
 )
 from coordinator.services.storage import ArtifactStore
 from coordinator.services.tasks import Conflict, NotFound
-from edge_client.bundle import BundleError
+from protocol.bundle import BundleError
 from protocol.codec import CodecError
 from protocol.dp import DPError
 from protocol.layout import LayoutError
@@ -163,7 +163,7 @@ def tick(app: FastAPI) -> None:
         pending = pending_aggregations(session, ctx.now())
     for round_id in pending:
         aggregate(factory, ctx, round_id)
-        ctx._views = None  # the round is over (committed): check-ins here see it at once
+        ctx.forget_views()  # the round is over (committed): check-ins here see it at once
 
 
 def _loop(app: FastAPI, name: str, every: float, fn: Any, stop: threading.Event) -> None:

@@ -1,7 +1,8 @@
 """Start a coordinator as a child process on loopback (uvicorn over TLS with a fresh dev CA).
 
 One launcher for everything that needs a real coordinator next to it: the simulator
-(``fedkeys simulate`` without ``--coordinator``), the test fixtures and the benchmarks.
+(``fedkeys simulate`` without ``--coordinator``), the test fixtures and the benchmarks. What a
+client needs to reach any coordinator, local or not, is a :class:`CoordinatorHandle`.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import httpx
 
-__all__ = ["LocalCoordinator", "free_port", "start_local", "stop_local"]
+__all__ = ["CoordinatorHandle", "LocalCoordinator", "free_port", "start_local", "stop_local"]
 
 
 def free_port() -> int:
@@ -29,17 +30,14 @@ def free_port() -> int:
 
 
 @dataclass
-class LocalCoordinator:
-    """A running coordinator process and what a client needs to reach it."""
+class CoordinatorHandle:
+    """What a client needs to reach a coordinator and administer it: its URL, the CA that signed
+    its certificate, its admin token and its fleet's enrolment secret."""
 
     url: str
     ca: Path
     admin_token: str
     enroll_secret: str
-    data_dir: Path
-    db_url: str
-    proc: subprocess.Popen[bytes] | None = None
-    log: Path | None = None
 
     def admin(self, timeout: float = 300) -> httpx.Client:
         return httpx.Client(
@@ -52,6 +50,17 @@ class LocalCoordinator:
     def client(self, token: str | None = None) -> httpx.Client:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         return httpx.Client(base_url=self.url, verify=str(self.ca), headers=headers, timeout=60)
+
+
+@dataclass
+class LocalCoordinator(CoordinatorHandle):
+    """A coordinator process started here (:func:`start_local`): its handle, where it keeps its
+    data, and the process itself."""
+
+    data_dir: Path
+    db_url: str
+    proc: subprocess.Popen[bytes] | None = None
+    log: Path | None = None
 
 
 def start_local(

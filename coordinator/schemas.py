@@ -130,7 +130,7 @@ class ServerOptimizer(_Model):
 
 
 class PrivacySettings(_Model):
-    """User-level differential privacy (protocol.dp, coordinator.privacy).
+    """User-level differential privacy (protocol.dp, coordinator.dp_plan).
 
     ``central``: the coordinator adds Gaussian noise to the unmasked sum. ``distributed``: each
     device adds discrete Gaussian noise before masking (needs secure aggregation), so the
@@ -146,7 +146,7 @@ class PrivacySettings(_Model):
     population: int | None = Field(default=None, ge=1)
     """Devices the task may draw from: the accountant's sampling rate is the selected share of
     it (an approximation: selection is not Poisson, and the coordinator knows the cohort; see
-    coordinator.privacy). None = no amplification by sampling."""
+    coordinator.dp_plan). None = no amplification by sampling."""
     adjacency: Adjacency = "replace-one"
     """Which rounds are neighbours, and so the sensitivity the noise is calibrated to
     (protocol.dp). ``replace-one``: same cohort, one device's data replaced; sensitivity

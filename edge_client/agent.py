@@ -27,20 +27,16 @@ from typing import Any
 import numpy as np
 
 from edge_client.batching import Batch, encode_messages, pack_batches
-from edge_client.bundle import Bundle, BundleError, extract_bundle, load_bundle
 from edge_client.datastore import DataStore
 from edge_client.device_state import Conditions, StateProvider
+from edge_client.errors import Aborted
 from edge_client.memory import peak_rss_mb, release_pages, trim
-from edge_client.participation import (
-    Aborted,
-    LocalResult,
-    RoundOutcome,
-    WeightsCache,
-    drop_codec_caches,
-    run_round,
-)
+from edge_client.participation import LocalResult, RoundOutcome, drop_codec_caches, run_round
 from edge_client.policy import DevicePolicy, bucket_eval_counts
+from edge_client.records import RoundHistory, RoundRecord
 from edge_client.transport import ApiError, FileSink, Transport, TransportError
+from edge_client.weights_cache import WeightsCache
+from protocol.bundle import Bundle, BundleError, extract_bundle, load_bundle
 from protocol.layout import FloatVec
 from protocol.wire import DeviceState, EnrollRequest, EvalCounts, RoundPlan, TrainReport
 
@@ -91,7 +87,7 @@ class AgentConfig:
 
 @dataclass
 class AgentStats:
-    rounds: list[dict[str, Any]] = field(default_factory=list)
+    rounds: list[RoundRecord] = field(default_factory=list)
     bytes_up: int = 0
     bytes_down: int = 0
 
@@ -128,6 +124,7 @@ class Agent:
             self.transport.on_bytes = self._count
         self.rng = rng or random.Random()
         self.weights = WeightsCache(directory=cfg.state_dir / "weights", deltas=cfg.weight_deltas)
+        self.history = RoundHistory(cfg.state_dir / "history.jsonl")
         self._bundles: dict[str, Bundle] = {}
         self._attempted: set[int] = set()  # rounds this process already took part in (or left)
         self._finished: set[int] = set()  # of those, rounds it saw end (committed or failed)
@@ -250,15 +247,15 @@ class Agent:
             wait = 1.0 if r.round_id in self._finished else self.cfg.left_round_wait
             return wait * (0.5 + self.rng.random()), False
         self._attempted.add(r.round_id)
-        outcome = self.train_round(r.round_id) if r.action == "train" else self.eval_round(r.round_id)
-        if outcome.get("outcome") is not None:
+        record = self.train_round(r.round_id) if r.action == "train" else self.eval_round(r.round_id)
+        if record.outcome is not None:
             self._finished.add(r.round_id)
         if self.cfg.drop_codec_caches:
             drop_codec_caches()
         trim()  # the round's large temporaries are gone: give their pages back
-        outcome["peak_rss_mb"] = round(peak_rss_mb(), 1)  # of the process so far (NaN without /proc)
-        self.stats.rounds.append(outcome)
-        self.record(outcome)
+        record.peak_rss_mb = round(peak_rss_mb(), 1)  # of the process so far (NaN without /proc)
+        self.stats.rounds.append(record)
+        self.history.append(record)
         return 0.0, True
 
     # -- rounds ---------------------------------------------------------------------------
@@ -274,9 +271,7 @@ class Agent:
             # streamed to disk, hashed on the way, cut off past its declared size
             sink = FileSink(root.with_suffix(".tar"), limit=plan.bundle.size)
             try:
-                self.transport.download_to(plan.bundle.url, sink)
-                if sink.size != plan.bundle.size or sink.hexdigest() != sha:
-                    raise Aborted("downloaded bundle does not match its size and sha256") from None
+                self.transport.fetch(plan.bundle, sink)
                 sink.close()
                 b = extract_bundle(sink.tmp, root)
             except ValueError as e:
@@ -376,14 +371,14 @@ class Agent:
         b = self.bundle(plan)
         return b.manifest.model_version, b.initial_weights()
 
-    def train_round(self, round_id: int) -> dict[str, Any]:
+    def train_round(self, round_id: int) -> RoundRecord:
         up, down = self.stats.bytes_up, self.stats.bytes_down
-        out = self._train_round(round_id)
-        out["bytes_up"] = self.stats.bytes_up - up
-        out["bytes_down"] = self.stats.bytes_down - down
-        return out
+        record = self._train_round(round_id)
+        record.bytes_up = self.stats.bytes_up - up
+        record.bytes_down = self.stats.bytes_down - down
+        return record
 
-    def _train_round(self, round_id: int) -> dict[str, Any]:
+    def _train_round(self, round_id: int) -> RoundRecord:
         device = self.device_id or ""
         self.last_training = None
         try:
@@ -402,32 +397,32 @@ class Agent:
             )
         except Aborted as e:
             log.info("round %d: left (%s)", round_id, e)
-            return {"round": round_id, "kind": "train", "completed": False, "reason": str(e)}
+            return RoundRecord(round_id, "train", completed=False, reason=str(e))
         except (ApiError, TransportError) as e:
             # a refusal after a coordinator restart (the round failed or moved on meanwhile) or a
             # coordinator still unreachable after the transport's retries: leave the round
             # cleanly and go back to checking in (evaluation rounds leave on refusals too)
             log.warning("round %d: left after a coordinator error (%s)", round_id, e)
-            return {"round": round_id, "kind": "train", "completed": False, "reason": str(e)}
+            return RoundRecord(round_id, "train", completed=False, reason=str(e))
         except Exception as e:
             # A message that breaks the protocol (a neighbour's bad share or key, a roster below
             # the safety floors, an unsafe URL, a malformed answer) ends this round for this
             # device, never the agent: the next check-in starts afresh.
             log.warning("round %d: left after a protocol error", round_id, exc_info=True)
-            return {"round": round_id, "kind": "train", "completed": False, "reason": f"protocol error: {e}"}
+            return RoundRecord(round_id, "train", completed=False, reason=f"protocol error: {e}")
         if out.new_version is not None:
             self.model_version = out.new_version
-        return {
-            "round": round_id,
-            "kind": "train",
-            "completed": out.completed,
-            "outcome": out.outcome,
-            "new_version": out.new_version,
-            "reason": out.reason,
-            "seconds": out.stage_seconds,
-            "marks": out.marks,
-            "training": self.last_training.model_dump() if self.last_training else None,
-        }
+        return RoundRecord(
+            round_id,
+            "train",
+            completed=out.completed,
+            reason=out.reason,
+            outcome=out.outcome,
+            new_version=out.new_version,
+            seconds=out.stage_seconds,
+            marks=out.marks,
+            training=self.last_training,
+        )
 
     def predictor_for(self, plan: RoundPlan) -> Any:
         """The predictor of ``plan.model_version`` (its published predict.pte, cached)."""
@@ -440,9 +435,7 @@ class Agent:
             if not program.exists():
                 sink = FileSink(program, limit=plan.predict.size)
                 try:
-                    self.transport.download_to(plan.predict.url, sink)
-                    if sink.size != plan.predict.size or sink.hexdigest() != plan.predict.sha256:
-                        raise Aborted("downloaded predict.pte does not match its size and sha256")
+                    self.transport.fetch(plan.predict, sink)
                     sink.commit()
                 except ValueError as e:
                     raise Aborted(f"downloaded predict.pte: {e}") from None
@@ -450,7 +443,7 @@ class Agent:
                     sink.discard()
         return Predictor.from_bundle(bundle, program)
 
-    def eval_round(self, round_id: int) -> dict[str, Any]:
+    def eval_round(self, round_id: int) -> RoundRecord:
         from edge_client.evaluation import evaluate_messages
 
         try:
@@ -462,11 +455,11 @@ class Agent:
                 counts = bucket_eval_counts(counts, self.rng)
             self.transport.evaluation(round_id, counts)
         except (Aborted, ApiError, TransportError) as e:
-            return {"round": round_id, "kind": "evaluate", "completed": False, "reason": str(e)}
+            return RoundRecord(round_id, "evaluate", completed=False, reason=str(e))
         except Exception as e:  # as for training rounds: the round ends, the agent goes on
             log.warning("round %d: left the evaluation after an error", round_id, exc_info=True)
-            return {"round": round_id, "kind": "evaluate", "completed": False, "reason": f"error: {e}"}
-        return {"round": round_id, "kind": "evaluate", "completed": True, "words": counts.words}
+            return RoundRecord(round_id, "evaluate", completed=False, reason=f"error: {e}")
+        return RoundRecord(round_id, "evaluate", completed=True, words=counts.words)
 
     def status(self) -> dict[str, Any]:
         c = self.provider.read()
@@ -483,21 +476,5 @@ class Agent:
                 "notes": list(c.notes),
             },
             "local_data": self.store.counts(),
-            "recent_rounds": self._history()[-10:],
+            "recent_rounds": self.history.recent(10),
         }
-
-    def _history(self) -> list[dict[str, Any]]:
-        path = self.cfg.state_dir / "history.jsonl"
-        if not path.exists():
-            return []
-        out = []
-        for line in path.read_text().splitlines():
-            try:
-                out.append(json.loads(line))
-            except ValueError:
-                continue
-        return out
-
-    def record(self, entry: dict[str, Any]) -> None:
-        with (self.cfg.state_dir / "history.jsonl").open("a") as f:
-            f.write(json.dumps({"t": time.time(), **entry}) + "\n")

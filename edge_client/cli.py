@@ -151,12 +151,10 @@ def _run(args: argparse.Namespace) -> None:
         store = _store(args)
         saved = _saved(args.state_dir)
         from edge_client.device_state import auto_provider
+        from edge_client.records import RoundHistory
 
         c = auto_provider().read()
-        history = []
-        hist = args.state_dir / "history.jsonl"
-        if hist.exists():
-            history = [json.loads(line) for line in hist.read_text().splitlines()[-10:] if line.strip()]
+        history = RoundHistory(args.state_dir / "history.jsonl").recent(10)
         out.write(
             json.dumps(
                 {
@@ -190,8 +188,8 @@ def _run(args: argparse.Namespace) -> None:
 
 
 def _suggest(args: argparse.Namespace) -> None:
-    from edge_client.bundle import load_bundle
     from edge_client.runtime import Predictor
+    from protocol.bundle import load_bundle
 
     if args.k <= 0:
         raise ClientError("-k must be positive")

@@ -24,11 +24,11 @@ import numpy.typing as npt
 import torch
 
 from edge_client.batching import IGNORE_INDEX, Batch
-from edge_client.bundle import Bundle
 from edge_client.memory import release_pages
 from edge_client.native import native_call, native_section
 from edge_client.predictor import BeamSearch, FloatArray, Suggestion
 from edge_client.tokenizer import Tokenizer
+from protocol.bundle import Bundle
 from protocol.layout import FloatVec, Layout, LayoutError
 
 __all__ = ["OptimizerConfig", "Predictor", "ProgramModel", "TrainStats", "Trainer", "set_threads"]

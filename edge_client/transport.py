@@ -6,7 +6,9 @@ jitter on connection errors, 5xx and 429 (honouring ``Retry-After``). 4xx answer
 429 are final and raised as :class:`ApiError` with the coordinator's reason.
 
 Artifacts (bundles, programs, weights: megabytes) are streamed into a :class:`Sink` chunk by
-chunk and hashed on the way, never held whole in memory as a response body.
+chunk and hashed on the way, never held whole in memory as a response body;
+:meth:`Transport.fetch` checks what arrived against the plan's :class:`ArtifactRef` (size and
+sha256) and raises :class:`ArtifactError` when it is not that artifact.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from pydantic import BaseModel
 
 from protocol.wire import (
     AdvertiseKeys,
+    ArtifactRef,
     CheckinRequest,
     CheckinResponse,
     DeviceState,
@@ -46,6 +49,8 @@ from protocol.wire import (
 __all__ = [
     "ApiError",
     "ArraySink",
+    "ArtifactError",
+    "CheckedSink",
     "FileSink",
     "Sink",
     "Transport",
@@ -60,6 +65,11 @@ M = TypeVar("M", bound=BaseModel)
 _CHUNK = 1 << 16  # bytes per streamed read
 
 
+class ArtifactError(ValueError):
+    """A downloaded artifact is not the one its reference announced: longer than its declared
+    size (cut off as it arrives), or another size or sha256 once complete."""
+
+
 class Sink(Protocol):
     """Where a streamed download goes. ``reset`` starts over (a retried request)."""
 
@@ -68,10 +78,18 @@ class Sink(Protocol):
     def write(self, chunk: bytes) -> None: ...
 
 
+class CheckedSink(Sink, Protocol):
+    """A sink that counts and hashes what it holds (:meth:`Transport.fetch` checks both)."""
+
+    size: int
+
+    def hexdigest(self) -> str: ...
+
+
 class FileSink:
     """Streams into ``dest`` through a temporary file next to it (owner-only, 0600); SHA-256
     on the way; at most ``limit`` bytes (the artifact's declared size: a longer download is
-    cut off with ``ValueError`` instead of filling the disk).
+    cut off with :class:`ArtifactError` instead of filling the disk).
 
     ``commit()`` renames the finished file into place; ``discard()`` removes the temporary.
     """
@@ -94,7 +112,7 @@ class FileSink:
 
     def write(self, chunk: bytes) -> None:
         if self.limit is not None and self.size + len(chunk) > self.limit:
-            raise ValueError(f"download is larger than the expected {self.limit} bytes")
+            raise ArtifactError(f"download is larger than the expected {self.limit} bytes")
         self._f.write(chunk)
         self._hash.update(chunk)
         self.size += len(chunk)
@@ -118,10 +136,13 @@ class FileSink:
 
 
 class ArraySink:
-    """Streams exactly ``nbytes`` into one preallocated buffer (no body copy, no join)."""
+    """Streams at most ``limit`` bytes (the artifact's declared size) into one buffer of that
+    size, allocated up front (no body copy, no join); more is cut off with
+    :class:`ArtifactError`."""
 
-    def __init__(self, nbytes: int) -> None:
-        self.buffer: npt.NDArray[np.uint8] = np.empty(nbytes, dtype=np.uint8)
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.buffer: npt.NDArray[np.uint8] = np.empty(limit, dtype=np.uint8)
         self.size = 0
         self._hash = hashlib.sha256()
 
@@ -131,8 +152,8 @@ class ArraySink:
 
     def write(self, chunk: bytes) -> None:
         end = self.size + len(chunk)
-        if end > self.buffer.shape[0]:
-            raise ValueError(f"download is larger than the expected {self.buffer.shape[0]} bytes")
+        if end > self.limit:
+            raise ArtifactError(f"download is larger than the expected {self.limit} bytes")
         self.buffer[self.size : end] = np.frombuffer(chunk, dtype=np.uint8)
         self._hash.update(chunk)
         self.size = end
@@ -353,8 +374,20 @@ class Transport:
         return self._request("GET", url, params=params).content
 
     def download_to(self, url: str, sink: Sink, *, params: dict[str, Any] | None = None) -> None:
-        """An artifact streamed into ``sink`` (the caller checks the sink's sha256)."""
+        """An artifact streamed into ``sink`` (the caller checks what the sink received)."""
         self._request("GET", url, params=params, sink=sink)
+
+    def fetch(self, ref: ArtifactRef, sink: CheckedSink) -> None:
+        """The artifact ``ref`` streamed into ``sink``, then checked: :class:`ArtifactError`
+        unless it is ``ref.size`` bytes with sha256 ``ref.sha256``.
+
+        Make ``sink`` with ``limit=ref.size``, so that a longer body is cut off as it arrives
+        rather than written out first. What to do with a good artifact (rename a file into
+        place, unpack a bundle, view a buffer) is the caller's; so is discarding a bad one.
+        """
+        self.download_to(ref.url, sink)
+        if sink.size != ref.size or sink.hexdigest() != ref.sha256:
+            raise ArtifactError(f"{ref.url} does not match its announced size and sha256")
 
     def current(self, task: str) -> dict[str, Any]:
         out: dict[str, Any] = self._request("GET", f"/v1/tasks/{task}/current").json()

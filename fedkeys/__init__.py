@@ -1,3 +1,5 @@
 """fedkeys: federated learning of keyboard next-word models on real devices."""
 
-__version__ = "0.1.0"
+from protocol.version import __version__
+
+__all__ = ["__version__"]

@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _export_build(args: argparse.Namespace) -> None:
-    from fedkeys.console import console, rich_progress
+    from model_export.console import console, rich_progress
     from model_export.pipeline import build
     from model_export.profiles import get_profile
 
@@ -80,7 +80,7 @@ def _export_build(args: argparse.Namespace) -> None:
 
 
 def _print_eval(rows: Sequence[EvalResult]) -> None:
-    from fedkeys.console import print_table
+    from model_export.console import print_table
 
     if rows:
         print_table(
@@ -105,11 +105,11 @@ def _print_eval(rows: Sequence[EvalResult]) -> None:
 def _export_evaluate(args: argparse.Namespace) -> None:
     from dataclasses import replace
 
-    from edge_client.bundle import load_bundle
-    from fedkeys.console import rich_progress
+    from model_export.console import rich_progress
     from model_export.data import load_corpus, split_corpus
     from model_export.pipeline import evaluate_bundle
     from model_export.profiles import PROFILES, get_profile
+    from protocol.bundle import load_bundle
 
     bundle = load_bundle(args.bundle)
     profile = PROFILES.get(bundle.manifest.profile) or get_profile("demo")
@@ -126,9 +126,9 @@ def _export_evaluate(args: argparse.Namespace) -> None:
 
 
 def _suggest(args: argparse.Namespace) -> None:
-    from edge_client.bundle import load_bundle
     from edge_client.runtime import Predictor
-    from fedkeys.console import console
+    from model_export.console import console
+    from protocol.bundle import load_bundle
 
     if args.k <= 0:
         raise UsageError("-k must be positive")
@@ -152,8 +152,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         for noisy in ("torchao", "torch", "executorch"):
             logging.getLogger(noisy).setLevel(logging.ERROR)
     from coordinator.cli import CliError
-    from edge_client.bundle import BundleError
     from edge_client.cli import ClientError
+    from protocol.bundle import BundleError
 
     handlers = {
         ("export", "build"): _export_build,

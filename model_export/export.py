@@ -24,7 +24,6 @@ import numpy as np
 import torch
 from safetensors.numpy import save_file
 
-from edge_client.bundle import pack_bundle
 from edge_client.tokenizer import BOS_ID
 from model_export.model import (
     ModelConfig,
@@ -41,6 +40,7 @@ from protocol.bundle import (
     Manifest,
     PredictSpec,
     TrainSpec,
+    pack_bundle,
     sha256_file,
 )
 from protocol.layout import FloatVec, Layout

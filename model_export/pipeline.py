@@ -20,7 +20,6 @@ from pathlib import Path
 import torch
 
 from edge_client.batching import Batch, IntArray, encode_messages, pack_batches
-from edge_client.bundle import Bundle, BundleError, load_bundle
 from edge_client.predictor import BeamSearch
 from edge_client.runtime import ProgramModel, set_threads
 from edge_client.tokenizer import Tokenizer
@@ -40,6 +39,7 @@ from model_export.ngram import TrigramLM
 from model_export.profiles import Profile
 from model_export.tokenizer import train_tokenizer
 from model_export.train import TrainConfig, train_lm
+from protocol.bundle import Bundle, BundleError, load_bundle
 
 __all__ = [
     "BuildResult",

@@ -47,7 +47,7 @@ removing one also by at most 1: its sensitivity is 1 under both relations. The t
 releases together are one Gaussian mechanism whose noise multiplier (noise over sensitivity)
 :func:`combined_noise_multiplier` gives; :func:`update_noise_multiplier` splits a target
 multiplier between them. Sampling (which rounds a device is in) and its amplification are the
-accountant's: see :mod:`coordinator.privacy`.
+accountant's: see :mod:`coordinator.dp_plan`.
 
 **Modes.** The update's noise is ``z * sensitivity`` (``z``: the update's noise multiplier):
 
@@ -63,7 +63,7 @@ accountant's: see :mod:`coordinator.privacy`.
 
 **Device noise source.** The noise must be unpredictable to the coordinator, which sees the
 noisy sum: :class:`NoiseStream` draws its bits from the AES-128-CTR keystream
-(:func:`protocol.secagg.crypto.keystream`, the masks' PRG) under a fresh key from
+(:func:`protocol.keystream.keystream`, the masks' PRG) under a fresh key from
 :func:`secrets.token_bytes`, a cryptographically secure generator; numpy's generators are not
 (PCG64's state can be recovered from its outputs: Bouillaguet, Martinez & Sauvage 2020), and
 the sampler refuses them. A fixed key makes the noise reproducible: tests only.
@@ -82,6 +82,8 @@ from typing import Final, Literal
 
 import numpy as np
 import numpy.typing as npt
+
+from protocol.keystream import SEED_BYTES, keystream
 
 __all__ = [
     "ADJACENCY_FACTOR",
@@ -137,7 +139,7 @@ def level_sensitivity(
 class NoiseStream:
     """Uniform 64-bit words for DP noise from a cryptographically secure generator.
 
-    The words are the AES-128-CTR keystream (:func:`protocol.secagg.crypto.keystream`) of a
+    The words are the AES-128-CTR keystream (:func:`protocol.keystream.keystream`) of a
     32-byte key (AES reads its first 16 bytes); without a key, one is drawn from
     :func:`secrets.token_bytes`. A secret random key makes the stream indistinguishable from
     uniform to anyone without it, the coordinator included. Pass a fixed ``key`` only in
@@ -147,13 +149,10 @@ class NoiseStream:
     __slots__ = ("_ks",)
 
     def __init__(self, key: bytes | None = None) -> None:
-        # imported here: protocol.secagg imports the codec, which imports this module
-        from protocol.secagg.crypto import KEY_BYTES, keystream
-
         if key is None:
-            key = secrets.token_bytes(KEY_BYTES)
-        if not isinstance(key, bytes) or len(key) != KEY_BYTES:
-            raise DPError(f"a noise key has {KEY_BYTES} bytes")
+            key = secrets.token_bytes(SEED_BYTES)
+        if not isinstance(key, bytes) or len(key) != SEED_BYTES:
+            raise DPError(f"a noise key has {SEED_BYTES} bytes")
         self._ks = keystream(key)
 
     def words(self, n: int) -> npt.NDArray[np.uint64]:

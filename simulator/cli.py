@@ -91,7 +91,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 
 def _config(args: argparse.Namespace) -> Any:
-    from simulator.run import SimConfig
+    from simulator.config import SimConfig
 
     cfg = SimConfig(
         devices=args.devices,
@@ -183,7 +183,7 @@ def _strategies(text: str) -> list[str]:
 def _bundle(path: Path) -> Path:
     if (path / "manifest.json").exists():
         return path
-    from fedkeys.console import console, rich_progress
+    from model_export.console import console, rich_progress
     from model_export.pipeline import build
     from model_export.profiles import get_profile
 
@@ -195,14 +195,14 @@ def _bundle(path: Path) -> Path:
 
 def _dense_ratio(bundle: Path, upload: float | None) -> float:
     """How many times smaller a device's upload was than a dense float32 update."""
-    from edge_client.bundle import load_bundle
+    from protocol.bundle import load_bundle
 
     dense = 4 * load_bundle(bundle).manifest.train.layout.size
     return dense / upload if upload else float("nan")
 
 
 def _printer() -> Any:
-    from fedkeys.console import console
+    from model_export.console import console
 
     def show(ev: dict[str, Any]) -> None:
         if ev["event"] == "round":
@@ -231,9 +231,10 @@ def _printer() -> Any:
 
 
 def run(args: argparse.Namespace) -> None:
-    from fedkeys.console import console, print_table
+    from coordinator.launch import CoordinatorHandle
+    from model_export.console import console, print_table
     from simulator.report import write_report
-    from simulator.run import CoordinatorHandle, local_coordinator, run_simulation
+    from simulator.run import local_coordinator, run_simulation
 
     cfg = _config(args)
     if args.forever:
@@ -269,7 +270,7 @@ def run(args: argparse.Namespace) -> None:
             runs, rows, baselines = compare(cfg, bundle, out, coord, show, args.central_steps)
         else:
             from simulator.compare import trigram_rows
-            from simulator.run import heldout_sample
+            from simulator.evaluation import heldout_sample
 
             heldout = heldout_sample(cfg.eval_messages, cfg.seed)
             res = run_simulation(cfg, bundle, out, coord, heldout=heldout, progress=show)
@@ -324,7 +325,7 @@ def _external_coordinator(args: argparse.Namespace) -> Any:
     """The coordinator given by ``--coordinator`` (checked up front), or None to start one."""
     if not args.coordinator:
         return None
-    from simulator.run import CoordinatorHandle
+    from coordinator.launch import CoordinatorHandle
 
     if args.ca is None:
         raise SimError("--coordinator needs --ca (the CA that signed its certificate)")
@@ -340,8 +341,7 @@ def _external_coordinator(args: argparse.Namespace) -> Any:
 
 def _fleet_only(args: argparse.Namespace, cfg: Any) -> None:
     """Devices only, against an existing coordinator, until killed (docker-compose's devices)."""
-    from simulator.fleet import FleetSpec, make_specs, run_worker
-    from simulator.run import _fleet_users
+    from simulator.fleet import FleetSpec, fleet_users, make_specs, run_worker
 
     secret = secret_value(args, "enroll-secret", env="FEDKEYS_ENROLLMENT_SECRET")
     if not args.coordinator or not args.ca or not secret:
@@ -349,7 +349,7 @@ def _fleet_only(args: argparse.Namespace, cfg: Any) -> None:
             "--forever needs --coordinator, --ca and the fleet secret (--enroll-secret-file or "
             "FEDKEYS_ENROLLMENT_SECRET)"
         )
-    specs = make_specs(_fleet_users(), cfg.devices, cfg.seed + os.getpid() % 10_000)
+    specs = make_specs(fleet_users(), cfg.devices, cfg.seed + os.getpid() % 10_000)
     fleet = FleetSpec(
         coordinator=args.coordinator,
         ca=str(args.ca),

@@ -22,15 +22,12 @@ from typing import Any
 
 import numpy as np
 
-from simulator.fleet import make_specs
-from simulator.run import (
-    CoordinatorHandle,
-    SimConfig,
-    SimResult,
-    VersionEvaluator,
-    _fleet_users,
-    run_simulation,
-)
+from coordinator.launch import CoordinatorHandle
+from simulator.config import SimConfig
+from simulator.evaluation import VersionEvaluator, heldout_sample
+from simulator.fleet import fleet_users, make_specs
+from simulator.records import SimResult
+from simulator.run import run_simulation
 
 __all__ = [
     "central_upper_bound",
@@ -50,7 +47,7 @@ def device_texts(devices: int, seed: int, max_examples: int, holdout: int = 20) 
     from edge_client.text import normalize
 
     out: list[list[str]] = []
-    for spec in make_specs(_fleet_users(), devices, seed):
+    for spec in make_specs(fleet_users(), devices, seed):
         keep = spec.texts[: max(len(spec.texts) - min(holdout, len(spec.texts) // 5), 0)][-max_examples:]
         out.append([t for t in (normalize(x) for x in keep) if t])
     return out
@@ -119,8 +116,6 @@ def compare(
     central_steps: int = 1500,
 ) -> tuple[list[SimResult], list[dict[str, Any]], dict[str, float]]:
     """Run the comparison; returns (runs, summary rows, baselines for the accuracy plot)."""
-    from simulator.run import heldout_sample
-
     heldout = heldout_sample(base.eval_messages, base.seed)
     configs = [
         replace(base, name="fl-float32", secagg=False, compress=False),
@@ -200,8 +195,6 @@ def privacy_sweep(
     """Heldout accuracy against epsilon: one run per target (``inf`` = the same configuration
     without noise), on the same fleet, seeds and heldout sample. Every run weighs devices
     equally (weight_cap 1, which DP needs) so that only the noise differs."""
-    from simulator.run import heldout_sample
-
     heldout = heldout_sample(base.eval_messages, base.seed)
     runs = []
     for eps in epsilons:
@@ -269,10 +262,7 @@ def time_to_target(run: SimResult, target: float) -> dict[str, Any]:
 
 def participation(run: SimResult) -> dict[str, float]:
     """How evenly the training rounds spread over the fleet."""
-    counts = [
-        sum(1 for r in d.get("rounds", []) if r.get("kind") == "train" and r.get("completed"))
-        for d in run.devices
-    ]
+    counts = [sum(1 for r in d.get("rounds", []) if r.kind == "train" and r.completed) for d in run.devices]
     if not counts:
         return {"devices_participating": 0.0, "max_participations": 0.0, "gini": 0.0}
     xs = sorted(counts)
@@ -297,8 +287,6 @@ def selection_compare(
     """Time to accuracy per selection strategy, on the same fleet (speeds, data, availability)
     and seeds. ``target`` defaults to the best top-1 that every strategy reached, so each row
     says how long that strategy took to get there."""
-    from simulator.run import heldout_sample
-
     heldout = heldout_sample(base.eval_messages, base.seed)
     runs = [
         run_simulation(

@@ -21,7 +21,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DeviceSpec", "FleetSpec", "SharedRuntime", "TraceProvider", "make_specs", "run_worker"]
+from edge_client.records import RoundRecord
+
+__all__ = [
+    "DeviceSpec",
+    "FleetSpec",
+    "SharedRuntime",
+    "TraceProvider",
+    "fleet_users",
+    "make_specs",
+    "run_worker",
+]
 
 log = logging.getLogger(__name__)
 
@@ -165,9 +175,9 @@ class SharedWeights:
 
 
 def fleet_weights_cache(shared: SharedWeights) -> Any:
-    """A device's :class:`edge_client.participation.WeightsCache` (in memory) whose vectors are
+    """A device's :class:`edge_client.weights_cache.WeightsCache` (in memory) whose vectors are
     the worker's shared copies."""
-    from edge_client.participation import WeightsCache
+    from edge_client.weights_cache import WeightsCache
 
     class FleetWeightsCache(WeightsCache):
         def _intern(self, sha: str, vec: Any) -> Any:
@@ -177,6 +187,15 @@ def fleet_weights_cache(shared: SharedWeights) -> Any:
             return shared.digest(vec, super()._digest)
 
     return FleetWeightsCache()
+
+
+def fleet_users() -> dict[str, list[str]]:
+    """The messages of every participant of the corpus's federated split, by user (oldest
+    first): the people the simulated devices stand for."""
+    from model_export.data import load_chitchat, split_corpus
+
+    fed = split_corpus(load_chitchat())["federated"]
+    return {u: [m.text for m in msgs] for u, msgs in fed.items()}
 
 
 def make_specs(users: dict[str, list[str]], n: int, seed: int, speed_sigma: float = 0.5) -> list[DeviceSpec]:
@@ -205,7 +224,7 @@ def make_specs(users: dict[str, list[str]], n: int, seed: int, speed_sigma: floa
 @dataclass
 class DeviceResult:
     index: int
-    rounds: list[dict[str, Any]] = field(default_factory=list)
+    rounds: list[RoundRecord] = field(default_factory=list)
     bytes_up: int = 0
     bytes_down: int = 0
     error: str = ""
@@ -260,15 +279,15 @@ def _device_thread(
 
     real_round = agent.train_round
 
-    def train_round(round_id: int) -> dict[str, Any]:
+    def train_round(round_id: int) -> RoundRecord:
         if rng.random() < fleet.dropout:  # vanish at a random point of this round (any stage)
             at = rng.uniform(0, runtime.typical_round(fleet.round_seconds))
             timer = threading.Timer(at, provider.vanish, args=(120.0,))
             timer.daemon = True
             timer.start()
         rec = real_round(round_id)
-        marks = rec.get("marks") or {}
-        if rec.get("completed") and "done" in marks and "start" in marks:
+        marks = rec.marks or {}
+        if rec.completed and "done" in marks and "start" in marks:
             runtime.round_spans.append(marks["done"] - marks["start"])
         return rec
 

@@ -31,13 +31,13 @@ from coordinator.services.devices import (
     limit_enrollment,
 )
 from coordinator.services.rounds import RoundContext
-from protocol._encoding import DeviceId
 from protocol.wire import (
     MAX_DEVICES,
     MAX_INT32,
     AdvertiseKeys,
     CheckinRequest,
     CheckinResponse,
+    DeviceId,
     EnrollRequest,
     EnrollResponse,
     EvalCounts,
@@ -152,7 +152,7 @@ async def _checkin_async(app: Any, fast: AsyncStatement, token: str, body: Check
     device_id, last_round = checkin_result(
         row, rate_limit_per_minute=app.state.settings.rate_limit_per_minute
     )
-    snap = rounds.fresh_views(ctx)
+    snap = ctx.views_if_fresh()
     limiter = app.state.checkin_limiter
     if snap is None:
         snap = await anyio.to_thread.run_sync(
@@ -228,15 +228,13 @@ async def round_status(
     db_after = 0.0  # no database read before this time (after one that showed no change)
     while (left := end - time.monotonic()) > 0:
         await anyio.sleep(min(_POLL_TICK, left))
-        snap = ctx._views
-        if snap is None or time.monotonic() - snap.taken >= ctx.view_ttl:
-            if ctx._view_hop or ctx._refreshing.locked():
+        snap = ctx.views_if_fresh()
+        if snap is None:
+            snap = await ctx.refresh_views_from_loop(
+                lambda: rounds.current_views(app.state.soft_sessions, ctx)
+            )
+            if snap is None:
                 continue  # another request refreshes it
-            ctx._view_hop = True  # one waiting poll per worker refreshes (the loop is one thread)
-            try:
-                snap = await anyio.to_thread.run_sync(rounds.current_views, app.state.soft_sessions, ctx)
-            finally:
-                ctx._view_hop = False
         moved = rounds.view_moved(snap, round_id, since, device_id)
         if moved is False or time.monotonic() < db_after:
             continue

@@ -158,7 +158,7 @@ class Round(Base):
     task_id: Mapped[int] = mapped_column(ForeignKey("tasks.id"))
     number: Mapped[int]
     kind: Mapped[str] = mapped_column(String(16), default="train")  # train | evaluate
-    stage: Mapped[str] = mapped_column(String(16))  # see coordinator.services.rounds.STAGES
+    stage: Mapped[str] = mapped_column(String(16))  # see coordinator.services.rounds.context
     base_version: Mapped[int]
     plan: Mapped[dict[str, Any]]
     created_at: Mapped[datetime]

@@ -26,11 +26,11 @@ from coordinator.services.rounds import (
     DROPPED,
     RETRYABLE,
     RoundContext,
-    _fail,
-    _utc,
     fail_after_error,
+    fail_round_now,
     plain_sum,
     unmask_responses,
+    utc,
 )
 from protocol.codec import CodecError, CodecParams, NormBoundError, decode_mean, unclipped_count
 from protocol.dp import NoiseStream, next_clip_norm, sample_discrete_gaussian
@@ -61,7 +61,7 @@ def _claim(factory: sessionmaker[Session], ctx: RoundContext, round_id: int) -> 
         now = ctx.now()
         if rnd is None or rnd.stage != AGGREGATING:
             return None
-        if rnd.claimed_at is not None and _utc(rnd.claimed_at) > now - STALE_CLAIM:
+        if rnd.claimed_at is not None and utc(rnd.claimed_at) > now - STALE_CLAIM:
             return None
         rnd.claimed_at = now
         return now
@@ -173,13 +173,13 @@ def _aggregate(
         with factory() as session, session.begin():
             rnd = session.get(Round, round_id, with_for_update=True, populate_existing=True)
             if rnd is not None and rnd.stage == AGGREGATING:
-                _fail(session, ctx, rnd, f"aggregation: {failure}")
+                fail_round_now(session, ctx, rnd, f"aggregation: {failure}")
                 if isinstance(failure, NormBoundError):
                     rnd.metrics = {**rnd.metrics, "aggregate_refused": str(failure)}
         return None
     with factory() as session, session.begin():
         rnd = session.get(Round, round_id, with_for_update=True, populate_existing=True)
-        if rnd is None or rnd.stage != AGGREGATING or rnd.claimed_at is None or _utc(rnd.claimed_at) != claim:
+        if rnd is None or rnd.stage != AGGREGATING or rnd.claimed_at is None or utc(rnd.claimed_at) != claim:
             return None  # another worker took over a claim we held too long
         task = session.get(Task, rnd.task_id, with_for_update=True, populate_existing=True)
         assert task is not None
@@ -265,7 +265,7 @@ def publish_pending(factory: sessionmaker[Session], ctx: RoundContext, *, latest
             mv = session.get(ModelVersion, mv_id, with_for_update=True, populate_existing=True)
             if mv is None or mv.predict_file is not None:
                 continue
-            if mv.publish_claimed_at is not None and _utc(mv.publish_claimed_at) > now - STALE_CLAIM:
+            if mv.publish_claimed_at is not None and utc(mv.publish_claimed_at) > now - STALE_CLAIM:
                 continue
             mv.publish_claimed_at = now
             task = session.get(Task, mv.task_id)

@@ -21,8 +21,7 @@ import numpy as np
 import numpy.typing as npt
 
 from coordinator.files import atomic_write, write_open
-from edge_client.bundle import Bundle, extract_bundle, load_bundle, pack_bundle
-from protocol.bundle import sha256_file
+from protocol.bundle import Bundle, extract_bundle, load_bundle, pack_bundle, sha256_file
 from protocol.delta import xor_delta
 
 __all__ = ["ArtifactStore", "OpenDelta"]

@@ -17,8 +17,8 @@ from coordinator.schemas import (
     TaskPublic,
     VersionPublic,
 )
-from coordinator.services.privacy import check as check_privacy
-from coordinator.services.privacy import privacy_status, refusal
+from coordinator.services.privacy_budget import check as check_privacy
+from coordinator.services.privacy_budget import privacy_status, refusal
 from coordinator.services.storage import ArtifactStore
 
 __all__ = [

@@ -59,8 +59,10 @@ Out of scope (not defended here):
   not remove the damage.
 * **Sybil** devices: device enrolment and authentication belong to the coordinator.
 * **Malicious inputs**: a device may submit any vector in range; clipping is enforced only
-  by honest devices (no zero-knowledge range proofs).
-* **Differential privacy** of the sum (the server learns the exact sum): a later issue.
+  by honest devices (no zero-knowledge range proofs). The coordinator bounds what such an input
+  can do from the decoded sum (``protocol.codec.mean_norm_bound``).
+* **Differential privacy** of the sum: not here; the server learns the exact sum of the noisy
+  inputs when a task asks devices for distributed DP noise (``protocol.dp``).
 * Side channels, and the privacy of the neighbour graph (a malicious server choosing the
   graph seed could isolate a device).
 

@@ -8,26 +8,22 @@
 * Share encryption: AES-256-GCM with a random 96-bit nonce; the associated data binds the
   round id, the sender and the recipient, so a ciphertext cannot be replayed into another
   round or re-addressed.
-* PRG: AES-128-CTR keyed with the first 16 bytes of a 32-byte seed (counter block starts at
-  zero; every seed expands exactly one stream). AES-128 is the PRG of Bonawitz et al.'s
-  design and matches the 128-bit security of X25519, which derives the pairwise seeds; its 10
-  rounds make the keystream 1.3-1.9x faster than AES-256's 14 (bench/RESULTS.md), and the
-  keystream is most of a device's masking work. Seeds stay 32 bytes (the HKDF output and the
-  Shamir secrets keep one size); the PRG reads 128 bits of them. The keystream is read as
-  little-endian ring words (uint8, uint16 or uint32: the narrowest holding ``k`` bits) with
-  ``np.frombuffer``; words are uniform modulo ``2**w`` and hence modulo ``2**k`` because
-  ``2**k`` divides ``2**w``.
-  :func:`apply_masks` expands many seeds chunk by chunk (256 KiB) so the keystream is added
-  while still in cache.
+* PRG: the AES-128-CTR keystream of :mod:`protocol.keystream`, keyed with the first 16 bytes
+  of a 32-byte seed (counter block starts at zero; every seed expands exactly one stream).
+  AES-128 is the PRG of Bonawitz et al.'s design and matches the 128-bit security of X25519,
+  which derives the pairwise seeds; the keystream is most of a device's masking work. Seeds
+  stay 32 bytes (the HKDF output and the Shamir secrets keep one size); the PRG reads 128 bits
+  of them. The keystream is read as little-endian ring words (uint8, uint16 or uint32: the
+  narrowest holding ``k`` bits) with ``np.frombuffer``; words are uniform modulo ``2**w`` and
+  hence modulo ``2**k`` because ``2**k`` divides ``2**w``. :func:`apply_masks` expands many
+  seeds chunk by chunk (256 KiB) so the keystream is added while still in cache.
 """
 
 from __future__ import annotations
 
 import hashlib
 import struct
-import time
 from collections.abc import Sequence
-from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -35,9 +31,10 @@ import numpy.typing as npt
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from protocol.keystream import SEED_BYTES, Keystream, keystream
 
 __all__ = [
     "KEY_BYTES",
@@ -54,7 +51,6 @@ __all__ = [
     "derive_pair_key",
     "encrypt_share",
     "generate_keypair",
-    "keystream",
     "mask_commitment",
     "masked_vector",
     "prg",
@@ -65,8 +61,7 @@ __all__ = [
     "share_digest",
 ]
 
-KEY_BYTES = 32
-PRG_KEY_BYTES = 16  # AES-128: the PRG keys with the first 16 bytes of a seed
+KEY_BYTES = SEED_BYTES  # X25519 keys, HKDF outputs and mask seeds keep one size
 NONCE_BYTES = 12
 PURPOSE_ENCRYPT = b"share-encryption"
 PURPOSE_MASK = b"pairwise-mask"
@@ -221,94 +216,22 @@ def ring_dtype(bits: int) -> np.dtype[Any]:
     return np.dtype("<u1" if bits <= 8 else "<u2" if bits <= 16 else "<u4")
 
 
-_GCM_SKIP = 32  # GCM's first keystream block has counter 2: CTR blocks 0 and 1 come first
-
-
-class _Keystream:
-    """The AES-128-CTR keystream of one seed (key: its first 16 bytes; initial counter block
-    zero), written into
-    caller buffers by :meth:`update_into` (``src`` must be zeros, ``buf`` has 15 spare bytes).
-
-    Two OpenSSL code paths give exactly the same bytes: the CTR mode itself, and AES-GCM with
-    a zero 96-bit IV, whose ciphertext of zeros is the CTR keystream from counter block 2 on
-    (counter ``IV || 2``, ``IV || 3``, ...; within 2**32 blocks, i.e. 64 GiB, both increment
-    the same low bits). On CPUs with vector AES (VAES, AVX-512) OpenSSL's stitched GCM kernel
-    is about 1.4x faster than its CTR loop even with the (discarded) GHASH. The first 32
-    bytes then come from CTR. :func:`_use_gcm` picks the path once per process by timing
-    both; the words never depend on it (tested).
-    """
-
-    __slots__ = ("_ctx", "_prefix")
-    _ctx: Any  # an OpenSSL CTR or GCM encryption context
-    _prefix: bytes
-
-    def __init__(self, seed: bytes, *, gcm: bool | None = None) -> None:
-        if len(seed) != KEY_BYTES:
-            raise ValueError(f"PRG seed must have {KEY_BYTES} bytes, got {len(seed)}")
-        key = seed[:PRG_KEY_BYTES]
-        ctr = Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor()
-        if _use_gcm() if gcm is None else gcm:
-            self._prefix = ctr.update(bytes(_GCM_SKIP))
-            self._ctx = Cipher(algorithms.AES(key), modes.GCM(bytes(12))).encryptor()
-        else:
-            self._prefix = b""
-            self._ctx = ctr
-
-    def update_into(self, src: bytes | memoryview, buf: bytearray) -> None:
-        prefix = self._prefix
-        if prefix:
-            k = min(len(prefix), len(src))
-            buf[:k] = prefix[:k]
-            self._prefix = prefix[k:]
-            if len(src) > k:
-                self._ctx.update_into(memoryview(src)[k:], memoryview(buf)[k:])
-            return
-        self._ctx.update_into(src, buf)
-
-
-@lru_cache(maxsize=1)
-def _use_gcm() -> bool:
-    """Whether the GCM path generates the keystream faster here (best of 3 x 1 MiB each, in
-    CPU time of this thread, so another process's load does not decide it)."""
-    zeros, buf = bytes(1 << 18), bytearray((1 << 18) + 16)
-    best = {}
-    for gcm in (False, True):
-        ks = _Keystream(bytes(KEY_BYTES), gcm=gcm)
-        times = []
-        for _ in range(3):
-            t0 = time.thread_time()
-            for _ in range(4):
-                ks.update_into(zeros, buf)
-            times.append(time.thread_time() - t0)
-        best[gcm] = min(times)
-    return best[True] < 0.9 * best[False]
-
-
-def keystream(seed: bytes) -> _Keystream:
-    """The AES-128-CTR keystream of a 32-byte seed (counter block zero), generated by the
-    faster OpenSSL path (see :class:`_Keystream`): ``update_into(zeros, buf)``."""
-    return _Keystream(seed)
-
-
-_encryptor = keystream
-
-
 def prg(seed: bytes, length: int, bits: int) -> RingArray:
     """``length`` pseudo-random ring words (uniform mod ``2**bits``, not yet reduced): the
     AES-128-CTR keystream of ``seed`` read as little-endian words."""
     dtype = ring_dtype(bits)
     size = length * dtype.itemsize
     buf = bytearray(size + 16)
-    _encryptor(seed).update_into(bytes(size), buf)
+    keystream(seed).update_into(bytes(size), buf)
     return np.frombuffer(buf, dtype=dtype, count=length).copy()
 
 
 def _mask_chunks(
     add_seeds: Sequence[bytes], sub_seeds: Sequence[bytes], width: int, dtype: np.dtype[Any]
-) -> tuple[list[tuple[_Keystream, bool]], int, bytes, bytearray, RingArray]:
+) -> tuple[list[tuple[Keystream, bool]], int, bytes, bytearray, RingArray]:
     """Encryptors (with their sign), chunk length, zero source, keystream buffer and its
     word view for :func:`apply_masks` and :func:`masked_vector`."""
-    encs = [(_encryptor(s), True) for s in add_seeds] + [(_encryptor(s), False) for s in sub_seeds]
+    encs = [(keystream(s), True) for s in add_seeds] + [(keystream(s), False) for s in sub_seeds]
     chunk = max(1, _CHUNK_BYTES // width)
     buf = bytearray(chunk * width + 16)  # update_into needs block_size - 1 spare bytes
     words = np.frombuffer(buf, dtype=dtype.newbyteorder("<"), count=chunk)
@@ -316,7 +239,7 @@ def _mask_chunks(
 
 
 def _add_streams(
-    target: RingArray, encs: list[tuple[_Keystream, bool]], zeros: bytes, buf: bytearray, words: RingArray
+    target: RingArray, encs: list[tuple[Keystream, bool]], zeros: bytes, buf: bytearray, words: RingArray
 ) -> None:
     """``target += sum(+-next keystream words)`` in place (wrapping at the word width)."""
     size = target.shape[0]

@@ -249,7 +249,7 @@ class Scenario:
             a.stop()
         for th in self.threads:
             th.join(60)
-        done = [sum(bool(r.get("completed")) for r in a.stats.rounds) for a in self.agents]
+        done = [sum(r.completed for r in a.stats.rounds) for a in self.agents]
         return alive, done
 
     # -- huge bodies -----------------------------------------------------------------------------

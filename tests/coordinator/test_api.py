@@ -216,8 +216,7 @@ def bundle_with_weights(src: Path, flat: np.ndarray, dest: Path) -> Path:
     """A copy of the bundle at ``src`` whose trainable weights are ``flat`` (as a tarball)."""
     from safetensors.numpy import save_file
 
-    from edge_client.bundle import load_bundle, pack_bundle
-    from protocol.bundle import MANIFEST_NAME, FileEntry, sha256_file
+    from protocol.bundle import MANIFEST_NAME, FileEntry, load_bundle, pack_bundle, sha256_file
 
     work = dest.with_suffix("")
     shutil.copytree(src, work)

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from coordinator.services.storage import ArtifactStore
-from edge_client.participation import WeightsCache
 from edge_client.transport import ApiError, ArraySink, Transport
+from edge_client.weights_cache import WeightsCache
 from protocol.delta import xor_undelta
 from protocol.wire import RoundPlan
 from tests.coordinator.test_api import bundle_with_weights, enroll

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from coordinator.privacy import RoundCharge, epsilon_spent
+from coordinator.dp_plan import RoundCharge, epsilon_spent
 from protocol.codec import CodecParams, kept_count, padded_dim, quant_range
 from protocol.dp import level_sensitivity
 from tests.coordinator.scripted import run_devices

@@ -14,7 +14,7 @@ from scipy import optimize, stats
 from coordinator.db.migrate import upgrade
 from coordinator.db.models import Round, Task
 from coordinator.db.session import make_engine, make_sessionmaker
-from coordinator.privacy import (
+from coordinator.dp_plan import (
     RoundCharge,
     adjusted_charge,
     calibrate_noise_multiplier,
@@ -24,7 +24,7 @@ from coordinator.privacy import (
     task_delta,
 )
 from coordinator.schemas import TaskConfig
-from coordinator.services.privacy import charges, privacy_plan
+from coordinator.services.privacy_budget import charges, privacy_plan
 from protocol.codec import CodecParams, kept_count, quant_range
 from protocol.dp import level_sensitivity
 

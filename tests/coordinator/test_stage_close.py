@@ -120,7 +120,7 @@ class SecureRound:
         self.clients = {f"dev{i}": SecAggClient(f"dev{i}", self.plan.secagg) for i in range(5)}
 
     def close(self) -> str:
-        self.c.ctx._views = None
+        self.c.ctx.forget_views()
         rounds.close_if_complete(self.c.sessions, self.c.ctx, self.round_id, wait=True)
         return self.stage()
 

@@ -19,6 +19,7 @@ import pytest
 from edge_client.agent import Agent, AgentConfig, NotEnrolled
 from edge_client.datastore import DataStore
 from edge_client.device_state import Conditions, StaticProvider
+from edge_client.records import RoundRecord
 from edge_client.transport import ApiError, Transport, TransportError
 from fedkeys.cli import main
 from model_export.data import load_chitchat, split_corpus
@@ -201,7 +202,7 @@ def test_agents_complete_secure_rounds_and_send_no_text(
     assert [v["version"] for v in versions] == [0, 1, 2]
     for a in agents:
         assert a.model_version == 2
-        assert all(r["completed"] for r in a.stats.rounds)
+        assert all(r.completed for r in a.stats.rounds)
         state = a.cfg.state_dir
         assert (state / "device.json").stat().st_mode & 0o777 == 0o600
         assert bool(a._trainers) is a.cfg.keep_program
@@ -277,7 +278,7 @@ def test_unplugged_mid_training_leaves_cleanly(
     agents[3].local_train = unplug_after_start  # type: ignore[method-assign]
     run_agents(agents, rounds=1, timeout=90, server=server, expect=["committed"])
     assert calls["result"].report.aborted
-    assert agents[3].stats.rounds and not agents[3].stats.rounds[0]["completed"]
+    assert agents[3].stats.rounds and not agents[3].stats.rounds[0].completed
     rnd = wait_round(server)
     assert rnd["outcome"] == "committed" and rnd["reported"] == 3
 
@@ -402,9 +403,9 @@ def test_a_left_round_is_not_started_over(tmp_path: Path) -> None:
     agent = Agent(cfg, StaticProvider(READY), store=store, transport=transport)
     started: list[int] = []
 
-    def train_round(round_id: int) -> dict[str, Any]:
+    def train_round(round_id: int) -> RoundRecord:
         started.append(round_id)
-        return {"round": round_id, "kind": "train", "completed": False, "reason": "left"}
+        return RoundRecord(round_id, "train", completed=False, reason="left")
 
     agent.train_round = train_round  # type: ignore[method-assign]
     assert agent.step() == (0.0, True)

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_client.bundle import load_bundle
 from edge_client.memory import peak_rss_mb, release_pages, rss_mb, trim, tune_allocator
+from protocol.bundle import load_bundle
 from protocol.layout import LayoutError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -85,7 +85,7 @@ import torch
 after_import = rss_mb()
 import numpy as np
 from edge_client.batching import encode_messages, pack_batches
-from edge_client.bundle import load_bundle
+from protocol.bundle import load_bundle
 from edge_client.runtime import OptimizerConfig, Predictor, Trainer
 from edge_client.tokenizer import Tokenizer
 b = load_bundle(Path(sys.argv[1]))

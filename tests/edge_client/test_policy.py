@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from edge_client.bundle import BundleError, extract_bundle
 from edge_client.datastore import DataStore
 from edge_client.policy import (
     EVAL_WORDS,
@@ -21,6 +20,7 @@ from edge_client.policy import (
     bucket_eval_counts,
     bucket_train_report,
 )
+from protocol.bundle import BundleError, extract_bundle
 from protocol.codec import CodecParams
 from protocol.wire import ArtifactRef, EvalCounts, RoundPlan, SecAggParams, TrainingPlan, TrainReport
 
@@ -165,4 +165,4 @@ def test_a_protocol_error_ends_the_round_never_the_agent(
     agent = Agent(cfg, StaticProvider(ready), store=store, transport=transport)
     assert agent.step() == (0.0, True)  # took part, left the round, still running
     record = agent.stats.rounds[-1]
-    assert record["completed"] is False and "protocol error" in record["reason"]
+    assert record.completed is False and "protocol error" in (record.reason or "")

@@ -43,9 +43,9 @@ def workload(bundle_dir: str, threads: int, repetitions: int, steps: int, hang_s
     faulthandler.enable()  # a crash, too, prints every thread's stack
     faulthandler.dump_traceback_later(hang_seconds, exit=True)
     from edge_client.batching import encode_messages, pack_batches
-    from edge_client.bundle import load_bundle
     from edge_client.runtime import OptimizerConfig, Trainer, set_threads
     from edge_client.tokenizer import Tokenizer
+    from protocol.bundle import load_bundle
 
     bundle = load_bundle(Path(bundle_dir))
     spec = bundle.manifest.train

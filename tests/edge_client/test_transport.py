@@ -8,8 +8,16 @@ from pathlib import Path
 import httpx
 import pytest
 
-from edge_client.transport import ApiError, ArraySink, FileSink, Transport, TransportError, UnsafeUrl
-from protocol.wire import DeviceState
+from edge_client.transport import (
+    ApiError,
+    ArraySink,
+    ArtifactError,
+    FileSink,
+    Transport,
+    TransportError,
+    UnsafeUrl,
+)
+from protocol.wire import ArtifactRef, DeviceState
 
 
 def state() -> DeviceState:
@@ -167,3 +175,29 @@ def test_file_sink_stops_at_the_declared_size(tmp_path: Path) -> None:
     assert sink.tmp.stat().st_mode & 0o777 == 0o600
     assert (tmp_path / "d").stat().st_mode & 0o777 == 0o700
     sink.commit()
+
+
+def test_fetch_checks_size_and_sha256_into_either_sink(tmp_path: Path) -> None:
+    """One check for every artifact (bundle, predict.pte, whole weights): what arrived is the
+    announced number of bytes with the announced sha256, or :class:`ArtifactError`."""
+    data = bytes(range(256)) * 8
+    t, _ = make(lambda r: httpx.Response(200, content=data))
+    good = ArtifactRef(url="/v1/x", sha256=hashlib.sha256(data).hexdigest(), size=len(data))
+    buf = ArraySink(good.size)
+    t.fetch(good, buf)
+    assert buf.buffer.tobytes() == data
+    sink = FileSink(tmp_path / "f.bin", limit=good.size)
+    t.fetch(good, sink)
+    assert sink.commit().read_bytes() == data
+    other = good.model_copy(update={"sha256": "0" * 64})
+    with pytest.raises(ArtifactError, match="sha256"):
+        t.fetch(other, ArraySink(other.size))
+    longer = good.model_copy(update={"size": good.size + 1})  # a body shorter than announced
+    with pytest.raises(ArtifactError, match="size"):
+        t.fetch(longer, ArraySink(longer.size))
+    shorter = good.model_copy(update={"size": 100})  # cut off as it arrives
+    cut = FileSink(tmp_path / "g.bin", limit=shorter.size)
+    with pytest.raises(ArtifactError, match="larger than the expected 100 bytes"):
+        t.fetch(shorter, cut)
+    cut.discard()
+    assert list(tmp_path.iterdir()) == [tmp_path / "f.bin"]

@@ -10,8 +10,9 @@ import httpx
 import numpy as np
 import pytest
 
-from edge_client.participation import Aborted, WeightsCache
+from edge_client.errors import Aborted
 from edge_client.transport import Transport
+from edge_client.weights_cache import WeightsCache
 from protocol.delta import xor_delta
 from protocol.wire import RoundPlan
 

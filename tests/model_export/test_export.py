@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from edge_client.batching import encode_messages, pack_batches
-from edge_client.bundle import BundleError, load_bundle
 from edge_client.runtime import OptimizerConfig, Predictor, ProgramModel, Trainer
 from edge_client.text import WORD_RE
 from edge_client.tokenizer import BOS_ID, Tokenizer
@@ -20,6 +19,7 @@ from model_export.data import load_chitchat, normalize, split_corpus
 from model_export.eager import EagerStepModel
 from model_export.export import export_predict_program, export_train_program, model_from_bundle
 from model_export.model import TransformerLM
+from protocol.bundle import BundleError, load_bundle
 from protocol.layout import Layout
 
 pytestmark = pytest.mark.slow

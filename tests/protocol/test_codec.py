@@ -1,5 +1,5 @@
 """Codec: ring width and headroom, rotation, subset, quantization error bounds and
-unbiasedness, weighting, top-k with error feedback, bit packing."""
+unbiasedness, weighting, bit packing."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from protocol import codec
-from protocol.codec import CodecError, CodecParams
+from protocol.codec import CodecError, CodecParams, packing, quantize, randomness, rotation
 
 
 def _params(**kw: object) -> CodecParams:
@@ -126,7 +126,7 @@ def test_chunked_block_transform_matches_the_reference(
 ) -> None:
     """Tiny cache chunks force every split of the levels into in-chunk passes and passes
     over the whole vector (in place, a slab of columns at a time)."""
-    monkeypatch.setattr(codec, "_FWHT_CHUNK_BYTES", chunk_bytes)
+    monkeypatch.setattr(rotation, "FWHT_CHUNK_BYTES", chunk_bytes)
     b = 1 << log2b
     total = blocks * b
     rng = np.random.default_rng(blocks * 100 + log2b)
@@ -138,7 +138,7 @@ def test_chunked_block_transform_matches_the_reference(
     ref = np.empty(total)
     for j in range(blocks):
         ref[j::blocks] = _sylvester(log2b) @ padded[j::blocks] * 0.5
-    out = codec._wht(x.astype(dtype), total, blocks, dtype, scale=0.5, signs=signs.astype(dtype))
+    out = rotation.wht(x.astype(dtype), total, blocks, dtype, scale=0.5, signs=signs.astype(dtype))
     assert out.dtype == dtype
     np.testing.assert_allclose(out, ref, atol=1e-4 if dtype is np.float32 else 1e-10)
 
@@ -260,31 +260,31 @@ def test_streaming_subset_is_the_m_smallest_keys(big_d: int, frac: float, seed: 
     """The chunked, low-memory selection (threshold pass, complement above one half) picks
     exactly the rule's subset, on both sides of one half and across chunks."""
     m = max(1, min(big_d, round(frac * big_d)))
-    got = codec._subset_cached.__wrapped__(seed, big_d, m)
+    got = randomness.kept_subset.__wrapped__(seed, big_d, m)
     np.testing.assert_array_equal(got, _reference_subset(seed, big_d, m))
 
 
 def test_subset_threshold_retry_keeps_the_rule(monkeypatch: pytest.MonkeyPatch) -> None:
     """Even when the first threshold lets too few keys through (forced here), the pass is
     repeated and the result is still the m smallest keys."""
-    real = codec._extreme_keys
+    real = randomness.extreme_keys
     calls = []
 
     def tight(seed: bytes, big_d: int, count: int, largest: bool) -> np.ndarray:
         calls.append(count)
         return real(seed, big_d, count, largest)
 
-    monkeypatch.setattr(codec, "_extreme_keys", tight)
-    monkeypatch.setattr(codec, "_SUBSET_MARGIN", -30.0)  # the first threshold passes too few
+    monkeypatch.setattr(randomness, "extreme_keys", tight)
+    monkeypatch.setattr(randomness, "SUBSET_MARGIN", -30.0)  # the first threshold passes too few
     passes = []
-    real_chunks = codec._subset_key_chunks
+    real_chunks = randomness.subset_key_chunks
     monkeypatch.setattr(
-        codec, "_subset_key_chunks", lambda seed, big_d: passes.append(1) or real_chunks(seed, big_d)
+        randomness, "subset_key_chunks", lambda seed, big_d: passes.append(1) or real_chunks(seed, big_d)
     )
     seed = bytes(range(32))
     for m in (3000, 8000):  # the smallest keys, and the complement (the largest)
         passes.clear()
-        got = codec._subset_cached.__wrapped__(seed, 10_000, m)
+        got = randomness.kept_subset.__wrapped__(seed, 10_000, m)
         np.testing.assert_array_equal(got, _reference_subset(seed, 10_000, m))
         assert len(passes) > 1  # the pass was repeated
     assert calls
@@ -400,10 +400,10 @@ def test_subsampling_is_unbiased_over_round_seeds() -> None:
 def test_fixed_point_stochastic_rounding_hits_the_fraction(bits: int) -> None:
     """Each coordinate rounds up with probability equal to its fractional level, on the
     int32 (bits <= 16) and int64 (wider) paths, across quantization chunks."""
-    n = codec._Q_CHUNK + 5000
+    n = quantize.Q_CHUNK + 5000
     frac = (np.arange(n) % 7) / 7.0  # exact fractions 0, 1/7, ..., 6/7
     base = (np.arange(n) % 3).astype(np.float64)  # levels 0, 1, 2
-    _, _, shift = codec._fixed_point(bits)
+    _, _, shift = quantize.fixed_point(bits)
     scaled = (base + frac) * 2.0**shift - ((1 << bits) - 1) * 2.0 ** (shift - 1)  # minus the offset
     work = np.float32 if bits <= 16 else np.float64
     rng = np.random.default_rng(bits)
@@ -411,7 +411,7 @@ def test_fixed_point_stochastic_rounding_hits_the_fraction(bits: int) -> None:
     trials = 60
     for _ in range(trials):
         out = np.empty(n, dtype=np.uint32)
-        sat = codec._quantize_into(scaled.astype(work), None, None, bits, rng, out)
+        sat = quantize.quantize_into(scaled.astype(work), None, None, bits, rng, out)
         assert sat == 0
         q = out.astype(np.int64) - base.astype(np.int64)
         assert np.all((q == 0) | (q == 1))
@@ -470,8 +470,6 @@ def test_encode_refuses_non_finite(bad: float) -> None:
     x[3] = bad
     with pytest.raises(CodecError, match="NaN or Inf"):
         codec.encode(x, _params(), np.random.default_rng())
-    with pytest.raises(CodecError, match="NaN or Inf"):
-        codec.topk_encode(x, None, 2)
 
 
 def test_encode_handles_huge_norms_without_overflow() -> None:
@@ -479,62 +477,6 @@ def test_encode_handles_huge_norms_without_overflow() -> None:
     enc = codec.encode(x, _params(rotate=False), np.random.default_rng())
     assert enc.clipped and math.isfinite(enc.norm)
     assert enc.norm == pytest.approx(3e38 * math.sqrt(1000), rel=1e-5)
-
-
-# ---------------------------------------------------------------------------------------
-# top-k with error feedback
-# ---------------------------------------------------------------------------------------
-
-
-@given(d=st.integers(1, 300), data=st.data())
-@settings(max_examples=50, deadline=None)
-def test_topk_error_feedback_conserves_mass(d: int, data: st.DataObject) -> None:
-    k = data.draw(st.integers(1, d))
-    seed = data.draw(st.integers(0, 2**32))
-    rng = np.random.default_rng(seed)
-    delta = rng.normal(size=d).astype(np.float32)
-    residual = rng.normal(size=d).astype(np.float32)
-    upd, new_res = codec.topk_encode(delta, residual, k)
-    dense = codec.topk_decode(upd)
-    np.testing.assert_array_equal(dense + new_res, delta + residual)
-    acc = np.abs(delta + residual)
-    kept = np.abs(dense[upd.indices.astype(np.intp)])
-    assert upd.indices.shape == (k,)
-    assert np.all(np.diff(upd.indices.astype(np.int64)) > 0)
-    # the kept coordinates are the k largest in magnitude
-    assert kept.min() >= np.sort(acc)[d - k] - 1e-7
-
-
-def test_topk_residual_carries_over_rounds() -> None:
-    rng = np.random.default_rng(0)
-    d, k = 500, 25
-    residual = None
-    sent_total = np.zeros(d)
-    delta_total = np.zeros(d)
-    for _ in range(60):
-        delta = rng.normal(size=d).astype(np.float32)
-        upd, residual = codec.topk_encode(delta, residual, k)
-        sent_total += codec.topk_decode(upd)
-        delta_total += delta
-    assert residual is not None
-    np.testing.assert_allclose(sent_total + residual, delta_total, atol=1e-3)
-    # error feedback keeps the lag bounded: far below the total sent
-    assert np.linalg.norm(residual) < 0.5 * np.linalg.norm(delta_total)
-
-
-def test_topk_clip_and_weighted_mean() -> None:
-    x = np.array([3.0, -4.0, 0.0, 0.0], np.float32)
-    upd, res = codec.topk_encode(x, None, 1, clip_norm=1.0)
-    np.testing.assert_array_equal(upd.indices, [1])
-    assert upd.values[0] == pytest.approx(-0.8)
-    np.testing.assert_allclose(res, [0.6, 0, 0, 0], atol=1e-7)
-    a = codec.SparseUpdate(np.array([0, 2], np.uint32), np.array([1.0, 2.0], np.float32), 4)
-    b = codec.SparseUpdate(np.array([2, 3], np.uint32), np.array([4.0, 8.0], np.float32), 4)
-    mean = codec.sparse_weighted_mean([a, b], [1.0, 3.0])
-    ref = (codec.topk_decode(a) * 1 + codec.topk_decode(b) * 3) / 4
-    np.testing.assert_allclose(mean, ref)
-    with pytest.raises(CodecError):
-        codec.topk_decode(codec.SparseUpdate(np.array([2, 1], np.uint32), np.ones(2, np.float32), 4))
 
 
 # ---------------------------------------------------------------------------------------
@@ -584,8 +526,8 @@ def _reference_pack(v: np.ndarray, bits: int) -> bytes:
 @settings(max_examples=150, deadline=None)
 def test_pack_matches_the_documented_layout_across_chunks(bits: int, m: int, seed: int, chunk: int) -> None:
     v = np.random.default_rng(seed).integers(0, 1 << bits, m, dtype=np.uint64).astype(np.uint32)
-    old = codec._PACK_CHUNK, codec._UNPACK_CHUNK
-    codec._PACK_CHUNK = codec._UNPACK_CHUNK = chunk  # many chunks even for short vectors
+    old = packing.PACK_CHUNK, packing.UNPACK_CHUNK
+    packing.PACK_CHUNK = packing.UNPACK_CHUNK = chunk  # many chunks even for short vectors
     try:
         packed = codec.pack_bits(v, bits)
         assert packed == _reference_pack(v, bits)
@@ -594,7 +536,7 @@ def test_pack_matches_the_documented_layout_across_chunks(bits: int, m: int, see
         codec.unpack_bits_add(packed, bits, acc)
         np.testing.assert_array_equal(acc, np.arange(m, dtype=np.uint32) + v)
     finally:
-        codec._PACK_CHUNK, codec._UNPACK_CHUNK = old
+        packing.PACK_CHUNK, packing.UNPACK_CHUNK = old
 
 
 def test_pack_layout_known_answers() -> None:
@@ -630,7 +572,7 @@ def test_unpack_add_equals_unpack_then_add(bits: int, m: int, seed: int) -> None
 
 
 def test_unpack_add_crosses_chunks_and_refuses_before_touching_the_sum() -> None:
-    m = codec._UNPACK_CHUNK * 2 + 13
+    m = packing.UNPACK_CHUNK * 2 + 13
     v = np.random.default_rng(1).integers(0, 1 << 11, m, dtype=np.uint64).astype(np.uint32)
     packed = bytearray(codec.pack_bits(v, 11))
     acc = np.zeros(m, np.uint16)

@@ -101,30 +101,22 @@ def test_header_layout_is_as_documented() -> None:
     assert crc == zlib.crc32(data[68:], zlib.crc32(data[:64]))
 
 
-def test_sparse_and_dense_roundtrip() -> None:
-    upd = codec.SparseUpdate(np.array([1, 5, 42], np.uint32), np.array([0.5, -1.0, 2.0], np.float32), D)
-    h = UpdateHeader(
-        kind=UpdateKind.SPARSE_F32,
+def test_dense_roundtrip() -> None:
+    x = np.linspace(-1, 1, D, dtype=np.float32)
+    hd = UpdateHeader(
+        kind=UpdateKind.DENSE_F32,
         bits=32,
         round_id=9,
         layout_hash=HASH,
-        keep_fraction=3 / D,
-        length=3,
+        keep_fraction=1.0,
+        length=D,
         dim=D,
     )
-    data = wire.pack_sparse_update(h, upd)
-    _, back = wire.unpack_sparse_update(data, expected_round=9, expected_layout_hash=HASH)
-    np.testing.assert_array_equal(back.indices, upd.indices)
-    np.testing.assert_array_equal(back.values, upd.values)
-    x = np.linspace(-1, 1, D, dtype=np.float32)
-    hd = h.model_copy(update={"kind": UpdateKind.DENSE_F32, "length": D, "keep_fraction": 1.0})
     dense = wire.pack_dense_update(hd, x)
     _, xb = wire.unpack_dense_update(dense, expected_round=9, expected_layout_hash=HASH, expected_dim=D)
     np.testing.assert_array_equal(xb, x)
     with pytest.raises(UnexpectedKindError):
         _unpack(dense)
-    with pytest.raises(LengthMismatchError, match="max"):
-        wire.unpack_sparse_update(data, expected_round=9, expected_layout_hash=HASH, max_length=2)
 
 
 def test_every_malformed_ring_update_is_refused_precisely() -> None:
@@ -136,6 +128,7 @@ def test_every_malformed_ring_update_is_refused_precisely() -> None:
         (b"XXXX" + data[4:], BadMagicError, {}),
         (_set(data, "<H", 4, 2), UnknownVersionError, {}),
         (_set(data, "<B", 6, 9), UnknownKindError, {}),
+        (_set(data, "<B", 6, 2), UnknownKindError, {}),  # reserved: the removed sparse kind
         (_set(_set(data, "<B", 6, 3), "<B", 7, 32), UnexpectedKindError, {}),
         (_set(data, "<B", 6, 3), BadHeaderError, {}),  # float kinds have bits = 32
         (data, RoundMismatchError, {"expected_round": 10}),
@@ -203,37 +196,6 @@ def test_non_finite_floats_are_refused(bad: float) -> None:
     struct.pack_into("<f", good, wire.HEADER_SIZE + 12, bad)
     with pytest.raises(NonFiniteError):
         wire.unpack_dense_update(_reframe(good), expected_round=9, expected_layout_hash=HASH)
-    hs = h.model_copy(update={"kind": UpdateKind.SPARSE_F32, "length": 2})
-    sparse = bytearray(
-        wire.pack_sparse_update(
-            hs, codec.SparseUpdate(np.array([0, 1], np.uint32), np.zeros(2, np.float32), D)
-        )
-    )
-    struct.pack_into("<f", sparse, wire.HEADER_SIZE + 8 + 4, bad)
-    with pytest.raises(NonFiniteError):
-        wire.unpack_sparse_update(_reframe(sparse), expected_round=9, expected_layout_hash=HASH)
-
-
-def test_bad_sparse_indices_are_refused() -> None:
-    h = UpdateHeader(
-        kind=UpdateKind.SPARSE_F32,
-        bits=32,
-        round_id=9,
-        layout_hash=HASH,
-        keep_fraction=0.1,
-        length=2,
-        dim=D,
-    )
-    good = wire.pack_sparse_update(
-        h, codec.SparseUpdate(np.array([3, 7], np.uint32), np.ones(2, np.float32), D)
-    )
-    for idx in ((7, 3), (3, 3), (3, D)):
-        buf = bytearray(good)
-        struct.pack_into("<II", buf, wire.HEADER_SIZE, *idx)
-        with pytest.raises(BadBodyError):
-            wire.unpack_sparse_update(_reframe(buf), expected_round=9, expected_layout_hash=HASH)
-    with pytest.raises(BadBodyError):
-        wire.pack_sparse_update(h, codec.SparseUpdate(np.array([7, 3], np.uint32), np.ones(2, np.float32), D))
 
 
 def test_pack_checks_header_against_values() -> None:

@@ -9,9 +9,11 @@ from typing import Any
 
 import pytest
 
+from edge_client.records import RoundRecord
 from simulator.availability import AvailabilityModel, DeviceTrace, FleetClock, eligible_fraction
+from simulator.config import SimConfig
 from simulator.report import write_report
-from simulator.run import SimConfig, local_coordinator, run_simulation
+from simulator.run import local_coordinator, run_simulation
 
 
 def test_traces_are_deterministic_per_seed_with_a_day_night_swing() -> None:
@@ -84,7 +86,7 @@ def test_small_fleet_end_to_end(tmp_path: Path, tiny_bundle_dir: Path) -> None:
     assert any(r.get("bytes_up_per_device", 0) > 0 for r in committed)
     # a device that did every stage stamped each step, in protocol order
     order = ("start", "plan", "advertised", "shared", "weights", "trained", "uploaded", "unmasked", "done")
-    done = [d_r["marks"] for d in res.devices for d_r in d["rounds"] if d_r.get("completed")]
+    done = [d_r.marks for d in res.devices for d_r in d["rounds"] if d_r.completed]
     assert done
     for marks in done:
         assert list(marks) == list(order) and sorted(marks.values()) == list(marks.values())
@@ -206,7 +208,7 @@ def test_central_dp_with_secure_aggregation_in_the_simulator(tmp_path: Path, tin
 
 def test_time_to_target_and_participation_from_records() -> None:
     from simulator.compare import participation, time_to_target
-    from simulator.run import SimResult
+    from simulator.records import SimResult
 
     cfg = _small(day_seconds=240.0)  # 10 real seconds = 1 simulated hour
     rounds = [
@@ -230,9 +232,9 @@ def test_time_to_target_and_participation_from_records() -> None:
     ]
     evals = {0: {"top1": 0.10}, 1: {"top1": 0.11}, 2: {"top1": 0.13}}
     devices = [
-        {"rounds": [{"kind": "train", "completed": True}] * 2},
-        {"rounds": [{"kind": "train", "completed": True}]},
-        {"rounds": []},
+        {"rounds": [RoundRecord(1, "train", completed=True), RoundRecord(3, "train", completed=True)]},
+        {"rounds": [RoundRecord(1, "train", completed=True), RoundRecord(2, "evaluate", completed=True)]},
+        {"rounds": [RoundRecord(3, "train", completed=False)]},
     ]
     res = SimResult(cfg, rounds, evals, {}, devices, 1.0, Path("."))
     tt = time_to_target(res, 0.12)

@@ -1,4 +1,10 @@
-"""Terminal output for the CLI: a rich progress display and tables."""
+"""Terminal output of the commands: a rich display of a pipeline's progress and tables.
+
+Used by ``fedkeys export``/``suggest`` (``fedkeys.cli``), ``fedkeys simulate`` (``simulator.cli``)
+and the benchmarks. It lives here, below all of them, because :func:`rich_progress` displays
+:data:`model_export.pipeline.Progress` and rich comes with the ``export`` extra that
+``model_export`` needs; the simulator, which builds bundles, depends on that package anyway.
+"""
 
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from coordinator.db.models import Round, Task
-from coordinator.privacy import (
+from coordinator.dp_plan import (
     PrivacyPlan,
     RoundCharge,
     adjusted_charge,
@@ -79,7 +79,7 @@ _LEGACY_ADJACENCY: Adjacency = "add-remove"
 
 def charges(session: Session, task_id: int, adjacency: Adjacency) -> list[RoundCharge]:
     """The task's charged rounds, each restated for the relation ``adjacency``
-    (:func:`coordinator.privacy.adjusted_charge`)."""
+    (:func:`coordinator.dp_plan.adjusted_charge`)."""
     rows = session.execute(
         select(Round.dp_q, Round.dp_z, Round.plan[("dp", "adjacency")].as_string()).where(
             Round.task_id == task_id, Round.dp_z.is_not(None)

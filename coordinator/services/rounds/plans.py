@@ -1,0 +1,241 @@
+"""Opening rounds and the round plan: the plan stored with a round when it opens (version,
+codec, secure-aggregation and privacy parameters, deadlines) and the device-facing
+:class:`~protocol.wire.RoundPlan` made from it."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from coordinator.db.models import ModelVersion, Round, Task
+from coordinator.dp_plan import PrivacyPlan
+from coordinator.observability import log_event
+from coordinator.services.privacy_budget import current_clip, privacy_plan, refusal
+from coordinator.services.rounds.context import DONE, SELECTING, RoundContext, config_of, timestamp
+from protocol.codec import CodecError, CodecParams, ring_bits
+from protocol.secagg.common import MIN_DEVICES, secagg_params_for
+from protocol.wire import API_PREFIX, ArtifactRef, RoundPlan, SecAggParams, TrainingPlan
+
+__all__ = ["codec_params", "model_version", "open_rounds", "plan_for", "secagg_params"]
+
+log = logging.getLogger("coordinator.rounds")
+
+
+def codec_params(plan: dict[str, Any]) -> CodecParams | None:
+    """The round's codec parameters (None: float32 updates)."""
+    raw = plan.get("codec")
+    return None if raw is None else CodecParams.model_validate(raw)
+
+
+def secagg_params(plan: dict[str, Any]) -> SecAggParams | None:
+    """The round's secure-aggregation parameters (None: no secure aggregation)."""
+    raw = plan.get("secagg")
+    return None if raw is None else SecAggParams.model_validate(raw)
+
+
+def model_version(session: Session, task: Task, version: int) -> ModelVersion:
+    """The task's model version ``version``."""
+    return session.scalars(
+        select(ModelVersion).where(ModelVersion.task_id == task.id, ModelVersion.version == version)
+    ).one()
+
+
+def _open_round(session: Session, ctx: RoundContext, task: Task) -> Round | None:
+    """Create the task's next round (the task row is locked by the caller)."""
+    cfg = config_of(task)
+    if task.current_version is None:
+        return None
+    trained = (
+        session.scalar(
+            select(func.count()).select_from(Round).where(Round.task_id == task.id, Round.kind == "train")
+        )
+        or 0
+    )
+    number = task.next_round
+    kind = "evaluate" if cfg.eval_every_rounds and number % (cfg.eval_every_rounds + 1) == 0 else "train"
+    if kind == "train" and cfg.max_rounds is not None and trained >= cfg.max_rounds:
+        task.status = "paused"
+        log_event(log, "task finished its rounds", task=task.name)
+        return None
+    now = ctx.now()
+    mv = model_version(session, task, task.current_version)
+    bundle = ctx.store.bundle(mv.bundle_dir)
+    layout = bundle.manifest.train.layout
+    target = cfg.selection_size if kind == "train" else cfg.eval_clients
+    codec: CodecParams | None = None
+    dp_plan: PrivacyPlan | None = None
+    if kind == "train" and cfg.codec.compress:
+        codec = CodecParams(
+            clip_norm=current_clip(session, task, cfg),
+            rotate=cfg.codec.rotate,
+            keep_fraction=cfg.codec.keep_fraction,
+            bits=cfg.codec.bits,
+            max_clients=target,
+            range_factor=cfg.codec.range_factor,
+            weight_cap=cfg.codec.weight_cap,
+            rotation_block=cfg.codec.rotation_block,
+            count_slot=cfg.privacy.enabled and cfg.privacy.adaptive_clip,
+            seed=secrets.token_bytes(32),
+        )
+        if cfg.privacy.enabled:
+            try:
+                dp_plan = privacy_plan(cfg, codec, layout.size)
+            except ValueError as e:  # DPError too; create/update refuse such settings already
+                task.status = "paused"
+                task.status_reason = f"privacy settings cannot be honoured: {e}"
+                log_event(log, "task paused", task=task.name, reason=task.status_reason)
+                return None
+            reason = refusal(session, task, cfg, next_z=dp_plan.z)
+            if reason is not None:
+                task.status = "paused"
+                task.status_reason = reason
+                log_event(log, "task paused", task=task.name, reason=reason)
+                return None
+            codec = codec.model_copy(
+                update={"noise_std": dp_plan.device_std, "count_noise_std": dp_plan.device_count_std}
+            )
+            try:
+                ring_bits(codec)
+            except CodecError as e:
+                task.status = "paused"
+                task.status_reason = f"the round's noise does not fit the ring: {e}"
+                log_event(log, "task paused", task=task.name, reason=task.status_reason)
+                return None
+    rnd = Round(
+        task_id=task.id,
+        number=number,
+        kind=kind,
+        stage=SELECTING,
+        base_version=mv.version,
+        plan={},
+        created_at=now,
+        stage_started_at=now,
+        stage_deadline=now + timedelta(seconds=cfg.deadlines.selection),
+        selection_target=target,
+        metrics={} if dp_plan is None or codec is None else {"dp": _dp_metrics(dp_plan, codec)},
+    )
+    session.add(rnd)
+    task.next_round = number + 1
+    session.flush()  # the round id goes into the secure-aggregation parameters
+    plan: dict[str, Any] = {
+        "task": task.name,
+        "kind": kind,
+        "model_version": mv.version,
+        "bundle_dir": mv.bundle_dir,
+        "weights_file": mv.weights_file,
+        "weights_sha256": mv.weights_sha256,
+        "layout_hash": layout.hash(),
+        "dim": layout.size,
+        "clients_per_round": cfg.clients_per_round,
+        "min_reports": cfg.min_reports if kind == "train" else 1,
+        "training": cfg.training.model_dump(),
+        "deadlines": cfg.deadlines.model_dump(),
+        "codec": None,
+        "secagg": None,
+        # drawn here from the OS CSPRNG, not derived from the round id: nobody can predict (and
+        # enrol identities to game) which of a selection's candidates it takes
+        "selection_seed": secrets.token_hex(32),
+    }
+    if dp_plan is not None:
+        plan["dp"] = dp_plan.to_json()
+    if codec is not None:
+        plan["codec"] = codec.model_dump(mode="json")
+        if cfg.secagg.enabled:
+            sec = secagg_params_for(
+                codec,
+                layout.size,
+                round_id=rnd.id,
+                graph_seed=secrets.token_bytes(32),
+                degree=cfg.secagg.neighbours,
+                threshold=cfg.secagg.threshold,
+                min_devices=max(MIN_DEVICES, cfg.min_reports),
+                dropout=cfg.secagg.design_dropout(cfg.over_selection),
+            )
+            plan["secagg"] = sec.model_dump(mode="json")
+    rnd.plan = plan
+    log_event(log, "round opened", task=task.name, round=rnd.id, stage=SELECTING, version=mv.version)
+    return rnd
+
+
+def _dp_metrics(dp: PrivacyPlan, codec: CodecParams) -> dict[str, Any]:
+    return {
+        "mode": dp.mode,
+        "adjacency": dp.adjacency,
+        "noise_multiplier": dp.z,
+        "sampling_rate": dp.q,
+        "clip_norm": codec.clip_norm,
+        "noise_std_levels": dp.z_update * dp.sensitivity,
+    }
+
+
+def open_rounds(session: Session, ctx: RoundContext) -> list[Round]:
+    """The open round of every active task, opening new ones where none is open."""
+    out = []
+    for task in session.scalars(select(Task).where(Task.status == "active").order_by(Task.id)).all():
+        rnd = session.scalars(
+            select(Round).where(Round.task_id == task.id, Round.stage != DONE).order_by(Round.id)
+        ).first()
+        if rnd is None:
+            session.refresh(task, with_for_update=True)
+            if task.status != "active":
+                continue
+            rnd = session.scalars(
+                select(Round).where(Round.task_id == task.id, Round.stage != DONE)
+            ).first() or _open_round(session, ctx, task)
+        if rnd is not None:
+            out.append(rnd)
+    return out
+
+
+def plan_for(session: Session, ctx: RoundContext, rnd: Round) -> RoundPlan:
+    """The device-facing plan of a round. Artifact URLs are paths (``/v1/...``): a device joins
+    them to the coordinator origin it was configured with, so neither a request's ``Host``
+    header nor a TLS-terminating proxy can make it send its token anywhere else."""
+    p = rnd.plan
+    bundle = ctx.store.bundle(p["bundle_dir"])
+    tar = ctx.store.bundle_tarball(p["bundle_dir"])
+    task = p["task"]
+    version = p["model_version"]
+    mv = session.scalars(
+        select(ModelVersion).join(Task).where(Task.name == task, ModelVersion.version == version)
+    ).one()
+    predict = None
+    if mv.predict_file and mv.predict_sha256:
+        predict = ArtifactRef(
+            url=f"{API_PREFIX}/tasks/{task}/versions/{version}/predict.pte",
+            sha256=mv.predict_sha256,
+            size=ctx.store.path(mv.predict_file).stat().st_size,
+        )
+    training = TrainingPlan.model_validate(
+        {
+            k: p["training"][k]
+            for k in ("optimizer", "lr", "momentum", "local_steps", "max_seconds", "max_examples")
+        }
+    )
+    return RoundPlan(
+        round_id=rnd.id,
+        task=task,
+        kind=rnd.kind,
+        model_version=version,
+        bundle=ArtifactRef(
+            url=f"{API_PREFIX}/bundles/{p['bundle_dir']}.tar",
+            sha256=ctx.store.sha256_of(tar),
+            size=tar.stat().st_size,
+        ),
+        weights=ArtifactRef(
+            url=f"{API_PREFIX}/tasks/{task}/versions/{version}/weights",
+            sha256=p["weights_sha256"],
+            size=4 * bundle.manifest.train.layout.size,
+        ),
+        predict=predict,
+        layout_hash=p["layout_hash"],
+        training=training if rnd.kind == "train" else None,
+        codec=codec_params(p),
+        secagg=secagg_params(p),
+        stage_deadline=timestamp(rnd.stage_deadline),
+    )
