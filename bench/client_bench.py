@@ -64,15 +64,20 @@ def one_round(
     bundle: Path, devices: int, work: Path, rounds: int = 1, client_args: tuple[str, ...] = ()
 ) -> list[dict[str, Any]]:
     from coordinator.launch import start_local, stop_local
+    from coordinator.schemas import DeadlineSettings
     from simulator.config import SimConfig
 
     coord = start_local(work / "coordinator", extra_env={"FEDKEYS_PUBLISH_PREDICT": "true"})
     try:
-        cfg = SimConfig(
+        task = SimConfig(
             per_round=devices, min_reports=devices, over_selection=1.0, rounds=rounds
         ).task_config()
-        cfg["deadlines"] = {"selection": 60, "advertise": 60, "share": 60, "upload": 600, "unmask": 60}
-        cfg["cooldown_rounds"] = 0  # the same devices take part in every round
+        cfg = task.model_copy(
+            update={
+                "deadlines": DeadlineSettings(selection=60, advertise=60, share=60, upload=600, unmask=60),
+                "cooldown_rounds": 0,  # the same devices take part in every round
+            }
+        ).model_dump(mode="json")
         with coord.admin() as admin:
             admin.post("/v1/admin/tasks", json={"name": "bench", "config": cfg}).raise_for_status()
             tar = bundle.with_suffix(".tar")
@@ -277,7 +282,7 @@ def breakdown(bundle: Path, client_python: str) -> list[dict[str, Any]]:
     from simulator.config import SimConfig
 
     b = load_bundle(bundle)
-    cfg = SimConfig().task_config()
+    cfg = SimConfig().task_config().model_dump(mode="json")
     with tempfile.TemporaryDirectory(prefix="fedkeys-client-rss-") as tmp:
         work = Path(tmp)
         b.initial_weights().astype("<f4").tofile(work / "weights.f32")
@@ -462,7 +467,7 @@ def main() -> None:
         f"against a local coordinator (TLS, SQLite); demo bundle "
         f"({manifest.train.layout.size:,} trainable parameters), the simulator's default round "
         f"({sim.local_steps} local SGD steps of 4 rows, secure aggregation, rotation + "
-        f"{sim.keep_fraction:.4g} of the coordinates at {sim.bits} bits; with {args.devices} inputs the "
+        f"{sim.codec.keep_fraction:.4g} of the coordinates at {sim.codec.bits} bits; with {args.devices} inputs the "
         "ring needs fewer bits than in a 13-device round). The devices share the 2 cores"
         f"{load_note}; per-process figures from `wait4`.",
         "",

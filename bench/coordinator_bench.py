@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.model_bench import _record  # noqa: E402
+from protocol.version import __version__  # noqa: E402
 from tests.servers import fresh_pg_database, start_server, stop_server, tiny_build  # noqa: E402
 
 STATE = {
@@ -41,7 +42,7 @@ STATE = {
     "unmetered": True,
     "battery_pct": 90.0,
     "free_storage_mb": 5000.0,
-    "client_version": "0.1.0",
+    "client_version": __version__,
     "examples": 100,
     "device_class": "phone",
 }

@@ -29,6 +29,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from coordinator.schemas import CodecSettings  # noqa: E402 (after the path set-up)
+from simulator.config import SIM_CODEC  # noqa: E402
+
 
 @dataclass(frozen=True)
 class Trial:
@@ -39,13 +42,7 @@ class Trial:
     local_steps: int = 10
     client_lr: float = 0.1
     batch: int = 4
-    compress: bool = True
-    rotate: bool = True
-    keep_fraction: float = 1 / 16
-    bits: int = 5
-    clip_norm: float = 2.0
-    range_factor: float = 4.0
-    weight_cap: int = 16
+    codec: CodecSettings = SIM_CODEC  # the simulator's codec (and ``compress``)
     server: str = "fedadam"
     server_lr: float = 1e-3
     momentum: float = 0.9
@@ -91,15 +88,12 @@ def run_trial(trial: Trial, bundle_dir: str) -> dict[str, Any]:
     k_bits = 32
     for rnd in range(1, trial.rounds + 1):
         chosen = rng.choice(trial.devices, trial.per_round, replace=False)
-        codec = CodecParams(
-            clip_norm=trial.clip_norm,
-            rotate=trial.rotate,
-            keep_fraction=trial.keep_fraction,
-            bits=trial.bits,
-            max_clients=math.ceil(trial.per_round * 1.3),
-            range_factor=trial.range_factor,
-            weight_cap=trial.weight_cap,
-            seed=rng.bytes(32),
+        codec = CodecParams.model_validate(
+            {
+                **trial.codec.model_dump(exclude={"compress"}),
+                "max_clients": math.ceil(trial.per_round * 1.3),
+                "seed": rng.bytes(32),
+            }
         )
         deltas, weights = [], []
         for dev in chosen:
@@ -127,7 +121,7 @@ def run_trial(trial: Trial, bundle_dir: str) -> dict[str, Any]:
             new = layout.flatten({n: p.detach().numpy() for n, p in params.items()})
             deltas.append((new - w).astype(np.float32))
             weights.append(counts[dev])
-        if trial.compress:
+        if trial.codec.compress:
             k_bits = ring_bits(codec)
             encs = [encode(d, codec, rng, num_examples=c) for d, c in zip(deltas, weights, strict=True)]
             sat.append(float(np.mean([e.saturated / (e.values.size - 1) for e in encs])))
@@ -135,16 +129,16 @@ def run_trial(trial: Trial, bundle_dir: str) -> dict[str, Any]:
             total = np.sum([e.values.astype(np.uint64) for e in encs], axis=0) % (1 << k_bits)
             mean = decode_sum(total, codec, len(encs), w.size)
         else:
-            ws = np.minimum(np.array(weights, np.float64), trial.weight_cap)
+            ws = np.minimum(np.array(weights, np.float64), trial.codec.weight_cap)
             mean = (sum(wi * d for wi, d in zip(ws, deltas, strict=True)) / ws.sum()).astype(np.float32)
         w, state = opt.step(w, mean, state)
         if (trial.eval_every and rnd % trial.eval_every == 0) or rnd == trial.rounds:
             history.append({"round": rnd, **evaluator.eager(w)})
     from protocol.codec import encoded_length
 
-    up = math.ceil(encoded_length(codec, w.size) * k_bits / 8) if trial.compress else 4 * w.size
+    up = math.ceil(encoded_length(codec, w.size) * k_bits / 8) if trial.codec.compress else 4 * w.size
     return {
-        "trial": asdict(trial),
+        "trial": {**asdict(trial), "codec": trial.codec.model_dump()},
         "history": history,
         "seconds": time.time() - t0,
         "upload_bytes": up,
@@ -154,14 +148,17 @@ def run_trial(trial: Trial, bundle_dir: str) -> dict[str, Any]:
     }
 
 
+F32 = SIM_CODEC.model_copy(update={"compress": False})
+B6 = SIM_CODEC.model_copy(update={"bits": 6})
+
 # What chose the simulator's defaults (results in bench/RESULTS.md, "Choosing the FL defaults").
 GRIDS: dict[str, list[Trial]] = {
     "default": [
-        Trial("f32 fedavgm lr1 m.5", compress=False, server="fedavgm", server_lr=1.0, momentum=0.5),
-        Trial("p1/16 b6 fedavgm lr1 m.5", bits=6, server="fedavgm", server_lr=1.0, momentum=0.5),
+        Trial("f32 fedavgm lr1 m.5", codec=F32, server="fedavgm", server_lr=1.0, momentum=0.5),
+        Trial("p1/16 b6 fedavgm lr1 m.5", codec=B6, server="fedavgm", server_lr=1.0, momentum=0.5),
         Trial(
             "f32 30 steps lr.3 fedavgm lr.5 m.8",
-            compress=False,
+            codec=F32,
             local_steps=30,
             client_lr=0.3,
             server="fedavgm",
@@ -170,18 +167,24 @@ GRIDS: dict[str, list[Trial]] = {
         ),
         Trial(
             "p1/16 b6 30 steps lr.3 fedavgm lr.5 m.8",
-            bits=6,
+            codec=B6,
             local_steps=30,
             client_lr=0.3,
             server="fedavgm",
             server_lr=0.5,
             momentum=0.8,
         ),
-        Trial("f32 fedadam 1e-3", compress=False),
-        Trial("p1/16 b6 fedadam 1e-3", bits=6),
+        Trial("f32 fedadam 1e-3", codec=F32),
+        Trial("p1/16 b6 fedadam 1e-3", codec=B6),
         Trial("p1/16 b5 fedadam 1e-3 (default)"),
     ],
 }
+
+
+def _trial(overrides: dict[str, Any]) -> Trial:
+    """A trial from JSON overrides (codec settings in a ``codec`` object of their own)."""
+    codec = CodecSettings.model_validate({**SIM_CODEC.model_dump(), **overrides.pop("codec", {})})
+    return replace(Trial("x"), codec=codec, **overrides)
 
 
 def main() -> None:
@@ -193,7 +196,7 @@ def main() -> None:
     ap.add_argument("--baseline", action="store_true", help="also measure the pretrained student")
     ap.add_argument("--out", type=Path, default=ROOT / "artifacts/fl_tuning.jsonl")
     args = ap.parse_args()
-    trials = [replace(Trial("x"), **o) for o in json.loads(args.trials)] if args.trials else GRIDS[args.grid]
+    trials = [_trial(o) for o in json.loads(args.trials)] if args.trials else GRIDS[args.grid]
     if args.baseline:
         from simulator.evaluation import VersionEvaluator, heldout_sample
 

@@ -36,6 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from coordinator.launch import LocalCoordinator  # noqa: E402
+from protocol.version import __version__  # noqa: E402
 from tests.servers import fresh_pg_database, start_server, stop_server  # noqa: E402
 
 CHUNK = 64 * 1024
@@ -69,7 +70,7 @@ class Outcome:
 def routes(server: LocalCoordinator) -> list[tuple[str, str]]:
     """(method, path template) of every route: the OpenAPI operations, the docs pages and a
     path that matches none."""
-    with httpx.Client(verify=str(server.ca), timeout=30) as c:
+    with httpx.Client(verify=server.tls(), timeout=30) as c:
         doc = c.get(f"{server.url}/openapi.json").json()
     out = [(m.upper(), p) for p, ops in doc["paths"].items() for m in ops if m != "parameters"]
     out += [("GET", p) for p in ("/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc")]
@@ -84,7 +85,11 @@ def enroll_device(server: LocalCoordinator) -> str:
     with server.client() as c:
         r = c.post(
             "/v1/devices/enroll",
-            json={"enrollment_secret": server.enroll_secret, "platform": "bench", "client_version": "0.1.0"},
+            json={
+                "enrollment_secret": server.enroll_secret,
+                "platform": "bench",
+                "client_version": __version__,
+            },
         )
     r.raise_for_status()
     token: str = r.json()["token"]

@@ -78,7 +78,9 @@ def codec_params(config: dict[str, Any], n: int, d: int, seed: int) -> Any:
     clip = CLIP_NORM * math.sqrt(d)
     if "coord_range" in cfg:  # R = range_factor * C / sqrt(D), D = d without rotation
         cfg["range_factor"] = cfg.pop("coord_range") * math.sqrt(d) / clip
-    return CodecParams(clip_norm=clip, max_clients=n, seed=seed, **cfg)
+    return CodecParams(
+        clip_norm=clip, max_clients=n, seed=seed, **{"keep_fraction": 1.0, "weight_cap": 1, **cfg}
+    )
 
 
 def client_update(cid: int, d: int) -> Any:

@@ -32,7 +32,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from coordinator.api import admin, artifacts, devices
+from coordinator.api import admin, artifacts, devices, enrollment
 from coordinator.api.deps import BodyTooLarge, WrongBodySize
 from coordinator.api.guard import BodyGuard, route_rules
 from coordinator.config import Settings
@@ -45,7 +45,6 @@ from coordinator.services.aggregate import aggregate, pending_aggregations, publ
 from coordinator.services.devices import AuthError, RateLimited, checkin_statement
 from coordinator.services.privacy_budget import privacy_status
 from coordinator.services.rounds import (
-    DONE,
     Forbidden,
     Gone,
     RoundContext,
@@ -60,7 +59,8 @@ from protocol.codec import CodecError
 from protocol.dp import DPError
 from protocol.layout import LayoutError
 from protocol.secagg.common import SecAggError
-from protocol.wire import WireError
+from protocol.version import __version__
+from protocol.wire import Stage, WireError
 
 __all__ = ["create_app", "tick"]
 
@@ -156,7 +156,7 @@ def tick(app: FastAPI) -> None:
     factory = app.state.sessions
     with factory() as session, session.begin():
         open_rounds(session, ctx)
-        ids = list(session.scalars(select(Round.id).where(Round.stage != DONE)))
+        ids = list(session.scalars(select(Round.id).where(Round.stage != Stage.DONE)))
     for round_id in ids:
         close_if_complete(factory, ctx, round_id, wait=True)
     with factory() as session:
@@ -294,7 +294,7 @@ def create_app(settings: Settings | None = None, *, background: bool = True) -> 
 
     app = FastAPI(
         title="fedkeys coordinator",
-        version="1",
+        version=__version__,
         description="Schedules eligible devices and runs secure, compressed federated rounds.",
         lifespan=lifespan,
     )
@@ -315,9 +315,7 @@ def create_app(settings: Settings | None = None, *, background: bool = True) -> 
     app.include_router(devices.router)
     app.include_router(artifacts.router)
     app.include_router(admin.router)
-    from coordinator.api import enrollment  # enrolment codes, device revocation (admin)
-
-    app.include_router(enrollment.router)
+    app.include_router(enrollment.router)  # enrolment codes, device revocation (admin)
 
     @app.get("/healthz", tags=["ops"])
     async def healthz() -> dict[str, str]:

@@ -8,6 +8,7 @@ import argparse
 import json
 import logging
 import os
+import ssl
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -204,7 +205,7 @@ def _admin(args: argparse.Namespace) -> None:
     token = secret_value(args, "admin-token", env="FEDKEYS_ADMIN_TOKEN")
     if not token:
         raise CliError("set FEDKEYS_ADMIN_TOKEN or pass --admin-token-file")
-    verify: Any = str(args.ca) if args.ca else True
+    verify: Any = ssl.create_default_context(cafile=str(args.ca)) if args.ca else True
     call = {"task": _task_call, "enrollment": _enrollment_call, "device": _device_call}[args.action]
     with httpx.Client(
         base_url=args.url, verify=verify, headers={"Authorization": f"Bearer {token}"}, timeout=120

@@ -11,6 +11,7 @@ import os
 import secrets
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -39,17 +40,21 @@ class CoordinatorHandle:
     admin_token: str
     enroll_secret: str
 
+    def tls(self) -> ssl.SSLContext:
+        """A TLS context that trusts only this coordinator's CA (the dev CA it was made with)."""
+        return ssl.create_default_context(cafile=str(self.ca))
+
     def admin(self, timeout: float = 300) -> httpx.Client:
         return httpx.Client(
             base_url=self.url,
-            verify=str(self.ca),
+            verify=self.tls(),
             headers={"Authorization": f"Bearer {self.admin_token}"},
             timeout=timeout,
         )
 
     def client(self, token: str | None = None) -> httpx.Client:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        return httpx.Client(base_url=self.url, verify=str(self.ca), headers=headers, timeout=60)
+        return httpx.Client(base_url=self.url, verify=self.tls(), headers=headers, timeout=60)
 
 
 @dataclass
@@ -128,7 +133,7 @@ def start_local(
             tail = handle.log.read_text(errors="replace")[-3000:]
             raise RuntimeError(f"the coordinator exited (log {handle.log}):\n{tail}")
         try:
-            if httpx.get(f"{handle.url}/readyz", verify=str(handle.ca), timeout=2).status_code == 200:
+            if httpx.get(f"{handle.url}/readyz", verify=handle.tls(), timeout=2).status_code == 200:
                 return handle
         except httpx.HTTPError:
             pass

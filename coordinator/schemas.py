@@ -10,9 +10,9 @@ import math
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from protocol.codec import check_rotation_block
+from protocol import codec
 from protocol.dp import Adjacency
 from protocol.secagg.common import MIN_DEVICES, MIN_THRESHOLD
 
@@ -65,26 +65,12 @@ class TrainingSettings(_Model):
     max_examples: int = Field(default=2000, ge=1)  # most recent messages used for training
 
 
-class CodecSettings(_Model):
-    """protocol.codec parameters; ``seed`` is drawn per round. ``compress=False`` sends plain
-    float32 updates (no clipping, no quantization; secure aggregation needs compression)."""
+class CodecSettings(codec.CodecSettings):
+    """The codec's knobs (protocol.codec.CodecSettings, declared there) and ``compress``:
+    ``False`` sends plain float32 updates (no quantization; the coordinator clips them to
+    ``clip_norm``; secure aggregation needs compression). The round adds its size and seed."""
 
     compress: bool = True
-    clip_norm: float = Field(default=1.0, gt=0)
-    rotate: bool = True
-    keep_fraction: float = Field(default=1 / 16, gt=0, le=1)
-    bits: int = Field(default=8, ge=1, le=24)
-    range_factor: float = Field(default=4.0, gt=0)
-    # Example count at which a device's weight saturates. Small caps keep the weight slot from
-    # widening the ring (bits of the sum = max(b + log2 n, log2(n * cap))) and give every
-    # well-filled device the same say; devices below min_examples are not eligible anyway.
-    weight_cap: int = Field(default=16, ge=1)
-    rotation_block: int | None = Field(default=None, ge=1 << 8, le=1 << 30)  # None = automatic
-
-    @field_validator("rotation_block")
-    @classmethod
-    def _pow2(cls, value: int | None) -> int | None:
-        return check_rotation_block(value)
 
 
 class SecAggSettings(_Model):

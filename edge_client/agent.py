@@ -38,13 +38,14 @@ from edge_client.transport import ApiError, FileSink, Transport, TransportError
 from edge_client.weights_cache import WeightsCache
 from protocol.bundle import Bundle, BundleError, extract_bundle, load_bundle
 from protocol.layout import FloatVec
-from protocol.wire import DeviceState, EnrollRequest, EvalCounts, RoundPlan, TrainReport
+from protocol.version import __version__
+from protocol.wire import Action, DeviceState, EnrollRequest, EvalCounts, RoundKind, RoundPlan, TrainReport
 
 __all__ = ["CLIENT_VERSION", "Agent", "AgentConfig", "NotEnrolled"]
 
 log = logging.getLogger(__name__)
 
-CLIENT_VERSION = "0.1.0"
+CLIENT_VERSION = __version__  # what check-ins report (the package metadata)
 
 
 class NotEnrolled(Exception):
@@ -236,7 +237,7 @@ class Agent:
             log.warning("coordinator unreachable (%s); retrying in %.0f s", e, wait)
             return wait, False
         self._failures = 0
-        if r.action == "retry" or r.round_id is None:
+        if r.action == Action.RETRY or r.round_id is None:
             return float(r.retry_after or 60.0), False
         if r.round_id in self._attempted:
             # The coordinator still counts this device in a round it already left (its keys and
@@ -247,7 +248,7 @@ class Agent:
             wait = 1.0 if r.round_id in self._finished else self.cfg.left_round_wait
             return wait * (0.5 + self.rng.random()), False
         self._attempted.add(r.round_id)
-        record = self.train_round(r.round_id) if r.action == "train" else self.eval_round(r.round_id)
+        record = self.train_round(r.round_id) if r.action == Action.TRAIN else self.eval_round(r.round_id)
         if record.outcome is not None:
             self._finished.add(r.round_id)
         if self.cfg.drop_codec_caches:
@@ -324,7 +325,7 @@ class Agent:
         t = plan.training
         stats = trainer.train(
             self._batches(bundle, [m.text for m in msgs], self.rng.randrange(1 << 30)),
-            OptimizerConfig(name=t.optimizer, lr=t.lr, momentum=t.momentum),  # type: ignore[arg-type]
+            OptimizerConfig(name=t.optimizer, lr=t.lr, momentum=t.momentum),
             max_steps=t.local_steps,
             max_seconds=t.max_seconds,
             should_continue=lambda: self.provider.read().eligible and not self.stopped,
@@ -365,7 +366,7 @@ class Agent:
         release_pages(weights)
         return LocalResult(delta, len(msgs), report)
 
-    def _bundle_weights(self, plan: RoundPlan) -> tuple[int, FloatVec]:
+    def bundle_weights(self, plan: RoundPlan) -> tuple[int, FloatVec]:
         """The weights the round's bundle ships with (configuration fetches the bundle first:
         a device new to the task then downloads a delta from them, not the whole vector)."""
         b = self.bundle(plan)
@@ -388,7 +389,7 @@ class Agent:
                 round_id,
                 self.local_train,
                 weights_cache=self.weights,
-                bundle_weights=self._bundle_weights,
+                bundle_weights=self.bundle_weights,
                 sleep=self._sleep,
                 should_continue=lambda: not self.stopped and self.provider.read().eligible,
                 stopping=lambda: self.stopped,
@@ -397,24 +398,24 @@ class Agent:
             )
         except Aborted as e:
             log.info("round %d: left (%s)", round_id, e)
-            return RoundRecord(round_id, "train", completed=False, reason=str(e))
+            return RoundRecord(round_id, RoundKind.TRAIN, completed=False, reason=str(e))
         except (ApiError, TransportError) as e:
             # a refusal after a coordinator restart (the round failed or moved on meanwhile) or a
             # coordinator still unreachable after the transport's retries: leave the round
             # cleanly and go back to checking in (evaluation rounds leave on refusals too)
             log.warning("round %d: left after a coordinator error (%s)", round_id, e)
-            return RoundRecord(round_id, "train", completed=False, reason=str(e))
+            return RoundRecord(round_id, RoundKind.TRAIN, completed=False, reason=str(e))
         except Exception as e:
             # A message that breaks the protocol (a neighbour's bad share or key, a roster below
             # the safety floors, an unsafe URL, a malformed answer) ends this round for this
             # device, never the agent: the next check-in starts afresh.
             log.warning("round %d: left after a protocol error", round_id, exc_info=True)
-            return RoundRecord(round_id, "train", completed=False, reason=f"protocol error: {e}")
+            return RoundRecord(round_id, RoundKind.TRAIN, completed=False, reason=f"protocol error: {e}")
         if out.new_version is not None:
             self.model_version = out.new_version
         return RoundRecord(
             round_id,
-            "train",
+            RoundKind.TRAIN,
             completed=out.completed,
             reason=out.reason,
             outcome=out.outcome,
@@ -455,11 +456,11 @@ class Agent:
                 counts = bucket_eval_counts(counts, self.rng)
             self.transport.evaluation(round_id, counts)
         except (Aborted, ApiError, TransportError) as e:
-            return RoundRecord(round_id, "evaluate", completed=False, reason=str(e))
+            return RoundRecord(round_id, RoundKind.EVALUATE, completed=False, reason=str(e))
         except Exception as e:  # as for training rounds: the round ends, the agent goes on
             log.warning("round %d: left the evaluation after an error", round_id, exc_info=True)
-            return RoundRecord(round_id, "evaluate", completed=False, reason=f"error: {e}")
-        return RoundRecord(round_id, "evaluate", completed=True, words=counts.words)
+            return RoundRecord(round_id, RoundKind.EVALUATE, completed=False, reason=f"error: {e}")
+        return RoundRecord(round_id, RoundKind.EVALUATE, completed=True, words=counts.words)
 
     def status(self) -> dict[str, Any]:
         c = self.provider.read()

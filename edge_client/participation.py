@@ -26,6 +26,7 @@ from protocol.codec import encode
 from protocol.layout import FloatVec
 from protocol.secagg.client import SecAggClient
 from protocol.wire import (
+    SECURE_ROUND,
     RoundPlan,
     RoundStatus,
     Stage,
@@ -45,16 +46,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-_ORDER = [
-    "selecting",
-    Stage.ADVERTISE_KEYS,
-    Stage.SHARE_KEYS,
-    Stage.MASKED_INPUT,
-    Stage.UNMASK,
-    "aggregating",
-    "done",
-]
 
 
 @dataclass
@@ -100,8 +91,8 @@ def drop_codec_caches() -> None:
                 clear()
 
 
-def _stage_index(stage: str) -> int:
-    return _ORDER.index(stage) if stage in _ORDER else -1
+def _stage_index(stage: Stage) -> int:
+    return SECURE_ROUND.index(stage) if stage in SECURE_ROUND else -1
 
 
 LONG_POLL = 10.0  # seconds the coordinator may hold one status poll
@@ -110,7 +101,7 @@ LONG_POLL = 10.0  # seconds the coordinator may hold one status poll
 def _wait_for(
     transport: Transport,
     round_id: int,
-    stage: str,
+    stage: Stage,
     *,
     sleep: Callable[[float], None],
     should_continue: Callable[[], bool],
@@ -119,12 +110,12 @@ def _wait_for(
     """Wait until the round reaches ``stage`` (or passes it, or ends): long polls of its
     status, each held by the coordinator until the stage changes or ``LONG_POLL`` seconds
     pass (eligibility is re-checked between polls)."""
-    since: str | None = None
+    since: Stage | None = None
     while True:
         asked = time.time()
         hold = 0.0 if since is None else min(LONG_POLL, max(deadline - asked, 0.0))
         st = transport.status(round_id, since=since, wait=hold)
-        if st.participant_stage == "dropped" or st.stage == "done":
+        if st.participant_stage == Stage.DROPPED or st.stage == Stage.DONE:
             return st
         if st.stage == stage or _stage_index(st.stage) > _stage_index(stage) >= 0:
             return st
@@ -193,7 +184,7 @@ def run_round(
             transport.advertise(round_id, secagg.advertise_keys())
             marks["advertised"] = time.time()
             st = _wait_for(transport, round_id, Stage.SHARE_KEYS, **wait)  # type: ignore[arg-type]
-            if st.participant_stage == "dropped" or st.stage != Stage.SHARE_KEYS:
+            if st.participant_stage == Stage.DROPPED or st.stage != Stage.SHARE_KEYS:
                 return left(f"missed key sharing (round at {st.stage})", st)
             transport.share_keys(round_id, secagg.share_keys(transport.roster(round_id)))
             marks["shared"] = time.time()
@@ -224,7 +215,7 @@ def run_round(
             bits = plan.secagg.ring_bits if plan.secagg is not None else _ring_bits(plan)
             if secagg is not None:
                 st = _wait_for(transport, round_id, Stage.MASKED_INPUT, **wait)  # type: ignore[arg-type]
-                if st.participant_stage == "dropped" or st.stage != Stage.MASKED_INPUT:
+                if st.participant_stage == Stage.DROPPED or st.stage != Stage.MASKED_INPUT:
                     return left(f"missed the upload (round at {st.stage})", st)
                 values = secagg.masked_input(values, transport.inbound_shares(round_id))
             header = UpdateHeader(
@@ -259,12 +250,12 @@ def run_round(
         wait["should_continue"] = lambda: not stopping()
         if secagg is not None:
             st = _wait_for(transport, round_id, Stage.UNMASK, **wait)  # type: ignore[arg-type]
-            if st.participant_stage == "dropped" or st.stage != Stage.UNMASK:
+            if st.participant_stage == Stage.DROPPED or st.stage != Stage.UNMASK:
                 return left(f"round moved on before unmasking ({st.stage})", st)
             req = transport.unmask_request(round_id)
             transport.unmask(round_id, secagg.unmask(req.survivors, req.dropped))
             marks["unmasked"] = time.time()
-        st = _wait_for(transport, round_id, "done", **wait)  # type: ignore[arg-type]
+        st = _wait_for(transport, round_id, Stage.DONE, **wait)  # type: ignore[arg-type]
         marks["done"] = time.time()
         times["total"] = marks["done"] - t0
         return RoundOutcome(round_id, True, st.outcome, st.new_version, "", times, marks)

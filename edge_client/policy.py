@@ -21,7 +21,7 @@ import math
 import random
 from dataclasses import dataclass
 
-from protocol.wire import EvalCounts, RoundPlan, TrainReport
+from protocol.wire import EvalCounts, RoundKind, RoundPlan, TrainReport
 
 __all__ = [
     "EVAL_WORDS",
@@ -52,7 +52,7 @@ class DevicePolicy:
 
     def check_plan(self, plan: RoundPlan) -> None:
         """Refuse (:class:`PolicyRefusal`) a training plan this device may not follow."""
-        if plan.kind != "train" or not self.require_secure_aggregation:
+        if plan.kind != RoundKind.TRAIN or not self.require_secure_aggregation:
             return
         if plan.codec is None:
             raise PolicyRefusal("the plan asks for a raw float32 update; this device sends none")

@@ -16,7 +16,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from protocol.wire import TrainReport
+from protocol.wire import RoundKind, TrainReport
 
 __all__ = ["RoundHistory", "RoundRecord"]
 
@@ -26,7 +26,7 @@ class RoundRecord:
     """One round as this device saw it."""
 
     round: int  # the round's id
-    kind: str  # the check-in's action: train | evaluate
+    kind: RoundKind
     completed: bool  # the device did every stage it was asked to
     # why the device left ("" for a training round it saw through); None for a completed evaluation
     reason: str | None = None

@@ -17,6 +17,7 @@ import hashlib
 import logging
 import os
 import random
+import ssl
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -41,6 +42,7 @@ from protocol.wire import (
     RoundStatus,
     ShareKeys,
     ShareKeysRequest,
+    Stage,
     TrainReport,
     UnmaskRequest,
     UnmaskResponse,
@@ -208,7 +210,7 @@ class Transport:
         allow_http: bool = False,
     ) -> None:
         self.origin = check_origin(base_url, allow_http=allow_http)
-        verify: Any = str(ca) if ca is not None else True
+        verify: Any = ssl.create_default_context(cafile=str(ca)) if ca is not None else True
         self._http = httpx.Client(base_url=base_url, verify=verify, timeout=timeout, transport=transport)
         self.token = token
         self.retries, self.backoff, self.max_backoff = retries, backoff, max_backoff
@@ -326,7 +328,7 @@ class Transport:
     def plan(self, round_id: int) -> RoundPlan:
         return self._json("GET", f"/v1/rounds/{round_id}/plan", RoundPlan)
 
-    def status(self, round_id: int, *, since: str | None = None, wait: float = 0.0) -> RoundStatus:
+    def status(self, round_id: int, *, since: Stage | None = None, wait: float = 0.0) -> RoundStatus:
         """The round's status; with ``since`` (the stage the device knows) a long poll that the
         coordinator holds up to ``wait`` seconds until the stage changes."""
         path = f"/v1/rounds/{round_id}/status"

@@ -103,12 +103,13 @@ def _config(args: argparse.Namespace) -> Any:
     if args.quick:
         cfg = replace(cfg, devices=30, per_round=6, rounds=8, eval_every=2, eval_messages=150, min_reports=4)
     if args.no_compress:
-        cfg = replace(cfg, compress=False, secagg=False, name="fl-float32")
+        cfg = replace(cfg.with_codec(compress=False), secagg=False, name="fl-float32")
     elif args.no_secagg:
         cfg = replace(cfg, secagg=False, name="fl-compressed")
+    for flag in ("keep_fraction", "bits"):
+        if getattr(args, flag) is not None:
+            cfg = cfg.with_codec(**{flag: getattr(args, flag)})
     for flag, attr in (
-        ("keep_fraction", "keep_fraction"),
-        ("bits", "bits"),
         ("local_steps", "local_steps"),
         ("dropout", "dropout"),
         ("day_seconds", "day_seconds"),
@@ -127,12 +128,11 @@ def _config(args: argparse.Namespace) -> Any:
         if args.target_epsilon is None and args.noise_multiplier is None:
             raise SimError("--privacy needs --target-epsilon or --noise-multiplier")
         cfg = replace(
-            cfg,
+            cfg.with_codec(weight_cap=1),
             privacy=args.privacy,
             target_epsilon=args.target_epsilon,
             noise_multiplier=args.noise_multiplier,
             adaptive_clip=args.adaptive_clip,
-            weight_cap=1,
             name=f"fl-{args.privacy}-dp",
         )
     if args.speed_spread is not None:

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from coordinator.launch import CoordinatorHandle
+from protocol.wire import Outcome, RoundKind
 from simulator.config import SimConfig
 from simulator.evaluation import VersionEvaluator, heldout_sample
 from simulator.fleet import fleet_users, make_specs
@@ -118,8 +119,8 @@ def compare(
     """Run the comparison; returns (runs, summary rows, baselines for the accuracy plot)."""
     heldout = heldout_sample(base.eval_messages, base.seed)
     configs = [
-        replace(base, name="fl-float32", secagg=False, compress=False),
-        replace(base, name="fl-secure-compressed", secagg=True, compress=True),
+        replace(base.with_codec(compress=False), name="fl-float32", secagg=False),
+        replace(base.with_codec(compress=True), name="fl-secure-compressed", secagg=True),
     ]
     runs = [
         run_simulation(c, bundle_dir, out_dir, coord, heldout=heldout, progress=progress) for c in configs
@@ -200,9 +201,8 @@ def privacy_sweep(
     for eps in epsilons:
         private = math.isfinite(eps)
         cfg = replace(
-            base,
+            base.with_codec(weight_cap=1),
             name=f"{base.privacy}-eps{eps:g}" if private else "non-private",
-            weight_cap=1,
             privacy=base.privacy if private else "off",
             target_epsilon=eps if private else None,
         )
@@ -247,8 +247,8 @@ def time_to_target(run: SimResult, target: float) -> dict[str, Any]:
     hit = next((v for v in sorted(run.evals) if v > 0 and run.evals[v]["top1"] >= target), None)
     if hit is None:
         return {"version": None, "rounds": None, "sim_hours": None, "upload_MB": None}
-    upto = [r for r in run.rounds if r["kind"] == "train" and (r["new_version"] or 0) <= hit]
-    upto = [r for r in upto if r["outcome"] == "failed" or r["new_version"] is not None]
+    upto = [r for r in run.rounds if r["kind"] == RoundKind.TRAIN and (r["new_version"] or 0) <= hit]
+    upto = [r for r in upto if r["outcome"] == Outcome.FAILED or r["new_version"] is not None]
     done = next(r for r in run.rounds if r.get("new_version") == hit)
     finished = done["t"] + done["wall_seconds"]
     up = sum(b["bytes_up"] for r in upto for b in r.get("device_bytes", []))
@@ -262,7 +262,9 @@ def time_to_target(run: SimResult, target: float) -> dict[str, Any]:
 
 def participation(run: SimResult) -> dict[str, float]:
     """How evenly the training rounds spread over the fleet."""
-    counts = [sum(1 for r in d.get("rounds", []) if r.kind == "train" and r.completed) for d in run.devices]
+    counts = [
+        sum(1 for r in d.get("rounds", []) if r.kind == RoundKind.TRAIN and r.completed) for d in run.devices
+    ]
     if not counts:
         return {"devices_participating": 0.0, "max_participations": 0.0, "gini": 0.0}
     xs = sorted(counts)

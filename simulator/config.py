@@ -3,10 +3,18 @@ coordinator task configuration it asks for (:meth:`SimConfig.task_config`)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-__all__ = ["SimConfig"]
+from coordinator.schemas import CodecSettings, DeadlineSettings, TaskConfig
+
+__all__ = ["SIM_CODEC", "SimConfig"]
+
+SIM_CODEC = CodecSettings(keep_fraction=1 / 16, bits=5, clip_norm=2.0)
+"""The simulator's codec: 1/16 of the (block-rotated) coordinates at 5 bits, 9-bit ring elements
+for 13 inputs, about 55x fewer bytes than a dense float32 update; FedAdam absorbs the
+subsampling noise (in the emulation of bench/fl_tuning.py it ended level with float32 FedAdam,
+FedAvgM 1.9% below). The rest are the task defaults (protocol.codec.CodecSettings)."""
 
 
 @dataclass(frozen=True)
@@ -18,15 +26,7 @@ class SimConfig:
     per_round: int = 10
     rounds: int = 30
     secagg: bool = True
-    compress: bool = True
-    # 1/16 of the (block-rotated) coordinates at 5 bits: 9-bit ring elements for 13 inputs, about
-    # 55x fewer bytes than a dense float32 update; FedAdam absorbs the subsampling noise (in the
-    # emulation of bench/fl_tuning.py it ended level with float32 FedAdam, FedAvgM 1.9% below)
-    keep_fraction: float = 1 / 16
-    bits: int = 5
-    clip_norm: float = 2.0
-    range_factor: float = 4.0
-    weight_cap: int = 16
+    codec: CodecSettings = SIM_CODEC
     optimizer: str = "sgd"  # device optimizer
     client_lr: float = 0.1
     local_steps: int = 10
@@ -42,16 +42,12 @@ class SimConfig:
     # whole day (and its 4x swing) in 10 minutes, but rounds then find few devices by day
     day_seconds: float = 2400.0
     start_hour: float = 23.0
-    deadlines: dict[str, float] = field(
-        default_factory=lambda: {
-            # a selection closes once its pool is full; the deadline only matters when few
-            # devices are eligible (6 s failed rounds in a row before the pool could fill)
-            "selection": 20.0,
-            "advertise": 6.0,
-            "share": 6.0,
-            "upload": 30.0,
-            "unmask": 8.0,
-        }
+    # a selection closes once its pool is full; its deadline only matters when few devices are
+    # eligible (6 s failed rounds in a row before the pool could fill)
+    deadlines: DeadlineSettings = field(
+        default_factory=lambda: DeadlineSettings(
+            selection=20.0, advertise=6.0, share=6.0, upload=30.0, unmask=8.0
+        )
     )
     seed: int = 0
     eval_every: int = 10  # heldout evaluation of every 10th version (and the last)
@@ -80,37 +76,37 @@ class SimConfig:
             "adaptive_clip": self.adaptive_clip,
         }
 
-    def task_config(self) -> dict[str, Any]:
-        return {
-            "clients_per_round": self.per_round,
-            "over_selection": self.over_selection,
-            "min_reports": min(self.min_reports, self.per_round),
-            "cooldown_rounds": 1,
-            "selection_pool": 1.0,
-            "eligibility": {"min_examples": 20, "min_battery_pct": 20},
-            "training": {
-                "optimizer": self.optimizer,
-                "lr": self.client_lr,
-                "local_steps": self.local_steps,
-                "max_seconds": 60.0,
-                "max_examples": self.max_examples,
-            },
-            "codec": {
-                "compress": self.compress,
-                "keep_fraction": self.keep_fraction,
-                "bits": self.bits,
-                "clip_norm": self.clip_norm,
-                "range_factor": self.range_factor,
-                "weight_cap": self.weight_cap,
-            },
-            "secagg": {"enabled": self.secagg},
-            "server_optimizer": {
-                "name": self.server_optimizer,
-                "lr": self.server_lr,
-                "momentum": self.server_momentum,
-            },
-            "deadlines": self.deadlines,
-            "privacy": self.privacy_config(),
-            "selection": {"strategy": self.selection},
-            "max_rounds": self.rounds,
-        }
+    def with_codec(self, **changes: Any) -> SimConfig:
+        """This configuration with some codec settings changed (validated)."""
+        return replace(self, codec=CodecSettings.model_validate({**self.codec.model_dump(), **changes}))
+
+    def task_config(self) -> TaskConfig:
+        """The coordinator task this run asks for: the task defaults with the run's overrides."""
+        return TaskConfig.model_validate(
+            {
+                "clients_per_round": self.per_round,
+                "over_selection": self.over_selection,
+                "min_reports": min(self.min_reports, self.per_round),
+                "cooldown_rounds": 1,
+                "selection_pool": 1.0,
+                "eligibility": {"min_examples": 20, "min_battery_pct": 20},
+                "training": {
+                    "optimizer": self.optimizer,
+                    "lr": self.client_lr,
+                    "local_steps": self.local_steps,
+                    "max_seconds": 60.0,
+                    "max_examples": self.max_examples,
+                },
+                "codec": self.codec,
+                "secagg": {"enabled": self.secagg},
+                "server_optimizer": {
+                    "name": self.server_optimizer,
+                    "lr": self.server_lr,
+                    "momentum": self.server_momentum,
+                },
+                "deadlines": self.deadlines,
+                "privacy": self.privacy_config(),
+                "selection": {"strategy": self.selection},
+                "max_rounds": self.rounds,
+            }
+        )

@@ -274,7 +274,7 @@ def _device_thread(
     agent.weights = fleet_weights_cache(runtime.weights)
     real_bundle = agent.bundle
     agent.bundle = lambda plan: runtime.bundle(plan, real_bundle)  # type: ignore[method-assign]
-    agent._bundle_weights = lambda plan: runtime.bundle_weights(plan, real_bundle)  # type: ignore[method-assign]
+    agent.bundle_weights = lambda plan: runtime.bundle_weights(plan, real_bundle)  # type: ignore[method-assign]
     real_train = agent.local_train
 
     real_round = agent.train_round

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from edge_client.records import RoundRecord
+from protocol.wire import Outcome, RoundKind
 from simulator.config import SimConfig
 
 __all__ = ["SimResult", "attach_device_bytes", "round_record", "write_records"]
@@ -35,7 +36,9 @@ class SimResult:
     privacy: dict[str, Any] | None = None  # the task's privacy status at the end (admin API)
 
     def summary(self) -> dict[str, Any]:
-        committed = [r for r in self.rounds if r["outcome"] == "committed" and r["kind"] == "train"]
+        committed = [
+            r for r in self.rounds if r["outcome"] == Outcome.COMMITTED and r["kind"] == RoundKind.TRAIN
+        ]
         ups = [d["bytes_up"] for r in committed for d in r.get("device_bytes", [])]
         downs = [d["bytes_down"] for r in committed for d in r.get("device_bytes", [])]
         last_v = max(self.evals) if self.evals else 0
@@ -43,7 +46,7 @@ class SimResult:
         return {
             "name": self.config.name,
             "rounds_committed": len(committed),
-            "rounds_failed": sum(r["outcome"] == "failed" for r in self.rounds),
+            "rounds_failed": sum(r["outcome"] == Outcome.FAILED for r in self.rounds),
             "top1_start": self.evals.get(0, {}).get("top1"),
             "top1_final": self.evals.get(last_v, {}).get("top1"),
             "top3_final": self.evals.get(last_v, {}).get("top3"),
@@ -98,7 +101,7 @@ def attach_device_bytes(rounds: list[dict[str, Any]], devices: list[dict[str, An
     for d in devices:
         r: RoundRecord
         for r in d.get("rounds", []):
-            if r.kind == "train" and r.completed:
+            if r.kind == RoundKind.TRAIN and r.completed:
                 by_round.setdefault(r.round, []).append(
                     {"bytes_up": r.bytes_up or 0, "bytes_down": r.bytes_down or 0}
                 )

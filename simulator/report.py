@@ -8,6 +8,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from protocol.wire import RoundKind
+
 __all__ = ["plot_privacy", "plot_time_to_accuracy", "write_report"]
 
 
@@ -86,7 +88,7 @@ def plot_bytes(runs: Sequence[Any], out: Path) -> Path:
 def plot_participation(run: Any, out: Path) -> Path:
     plt = _plt()
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(7, 5.5), sharex=True)
-    rs = [r for r in run.rounds if r["kind"] == "train"]
+    rs = [r for r in run.rounds if r["kind"] == RoundKind.TRAIN]
     # hours since the run's simulated start, so that a night is not split at midnight
     start = run.config.start_hour
     hours = [start + (r["sim_hour"] - start) % 24 for r in rs]

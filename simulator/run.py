@@ -23,6 +23,8 @@ import numpy as np
 import numpy.typing as npt
 
 from coordinator.launch import CoordinatorHandle, LocalCoordinator, start_local, stop_local
+from protocol.version import __version__
+from protocol.wire import Stage
 from simulator.config import SimConfig
 from simulator.evaluation import VersionEvaluator, heldout_sample
 from simulator.fleet import DeviceSpec, FleetSpec, fleet_users, make_specs, run_worker
@@ -115,7 +117,9 @@ def run_simulation(
     task = f"sim-{cfg.name}-{secrets.token_hex(3)}"
     tar = bundle_dir.with_suffix(".tar")
     with coord.admin() as admin:
-        r = admin.post("/v1/admin/tasks", json={"name": task, "config": cfg.task_config()})
+        r = admin.post(
+            "/v1/admin/tasks", json={"name": task, "config": cfg.task_config().model_dump(mode="json")}
+        )
         r.raise_for_status()
         admin.post(f"/v1/admin/tasks/{task}/bundle", content=tar.read_bytes()).raise_for_status()
     specs = make_specs(fleet_users(), cfg.devices, cfg.seed, cfg.speed_sigma)
@@ -129,6 +133,7 @@ def run_simulation(
         progress({"event": "eval", "version": 0, **evals[0]})
     stop_file = out_dir / f".stop-{task}"
     stop_file.unlink(missing_ok=True)
+    d = cfg.deadlines
     fleet = FleetSpec(
         coordinator=coord.url,
         ca=str(coord.ca),
@@ -138,7 +143,7 @@ def run_simulation(
         start_hour=cfg.start_hour,
         t0=time.time(),
         dropout=cfg.dropout,
-        round_seconds=sum(cfg.deadlines.values()) / 3,
+        round_seconds=(d.selection + d.advertise + d.share + d.upload + d.unmask) / 3,
         stop_after=cfg.max_minutes * 60,
         state_root=str(out_dir / "devices" / task),
         noop_training=cfg.noop_training,
@@ -176,7 +181,7 @@ def run_simulation(
                 log.warning("coordinator unreachable (%s); polling again", e)
                 continue
             for r in sorted(rs, key=lambda x: x["number"]):
-                if r["stage"] == "done" and r["number"] not in seen:
+                if r["stage"] == Stage.DONE and r["number"] not in seen:
                     seen.add(r["number"])
                     rec = round_record(r, fleet.t0, cfg.day_seconds, cfg.start_hour)
                     rounds.append(rec)
@@ -195,7 +200,7 @@ def run_simulation(
 
                 eval_thread = threading.Thread(target=work, daemon=True)
                 eval_thread.start()
-            if status == "paused" and not any(x["stage"] != "done" for x in rs):
+            if status == "paused" and not any(x["stage"] != Stage.DONE for x in rs):
                 break
     finally:
         stop_file.write_text("stop")
@@ -225,7 +230,9 @@ class _Observer:
         self.task = task
         self.t = Transport(coord.url, ca=coord.ca)
         r = self.t.enroll(
-            EnrollRequest(enrollment_secret=coord.enroll_secret, platform="observer", client_version="0.1.0")
+            EnrollRequest(
+                enrollment_secret=coord.enroll_secret, platform="observer", client_version=__version__
+            )
         )
         self.t.token = r.token
 

@@ -18,7 +18,7 @@ from coordinator.api.deps import (
     TaskPath,
     spool_body,
 )
-from coordinator.db.models import Device
+from coordinator.db.models import Device, Task
 from coordinator.schemas import (
     RoundPublic,
     SelectionStats,
@@ -58,8 +58,6 @@ def create_task(body: TaskCreate, _: AdminDep, session: SessionDep) -> TaskPubli
 
 @router.get("/tasks")
 def list_tasks(_: AdminDep, session: SessionDep) -> list[TaskPublic]:
-    from coordinator.db.models import Task
-
     return [tasks.task_public(session, t) for t in session.scalars(select(Task).order_by(Task.id))]
 
 

@@ -46,6 +46,7 @@ from protocol.wire import (
     RoundStatus,
     ShareKeys,
     ShareKeysRequest,
+    Stage,
     TrainReport,
     UnmaskRequest,
     UnmaskResponse,
@@ -184,17 +185,15 @@ MAX_STATUS_WAIT = 30.0  # seconds a long poll of the round status may be held
 _POLL_TICK = 0.1  # seconds between looks at the worker's round view while a long poll waits
 
 
-def _status_moved(st: RoundStatus, since: str) -> bool:
-    return st.stage != since or st.stage == rounds.DONE or st.participant_stage == rounds.DROPPED
+def _status_moved(st: RoundStatus, since: Stage) -> bool:
+    return st.stage != since or st.stage == Stage.DONE or st.participant_stage == Stage.DROPPED
 
 
 @router.get("/rounds/{round_id}/status")
 async def round_status(
     round_id: RoundIdPath,
     request: Request,
-    since: Annotated[
-        str | None, Query(max_length=32, description="the stage the device knows (long poll)")
-    ] = None,
+    since: Annotated[Stage | None, Query(description="the stage the device knows (long poll)")] = None,
     wait: Annotated[
         float, Query(ge=0, le=MAX_STATUS_WAIT, description="seconds to hold the answer (long poll)")
     ] = 0.0,

@@ -27,6 +27,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from protocol.wire import RoundKind
+
 __all__ = [
     "Base",
     "Candidate",
@@ -157,7 +159,7 @@ class Round(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     task_id: Mapped[int] = mapped_column(ForeignKey("tasks.id"))
     number: Mapped[int]
-    kind: Mapped[str] = mapped_column(String(16), default="train")  # train | evaluate
+    kind: Mapped[str] = mapped_column(String(16), default=RoundKind.TRAIN)  # protocol.wire.RoundKind
     stage: Mapped[str] = mapped_column(String(16))  # see coordinator.services.rounds.context
     base_version: Mapped[int]
     plan: Mapped[dict[str, Any]]

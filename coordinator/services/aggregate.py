@@ -19,11 +19,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from coordinator.db.models import ModelVersion, Participant, Round, RoundUpload, Task
 from coordinator.observability import log_event
 from coordinator.optimizers import OptimizerState, make_optimizer
+from coordinator.round_plan import plan_of
 from coordinator.schemas import TaskConfig
 from coordinator.services.rounds import (
-    AGGREGATING,
-    DONE,
-    DROPPED,
     RETRYABLE,
     RoundContext,
     fail_after_error,
@@ -32,10 +30,11 @@ from coordinator.services.rounds import (
     unmask_responses,
     utc,
 )
-from protocol.codec import CodecError, CodecParams, NormBoundError, decode_mean, unclipped_count
+from protocol.codec import CodecError, NormBoundError, decode_mean, unclipped_count
 from protocol.dp import NoiseStream, next_clip_norm, sample_discrete_gaussian
 from protocol.secagg.common import SecAggError
 from protocol.secagg.server import SecAggServer
+from protocol.wire import Outcome, RoundKind, Stage
 
 __all__ = ["STALE_CLAIM", "aggregate", "pending_aggregations", "publish_pending"]
 
@@ -48,7 +47,7 @@ def pending_aggregations(session: Session, now: datetime) -> list[int]:
     return list(
         session.scalars(
             select(Round.id).where(
-                Round.stage == AGGREGATING,
+                Round.stage == Stage.AGGREGATING,
                 or_(Round.claimed_at.is_(None), Round.claimed_at < now - STALE_CLAIM),
             )
         )
@@ -59,7 +58,7 @@ def _claim(factory: sessionmaker[Session], ctx: RoundContext, round_id: int) -> 
     with factory() as session, session.begin():
         rnd = session.get(Round, round_id, with_for_update=True, populate_existing=True)
         now = ctx.now()
-        if rnd is None or rnd.stage != AGGREGATING:
+        if rnd is None or rnd.stage != Stage.AGGREGATING:
             return None
         if rnd.claimed_at is not None and utc(rnd.claimed_at) > now - STALE_CLAIM:
             return None
@@ -71,13 +70,14 @@ def _ring(
     session: Session, rnd: Round, clip_norm: float, record: dict[str, Any]
 ) -> tuple[np.ndarray[Any, np.dtype[np.uint32]], int]:
     """The integer sum of a compressed round and the number of inputs in it."""
-    plan = rnd.plan
-    if plan.get("secagg") is not None:
+    plan = plan_of(rnd)
+    if plan.secagg is not None:
         server = SecAggServer.from_bytes(rnd.secagg_state or b"")
         total = server.unmask(unmask_responses(session, rnd.id))
         if server.refused:  # reveals that failed their digests: left out, the others sufficed
             record["unmask_refused"] = server.refused
-        return total.astype(np.uint32, copy=False), len(plan["unmask"]["survivors"])
+        assert plan.unmask is not None  # set when the masked-input stage closed
+        return total.astype(np.uint32, copy=False), len(plan.unmask.survivors)
     # compressed without secure aggregation: a plain integer sum, which the codec's ring
     # width keeps below 2**k for up to max_clients inputs (so mod 2**32 loses nothing)
     got = plain_sum(session, rnd, clip_norm)
@@ -91,9 +91,9 @@ def _mean_delta(
 ) -> tuple[np.ndarray[Any, np.dtype[np.float32]], int, dict[str, Any], dict[str, Any]]:
     """The mean delta, the number of summed devices, DP diagnostics (empty without DP) and
     what the round's record should say of the sum (its norm against the bound, clipping)."""
-    plan = rnd.plan
+    plan = plan_of(rnd)
     record: dict[str, Any] = {}
-    if plan.get("codec") is None:
+    if plan.codec is None:
         got = plain_sum(session, rnd, clip_norm)
         if got.total is None:
             raise CodecError("no update arrived")
@@ -101,10 +101,10 @@ def _mean_delta(
             raise CodecError("summed weight is 0")
         record["clipped_updates"] = got.clipped
         return (got.total / got.weight).astype(np.float32), got.count, {}, record
-    codec = CodecParams.model_validate(plan["codec"])
+    codec = plan.codec
     ring, n = _ring(session, rnd, clip_norm, record)
-    dp = plan.get("dp")
-    central = 0.0 if dp is None else float(dp["central_std"])
+    dp = plan.dp
+    central = 0.0 if dp is None else dp.central_std
     decoded = decode_mean(ring, codec, n, d, central_noise_std=central)
     record["aggregate_norm"] = {"kept": round(decoded.kept_norm, 6), "bound": round(decoded.bound, 6)}
     mean = decoded.mean
@@ -113,7 +113,7 @@ def _mean_delta(
     info: dict[str, Any] = dict(rnd.metrics.get("dp") or {})  # set when the round opened
     if codec.count_slot:
         count = unclipped_count(ring, codec, n, d) + float(
-            sample_discrete_gaussian(float(dp["central_count_std"]), 1, NoiseStream())[0]
+            sample_discrete_gaussian(dp.central_count_std, 1, NoiseStream())[0]
         )
         info["unclipped_fraction"] = count / n  # noisy: only its use below is private
     return mean, n, info, record
@@ -155,7 +155,7 @@ def _aggregate(
             )
         ).one()
         cfg = TaskConfig.model_validate(task.config)
-        d = rnd.plan["dim"]
+        d = plan_of(rnd).dim
         failure: Exception | None = None
         try:
             delta, n, dp_info, record = _mean_delta(session, rnd, d, cfg.codec.clip_norm)
@@ -172,14 +172,19 @@ def _aggregate(
     if failure is not None:
         with factory() as session, session.begin():
             rnd = session.get(Round, round_id, with_for_update=True, populate_existing=True)
-            if rnd is not None and rnd.stage == AGGREGATING:
+            if rnd is not None and rnd.stage == Stage.AGGREGATING:
                 fail_round_now(session, ctx, rnd, f"aggregation: {failure}")
                 if isinstance(failure, NormBoundError):
                     rnd.metrics = {**rnd.metrics, "aggregate_refused": str(failure)}
         return None
     with factory() as session, session.begin():
         rnd = session.get(Round, round_id, with_for_update=True, populate_existing=True)
-        if rnd is None or rnd.stage != AGGREGATING or rnd.claimed_at is None or utc(rnd.claimed_at) != claim:
+        if (
+            rnd is None
+            or rnd.stage != Stage.AGGREGATING
+            or rnd.claimed_at is None
+            or utc(rnd.claimed_at) != claim
+        ):
             return None  # another worker took over a claim we held too long
         task = session.get(Task, rnd.task_id, with_for_update=True, populate_existing=True)
         assert task is not None
@@ -216,14 +221,14 @@ def _aggregate(
             )
         )
         task.current_version = version
-        rnd.stage = DONE
-        rnd.outcome = "committed"
+        rnd.stage = Stage.DONE
+        rnd.outcome = Outcome.COMMITTED
         rnd.new_version = version
         rnd.finished_at = ctx.now()
         rnd.metrics = {**rnd.metrics, **metrics}
         rnd.secagg_state = None
         session.execute(delete(RoundUpload).where(RoundUpload.round_id == rnd.id))
-        ctx.metrics.rounds.labels("train", "committed").inc()
+        ctx.metrics.rounds.labels(RoundKind.TRAIN, Outcome.COMMITTED).inc()
         log_event(log, "version committed", task=task.name, round=rnd.id, version=version)
         return version
 
@@ -231,7 +236,7 @@ def _aggregate(
 def _reports(session: Session, round_id: int) -> list[dict[str, Any]]:
     """Training reports of the devices whose update is in the sum (not of dropped ones)."""
     rows = session.scalars(
-        select(Participant.report).where(Participant.round_id == round_id, Participant.stage != DROPPED)
+        select(Participant.report).where(Participant.round_id == round_id, Participant.stage != Stage.DROPPED)
     ).all()
     return [r for r in rows if r]
 

@@ -19,9 +19,11 @@ from coordinator.dp_plan import (
     task_delta,
     task_noise_multiplier,
 )
+from coordinator.round_plan import plan_of
 from coordinator.schemas import PrivacyStatus, TaskConfig
 from protocol.codec import CodecParams, kept_count, quant_range
 from protocol.dp import ADJACENCY_FACTOR, Adjacency, level_sensitivity, update_noise_multiplier
+from protocol.wire import Outcome, RoundKind
 
 __all__ = ["charge", "charges", "check", "current_clip", "privacy_plan", "privacy_status", "refusal"]
 
@@ -95,10 +97,10 @@ def charges(session: Session, task_id: int, adjacency: Adjacency) -> list[RoundC
 
 def charge(rnd: Round) -> None:
     """Record the round's mechanism once the coordinator can compute its noisy sum."""
-    dp = rnd.plan.get("dp")
+    dp = plan_of(rnd).dp
     if dp is not None and rnd.dp_z is None:
-        rnd.dp_q = float(dp["q"])
-        rnd.dp_z = float(dp["z"])
+        rnd.dp_q = dp.q
+        rnd.dp_z = dp.z
 
 
 def privacy_status(
@@ -142,7 +144,7 @@ def current_clip(session: Session, task: Task, cfg: TaskConfig) -> float:
         return cfg.codec.clip_norm
     metrics: dict[str, Any] | None = session.scalars(
         select(Round.metrics)
-        .where(Round.task_id == task.id, Round.outcome == "committed", Round.kind == "train")
+        .where(Round.task_id == task.id, Round.outcome == Outcome.COMMITTED, Round.kind == RoundKind.TRAIN)
         .order_by(Round.number.desc())
         .limit(1)
     ).first()

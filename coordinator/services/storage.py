@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import os
 import shutil
 import tempfile
@@ -98,8 +99,6 @@ class ArtifactStore:
     def save_optimizer_state(self, task: str, version: int, state: dict[str, FloatVec]) -> None:
         if not state:
             return
-        import io
-
         buf = io.BytesIO()
         np.savez(buf, **state)  # type: ignore[arg-type]
         atomic_write(self.optimizer_state_path(task, version), buf.getvalue())

@@ -20,6 +20,7 @@ from coordinator.schemas import (
 from coordinator.services.privacy_budget import check as check_privacy
 from coordinator.services.privacy_budget import privacy_status, refusal
 from coordinator.services.storage import ArtifactStore
+from protocol.wire import RoundKind
 
 __all__ = [
     "Conflict",
@@ -237,7 +238,7 @@ def selection_stats(session: Session, *, name: str) -> SelectionStats:
     task = get_task(session, name)
     cfg = TaskConfig.model_validate(task.config)
     rounds = session.scalar(
-        select(func.count()).select_from(Round).where(Round.task_id == task.id, Round.kind == "train")
+        select(func.count()).select_from(Round).where(Round.task_id == task.id, Round.kind == RoundKind.TRAIN)
     )
     buckets = []
     for stratum, col in (("data_bucket", Device.data_bucket), ("device_class", Device.device_class)):
@@ -247,7 +248,7 @@ def selection_stats(session: Session, *, name: str) -> SelectionStats:
             .select_from(Participant)
             .join(Round, Round.id == Participant.round_id)
             .join(Device, Device.id == Participant.device_id)
-            .where(Round.task_id == task.id, Round.kind == "train")
+            .where(Round.task_id == task.id, Round.kind == RoundKind.TRAIN)
             .group_by(col)
         ).all()
         got = {k: (int(a), int(b)) for k, a, b in picked}

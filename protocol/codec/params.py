@@ -33,6 +33,7 @@ __all__ = [
     "MAX_RING_BITS",
     "CodecError",
     "CodecParams",
+    "CodecSettings",
     "FloatVec",
     "NormBoundError",
     "RingVec",
@@ -81,27 +82,41 @@ def check_rotation_block(value: int | None) -> int | None:
     return value
 
 
-class CodecParams(BaseModel):
-    """Round-wide codec settings: every device and the server use the same ones."""
+class CodecSettings(BaseModel):
+    """The codec's knobs, as a task chooses them (declared once: the coordinator's task
+    configuration, the simulator and the benchmarks take these); a round adds its size, seed
+    and noise (:class:`CodecParams`)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    clip_norm: float = Field(gt=0, allow_inf_nan=False)
+    clip_norm: float = Field(default=1.0, gt=0, allow_inf_nan=False)
     """C: L2 bound of one (weighted) update."""
     rotate: bool = True
     """Randomised Hadamard rotation before subsampling and quantization."""
-    keep_fraction: float = Field(default=1.0, gt=0, le=1)
+    keep_fraction: float = Field(default=1 / 16, gt=0, le=1)
     """p: fraction of (padded) coordinates kept; the subset is shared by the round."""
     bits: int = Field(default=8, ge=1, le=24)
     """b: quantization bits per kept coordinate (2**b levels)."""
-    max_clients: int = Field(ge=1, le=1 << 24)
-    """n: largest number of inputs summed in one round (ring headroom)."""
     range_factor: float = Field(default=4.0, gt=0, allow_inf_nan=False)
     """alpha: quantization range is ``[-R, R]``, ``R = alpha * C / sqrt(D)``."""
-    weight_cap: int = Field(default=1, ge=1, le=1 << 24)
-    """Example count at which a device's weight saturates; 1 = every device weighs the same."""
+    weight_cap: int = Field(default=16, ge=1, le=1 << 24)
+    """Example count at which a device's weight saturates; 1 = every device weighs the same.
+    Small caps keep the weight slot from widening the ring (bits of the sum =
+    max(b + log2 n, log2(n * cap))) and give every well-filled device the same say."""
     rotation_block: int | None = Field(default=None, ge=1 << 8, le=1 << 30)
     """Largest Hadamard block (a power of two); None picks it from d (:func:`rotation_block`)."""
+
+    @field_validator("rotation_block")
+    @classmethod
+    def _block_pow2(cls, value: int | None) -> int | None:
+        return check_rotation_block(value)
+
+
+class CodecParams(CodecSettings):
+    """Round-wide codec parameters: every device and the server use the same ones."""
+
+    max_clients: int = Field(ge=1, le=1 << 24)
+    """n: largest number of inputs summed in one round (ring headroom)."""
     noise_std: float = Field(default=0.0, ge=0, allow_inf_nan=False)
     """Distributed DP: standard deviation (in quantization levels) of the discrete Gaussian
     each device adds to every kept coordinate before masking; 0 = no noise (see protocol.dp)."""
@@ -116,11 +131,6 @@ class CodecParams(BaseModel):
     @classmethod
     def _seed(cls, value: Any) -> Any:
         return _seed_bytes(value)
-
-    @field_validator("rotation_block")
-    @classmethod
-    def _block_pow2(cls, value: int | None) -> int | None:
-        return check_rotation_block(value)
 
     @field_validator("seed")
     @classmethod

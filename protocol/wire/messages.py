@@ -14,7 +14,7 @@ Every length is bounded so that oversize input is refused at parse time.
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -25,12 +25,15 @@ __all__ = [
     "API_PREFIX",
     "MAX_DEVICES",
     "MAX_INT32",
+    "SECURE_ROUND",
     "WIRE_VERSION",
+    "Action",
     "AdvertiseKeys",
     "ArtifactRef",
     "CheckinRequest",
     "CheckinResponse",
     "DeviceId",
+    "DeviceOptimizer",
     "DeviceState",
     "EncryptedShare",
     "EnrollRequest",
@@ -38,7 +41,9 @@ __all__ = [
     "EvalCounts",
     "MaskedInputRequest",
     "Message",
+    "Outcome",
     "RevealedShare",
+    "RoundKind",
     "RoundPlan",
     "RoundStatus",
     "SecAggParams",
@@ -81,13 +86,65 @@ class Message(BaseModel):
 
 
 class Stage(StrEnum):
-    """Stages of one secure-aggregation round, in order."""
+    """The one vocabulary of a round's stages, and of a participant's part in it.
 
+    A round moves through its stages in this order, skipping those of other kinds: training with
+    secure aggregation ``selecting -> advertise_keys -> share_keys -> masked_input -> unmask ->
+    aggregating -> done``, training without it ``selecting -> upload -> aggregating -> done``,
+    evaluation ``selecting -> evaluating -> done``. A participant's stage is the last one it
+    completed (``advertise_keys`` to ``unmask``, ``upload``), or ``selected`` (none yet),
+    ``evaluated`` or ``dropped`` (the round went on without it). The secure-aggregation state
+    machines (protocol.secagg) use ``advertise_keys`` to ``done``.
+    """
+
+    SELECTING = "selecting"
+    SELECTED = "selected"
     ADVERTISE_KEYS = "advertise_keys"
     SHARE_KEYS = "share_keys"
     MASKED_INPUT = "masked_input"
+    UPLOAD = "upload"
     UNMASK = "unmask"
+    EVALUATING = "evaluating"
+    EVALUATED = "evaluated"
+    AGGREGATING = "aggregating"
     DONE = "done"
+    DROPPED = "dropped"
+
+
+SECURE_ROUND: tuple[Stage, ...] = (
+    Stage.SELECTING,
+    Stage.ADVERTISE_KEYS,
+    Stage.SHARE_KEYS,
+    Stage.MASKED_INPUT,
+    Stage.UNMASK,
+    Stage.AGGREGATING,
+    Stage.DONE,
+)
+"""The stages of a training round with secure aggregation, in order (what a device waits through)."""
+
+
+class Action(StrEnum):
+    """What a check-in tells a device to do."""
+
+    RETRY = "retry"
+    TRAIN = "train"
+    EVALUATE = "evaluate"
+
+
+class RoundKind(StrEnum):
+    TRAIN = "train"
+    EVALUATE = "evaluate"
+
+
+class Outcome(StrEnum):
+    """How a finished round ended."""
+
+    COMMITTED = "committed"
+    FAILED = "failed"
+
+
+DeviceOptimizer = Literal["sgd", "adam"]
+"""The optimizers a device runs on its live parameters (edge_client.runtime)."""
 
 
 class SecAggParams(Message):
@@ -300,7 +357,7 @@ class CheckinRequest(Message):
 class CheckinResponse(Message):
     """Either come back later (pace steering) or take part in a round."""
 
-    action: str = Field(pattern=r"^(retry|train|evaluate)$")
+    action: Action
     retry_after: float | None = Field(default=None, ge=0)
     round_id: int | None = None
     task: str | None = None
@@ -316,7 +373,7 @@ class ArtifactRef(Message):
 
 
 class TrainingPlan(Message):
-    optimizer: str = Field(pattern=r"^(sgd|adam)$")
+    optimizer: DeviceOptimizer
     lr: float = Field(gt=0)
     momentum: float = Field(ge=0, lt=1)
     local_steps: int = Field(ge=1)
@@ -329,7 +386,7 @@ class RoundPlan(Message):
 
     round_id: int
     task: str
-    kind: str = Field(pattern=r"^(train|evaluate)$")
+    kind: RoundKind
     model_version: int
     bundle: ArtifactRef
     """The bundle tarball (tokenizer, programs, layout) the weights belong to."""
@@ -348,11 +405,11 @@ class RoundPlan(Message):
 
 class RoundStatus(Message):
     round_id: int
-    stage: str
+    stage: Stage
     stage_deadline: float
-    participant_stage: str | None = None
+    participant_stage: Stage | None = None
     """The last stage this device completed; ``dropped`` when the round went on without it."""
-    outcome: str | None = None
+    outcome: Outcome | None = None
     new_version: int | None = None
     retry_after: float = Field(ge=0)
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import ssl
 import struct
 import threading
 import time
@@ -155,7 +156,7 @@ class StatusTap(httpx.BaseTransport):
     """Forwards to the real network (TLS with the coordinator's CA) and records each status."""
 
     def __init__(self, ca: Path, log: SeenLog, who: str) -> None:
-        self.inner = httpx.HTTPTransport(verify=str(ca))
+        self.inner = httpx.HTTPTransport(verify=ssl.create_default_context(cafile=str(ca)))
         self.log = log
         self.who = who
 

@@ -9,9 +9,9 @@ from pathlib import Path
 from coordinator.config import Settings
 from coordinator.observability import Metrics
 from coordinator.schemas import TaskConfig
-from coordinator.services.rounds import SELECTING, RoundContext, RoundView, Views, answer_from_view
+from coordinator.services.rounds import RoundContext, RoundView, Views, answer_from_view
 from coordinator.services.storage import ArtifactStore
-from protocol.wire import CheckinResponse
+from protocol.wire import CheckinResponse, Stage
 from tests.coordinator.scripted import ready_state
 
 
@@ -19,7 +19,7 @@ def _ctx(tmp_path: Path) -> RoundContext:
     return RoundContext(settings=Settings(), store=ArtifactStore(tmp_path), metrics=Metrics())
 
 
-def _view(number: int, stage: str = SELECTING) -> RoundView:
+def _view(number: int, stage: str = Stage.SELECTING) -> RoundView:
     now = datetime.now(UTC)
     return RoundView(
         round_id=40 + number,

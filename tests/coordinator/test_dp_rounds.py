@@ -70,7 +70,9 @@ def test_dp_round_has_the_configured_noise_and_the_budget_stops_the_task(
 
     # the expected noise, from first principles: sensitivity in levels, multiplier, survivors
     d = w0.size
-    params = CodecParams(clip_norm=CLIP, bits=BITS, keep_fraction=KEEP, max_clients=5, seed=b"s" * 32)
+    params = CodecParams(
+        clip_norm=CLIP, bits=BITS, keep_fraction=KEEP, max_clients=5, seed=b"s" * 32, weight_cap=1
+    )
     m, big_d = kept_count(params, d), padded_dim(params, d)
     # the task's default adjacency, replace-one: twice one device's bound
     sens = level_sensitivity(CLIP, BITS, quant_range(params, d), m, adjacency="replace-one")

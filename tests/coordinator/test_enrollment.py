@@ -286,7 +286,7 @@ def test_fuzzed_enrolment_bodies_are_4xx(sqlite_server: Server) -> None:
             assert a.post(CODES, json=bad).status_code == 422, bad
         assert a.get(CODES, params={"status": "bogus"}).status_code == 422
         assert a.post("/v1/admin/devices/not-hex/revoke").status_code == 422
-    with httpx.Client(base_url=sqlite_server.url, verify=str(sqlite_server.ca)) as anon:
+    with httpx.Client(base_url=sqlite_server.url, verify=sqlite_server.tls()) as anon:
         assert anon.post(CODES, json={}).status_code == 401
         assert anon.get(CODES).status_code == 401
         assert anon.post(f"/v1/admin/devices/{'0' * 32}/revoke").status_code == 401

@@ -185,7 +185,7 @@ def test_arbitrary_requests_over_tls(sqlite_server: Server, tmp_path: Path) -> N
         ]
     tokens = [None, "wrong", enrolled.json()["token"], server.admin_token]
 
-    with httpx.Client(base_url=server.url, verify=str(server.ca), timeout=30) as client:
+    with httpx.Client(base_url=server.url, verify=server.tls(), timeout=30) as client:
 
         @given(
             route=st.sampled_from(routes),

@@ -143,7 +143,9 @@ def test_replace_one_is_the_default_and_doubles_the_noise(mode: str) -> None:
     """The coordinator knows the cohort: neighbours differ in one device's data, which moves
     the sum by up to twice one device's bound, and the noise follows for the same z."""
     d = 5000
-    codec = CodecParams(clip_norm=1.0, bits=8, keep_fraction=0.25, max_clients=13, seed=b"s" * 32)
+    codec = CodecParams(
+        clip_norm=1.0, bits=8, keep_fraction=0.25, max_clients=13, seed=b"s" * 32, weight_cap=1
+    )
     default = privacy_plan(dp_task(mode), codec, d)
     add_remove = privacy_plan(dp_task(mode, adjacency="add-remove"), codec, d)
     m = kept_count(codec, d)

@@ -145,7 +145,7 @@ def test_a_held_device_row_lock_gets_503_not_a_stuck_worker(tmp_path: Path, pg_u
         body = {"state": ready_state().model_dump(mode="json")}
         with (
             psycopg.connect(_plain_pg(pg_url)) as holder,
-            httpx.Client(base_url=server.url, verify=str(server.ca), timeout=30) as http,
+            httpx.Client(base_url=server.url, verify=server.tls(), timeout=30) as http,
         ):
             holder.execute("UPDATE devices SET rate_count = rate_count WHERE id = %s", (dev.device_id,))
             for method, path, kw in (

@@ -196,7 +196,7 @@ class SecureRound:
         self.upload([f"dev{i}" for i in range(5)])
         assert self.close() == Stage.UNMASK
         self.unmask()
-        assert self.close() == rounds.AGGREGATING
+        assert self.close() == Stage.AGGREGATING
 
     def expected_mean(self, devices: list[str]) -> np.ndarray:
         assert self.plan is not None and self.plan.codec is not None and self.plan.secagg is not None
@@ -212,7 +212,7 @@ def _weights(c: Coord, version: int) -> np.ndarray:
 def _next_round_opens(c: Coord, after: int) -> None:
     with c.tx() as s:
         opened = rounds.open_rounds(s, c.ctx)
-        assert opened and opened[0].id > after and opened[0].stage == rounds.SELECTING
+        assert opened and opened[0].id > after and opened[0].stage == Stage.SELECTING
 
 
 def test_a_damaged_stored_share_message_drops_its_device_not_the_round(coord: Coord) -> None:
@@ -235,7 +235,7 @@ def test_a_damaged_stored_share_message_drops_its_device_not_the_round(coord: Co
     r.upload(honest)
     assert r.close() == Stage.UNMASK
     r.unmask()
-    assert r.close() == rounds.AGGREGATING
+    assert r.close() == Stage.AGGREGATING
     assert aggregate(coord.sessions, coord.ctx, r.round_id) == 1
     np.testing.assert_allclose(_weights(coord, 1) - _weights(coord, 0), r.expected_mean(honest), atol=1e-6)
 
@@ -269,7 +269,7 @@ def test_a_damaged_stored_upload_drops_its_device_and_the_others_commit(coord: C
     assert "dev2" in rec.metrics["refused"][Stage.MASKED_INPUT]
     assert rec.plan["unmask"]["dropped"] == ["dev2"]
     r.unmask()
-    assert r.close() == rounds.AGGREGATING
+    assert r.close() == Stage.AGGREGATING
     assert aggregate(coord.sessions, coord.ctx, r.round_id) == 1
     kept = [d for d in everyone if d != "dev2"]
     np.testing.assert_allclose(_weights(coord, 1) - _weights(coord, 0), r.expected_mean(kept), atol=1e-6)
@@ -287,10 +287,10 @@ def test_an_unexpected_error_at_a_stage_close_fails_the_round_once(
         raise RuntimeError("boom")
 
     monkeypatch.setattr(SecAggServer, "close_share_keys", boom)
-    assert r.close() == rounds.DONE
+    assert r.close() == Stage.DONE
     rec = r.record()
     assert rec.outcome == "failed" and "RuntimeError: boom" in (rec.failure_reason or "")
-    assert rec.stage == rounds.DONE
+    assert rec.stage == Stage.DONE
     _next_round_opens(coord, r.round_id)
 
 

@@ -5,6 +5,7 @@ coordinator: rounds complete, only encoded updates and scalars leave the device,
 from __future__ import annotations
 
 import json
+import ssl
 import sys
 import threading
 import time
@@ -64,7 +65,7 @@ class Recorder(httpx.BaseTransport):
     """Forwards to the real network and keeps every request body the device sends."""
 
     def __init__(self, ca: Path, fail_first_upload: bool = False) -> None:
-        self.inner = httpx.HTTPTransport(verify=str(ca))
+        self.inner = httpx.HTTPTransport(verify=ssl.create_default_context(cafile=str(ca)))
         self.bodies: list[tuple[str, str, bytes]] = []
         self.fail_first_upload = fail_first_upload
 

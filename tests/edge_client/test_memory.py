@@ -127,7 +127,7 @@ def test_dropping_the_codec_caches_forgets_the_rounds_randomness() -> None:
     from edge_client.participation import drop_codec_caches
     from protocol.codec import CodecParams, kept_indices, rotation_signs
 
-    p = CodecParams(clip_norm=1.0, keep_fraction=0.25, bits=8, max_clients=3, seed=7)
+    p = CodecParams(clip_norm=1.0, keep_fraction=0.25, bits=8, max_clients=3, seed=7, weight_cap=1)
     signs, kept = rotation_signs(p, 5000), kept_indices(p, 5000)
     assert rotation_signs(p, 5000) is signs  # cached: an encoder reuses them within a round
     drop_codec_caches()

@@ -27,7 +27,11 @@ from protocol.wire import ArtifactRef, EvalCounts, RoundPlan, SecAggParams, Trai
 
 def _plan(codec: bool, secagg: bool, kind: str = "train") -> RoundPlan:
     ref = ArtifactRef(url="/v1/x", sha256="0" * 64, size=1)
-    params = CodecParams(clip_norm=1.0, max_clients=10, seed=b"\x01" * 32) if codec else None
+    params = (
+        CodecParams(clip_norm=1.0, max_clients=10, seed=b"\x01" * 32, keep_fraction=1.0, weight_cap=1)
+        if codec
+        else None
+    )
     sec = SecAggParams(round_id=1, vector_length=5, ring_bits=16, graph_seed=b"\x02" * 32) if secagg else None
     return RoundPlan(
         round_id=1,

@@ -18,7 +18,13 @@ from protocol.codec import CodecError, CodecParams, packing, quantize, randomnes
 
 
 def _params(**kw: object) -> CodecParams:
-    base: dict[str, object] = {"clip_norm": 1.0, "max_clients": 10, "seed": 1}
+    base: dict[str, object] = {
+        "clip_norm": 1.0,
+        "max_clients": 10,
+        "seed": 1,
+        "keep_fraction": 1.0,
+        "weight_cap": 1,
+    }
     base.update(kw)
     return CodecParams(**base)
 

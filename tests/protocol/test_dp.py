@@ -161,7 +161,7 @@ def test_one_device_moves_the_integer_sum_by_at_most_the_sensitivity(
     """The bound that DP noise is calibrated to, checked on encoded vectors: a device's
     quantized contribution stays within ``level_sensitivity`` of the zero point."""
     rng = np.random.default_rng(seed)
-    p = CodecParams(clip_norm=clip, bits=bits, keep_fraction=keep, max_clients=4, seed=SEED)
+    p = CodecParams(clip_norm=clip, bits=bits, keep_fraction=keep, max_clients=4, seed=SEED, weight_cap=1)
     x = (rng.standard_t(2, d) * scale).astype(np.float32)  # heavy tails: clamping happens
     enc = encode(x, p, rng)
     m = kept_count(p, d)
@@ -185,7 +185,15 @@ def test_replacing_one_device_moves_the_sum_by_up_to_twice_its_bound(
     """Replace-one: a device clipped at C replaced by its opposite moves the integer sum by
     about 2 C levels: beyond the add/remove sensitivity, within the replace-one one."""
     rng = np.random.default_rng(seed)
-    p = CodecParams(clip_norm=clip, bits=bits, keep_fraction=keep, max_clients=4, seed=SEED, range_factor=8.0)
+    p = CodecParams(
+        clip_norm=clip,
+        bits=bits,
+        keep_fraction=keep,
+        max_clients=4,
+        seed=SEED,
+        weight_cap=1,
+        range_factor=8.0,
+    )
     x = rng.normal(0, 1, d).astype(np.float32)
     x *= np.float32(10 * clip / np.linalg.norm(x))  # clipped to C
     a, b = encode(x, p, rng), encode(-x, p, rng)
@@ -216,7 +224,9 @@ def test_noisy_sum_is_the_exact_sum_plus_the_noise(
     """Distributed DP: the ring (sized for the noise) carries sum + noise without wrapping,
     so the decoder recovers exactly the integer sum of the noise-free encodings plus the noise
     the devices drew."""
-    base = CodecParams(clip_norm=1.0, bits=bits, keep_fraction=1.0, max_clients=n, seed=SEED, count_slot=True)
+    base = CodecParams(
+        clip_norm=1.0, bits=bits, keep_fraction=1.0, max_clients=n, seed=SEED, weight_cap=1, count_slot=True
+    )
     noisy = base.model_copy(update={"noise_std": noise, "count_noise_std": count_noise})
     k = ring_bits(noisy)
     assert k >= ring_bits(base)
@@ -248,7 +258,7 @@ def test_noisy_sum_is_the_exact_sum_plus_the_noise(
 
 
 def test_noise_widens_the_ring_and_refuses_overflow() -> None:
-    p = CodecParams(clip_norm=1.0, bits=5, max_clients=100, seed=SEED)
+    p = CodecParams(clip_norm=1.0, bits=5, max_clients=100, seed=SEED, keep_fraction=1.0, weight_cap=1)
     assert ring_bits(p) == 12
     # 12 tail sigmas of 100 devices' noise each side: 31*100 + 24 * 1000 * 10 fits 18 bits
     assert ring_bits(p.model_copy(update={"noise_std": 1000.0})) == (3100 + 240_000).bit_length()
@@ -258,7 +268,7 @@ def test_noise_widens_the_ring_and_refuses_overflow() -> None:
 
 def test_central_noise_has_the_configured_scale() -> None:
     d, n = 4096, 10
-    p = CodecParams(clip_norm=1.0, bits=8, keep_fraction=0.25, max_clients=n, seed=SEED)
+    p = CodecParams(clip_norm=1.0, bits=8, keep_fraction=0.25, max_clients=n, seed=SEED, weight_cap=1)
     rng = np.random.default_rng(3)
     xs = [rng.normal(0, 0.01, d).astype(np.float32) for _ in range(n)]
     total = ring_sum([encode(x, p, rng).values for x in xs], ring_bits(p))
@@ -277,7 +287,7 @@ def test_central_noise_has_the_configured_scale() -> None:
 
 
 def test_encoded_length_counts_the_count_slot() -> None:
-    p = CodecParams(clip_norm=1.0, max_clients=3, seed=SEED)
+    p = CodecParams(clip_norm=1.0, max_clients=3, seed=SEED, keep_fraction=1.0, weight_cap=1)
     assert encoded_length(p.model_copy(update={"count_slot": True}), 100) == encoded_length(p, 100) + 1
     enc = encode(
         np.full(100, 10.0, np.float32), p.model_copy(update={"count_slot": True}), np.random.default_rng(0)

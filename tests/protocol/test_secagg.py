@@ -125,8 +125,8 @@ def test_ten_percent_dropout_at_n50_is_exact() -> None:
     devices = [f"dev{i:02d}" for i in range(50)]
     params = _params(300, 20)
     inputs = _inputs(devices, 300, 20, 1)
-    stops = {d: MASK for d in devices[::10]}  # 5 devices drop after sharing keys
-    stops.update({d: UNMASK for d in devices[3::17]})  # 3 more never answer the unmask stage
+    stops = dict.fromkeys(devices[::10], MASK)  # 5 devices drop after sharing keys
+    stops.update(dict.fromkeys(devices[3::17], UNMASK))  # 3 more never answer the unmask stage
     total = run_round(params, inputs, stops)
     survivors = [d for d in devices if stops.get(d) != MASK]
     np.testing.assert_array_equal(total, codec.ring_sum([inputs[d] for d in survivors], 20))
@@ -143,7 +143,7 @@ def test_unrecoverable_round_names_the_devices() -> None:
     # the victim drops after sharing keys; all but t-1 of its neighbours send their input and
     # then vanish before unmask: only t-1 shares of its mask key can come back
     nbrs = sorted(graph[victim])
-    stops = {v: UNMASK for v in nbrs[: degree - t + 1]}
+    stops = dict.fromkeys(nbrs[: degree - t + 1], UNMASK)
     stops[victim] = MASK
     inputs = _inputs(devices, 8, 16, 2)
     with pytest.raises(UnrecoverableError) as err:
@@ -175,9 +175,9 @@ def test_a_graph_sized_for_the_dropout_recovers_what_the_log_n_graph_cannot() ->
 def test_too_many_drops_before_unmask_fail_early_with_names() -> None:
     devices = [f"d{i}" for i in range(6)]  # complete graph, degree 5, t = 3
     params = _params(4, 8)
-    stops = {d: MASK for d in devices[:3]}  # 3 survivors: each dropped device has 3 alive nbrs
+    stops = dict.fromkeys(devices[:3], MASK)  # 3 survivors: each dropped device has 3 alive nbrs
     run_round(params, _inputs(devices, 4, 8, 3), stops)  # within tolerance
-    stops = {d: MASK for d in devices[:4]}  # 2 survivors < t
+    stops = dict.fromkeys(devices[:4], MASK)  # 2 survivors < t
     with pytest.raises(SecAggError, match="masked inputs arrived"):
         run_round(params, _inputs(devices, 4, 8, 3), stops)
 
@@ -426,7 +426,7 @@ def test_devices_left_with_too_few_sharing_neighbours_are_excluded() -> None:
     graph = neighbour_graph(devices, params.graph_seed, 8)
     victim = devices[5]
     # 7 of the victim's 8 neighbours drop before sharing keys: 1 < t - 1 remain
-    stops = {v: SHARE for v in sorted(graph[victim])[:7]}
+    stops = dict.fromkeys(sorted(graph[victim])[:7], SHARE)
     inputs = _inputs(devices, 6, 16, 9)
     log = RoundLog()
     total = run_round(params, inputs, stops, log=log)
@@ -474,7 +474,7 @@ def _masked_vector(x: np.ndarray, bits: int, seed: int) -> np.ndarray:
     devices = [f"d{i}" for i in range(3)]
     params = _params(x.shape[0], bits, round_id=seed)
     log = RoundLog()
-    run_round(params, {d: x for d in devices}, log=log)
+    run_round(params, dict.fromkeys(devices, x), log=log)
     return log.masked["d0"]
 
 
@@ -515,7 +515,9 @@ def test_same_input_masks_differently_each_round() -> None:
 
 def test_end_to_end_mean_from_float_updates() -> None:
     d, n = 300, 8
-    cp = codec.CodecParams(clip_norm=10.0, max_clients=n, bits=12, seed=b"s" * 32, weight_cap=4)
+    cp = codec.CodecParams(
+        clip_norm=10.0, max_clients=n, bits=12, seed=b"s" * 32, weight_cap=4, keep_fraction=1.0
+    )
     params = secagg_params_for(cp, d, round_id=3, graph_seed=bytes(32))
     assert (params.vector_length, params.ring_bits) == (513, 15)  # D = 512 kept + weight
     rng = np.random.default_rng(0)
@@ -539,7 +541,7 @@ def test_doomed_round_fails_when_the_inputs_close_not_later() -> None:
     victim = devices[3]
     # the victim and degree - t + 1 of its neighbours drop after sharing keys: the victim's
     # key can never get t shares, which the server sees as soon as the inputs are in
-    stops = {v: MASK for v in sorted(graph[victim])[: degree - t + 1]}
+    stops = dict.fromkeys(sorted(graph[victim])[: degree - t + 1], MASK)
     stops[victim] = MASK
     log = RoundLog()
     with pytest.raises(UnrecoverableError) as err:

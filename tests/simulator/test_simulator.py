@@ -9,9 +9,10 @@ from typing import Any
 
 import pytest
 
+from coordinator.schemas import DeadlineSettings
 from edge_client.records import RoundRecord
 from simulator.availability import AvailabilityModel, DeviceTrace, FleetClock, eligible_fraction
-from simulator.config import SimConfig
+from simulator.config import SIM_CODEC, SimConfig
 from simulator.report import write_report
 from simulator.run import local_coordinator, run_simulation
 
@@ -61,10 +62,9 @@ def _small(**over: Any) -> SimConfig:
         start_hour=1.0,
         dropout=0.1,
         workers=2,
-        keep_fraction=0.25,
-        bits=6,
+        codec=SIM_CODEC.model_copy(update={"keep_fraction": 0.25, "bits": 6}),
         max_minutes=8,
-        deadlines={"selection": 4.0, "advertise": 5.0, "share": 5.0, "upload": 20.0, "unmask": 6.0},
+        deadlines=DeadlineSettings(selection=4.0, advertise=5.0, share=5.0, upload=20.0, unmask=6.0),
     )
     return replace(base, **over)
 
@@ -122,7 +122,7 @@ def test_small_fleet_on_a_local_ray(tmp_path: Path, tiny_bundle_dir: Path) -> No
         dropout=0.0,
         day_seconds=3600.0,
         ray_address="local",
-        deadlines={"selection": 20.0, "advertise": 10.0, "share": 10.0, "upload": 60.0, "unmask": 10.0},
+        deadlines=DeadlineSettings(selection=20.0, advertise=10.0, share=10.0, upload=60.0, unmask=10.0),
     )
     try:
         with local_coordinator(tmp_path / "coord") as coord:

@@ -40,11 +40,7 @@ from coordinator.services.rounds.checkin import (
 )
 from coordinator.services.rounds.closes import fail_round_now
 from coordinator.services.rounds.context import (
-    AGGREGATING,
-    DONE,
-    DROPPED,
     RETRYABLE,
-    SELECTING,
     Forbidden,
     Gone,
     RoundContext,
@@ -71,11 +67,7 @@ from coordinator.services.rounds.stages import close_if_complete, fail_after_err
 from coordinator.services.rounds.uploads import check_upload, expected_upload, plain_sum, upload
 
 __all__ = [
-    "AGGREGATING",
-    "DONE",
-    "DROPPED",
     "RETRYABLE",
-    "SELECTING",
     "Forbidden",
     "Gone",
     "RoundContext",

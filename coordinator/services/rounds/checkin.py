@@ -14,10 +14,7 @@ from sqlalchemy.orm import Session
 from coordinator.db.models import Candidate, Participant, Round, Task
 from coordinator.schemas import TaskConfig
 from coordinator.services.rounds.context import (
-    DONE,
-    DROPPED,
     RETRYABLE,
-    SELECTING,
     RoundContext,
     RoundView,
     Views,
@@ -25,7 +22,7 @@ from coordinator.services.rounds.context import (
 )
 from coordinator.services.rounds.plans import open_rounds
 from coordinator.services.rounds.stages import advance
-from protocol.wire import CheckinResponse, DeviceState
+from protocol.wire import Action, CheckinResponse, DeviceState, RoundKind, Stage
 
 __all__ = [
     "answer_from_view",
@@ -38,6 +35,11 @@ __all__ = [
 ]
 
 log = logging.getLogger("coordinator.rounds")
+
+
+def _action(kind: str) -> Action:
+    """What a participant of a round of this kind is told to do."""
+    return Action.EVALUATE if kind == RoundKind.EVALUATE else Action.TRAIN
 
 
 def round_views(session: Session, ctx: RoundContext) -> Views:
@@ -54,7 +56,7 @@ def round_views(session: Session, ctx: RoundContext) -> Views:
     rows = session.execute(
         select(Round, Task)
         .join(Task, Task.id == Round.task_id)
-        .where(Round.stage != DONE)
+        .where(Round.stage != Stage.DONE)
         .order_by(Round.task_id, Round.id)
     ).all()
     first: dict[int, tuple[Round, Task]] = {}
@@ -89,14 +91,14 @@ def round_views(session: Session, ctx: RoundContext) -> Views:
             )
         )
     assigned: dict[str, tuple[int, str, str]] = {}
-    if any(rnd.stage != SELECTING for rnd, _ in rows):
+    if any(rnd.stage != Stage.SELECTING for rnd, _ in rows):
         for device_id, round_id, kind, task_name in session.execute(
             select(Participant.device_id, Round.id, Round.kind, Task.name)
             .join(Round, Round.id == Participant.round_id)
             .join(Task, Task.id == Round.task_id)
-            .where(Round.stage != DONE, Participant.stage != DROPPED)
+            .where(Round.stage != Stage.DONE, Participant.stage != Stage.DROPPED)
             .order_by(Round.id)
-        ).tuples():
+        ):
             assigned[device_id] = (round_id, kind, task_name)  # the newest round wins
     snap = Views(mono, views, assigned)
     ctx.keep_views(snap)
@@ -114,7 +116,7 @@ def current_views(sessions: Callable[[], Session], ctx: RoundContext) -> Views:
     return ctx.views(read)
 
 
-def view_moved(snap: Views, round_id: int, since: str, device_id: str) -> bool | None:
+def view_moved(snap: Views, round_id: int, since: Stage, device_id: str) -> bool | None:
     """Whether the view shows round ``round_id`` past stage ``since`` or the device out of it;
     None when the round is not in the view (each task's view holds its first open round
     only): then only the database can tell."""
@@ -123,7 +125,7 @@ def view_moved(snap: Views, round_id: int, since: str, device_id: str) -> bool |
             if view.stage != since:
                 return True
             mine = snap.assigned.get(device_id)
-            return since != SELECTING and (mine is None or mine[0] != round_id)
+            return since != Stage.SELECTING and (mine is None or mine[0] != round_id)
     return None
 
 
@@ -157,7 +159,7 @@ def eligibility(cfg: TaskConfig, state: DeviceState) -> str | None:
 def _retry(ctx: RoundContext, seconds: float, reason: str, spread: float = 0.0) -> CheckinResponse:
     s = ctx.settings
     value = min(max(seconds + ctx.jitter.uniform(0, spread), s.min_retry_seconds * 0.5), s.max_retry_seconds)
-    return CheckinResponse(action="retry", retry_after=round(value, 3), reason=reason)
+    return CheckinResponse(action=Action.RETRY, retry_after=round(value, 3), reason=reason)
 
 
 def _pace(ctx: RoundContext, view: RoundView, reason: str = "no round needs devices now") -> CheckinResponse:
@@ -222,9 +224,7 @@ def answer_from_view(
     mine = snap.assigned.get(device_id)
     if mine is not None:
         round_id, kind, task_name = mine
-        return CheckinResponse(
-            action="evaluate" if kind == "evaluate" else "train", round_id=round_id, task=task_name
-        )
+        return CheckinResponse(action=_action(kind), round_id=round_id, task=task_name)
     idle = ctx.settings.idle_retry_seconds
     if not snap.rounds:
         return _retry(ctx, idle * 0.5, "no active task", idle)
@@ -233,7 +233,7 @@ def answer_from_view(
         pol = cfg.eligibility
         if pol.device_classes is not None and state.device_class not in pol.device_classes:
             continue
-        if view.stage != SELECTING:
+        if view.stage != Stage.SELECTING:
             return _pace(ctx, view)
         if last_round_number == view.number:
             # The device row says it was selected for this very round: the view predates the
@@ -267,12 +267,12 @@ def _join_pool(
     now = ctx.now()
     cfg = view.cfg
     stage = session.scalar(select(Round.stage).where(Round.id == view.round_id))
-    if stage != SELECTING:  # the view is older than the selection's end
+    if stage != Stage.SELECTING:  # the view is older than the selection's end
         ctx.forget_views()
         part = session.get(Participant, (view.round_id, device_id))
-        if part is not None and part.stage != DROPPED and stage != DONE:
+        if part is not None and part.stage != Stage.DROPPED and stage != Stage.DONE:
             return CheckinResponse(
-                action="evaluate" if view.kind == "evaluate" else "train",
+                action=_action(view.kind),
                 round_id=view.round_id,
                 task=view.task,
             )
@@ -296,7 +296,7 @@ def _join_pool(
             log.exception("round %d: closing the selection failed", view.round_id)
         if session.get(Participant, (view.round_id, device_id)) is not None:
             return CheckinResponse(
-                action="evaluate" if view.kind == "evaluate" else "train",
+                action=_action(view.kind),
                 round_id=view.round_id,
                 task=view.task,
             )

@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import json
 import logging
-import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -23,29 +22,23 @@ from sqlalchemy.orm import Session
 
 from coordinator.db.models import Candidate, Device, EvalReport, Participant, Round, RoundUpload, Task
 from coordinator.observability import log_event
+from coordinator.round_plan import plan_of, set_plan
 from coordinator.schemas import TaskConfig
 from coordinator.selection import Candidate as SelectionCandidate
 from coordinator.selection import SelectionPolicy
 from coordinator.selection import select as select_devices
 from coordinator.services.privacy_budget import charge
 from coordinator.services.rounds.context import (
-    AGGREGATING,
-    DONE,
-    DROPPED,
-    EVALUATING,
-    SELECTED,
-    SELECTING,
-    UPLOAD,
     RoundContext,
     need_state,
     timestamp,
     utc,
 )
-from coordinator.services.rounds.plans import model_version, secagg_params
+from coordinator.services.rounds.plans import model_version
 from coordinator.services.rounds.uploads import stored_uploads
 from protocol.secagg.common import MIN_DEVICES, SecAggError
 from protocol.secagg.server import SecAggServer
-from protocol.wire import AdvertiseKeys, ShareKeys, Stage, WireError
+from protocol.wire import AdvertiseKeys, Outcome, RoundKind, ShareKeys, Stage, WireError
 
 __all__ = ["CLOSES", "Closing", "fail_round_now"]
 
@@ -66,7 +59,7 @@ class Closing:
     live: list[Participant]
 
 
-def _set_stage(ctx: RoundContext, rnd: Round, stage: str, seconds: float) -> None:
+def _set_stage(ctx: RoundContext, rnd: Round, stage: Stage, seconds: float) -> None:
     now = ctx.now()
     took = (now - utc(rnd.stage_started_at)).total_seconds()
     ctx.metrics.stage_seconds.labels(rnd.stage).observe(took)
@@ -82,8 +75,8 @@ def _set_stage(ctx: RoundContext, rnd: Round, stage: str, seconds: float) -> Non
 def fail_round_now(session: Session, ctx: RoundContext, rnd: Round, reason: str) -> None:
     """End the locked round as failed (the model stays unchanged): its uploads, candidates and
     secure-aggregation state are deleted, and selected devices that sent nothing are dropped."""
-    rnd.stage = DONE
-    rnd.outcome = "failed"
+    rnd.stage = Stage.DONE
+    rnd.outcome = Outcome.FAILED
     rnd.failure_reason = reason[:500]
     rnd.finished_at = ctx.now()
     rnd.secagg_state = None
@@ -91,11 +84,11 @@ def fail_round_now(session: Session, ctx: RoundContext, rnd: Round, reason: str)
     session.execute(delete(Candidate).where(Candidate.round_id == rnd.id))
     session.execute(
         update(Participant)
-        .where(Participant.round_id == rnd.id, Participant.stage == SELECTED)
-        .values(stage=DROPPED)
+        .where(Participant.round_id == rnd.id, Participant.stage == Stage.SELECTED)
+        .values(stage=Stage.DROPPED)
     )
-    ctx.metrics.rounds.labels(rnd.kind, "failed").inc()
-    log_event(log, "round failed", round=rnd.id, stage=DONE, reason=reason)
+    ctx.metrics.rounds.labels(rnd.kind, Outcome.FAILED).inc()
+    log_event(log, "round failed", round=rnd.id, stage=Stage.DONE, reason=reason)
 
 
 def _refuse(session: Session, rnd: Round, refused: dict[str, str]) -> None:
@@ -106,7 +99,7 @@ def _refuse(session: Session, rnd: Round, refused: dict[str, str]) -> None:
     session.execute(
         update(Participant)
         .where(Participant.round_id == rnd.id, Participant.device_id.in_(list(refused)))
-        .values(stage=DROPPED)
+        .values(stage=Stage.DROPPED)
     )
     record = dict(rnd.metrics.get("refused", {}))
     record[rnd.stage] = {**record.get(rnd.stage, {}), **{d: r[:200] for d, r in refused.items()}}
@@ -119,10 +112,10 @@ def _refuse(session: Session, rnd: Round, refused: dict[str, str]) -> None:
 
 def _drop_missing(session: Session, rnd: Round, keep: set[str]) -> None:
     """Every live participant of the round not in ``keep`` is dropped (counted per stage)."""
-    stmt = update(Participant).where(Participant.round_id == rnd.id, Participant.stage != DROPPED)
+    stmt = update(Participant).where(Participant.round_id == rnd.id, Participant.stage != Stage.DROPPED)
     if keep:
         stmt = stmt.where(Participant.device_id.not_in(keep))
-    n = session.execute(stmt.values(stage=DROPPED)).rowcount  # type: ignore[attr-defined]
+    n = session.execute(stmt.values(stage=Stage.DROPPED)).rowcount  # type: ignore[attr-defined]
     if n:
         dropped = dict(rnd.metrics.get("dropped", {}))
         dropped[rnd.stage] = dropped.get(rnd.stage, 0) + int(n)
@@ -140,7 +133,8 @@ def _close_selection(c: Closing) -> None:
         .join(Device, Device.id == Candidate.device_id)
         .where(Candidate.round_id == rnd.id, Device.revoked_at.is_(None))  # revoked since it joined
     ).all()
-    need = rnd.plan["min_reports"]
+    plan = plan_of(rnd)
+    need = plan.min_reports
     if len(rows) < need:
         if now >= utc(rnd.stage_deadline):
             fail_round_now(
@@ -150,7 +144,7 @@ def _close_selection(c: Closing) -> None:
                 f"only {len(rows)} eligible devices checked in; the round needs {need}",
             )
         return
-    seed = bytes.fromhex(rnd.plan.get("selection_seed") or secrets.token_hex(32))
+    seed = bytes.fromhex(plan.selection_seed)
     cands = [
         SelectionCandidate(
             device_id=dev.id,
@@ -166,12 +160,14 @@ def _close_selection(c: Closing) -> None:
         for cand, dev in rows
     ]
     s = c.cfg.selection
-    policy = SelectionPolicy(**s.model_dump()) if rnd.kind == "train" else SelectionPolicy()
+    policy = SelectionPolicy(**s.model_dump()) if rnd.kind == RoundKind.TRAIN else SelectionPolicy()
     picked = select_devices(cands, rnd.selection_target, policy, seed=seed, round_number=rnd.number)
     by_id = {dev.id: (cand, dev) for cand, dev in rows}
     chosen = [by_id[i] for i in picked]
     for i, (_, dev) in enumerate(chosen, 1):
-        session.add(Participant(round_id=rnd.id, device_id=dev.id, index=i, stage=SELECTED, selected_at=now))
+        session.add(
+            Participant(round_id=rnd.id, device_id=dev.id, index=i, stage=Stage.SELECTED, selected_at=now)
+        )
     ids = [dev.id for _, dev in chosen]
     session.execute(
         update(Device)
@@ -196,14 +192,14 @@ def _close_selection(c: Closing) -> None:
     rnd.selected = len(chosen)
     ctx.metrics.selections.inc(len(chosen))
     d = c.cfg.deadlines
-    sec = secagg_params(rnd.plan)
-    if rnd.kind == "evaluate":
-        _set_stage(ctx, rnd, EVALUATING, d.upload)
+    sec = plan.secagg
+    if rnd.kind == RoundKind.EVALUATE:
+        _set_stage(ctx, rnd, Stage.EVALUATING, d.upload)
     elif sec is not None:
         rnd.secagg_state = SecAggServer(sec).to_bytes()
         _set_stage(ctx, rnd, Stage.ADVERTISE_KEYS, d.advertise)
     else:
-        _set_stage(ctx, rnd, UPLOAD, d.upload)
+        _set_stage(ctx, rnd, Stage.UPLOAD, d.upload)
 
 
 def _advertisement(rnd: Round, part: Participant) -> AdvertiseKeys:
@@ -233,7 +229,7 @@ def _close_advertise(c: Closing) -> None:
         else:
             done.append(p)
     _refuse(session, rnd, refused)
-    if len(done) < max(MIN_DEVICES, rnd.plan["min_reports"]):
+    if len(done) < max(MIN_DEVICES, plan_of(rnd).min_reports):
         fail_round_now(session, ctx, rnd, f"only {len(done)} devices advertised keys")
         return
     server.close_advertise()
@@ -251,7 +247,7 @@ def _close_share_keys(c: Closing) -> None:
         select(Participant.device_id, Participant.secagg_msg).where(
             Participant.round_id == rnd.id, Participant.stage == Stage.SHARE_KEYS
         )
-    ).tuples():
+    ):
         try:
             msg = ShareKeys.model_validate_json(need_state(blob))
             if msg.sender != device_id:
@@ -291,7 +287,7 @@ def _add_masked_inputs(session: Session, rnd: Round, uploaded: set[str]) -> tupl
             Participant.stage == Stage.MASKED_INPUT,
             Participant.secagg_msg.is_not(None),
         )
-    ).tuples():
+    ):
         try:
             server.record_omissions(device_id, _omissions(need_state(blob)))
         except (SecAggError, ValueError) as e:
@@ -302,7 +298,7 @@ def _add_masked_inputs(session: Session, rnd: Round, uploaded: set[str]) -> tupl
         if device_id not in uploaded or device_id in refused:
             continue
         try:
-            server.add_masked_update(device_id, body, layout_hash=rnd.plan["layout_hash"])
+            server.add_masked_update(device_id, body, layout_hash=plan_of(rnd).layout_hash)
         except (WireError, SecAggError) as e:
             refused[device_id] = str(e)
     missing = uploaded - set(server.survivors) - set(refused)
@@ -316,16 +312,17 @@ def _close_upload(c: Closing) -> None:
     else the privacy budget is charged and the round goes to unmasking (secure aggregation) or
     straight to aggregation."""
     session, ctx, rnd = c.session, c.ctx, c.rnd
-    uploaded = {p.device_id for p in c.live if p.stage in (Stage.MASKED_INPUT, UPLOAD)}
+    uploaded = {p.device_id for p in c.live if p.stage in (Stage.MASKED_INPUT, Stage.UPLOAD)}
     server = None
     if rnd.stage == Stage.MASKED_INPUT:
         server, uploaded = _add_masked_inputs(session, rnd, uploaded)
-    if len(uploaded) < rnd.plan["min_reports"]:
+    need = plan_of(rnd).min_reports
+    if len(uploaded) < need:
         fail_round_now(
             session,
             ctx,
             rnd,
-            f"only {len(uploaded)} updates by the deadline; need {rnd.plan['min_reports']}",
+            f"only {len(uploaded)} updates by the deadline; need {need}",
         )
         return
     _drop_missing(session, rnd, uploaded)
@@ -333,10 +330,10 @@ def _close_upload(c: Closing) -> None:
     rnd.bytes_in = sum(p.upload_bytes for p in c.live if p.device_id in uploaded)
     charge(rnd)  # from here on the coordinator can compute the (noisy) sum
     if server is None:
-        _set_stage(ctx, rnd, AGGREGATING, 0)
+        _set_stage(ctx, rnd, Stage.AGGREGATING, 0)
         return
     request = server.close_masked_input()
-    rnd.plan = {**rnd.plan, "unmask": request.model_dump(mode="json")}
+    set_plan(rnd, plan_of(rnd).model_copy(update={"unmask": request}))
     rnd.secagg_state = server.to_bytes()
     session.execute(delete(RoundUpload).where(RoundUpload.round_id == rnd.id))
     session.execute(update(Participant).where(Participant.round_id == rnd.id).values(secagg_msg=None))
@@ -345,7 +342,7 @@ def _close_upload(c: Closing) -> None:
 
 def _close_unmask(c: Closing) -> None:
     """The survivors' shares are in (or the deadline passed): aggregation is due."""
-    _set_stage(c.ctx, c.rnd, AGGREGATING, 0)
+    _set_stage(c.ctx, c.rnd, Stage.AGGREGATING, 0)
 
 
 def _close_evaluation(c: Closing) -> None:
@@ -366,22 +363,22 @@ def _close_evaluation(c: Closing) -> None:
         mv.metrics = {**mv.metrics, **{f"federated_eval.{k}": v for k, v in metrics.items()}}
     _drop_missing(session, rnd, {r.device_id for r in reports})
     rnd.metrics = {**rnd.metrics, **metrics}
-    rnd.stage = DONE
-    rnd.outcome = "committed" if reports else "failed"
+    rnd.stage = Stage.DONE
+    rnd.outcome = Outcome.COMMITTED if reports else Outcome.FAILED
     if not reports:
         rnd.failure_reason = "no evaluation reports"
     rnd.reported = len(reports)
     rnd.finished_at = ctx.now()
-    ctx.metrics.rounds.labels("evaluate", rnd.outcome).inc()
+    ctx.metrics.rounds.labels(RoundKind.EVALUATE, rnd.outcome).inc()
 
 
 CLOSES: dict[str, Callable[[Closing], None]] = {
-    SELECTING: _close_selection,
+    Stage.SELECTING: _close_selection,
     Stage.ADVERTISE_KEYS: _close_advertise,
     Stage.SHARE_KEYS: _close_share_keys,
     Stage.MASKED_INPUT: _close_upload,
-    UPLOAD: _close_upload,
+    Stage.UPLOAD: _close_upload,
     Stage.UNMASK: _close_unmask,
-    EVALUATING: _close_evaluation,
+    Stage.EVALUATING: _close_evaluation,
 }
 """The close of each stage that devices take part in (aggregating and done have none)."""

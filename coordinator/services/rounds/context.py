@@ -31,15 +31,7 @@ from protocol.secagg.common import SecAggError
 from protocol.secagg.server import SecAggServer
 
 __all__ = [
-    "AGGREGATING",
-    "DONE",
-    "DROPPED",
-    "EVALUATED",
-    "EVALUATING",
     "RETRYABLE",
-    "SELECTED",
-    "SELECTING",
-    "UPLOAD",
     "Forbidden",
     "Gone",
     "RoundContext",
@@ -53,15 +45,7 @@ __all__ = [
 ]
 
 # round stages (the secure-aggregation ones are protocol.wire.Stage values)
-SELECTING = "selecting"
-UPLOAD = "upload"
-EVALUATING = "evaluating"
-AGGREGATING = "aggregating"
-DONE = "done"
 # participant stages besides the completed round stage names
-SELECTED = "selected"
-DROPPED = "dropped"
-EVALUATED = "evaluated"
 
 
 RETRYABLE = (OperationalError, PoolTimeout)

@@ -16,12 +16,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from coordinator.db.models import Device, EvalReport, Participant, Round
+from coordinator.round_plan import plan_of
 from coordinator.services.rounds.context import (
-    DONE,
-    DROPPED,
-    EVALUATED,
-    EVALUATING,
-    SELECTED,
     Forbidden,
     Gone,
     RoundContext,
@@ -33,6 +29,7 @@ from protocol.wire import (
     AdvertiseKeys,
     EvalCounts,
     MaskedInputRequest,
+    RoundKind,
     RoundStatus,
     ShareKeys,
     ShareKeysRequest,
@@ -70,9 +67,9 @@ def my_part(session: Session, rnd: Round, device_id: str, *, lock: bool = False)
     part = session.execute(stmt.execution_options(populate_existing=True)).scalar_one_or_none()
     if part is None:
         raise Forbidden(f"device was not selected for round {rnd.id}")
-    if part.stage == DROPPED:
+    if part.stage == Stage.DROPPED:
         raise Gone(f"round {rnd.id} went on without this device")
-    if rnd.stage == DONE:
+    if rnd.stage == Stage.DONE:
         raise Gone(f"round {rnd.id} is over ({rnd.outcome})")
     return part
 
@@ -118,7 +115,7 @@ def status_of(session: Session, ctx: RoundContext, *, round_id: int, device_id: 
     remaining = max((utc(rnd.stage_deadline) - ctx.now()).total_seconds(), 0.0)
     # stages close the moment their last message arrives: poll often enough that devices do
     # not spend the round waiting to hear of it (at most 1 s, sooner near a deadline)
-    poll = 0.0 if rnd.stage == DONE else min(max(remaining / 8, 0.2), 1.0)
+    poll = 0.0 if rnd.stage == Stage.DONE else min(max(remaining / 8, 0.2), 1.0)
     return RoundStatus(
         round_id=rnd.id,
         stage=rnd.stage,
@@ -142,7 +139,7 @@ def advertise(
         "c": base64.b64encode(msg.cipher_public_key).decode(),
         "s": base64.b64encode(msg.mask_public_key).decode(),
     }
-    if part.stage != SELECTED:
+    if part.stage != Stage.SELECTED:
         if part.keys != keys:
             raise StageConflict("this device already advertised different keys")
         return False  # a resend: already recorded
@@ -160,7 +157,7 @@ def roster(session: Session, ctx: RoundContext, *, round_id: int, device: Device
         raise Gone(f"no round {round_id}")
     part = my_part(session, rnd, device.id)
     expect_stage(rnd, Stage.SHARE_KEYS, Stage.MASKED_INPUT, Stage.UNMASK)
-    if part.stage == SELECTED:
+    if part.stage == Stage.SELECTED:
         raise Gone("device did not advertise keys in time")
     r = ctx.secagg_snapshot(rnd).roster
     if r is None:
@@ -174,7 +171,7 @@ def share_keys(session: Session, ctx: RoundContext, *, round_id: int, device: De
     part = my_part(session, rnd, device.id, lock=True)
     if msg.sender != device.id or msg.round_id != rnd.id:
         raise StageConflict("share message names another device or round")
-    if part.stage not in (SELECTED, Stage.ADVERTISE_KEYS):
+    if part.stage not in (Stage.SELECTED, Stage.ADVERTISE_KEYS):
         return False  # a resend: already recorded (or already past this stage)
     expect_stage(rnd, Stage.SHARE_KEYS)
     if part.stage != Stage.ADVERTISE_KEYS:
@@ -205,7 +202,10 @@ def unmask_request(session: Session, *, round_id: int, device: Device) -> Unmask
     expect_stage(rnd, Stage.UNMASK)
     if part.stage not in (Stage.MASKED_INPUT, Stage.UNMASK):
         raise Gone("device's masked input is not in the sum")
-    return UnmaskRequest.model_validate(rnd.plan["unmask"])
+    unmask = plan_of(rnd).unmask
+    if unmask is None:
+        raise StageConflict("unmask request not fixed yet")
+    return unmask
 
 
 def unmask(
@@ -235,7 +235,7 @@ def unmask_responses(session: Session, round_id: int) -> list[UnmaskResponse]:
 
 def report(session: Session, *, round_id: int, device: Device, msg: TrainReport) -> None:
     rnd, part = round_for_device(session, round_id, device)
-    if rnd.kind != "train":
+    if rnd.kind != RoundKind.TRAIN:
         raise StageConflict("training reports belong to training rounds")
     part.report = msg.model_dump()
     device.util_loss = msg.loss_before  # oort's statistical utility (with the example count)
@@ -248,11 +248,11 @@ def evaluation(
     """Record the device's evaluation counts. True when the stage may now be complete."""
     rnd = lock_shared(session, round_id)
     part = my_part(session, rnd, device.id, lock=True)
-    if rnd.kind != "evaluate":
+    if rnd.kind != RoundKind.EVALUATE:
         raise StageConflict("evaluation counts belong to evaluation rounds")
-    if part.stage == EVALUATED:
+    if part.stage == Stage.EVALUATED:
         return False
-    expect_stage(rnd, EVALUATING)
+    expect_stage(rnd, Stage.EVALUATING)
     session.add(
         EvalReport(
             round_id=rnd.id,
@@ -265,5 +265,5 @@ def evaluation(
             tokens=counts.tokens,
         )
     )
-    part.stage = EVALUATED
+    part.stage = Stage.EVALUATED
     return True

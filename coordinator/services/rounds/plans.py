@@ -15,27 +15,16 @@ from sqlalchemy.orm import Session
 from coordinator.db.models import ModelVersion, Round, Task
 from coordinator.dp_plan import PrivacyPlan
 from coordinator.observability import log_event
+from coordinator.round_plan import StoredPlan, plan_of, set_plan
 from coordinator.services.privacy_budget import current_clip, privacy_plan, refusal
-from coordinator.services.rounds.context import DONE, SELECTING, RoundContext, config_of, timestamp
+from coordinator.services.rounds.context import RoundContext, config_of, timestamp
 from protocol.codec import CodecError, CodecParams, ring_bits
 from protocol.secagg.common import MIN_DEVICES, secagg_params_for
-from protocol.wire import API_PREFIX, ArtifactRef, RoundPlan, SecAggParams, TrainingPlan
+from protocol.wire import API_PREFIX, ArtifactRef, RoundKind, RoundPlan, Stage, TrainingPlan
 
-__all__ = ["codec_params", "model_version", "open_rounds", "plan_for", "secagg_params"]
+__all__ = ["model_version", "open_rounds", "plan_for"]
 
 log = logging.getLogger("coordinator.rounds")
-
-
-def codec_params(plan: dict[str, Any]) -> CodecParams | None:
-    """The round's codec parameters (None: float32 updates)."""
-    raw = plan.get("codec")
-    return None if raw is None else CodecParams.model_validate(raw)
-
-
-def secagg_params(plan: dict[str, Any]) -> SecAggParams | None:
-    """The round's secure-aggregation parameters (None: no secure aggregation)."""
-    raw = plan.get("secagg")
-    return None if raw is None else SecAggParams.model_validate(raw)
 
 
 def model_version(session: Session, task: Task, version: int) -> ModelVersion:
@@ -52,13 +41,16 @@ def _open_round(session: Session, ctx: RoundContext, task: Task) -> Round | None
         return None
     trained = (
         session.scalar(
-            select(func.count()).select_from(Round).where(Round.task_id == task.id, Round.kind == "train")
+            select(func.count())
+            .select_from(Round)
+            .where(Round.task_id == task.id, Round.kind == RoundKind.TRAIN)
         )
         or 0
     )
     number = task.next_round
-    kind = "evaluate" if cfg.eval_every_rounds and number % (cfg.eval_every_rounds + 1) == 0 else "train"
-    if kind == "train" and cfg.max_rounds is not None and trained >= cfg.max_rounds:
+    due = cfg.eval_every_rounds and number % (cfg.eval_every_rounds + 1) == 0
+    kind = RoundKind.EVALUATE if due else RoundKind.TRAIN
+    if kind == RoundKind.TRAIN and cfg.max_rounds is not None and trained >= cfg.max_rounds:
         task.status = "paused"
         log_event(log, "task finished its rounds", task=task.name)
         return None
@@ -66,21 +58,18 @@ def _open_round(session: Session, ctx: RoundContext, task: Task) -> Round | None
     mv = model_version(session, task, task.current_version)
     bundle = ctx.store.bundle(mv.bundle_dir)
     layout = bundle.manifest.train.layout
-    target = cfg.selection_size if kind == "train" else cfg.eval_clients
+    target = cfg.selection_size if kind == RoundKind.TRAIN else cfg.eval_clients
     codec: CodecParams | None = None
     dp_plan: PrivacyPlan | None = None
-    if kind == "train" and cfg.codec.compress:
-        codec = CodecParams(
-            clip_norm=current_clip(session, task, cfg),
-            rotate=cfg.codec.rotate,
-            keep_fraction=cfg.codec.keep_fraction,
-            bits=cfg.codec.bits,
-            max_clients=target,
-            range_factor=cfg.codec.range_factor,
-            weight_cap=cfg.codec.weight_cap,
-            rotation_block=cfg.codec.rotation_block,
-            count_slot=cfg.privacy.enabled and cfg.privacy.adaptive_clip,
-            seed=secrets.token_bytes(32),
+    if kind == RoundKind.TRAIN and cfg.codec.compress:
+        codec = CodecParams.model_validate(
+            {
+                **cfg.codec.model_dump(exclude={"compress"}),  # the task's knobs, then the round's
+                "clip_norm": current_clip(session, task, cfg),
+                "max_clients": target,
+                "count_slot": cfg.privacy.enabled and cfg.privacy.adaptive_clip,
+                "seed": secrets.token_bytes(32),
+            }
         )
         if cfg.privacy.enabled:
             try:
@@ -110,7 +99,7 @@ def _open_round(session: Session, ctx: RoundContext, task: Task) -> Round | None
         task_id=task.id,
         number=number,
         kind=kind,
-        stage=SELECTING,
+        stage=Stage.SELECTING,
         base_version=mv.version,
         plan={},
         created_at=now,
@@ -122,43 +111,39 @@ def _open_round(session: Session, ctx: RoundContext, task: Task) -> Round | None
     session.add(rnd)
     task.next_round = number + 1
     session.flush()  # the round id goes into the secure-aggregation parameters
-    plan: dict[str, Any] = {
-        "task": task.name,
-        "kind": kind,
-        "model_version": mv.version,
-        "bundle_dir": mv.bundle_dir,
-        "weights_file": mv.weights_file,
-        "weights_sha256": mv.weights_sha256,
-        "layout_hash": layout.hash(),
-        "dim": layout.size,
-        "clients_per_round": cfg.clients_per_round,
-        "min_reports": cfg.min_reports if kind == "train" else 1,
-        "training": cfg.training.model_dump(),
-        "deadlines": cfg.deadlines.model_dump(),
-        "codec": None,
-        "secagg": None,
-        # drawn here from the OS CSPRNG, not derived from the round id: nobody can predict (and
-        # enrol identities to game) which of a selection's candidates it takes
-        "selection_seed": secrets.token_hex(32),
-    }
-    if dp_plan is not None:
-        plan["dp"] = dp_plan.to_json()
-    if codec is not None:
-        plan["codec"] = codec.model_dump(mode="json")
-        if cfg.secagg.enabled:
-            sec = secagg_params_for(
-                codec,
-                layout.size,
-                round_id=rnd.id,
-                graph_seed=secrets.token_bytes(32),
-                degree=cfg.secagg.neighbours,
-                threshold=cfg.secagg.threshold,
-                min_devices=max(MIN_DEVICES, cfg.min_reports),
-                dropout=cfg.secagg.design_dropout(cfg.over_selection),
-            )
-            plan["secagg"] = sec.model_dump(mode="json")
-    rnd.plan = plan
-    log_event(log, "round opened", task=task.name, round=rnd.id, stage=SELECTING, version=mv.version)
+    sec = None
+    if codec is not None and cfg.secagg.enabled:
+        sec = secagg_params_for(
+            codec,
+            layout.size,
+            round_id=rnd.id,
+            graph_seed=secrets.token_bytes(32),
+            degree=cfg.secagg.neighbours,
+            threshold=cfg.secagg.threshold,
+            min_devices=max(MIN_DEVICES, cfg.min_reports),
+            dropout=cfg.secagg.design_dropout(cfg.over_selection),
+        )
+    set_plan(
+        rnd,
+        StoredPlan(
+            task=task.name,
+            kind=kind,
+            model_version=mv.version,
+            bundle_dir=mv.bundle_dir,
+            weights_file=mv.weights_file,
+            weights_sha256=mv.weights_sha256,
+            layout_hash=layout.hash(),
+            dim=layout.size,
+            clients_per_round=cfg.clients_per_round,
+            min_reports=cfg.min_reports if kind == RoundKind.TRAIN else 1,
+            training=cfg.training,
+            deadlines=cfg.deadlines,
+            codec=codec,
+            secagg=sec,
+            dp=dp_plan,
+        ),
+    )
+    log_event(log, "round opened", task=task.name, round=rnd.id, stage=Stage.SELECTING, version=mv.version)
     return rnd
 
 
@@ -178,14 +163,14 @@ def open_rounds(session: Session, ctx: RoundContext) -> list[Round]:
     out = []
     for task in session.scalars(select(Task).where(Task.status == "active").order_by(Task.id)).all():
         rnd = session.scalars(
-            select(Round).where(Round.task_id == task.id, Round.stage != DONE).order_by(Round.id)
+            select(Round).where(Round.task_id == task.id, Round.stage != Stage.DONE).order_by(Round.id)
         ).first()
         if rnd is None:
             session.refresh(task, with_for_update=True)
             if task.status != "active":
                 continue
             rnd = session.scalars(
-                select(Round).where(Round.task_id == task.id, Round.stage != DONE)
+                select(Round).where(Round.task_id == task.id, Round.stage != Stage.DONE)
             ).first() or _open_round(session, ctx, task)
         if rnd is not None:
             out.append(rnd)
@@ -196,11 +181,10 @@ def plan_for(session: Session, ctx: RoundContext, rnd: Round) -> RoundPlan:
     """The device-facing plan of a round. Artifact URLs are paths (``/v1/...``): a device joins
     them to the coordinator origin it was configured with, so neither a request's ``Host``
     header nor a TLS-terminating proxy can make it send its token anywhere else."""
-    p = rnd.plan
-    bundle = ctx.store.bundle(p["bundle_dir"])
-    tar = ctx.store.bundle_tarball(p["bundle_dir"])
-    task = p["task"]
-    version = p["model_version"]
+    p = plan_of(rnd)
+    bundle = ctx.store.bundle(p.bundle_dir)
+    tar = ctx.store.bundle_tarball(p.bundle_dir)
+    task, version = p.task, p.model_version
     mv = session.scalars(
         select(ModelVersion).join(Task).where(Task.name == task, ModelVersion.version == version)
     ).one()
@@ -211,11 +195,14 @@ def plan_for(session: Session, ctx: RoundContext, rnd: Round) -> RoundPlan:
             sha256=mv.predict_sha256,
             size=ctx.store.path(mv.predict_file).stat().st_size,
         )
-    training = TrainingPlan.model_validate(
-        {
-            k: p["training"][k]
-            for k in ("optimizer", "lr", "momentum", "local_steps", "max_seconds", "max_examples")
-        }
+    t = p.training
+    training = TrainingPlan(
+        optimizer=t.optimizer,
+        lr=t.lr,
+        momentum=t.momentum,
+        local_steps=t.local_steps,
+        max_seconds=t.max_seconds,
+        max_examples=t.max_examples,
     )
     return RoundPlan(
         round_id=rnd.id,
@@ -223,19 +210,19 @@ def plan_for(session: Session, ctx: RoundContext, rnd: Round) -> RoundPlan:
         kind=rnd.kind,
         model_version=version,
         bundle=ArtifactRef(
-            url=f"{API_PREFIX}/bundles/{p['bundle_dir']}.tar",
+            url=f"{API_PREFIX}/bundles/{p.bundle_dir}.tar",
             sha256=ctx.store.sha256_of(tar),
             size=tar.stat().st_size,
         ),
         weights=ArtifactRef(
             url=f"{API_PREFIX}/tasks/{task}/versions/{version}/weights",
-            sha256=p["weights_sha256"],
+            sha256=p.weights_sha256,
             size=4 * bundle.manifest.train.layout.size,
         ),
         predict=predict,
-        layout_hash=p["layout_hash"],
-        training=training if rnd.kind == "train" else None,
-        codec=codec_params(p),
-        secagg=secagg_params(p),
+        layout_hash=p.layout_hash,
+        training=training if rnd.kind == RoundKind.TRAIN else None,
+        codec=p.codec,
+        secagg=p.secagg,
         stage_deadline=timestamp(rnd.stage_deadline),
     )

@@ -19,17 +19,11 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from coordinator.db.models import Candidate, Participant, Round, Task
+from coordinator.round_plan import plan_of
 from coordinator.schemas import DeadlineSettings
 from coordinator.services.rounds.closes import CLOSES, Closing, fail_round_now
 from coordinator.services.rounds.context import (
-    AGGREGATING,
-    DONE,
-    DROPPED,
-    EVALUATED,
-    EVALUATING,
     RETRYABLE,
-    SELECTING,
-    UPLOAD,
     Gone,
     RoundContext,
     StageConflict,
@@ -66,7 +60,7 @@ def fail_round(session: Session, ctx: RoundContext, *, round_id: int, reason: st
     """The admin ends an open round (any stage, aggregation included: its commit re-checks the
     stage and gives up); the task opens its next round as usual. 409 if it is over already."""
     rnd = _lock(session, round_id)
-    if rnd.stage == DONE:
+    if rnd.stage == Stage.DONE:
         raise StageConflict(f"round {round_id} is over already ({rnd.outcome})")
     fail_round_now(session, ctx, rnd, f"failed by the admin: {reason}")
     ctx.forget_views()
@@ -107,13 +101,14 @@ def _complete(rnd: Round, live: Counter[str]) -> bool:
         return live[Stage.ADVERTISE_KEYS] == n
     if stage == Stage.SHARE_KEYS:
         return live[Stage.SHARE_KEYS] == n
-    if stage in (Stage.MASKED_INPUT, UPLOAD):
-        uploaded = live[Stage.MASKED_INPUT] + live[UPLOAD]
-        return uploaded >= rnd.plan["clients_per_round"] or uploaded == n
+    if stage in (Stage.MASKED_INPUT, Stage.UPLOAD):
+        uploaded = live[Stage.MASKED_INPUT] + live[Stage.UPLOAD]
+        return uploaded >= plan_of(rnd).clients_per_round or uploaded == n
     if stage == Stage.UNMASK:
-        return live[Stage.UNMASK] >= len(rnd.plan["unmask"]["survivors"])
-    if stage == EVALUATING:
-        return live[EVALUATED] == n
+        unmask = plan_of(rnd).unmask
+        return unmask is not None and live[Stage.UNMASK] >= len(unmask.survivors)
+    if stage == Stage.EVALUATING:
+        return live[Stage.EVALUATED] == n
     return False
 
 
@@ -150,7 +145,7 @@ def fail_after_error(
     log.exception("round %d: failing it after an unexpected error", round_id, exc_info=error)
     with factory() as session, session.begin():
         rnd = session.get(Round, round_id, with_for_update=True, populate_existing=True)
-        if rnd is None or rnd.stage == DONE:
+        if rnd is None or rnd.stage == Stage.DONE:
             return False
         fail_round_now(
             session, ctx, rnd, f"internal error at stage {rnd.stage}: {type(error).__name__}: {error}"
@@ -163,19 +158,19 @@ def _close_if_complete(
 ) -> bool:
     with factory() as session, session.begin():
         rnd = session.get(Round, round_id)
-        if rnd is None or rnd.stage in (DONE, AGGREGATING):
+        if rnd is None or rnd.stage in (Stage.DONE, Stage.AGGREGATING):
             return False  # aggregation is claimed by a worker (coordinator.services.aggregate)
         due = ctx.now() >= utc(rnd.stage_deadline)
-        if not due and rnd.stage == SELECTING:
+        if not due and rnd.stage == Stage.SELECTING:
             return False  # a check-in that fills the pool closes the selection
         if not due:
             counts: Counter[str] = Counter()
             newest: dict[str, datetime | None] = {}
             for stage, n, at in session.execute(
                 select(Participant.stage, func.count(), func.max(Participant.message_at))
-                .where(Participant.round_id == round_id, Participant.stage != DROPPED)
+                .where(Participant.round_id == round_id, Participant.stage != Stage.DROPPED)
                 .group_by(Participant.stage)
-            ).tuples():
+            ):
                 counts[stage] = n
                 newest[stage] = at
             due = _complete(rnd, counts) or (
@@ -195,7 +190,7 @@ def _close_if_complete(
 def advance(session: Session, ctx: RoundContext, round_id: int, *, wait: bool = True) -> bool:
     """Move a round on if its stage is complete or past its deadline. True if it moved.
 
-    Returns with the round in AGGREGATING when the heavy work is due: the caller runs
+    Returns with the round in Stage.AGGREGATING when the heavy work is due: the caller runs
     :func:`coordinator.services.aggregate.aggregate` outside the transaction.
 
     ``wait=False`` gives up at once if another transaction holds the round. A check-in holds its
@@ -214,7 +209,11 @@ def advance(session: Session, ctx: RoundContext, round_id: int, *, wait: bool = 
         return False  # aggregating (a worker claims it: coordinator.services.aggregate) or done
     task = session.get(Task, rnd.task_id)
     assert task is not None
-    live = [] if stage == SELECTING else [p for p in _participants(session, rnd.id) if p.stage != DROPPED]
+    live = (
+        []
+        if stage == Stage.SELECTING
+        else [p for p in _participants(session, rnd.id) if p.stage != Stage.DROPPED]
+    )
     closing = Closing(session, ctx, rnd, task, config_of(task), ctx.now(), live)
     try:
         if not _due(closing):
@@ -232,7 +231,7 @@ def _due(c: Closing) -> bool:
     rnd, live = c.rnd, c.live
     if c.now >= utc(rnd.stage_deadline):
         return True
-    if rnd.stage == SELECTING:
+    if rnd.stage == Stage.SELECTING:
         pool = (
             c.session.scalar(select(func.count()).select_from(Candidate).where(Candidate.round_id == rnd.id))
             or 0

@@ -15,9 +15,9 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from coordinator.db.models import Device, Participant, Round, RoundUpload
-from coordinator.services.rounds.context import DONE, DROPPED, UPLOAD, Gone, RoundContext, StageConflict, utc
+from coordinator.round_plan import plan_of
+from coordinator.services.rounds.context import Gone, RoundContext, StageConflict, utc
 from coordinator.services.rounds.messages import expect_stage, lock_shared, my_part, round_and_participant
-from coordinator.services.rounds.plans import codec_params, secagg_params
 from protocol.codec import check_update_norm, encoded_length, packed_size, ring_bits
 from protocol.wire import (
     HEADER_SIZE,
@@ -37,13 +37,13 @@ def _upload_slot(session: Session, round_id: int, device_id: str) -> Round | Non
     """The round, if this device may upload to it now (a live participant of its upload stage;
     the usual 403/409/410 otherwise); None when its update is in already (a repeat)."""
     rnd, part = round_and_participant(session, round_id, device_id)
-    if part.stage in (Stage.MASKED_INPUT, UPLOAD, Stage.UNMASK):
+    if part.stage in (Stage.MASKED_INPUT, Stage.UPLOAD, Stage.UNMASK):
         return None
-    if part.stage == DROPPED:
+    if part.stage == Stage.DROPPED:
         raise Gone(f"round {rnd.id} went on without this device")
-    if rnd.stage == DONE:
+    if rnd.stage == Stage.DONE:
         raise Gone(f"round {rnd.id} is over ({rnd.outcome})")
-    expect_stage(rnd, Stage.MASKED_INPUT, UPLOAD)
+    expect_stage(rnd, Stage.MASKED_INPUT, Stage.UPLOAD)
     if rnd.stage == Stage.MASKED_INPUT and part.stage != Stage.SHARE_KEYS:
         raise Gone("device did not complete key sharing in time")
     return rnd
@@ -57,15 +57,13 @@ def expected_upload(session: Session, *, round_id: int, device_id: str) -> int |
     got = _upload_slot(session, round_id, device_id)
     if got is None:
         return None
-    rnd, p = got, got.plan
-    if rnd.stage == Stage.MASKED_INPUT:
-        sec = secagg_params(p)
-        assert sec is not None
-        return HEADER_SIZE + packed_size(sec.vector_length, sec.ring_bits)
-    codec = codec_params(p)
-    if codec is None:
-        return HEADER_SIZE + 4 * int(p["dim"])
-    return HEADER_SIZE + packed_size(encoded_length(codec, int(p["dim"])), ring_bits(codec))
+    p = plan_of(got)
+    if got.stage == Stage.MASKED_INPUT:
+        assert p.secagg is not None
+        return HEADER_SIZE + packed_size(p.secagg.vector_length, p.secagg.ring_bits)
+    if p.codec is None:
+        return HEADER_SIZE + 4 * p.dim
+    return HEADER_SIZE + packed_size(encoded_length(p.codec, p.dim), ring_bits(p.codec))
 
 
 def check_upload(
@@ -79,19 +77,18 @@ def check_upload(
     got = _upload_slot(session, round_id, device_id)
     if got is None:
         return None  # idempotent: this device's update is already in
-    rnd, p = got, got.plan
+    rnd, p = got, plan_of(got)
     if rnd.stage == Stage.MASKED_INPUT:
-        sec = secagg_params(p)
-        assert sec is not None
+        assert p.secagg is not None
         verify_update(
             body,
             expected_round=rnd.id,
-            expected_layout_hash=p["layout_hash"],
-            expected_bits=sec.ring_bits,
-            expected_length=sec.vector_length,
+            expected_layout_hash=p.layout_hash,
+            expected_bits=p.secagg.ring_bits,
+            expected_length=p.secagg.vector_length,
         )
         return 0.0
-    weight = float(min(max(examples, 0), _cfg_cap(p)))
+    weight = float(min(max(examples, 0), p.weight_cap))
     if weight <= 0:
         raise StageConflict("an update must come with a positive example count")
     _decode_plain(rnd, body)
@@ -101,11 +98,11 @@ def check_upload(
 def _decode_plain(rnd: Round, body: bytes) -> tuple[str, npt.NDArray[Any]]:
     """An update of a round without secure aggregation: ("ring", values) for the compressed
     codec, ("float", values) for float32 updates."""
-    p = rnd.plan
-    dim = p["dim"]
-    expected_hash = p["layout_hash"]
+    p = plan_of(rnd)
+    dim = p.dim
+    expected_hash = p.layout_hash
     header = peek_header(body)
-    codec = codec_params(p)
+    codec = p.codec
     if header.kind == UpdateKind.DENSE_F32 and codec is None:
         _, vec = unpack_dense_update(
             body, expected_round=rnd.id, expected_layout_hash=expected_hash, expected_dim=dim
@@ -140,9 +137,9 @@ def upload(
     closes (:mod:`.closes`)."""
     rnd = lock_shared(session, round_id)
     part = my_part(session, rnd, device_id, lock=True)
-    if part.stage in (Stage.MASKED_INPUT, UPLOAD, Stage.UNMASK):
+    if part.stage in (Stage.MASKED_INPUT, Stage.UPLOAD, Stage.UNMASK):
         return False  # idempotent: this device's update is already in
-    expect_stage(rnd, Stage.MASKED_INPUT, UPLOAD)
+    expect_stage(rnd, Stage.MASKED_INPUT, Stage.UPLOAD)
     secure = rnd.stage == Stage.MASKED_INPUT
     if secure and part.stage != Stage.SHARE_KEYS:
         raise Gone("device did not complete key sharing in time")
@@ -156,12 +153,13 @@ def upload(
     have = session.scalar(
         select(func.count())
         .select_from(Participant)
-        .where(Participant.round_id == rnd.id, Participant.stage.in_((Stage.MASKED_INPUT, UPLOAD)))
+        .where(Participant.round_id == rnd.id, Participant.stage.in_((Stage.MASKED_INPUT, Stage.UPLOAD)))
     )
-    if (have or 0) >= rnd.plan["clients_per_round"]:
-        raise Gone(f"round {rnd.id} already has the {rnd.plan['clients_per_round']} updates it needs")
+    k = plan_of(rnd).clients_per_round
+    if (have or 0) >= k:
+        raise Gone(f"round {rnd.id} already has the {k} updates it needs")
     session.add(RoundUpload(round_id=rnd.id, device_id=device_id, weight=weight, body=body))
-    part.stage = Stage.MASKED_INPUT if secure else UPLOAD
+    part.stage = Stage.MASKED_INPUT if secure else Stage.UPLOAD
     part.upload_bytes = len(body)
     session.execute(
         update(Device)
@@ -169,11 +167,6 @@ def upload(
         .values(util_seconds=(ctx.now() - utc(part.selected_at)).total_seconds())  # oort's speed
     )
     return True
-
-
-def _cfg_cap(plan: dict[str, Any]) -> int:
-    codec = plan.get("codec")
-    return int(codec["weight_cap"]) if codec else 1 << 30
 
 
 def stored_uploads(session: Session, round_id: int) -> Iterator[tuple[str, float, bytes]]:
@@ -220,7 +213,7 @@ def plain_sum(session: Session, rnd: Round, clip_norm: float) -> PlainSum:
             np.add(total, values.astype(np.uint32, copy=False), out=total)
         else:
             if total is None:
-                total = np.zeros(int(rnd.plan["dim"]), dtype=np.float64)
+                total = np.zeros(plan_of(rnd).dim, dtype=np.float64)
             v = values.astype(np.float64)
             norm = float(np.linalg.norm(v))
             if norm > clip_norm:
