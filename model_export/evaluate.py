@@ -10,10 +10,12 @@ keystrokes when it shows up after j letters; KSR = 1 - keystrokes / letters.
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import astuple, dataclass
+from dataclasses import dataclass, field, fields
+from typing import TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -25,6 +27,8 @@ from model_export.data import Corpus, normalize
 __all__ = [
     "Counts",
     "EvalResult",
+    "MessageHits",
+    "chunks",
     "count_nll",
     "count_suggestions",
     "eval_messages",
@@ -39,9 +43,45 @@ __all__ = [
 SuggestFn = Callable[[str, int], list[str]]
 
 
+IntArray = npt.NDArray[np.int64]
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class MessageHits:
+    """Per-message next-word counts, entry i for message i of the evaluated texts (in order):
+    two models scored on the same texts compare message by message (``model_export.stats``)."""
+
+    words: IntArray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    top1: IntArray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    top3: IntArray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+
+    def __post_init__(self) -> None:
+        if not self.words.shape == self.top1.shape == self.top3.shape or self.words.ndim != 1:
+            raise ValueError("words, top1 and top3 need one entry per message each")
+
+    def __len__(self) -> int:
+        return int(self.words.size)
+
+    def __add__(self, other: MessageHits) -> MessageHits:
+        """The messages of ``self`` followed by those of ``other``."""
+        return MessageHits(*(np.concatenate([getattr(self, f), getattr(other, f)]) for f in _HIT_FIELDS))
+
+    @classmethod
+    def from_lists(cls, words: Sequence[int], top1: Sequence[int], top3: Sequence[int]) -> MessageHits:
+        return cls(*(np.asarray(x, dtype=np.int64).reshape(-1) for x in (words, top1, top3)))
+
+    def as_arrays(self) -> dict[str, IntArray]:
+        return {f: getattr(self, f) for f in _HIT_FIELDS}
+
+
+_HIT_FIELDS = ("words", "top1", "top3")
+
+
 @dataclass
 class Counts:
-    """Raw sums behind every metric, so that evaluations split across processes add up."""
+    """Raw sums behind every metric, so that evaluations split across processes add up, and
+    the per-message next-word counts (concatenated in the order the parts are added)."""
 
     targets: int = 0
     top1: int = 0
@@ -53,9 +93,18 @@ class Counts:
     words: int = 0
     calls: int = 0
     seconds: float = 0.0
+    per_message: MessageHits = field(default_factory=MessageHits)
 
     def __add__(self, other: Counts) -> Counts:
-        return Counts(*(a + b for a, b in zip(astuple(self), astuple(other), strict=True)))
+        return Counts(**{f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)})
+
+
+def chunks(items: Sequence[T], parts: int) -> list[Sequence[T]]:
+    """``items`` cut into ``parts`` contiguous slices of nearly equal length (in order, so
+    per-message results of the parts concatenate back into the order of ``items``)."""
+    parts = max(1, parts)
+    bounds = [round(i * len(items) / parts) for i in range(parts + 1)]
+    return [items[a:b] for a, b in itertools.pairwise(bounds)]
 
 
 @dataclass
@@ -97,9 +146,17 @@ def eval_messages(corpus: Corpus, max_messages: int, seed: int = 0) -> list[str]
     return texts
 
 
-def count_suggestions(suggest: SuggestFn, texts: Sequence[str], ksr_texts: Sequence[str]) -> Counts:
-    """Top-1/top-3 hits over ``texts`` and keystrokes over ``ksr_texts``, timing every call."""
+def count_suggestions(
+    suggest: SuggestFn,
+    texts: Sequence[str],
+    ksr_texts: Sequence[str],
+    begin: Callable[[str], None] | None = None,
+) -> Counts:
+    """Top-1/top-3 hits over ``texts`` (in total and per message, in order) and keystrokes
+    over ``ksr_texts``, timing every call. ``begin(text)`` is called before the targets of
+    each message of ``texts`` (a model may prepare the message's common prefix once)."""
     c = Counts()
+    per_words, per_top1, per_top3 = [], [], []
 
     def timed(text: str) -> list[str]:
         t0 = time.perf_counter()
@@ -109,11 +166,21 @@ def count_suggestions(suggest: SuggestFn, texts: Sequence[str], ksr_texts: Seque
         return out
 
     for text in texts:
+        if begin is not None:
+            begin(text)
+        words = top1 = top3 = 0
         for context, word in targets(text):
             s = timed(context)
-            c.top1 += bool(s) and s[0] == word
-            c.top3 += word in s
-            c.targets += 1
+            top1 += bool(s) and s[0] == word
+            top3 += word in s
+            words += 1
+        per_words.append(words)
+        per_top1.append(top1)
+        per_top3.append(top3)
+        c.targets += words
+        c.top1 += top1
+        c.top3 += top3
+    c.per_message = MessageHits.from_lists(per_words, per_top1, per_top3)
     for text in ksr_texts:
         for context, word in targets(text):
             cost = len(word)

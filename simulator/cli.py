@@ -79,7 +79,12 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--ray", action="store_true", help="run the fleet as tasks on a local Ray")
     p.add_argument("--ray-address", default=None, help="an existing Ray cluster (ray://host:10001)")
     p.add_argument("--noop-training", action="store_true", help="skip local training (overhead benchmark)")
-    p.add_argument("--central-steps", type=int, default=1500, help="central upper bound budget (--compare)")
+    p.add_argument(
+        "--central-tokens",
+        type=int,
+        default=None,
+        help="central fine-tune's training tokens (--compare; default: as many as the federated run's)",
+    )
     p.add_argument("--coordinator", default=None, help="use this coordinator instead of starting one")
     p.add_argument("--ca", type=Path, default=None)
     for name, env, what in (
@@ -224,7 +229,7 @@ def _printer() -> Any:
             )
         elif ev["event"] == "central":
             console.print(
-                f"central upper bound: fine-tuning the student on the devices' messages ({ev['steps']} steps)"
+                f"central upper bound: fine-tuning the student on the fleet's messages ({ev['steps']})"
             )
 
     return show
@@ -267,7 +272,7 @@ def run(args: argparse.Namespace) -> None:
         elif args.compare:
             from simulator.compare import compare
 
-            runs, rows, baselines = compare(cfg, bundle, out, coord, show, args.central_steps)
+            runs, rows, baselines = compare(cfg, bundle, out, coord, show, args.central_tokens)
         else:
             from simulator.compare import trigram_rows
             from simulator.evaluation import heldout_sample

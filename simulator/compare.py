@@ -1,11 +1,16 @@
-"""``fedkeys simulate --compare``: configurations side by side on the same seeds and fleet.
+"""``fedkeys simulate --compare``: configurations side by side on the same seeds, fleet and
+heldout sample, every row with a 95% confidence interval (``simulator.table``):
 
 - the pretrained (distilled) student with no federated training;
 - federated training with plain float32 updates, no secure aggregation;
 - federated training with the compressed codec and secure aggregation (the default);
-- the same student trained centrally on the union of the simulated devices' messages (what a
-  server holding their raw text would reach: the upper bound);
-- the word-trigram baseline (public data, and public + the devices' messages).
+- the pretrained student fine-tuned centrally on exactly the messages the fleet holds, for as
+  many training tokens as the default federated run trained on (the honest upper bound);
+- the student's architecture trained centrally from scratch on public + the fleet's messages;
+- the word trigram on public data, and on public + the fleet's messages.
+
+Every row is scored on one fixed heldout sample (``simulator.evaluation.draw_heldout``, 5,000
+messages by default); the federated runs' curves over rounds use a nested subsample of it.
 
 ``fedkeys simulate --privacy-sweep 1,3,8,inf``: the utility/privacy table
 (:func:`privacy_sweep`). ``fedkeys simulate --selection-compare random,least-recent,oort``:
@@ -14,8 +19,10 @@ time to accuracy per selection strategy (:func:`selection_compare`).
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -23,89 +30,106 @@ from typing import Any
 import numpy as np
 
 from coordinator.launch import CoordinatorHandle
+from model_export.evaluate import MessageHits
+from model_export.stats import DEFAULT_RESAMPLES, paired_bootstrap
 from protocol.wire import Outcome, RoundKind
 from simulator.config import SimConfig
-from simulator.evaluation import VersionEvaluator, heldout_sample
+from simulator.evaluation import (
+    CURVE_MESSAGES,
+    EVAL_WORKERS,
+    HELDOUT_MESSAGES,
+    VersionEvaluator,
+    draw_heldout,
+    heldout_sample,
+    scores,
+    text_fingerprint,
+)
 from simulator.fleet import fleet_users, make_specs
-from simulator.records import SimResult
+from simulator.records import SimResult, duration
 from simulator.run import run_simulation
+from simulator.table import TableRow, ci_text, markdown, quality_table
 
 __all__ = [
-    "central_upper_bound",
+    "PRETRAINED",
     "compare",
     "participation",
     "privacy_sweep",
     "selection_compare",
     "time_to_target",
     "trigram_rows",
+    "trigram_scores",
 ]
 
 log = logging.getLogger(__name__)
 
+PRETRAINED = "pretrained student (no FL)"
+FL_FLOAT32 = "FL float32, no secure aggregation"
+FL_SECURE = "FL compressed + secure aggregation (default)"
+CENTRAL_FINETUNE = "central fine-tune (same data, same tokens)"
+CENTRAL_SCRATCH = "central from scratch (public + fleet data)"
+TRIGRAM_PUBLIC = "trigram (public)"
+TRIGRAM_FLEET = "trigram (public + fleet data)"
 
-def device_texts(devices: int, seed: int, max_examples: int, holdout: int = 20) -> list[list[str]]:
-    """Each simulated device's training messages (its newest ``holdout`` excluded)."""
-    from edge_client.text import normalize
-
-    out: list[list[str]] = []
-    for spec in make_specs(fleet_users(), devices, seed):
-        keep = spec.texts[: max(len(spec.texts) - min(holdout, len(spec.texts) // 5), 0)][-max_examples:]
-        out.append([t for t in (normalize(x) for x in keep) if t])
-    return out
-
-
-def fleet_texts(cfg: SimConfig, holdout: int = 20) -> list[str]:
-    """The messages the simulated devices train on (their newest ``holdout`` excluded)."""
-    return [t for texts in device_texts(cfg.devices, cfg.seed, cfg.max_examples, holdout) for t in texts]
+Progress = Callable[[dict[str, Any]], None]
 
 
-def central_upper_bound(
-    cfg: SimConfig, bundle_dir: Path, evaluator: VersionEvaluator, steps: int = 1500
-) -> dict[str, float]:
-    """Fine-tune the pretrained student on the union of the fleet's messages, centrally."""
-    import torch
+def fleet_texts(cfg: SimConfig) -> list[str]:
+    """The messages the simulated fleet's devices can train on (each participant once)."""
+    from simulator.baselines import fleet_training_texts
 
-    from edge_client.batching import encode_messages, pack_batches
-    from model_export.export import model_from_bundle
-    from model_export.train import TrainConfig, train_lm
-
-    b = evaluator.bundle
-    base = model_from_bundle(b.root, b.manifest)
-    texts = fleet_texts(cfg)
-    rng = np.random.default_rng(cfg.seed)
-    order = rng.permutation(len(texts))
-    val = [texts[i] for i in order[: max(len(texts) // 20, 50)]]
-    train = [texts[i] for i in order[len(val) :]]
-    seq = base.cfg.max_seq_len
-    seqs = encode_messages(evaluator.tok, train, seq)
-    val_batches = list(pack_batches(encode_messages(evaluator.tok, val, seq), 32, seq))
-    torch.set_num_threads(2)
-    tc = TrainConfig(steps=steps, batch_size=32, lr=5e-4, warmup=50, eval_every=250, min_lr_ratio=0.1)
-    res = train_lm(replace(base.cfg, dropout=0.1), tc, seqs, val_batches, init=base.state_dict())
-    weights = b.manifest.train.layout.flatten(
-        {n: p.detach().numpy() for n, p in res.model.named_parameters()}
-    )
-    out = evaluator.eager(weights)
-    out.update(steps=steps, messages=len(train), val_loss=res.best_val_loss)
-    return out
+    return fleet_training_texts(make_specs(fleet_users(), cfg.devices, cfg.seed))
 
 
-def trigram_rows(cfg: SimConfig, texts: list[str]) -> dict[str, dict[str, float]]:
-    from model_export.data import load_chitchat
+def trigram_scores(lm: Any, texts: Sequence[str]) -> dict[str, Any]:
+    """A word model's next-word hits on ``texts`` as a run records an evaluation."""
+    import time
+
     from model_export.evaluate import EvalResult, count_suggestions
-    from model_export.ngram import TrigramLM
-    from model_export.pipeline import prepare_texts
 
-    split = prepare_texts(load_chitchat())
-    out = {}
-    for name, corpus in (
-        ("trigram (public)", split.public_train + split.public_val),
-        ("trigram (public + devices)", split.public_train + split.public_val + fleet_texts(cfg)),
-    ):
-        lm = TrigramLM().fit(corpus)
-        r = EvalResult.from_counts(name, count_suggestions(lm.suggest, texts, []), per_piece=False)
-        out[name] = {"top1": r.top1, "top3": r.top3}
-    return out
+    t0 = time.perf_counter()
+    counts = count_suggestions(lm.suggest, texts, [])
+    r = EvalResult.from_counts("trigram", counts, per_piece=False)
+    return scores(
+        r.top1, r.top3, r.words, counts.per_message, text_fingerprint(texts), time.perf_counter() - t0
+    )
+
+
+def trigram_rows(cfg: SimConfig, texts: list[str]) -> dict[str, dict[str, Any]]:
+    """The trigram on public data, and on public + the fleet's messages, scored on ``texts``."""
+    from simulator.baselines import public_texts, trigram
+
+    train, val = public_texts()
+    public = train + val
+    return {
+        TRIGRAM_PUBLIC: trigram_scores(trigram(public), texts),
+        TRIGRAM_FLEET: trigram_scores(trigram(public + fleet_texts(cfg)), texts),
+    }
+
+
+def _subset(hits: MessageHits, idx: Sequence[int]) -> MessageHits:
+    i = np.asarray(idx, dtype=np.int64)
+    return MessageHits(hits.words[i], hits.top1[i], hits.top3[i])
+
+
+def _top1(hits: MessageHits) -> float:
+    return float(hits.top1.sum() / max(int(hits.words.sum()), 1))
+
+
+def _fl_columns(run: SimResult, dense: int) -> dict[str, Any]:
+    s = run.summary()
+    up = s["upload_bytes_per_device"]
+    return {
+        "upload kB/device": round(up / 1e3, 1) if up else "",
+        "upload vs dense fp32": f"{dense / up:.1f}x" if up else "",
+        "rounds": s["rounds_committed"],
+        "device-rounds": s["device_rounds"],
+        "tokens trained": s["tokens_trained"],
+        "wall time": duration(run.seconds),
+        "round (median)": duration(s["round_seconds_median"]),
+        "non-training share of round (median)": (
+            f"{100 * (1 - s['train_share_median']):.0f}%" if s.get("train_share_median") is not None else ""
+        ),
+    }
 
 
 def compare(
@@ -113,76 +137,173 @@ def compare(
     bundle_dir: Path,
     out_dir: Path,
     coord: CoordinatorHandle,
-    progress: Any = None,
-    central_steps: int = 1500,
+    progress: Progress | None = None,
+    central_tokens: int | None = None,
+    *,
+    heldout_messages: int = HELDOUT_MESSAGES,
+    curve_messages: int = CURVE_MESSAGES,
+    scratch_tokens: int | None = None,
+    work: Path | None = None,
+    eval_workers: int = EVAL_WORKERS,
+    resamples: int = DEFAULT_RESAMPLES,
 ) -> tuple[list[SimResult], list[dict[str, Any]], dict[str, float]]:
-    """Run the comparison; returns (runs, summary rows, baselines for the accuracy plot)."""
-    heldout = heldout_sample(base.eval_messages, base.seed)
+    """Run the comparison; returns (runs, table rows, top-1 of the baselines on the curves'
+    subsample for the accuracy plots). Writes ``comparison.md`` (the table and the sample),
+    ``comparison.json`` and ``comparison.npz`` (every row's per-message counts) to ``out_dir``.
+
+    ``central_tokens``: the central fine-tune's budget (default: the tokens the default
+    federated run trained on); ``scratch_tokens``: the from-scratch model's (default the
+    model-quality table's 6,000 steps), cached in ``work`` (default ``out_dir/../central-cache``).
+    """
+    from simulator.baselines import central_finetune, central_scratch, fleet_training_texts, public_texts
+    from simulator.baselines import trigram as fit_trigram
+
+    say: Progress = progress or (lambda ev: None)
+    sample = draw_heldout(heldout_messages, base.seed)
+    curve_idx = sample.head_indices(curve_messages)
+    curve_texts = [sample.texts[i] for i in curve_idx]
     configs = [
         replace(base.with_codec(compress=False), name="fl-float32", secagg=False),
         replace(base.with_codec(compress=True), name="fl-secure-compressed", secagg=True),
     ]
     runs = [
-        run_simulation(c, bundle_dir, out_dir, coord, heldout=heldout, progress=progress) for c in configs
+        run_simulation(c, bundle_dir, out_dir, coord, heldout=curve_texts, progress=progress) for c in configs
     ]
-    evaluator = VersionEvaluator(bundle_dir, heldout)
-    if progress:
-        progress({"event": "central", "steps": central_steps})
-    central = central_upper_bound(base, bundle_dir, evaluator, central_steps)
-    trigrams = trigram_rows(base, heldout)
-    pre = runs[0].evals[0]
-    rows: list[dict[str, Any]] = [
-        {
-            "configuration": "pretrained student (no FL)",
-            "top1": pre["top1"],
-            "top3": pre["top3"],
-            "upload kB/device": 0.0,
-            "rounds": 0,
-        }
-    ]
-    dense = 4 * evaluator.bundle.manifest.train.layout.size
-    for r in runs:
-        s = r.summary()
-        up = s["upload_bytes_per_device"] or float("nan")
-        rows.append(
-            {
-                "configuration": r.config.name,
-                "top1": s["top1_final"],
-                "top3": s["top3_final"],
-                "upload kB/device": up / 1e3,
-                "upload vs dense fp32": dense / up if np.isfinite(up) and up else float("nan"),
-                "rounds": s["rounds_committed"],
-                "round s (median)": s["round_seconds_median"],
-                "int8 top1": s["final_int8_top1"],
-            }
-        )
-    rows.append(
-        {
-            "configuration": "central (union of device data)",
-            "top1": central["top1"],
-            "top3": central["top3"],
-            "upload kB/device": float("nan"),
-            "rounds": 0,
-        }
+    evaluator = VersionEvaluator(bundle_dir, sample.texts, eval_workers)
+    evals: dict[str, dict[str, Any]] = {PRETRAINED: evaluator.eager(evaluator.bundle.initial_weights())}
+    for name, run in zip((FL_FLOAT32, FL_SECURE), runs, strict=True):
+        if run.final_weights is None:
+            raise RuntimeError(f"run {run.config.name} returned no final weights")
+        evals[name] = evaluator.eager(run.final_weights)
+    secure = runs[1]
+    specs = make_specs(fleet_users(), base.devices, base.seed)
+    fleet = fleet_training_texts(specs)
+    budget = secure.tokens_trained() if central_tokens is None else central_tokens
+    say({"event": "central", "steps": f"{budget:,} tokens"})
+    ft = central_finetune(bundle_dir, fleet, budget, seed=base.seed)
+    evals[CENTRAL_FINETUNE] = evaluator.eager(ft.weights)
+    say({"event": "baseline", "name": CENTRAL_SCRATCH})
+    public_train, public_val = public_texts()
+    public = public_train + public_val
+    sc = central_scratch(
+        bundle_dir,
+        public_train + fleet,
+        work or out_dir.parent / "central-cache",
+        tokens=scratch_tokens,
+        val_texts=public_val,
+        seed=base.seed,
     )
-    for name, t in trigrams.items():
-        rows.append(
-            {
-                "configuration": name,
-                "top1": t["top1"],
-                "top3": t["top3"],
-                "upload kB/device": float("nan"),
-                "rounds": 0,
-            }
-        )
-    keys = sorted({k for r in rows for k in r}, key=lambda k: list(rows[1]).index(k) if k in rows[1] else 99)
-    rows = [{k: r.get(k, "") for k in keys} for r in rows]
-    baselines = {
-        "pretrained": pre["top1"],
-        "central": central["top1"],
-        **{k: v["top1"] for k, v in trigrams.items()},
+    evals[CENTRAL_SCRATCH] = evaluator.eager(sc.weights)
+    say({"event": "baseline", "name": "trigrams"})
+    evals[TRIGRAM_PUBLIC] = trigram_scores(fit_trigram(public), sample.texts)
+    evals[TRIGRAM_FLEET] = trigram_scores(fit_trigram(public + fleet), sample.texts)
+
+    dense = 4 * evaluator.bundle.manifest.train.layout.size
+    central_cols = {
+        CENTRAL_FINETUNE: {"tokens trained": ft.tokens, "wall time": duration(ft.seconds)},
+        CENTRAL_SCRATCH: {"tokens trained": sc.tokens, "wall time": duration(sc.seconds)},
     }
-    return runs, rows, baselines
+    rows = [
+        TableRow(PRETRAINED, evals[PRETRAINED]["per_message"], "reference"),
+        TableRow(FL_FLOAT32, evals[FL_FLOAT32]["per_message"], "federated", _fl_columns(runs[0], dense)),
+        TableRow(
+            FL_SECURE,
+            evals[FL_SECURE]["per_message"],
+            "federated",
+            _fl_columns(runs[1], dense),
+            relative_to=FL_FLOAT32,
+        ),
+        TableRow(
+            CENTRAL_FINETUNE,
+            evals[CENTRAL_FINETUNE]["per_message"],
+            "central",
+            central_cols[CENTRAL_FINETUNE],
+        ),
+        TableRow(
+            CENTRAL_SCRATCH, evals[CENTRAL_SCRATCH]["per_message"], "central", central_cols[CENTRAL_SCRATCH]
+        ),
+        TableRow(TRIGRAM_PUBLIC, evals[TRIGRAM_PUBLIC]["per_message"]),
+        TableRow(TRIGRAM_FLEET, evals[TRIGRAM_FLEET]["per_message"]),
+    ]
+    table = quality_table(
+        rows,
+        reference=PRETRAINED,
+        central=CENTRAL_FINETUNE,
+        ngram=TRIGRAM_FLEET,
+        resamples=resamples,
+        seed=base.seed,
+    )
+    _write_comparison(
+        out_dir,
+        table,
+        evals,
+        sample_info={
+            "messages": len(sample.texts),
+            "words": int(evals[PRETRAINED]["per_message"].words.sum()),
+            "participants": sample.participants,
+            "fingerprint": sample.fingerprint,
+            "curve_messages": len(curve_texts),
+            "fleet_training_messages": len(fleet),
+            "central_finetune": {
+                "tokens": ft.tokens,
+                "steps": ft.steps,
+                "messages": ft.messages,
+                "val_loss": ft.val_loss,
+            },
+            "central_scratch": {
+                "tokens": sc.tokens,
+                "steps": sc.steps,
+                "messages": sc.messages,
+                "val_loss": sc.val_loss,
+            },
+        },
+    )
+    baselines = {
+        name: _top1(_subset(evals[name]["per_message"], curve_idx))
+        for name in (PRETRAINED, CENTRAL_FINETUNE, CENTRAL_SCRATCH, TRIGRAM_PUBLIC, TRIGRAM_FLEET)
+    }
+    return runs, table, baselines
+
+
+def _write_comparison(
+    out_dir: Path, table: list[dict[str, Any]], evals: dict[str, dict[str, Any]], sample_info: dict[str, Any]
+) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    s = sample_info
+    (out_dir / "comparison.md").write_text(
+        f"Heldout sample: {s['messages']:,} messages ({s['words']:,} next-word targets) of "
+        f"{s['participants']} heldout participants, sample {s['fingerprint']}; curves over rounds on "
+        f"a nested subsample of {s['curve_messages']:,} messages. 95% intervals: paired bootstrap "
+        "over heldout messages.\n\n" + markdown(table) + "\n"
+    )
+    (out_dir / "comparison.json").write_text(
+        json.dumps(
+            {
+                "sample": sample_info,
+                "table": table,
+                "evals": {n: {k: v for k, v in e.items() if k != "per_message"} for n, e in evals.items()},
+            },
+            indent=2,
+            default=str,
+        )
+    )
+    arrays: dict[str, Any] = {
+        f"{i}_{field}": a
+        for i, e in enumerate(evals.values())
+        for field, a in e["per_message"].as_arrays().items()
+    }
+    np.savez_compressed(out_dir / "comparison.npz", names=np.array(list(evals)), **arrays)
+
+
+def _vs_reference(run_eval: dict[str, Any], ref_eval: dict[str, Any], seed: int) -> str:
+    """Top-1 difference to the reference evaluation with its paired 95% interval ("" when the
+    evaluations carry no per-message counts of the same sample)."""
+    a, b = run_eval.get("per_message"), ref_eval.get("per_message")
+    if not (isinstance(a, MessageHits) and isinstance(b, MessageHits)) or run_eval.get(
+        "sample"
+    ) != ref_eval.get("sample"):
+        return ""
+    return ci_text(paired_bootstrap(a.top1, b.top1, a.words, seed=seed), sign=True)
 
 
 def privacy_sweep(
@@ -228,6 +349,7 @@ def privacy_sweep(
                 "top1": s["top1_final"],
                 "top3": s["top3_final"],
                 "vs pretrained": (s["top1_final"] or 0) - pre["top1"],
+                "vs pretrained [95% CI]": _vs_reference(r.evals[max(r.evals)], pre, base.seed),
                 "vs non-private": (s["top1_final"] or 0) - free.summary()["top1_final"] if free else "",
                 "rounds": s["rounds_committed"],
             }

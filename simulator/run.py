@@ -211,10 +211,19 @@ def run_simulation(
     last = max(versions) if versions else 0
     for v in pending + ([last] if last and last not in evals else []):
         evals[v] = evaluator.eager(observer.weights(v))
-    final = evaluator.program(observer.weights(last) if last else base_weights, out_dir)
+    final_weights = observer.weights(last) if last else base_weights
+    final = evaluator.program(final_weights, out_dir)
     attach_device_bytes(rounds, devices)
     result = SimResult(
-        cfg, rounds, dict(sorted(evals.items())), final, devices, time.time() - t_start, out_dir, privacy
+        cfg,
+        rounds,
+        dict(sorted(evals.items())),
+        final,
+        devices,
+        time.time() - t_start,
+        out_dir,
+        privacy,
+        final_weights=final_weights,
     )
     write_records(result)
     return result
