@@ -60,9 +60,10 @@ class TrainingSettings(_Model):
     optimizer: Literal["sgd", "adam"] = "sgd"
     lr: float = Field(default=0.05, gt=0, le=10)
     momentum: float = Field(default=0.0, ge=0, lt=1)
-    local_steps: int = Field(default=20, ge=1, le=10_000)
+    local_steps: int = Field(default=20, ge=1, le=10_000)  # cap on a round's local steps
     max_seconds: float = Field(default=120.0, gt=0)  # wall-clock budget of local training
-    max_examples: int = Field(default=2000, ge=1)  # most recent messages used for training
+    max_examples: int = Field(default=2000, ge=1)  # messages drawn at random per round
+    local_epochs: int | None = Field(default=None, ge=1)  # passes over them; None: until the cap
 
 
 class CodecSettings(codec.CodecSettings):

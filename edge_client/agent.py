@@ -3,10 +3,11 @@
 Loop: read the device state; if there are enough local messages, check in; obey
 ``retry_after`` (pace steering) or, on errors, back off exponentially with jitter. On a
 training assignment: fetch the bundle (cached by sha256) and the round's weights, run the
-secure-aggregation stages around local ExecuTorch training on the newest local messages
-(re-checking eligibility between steps), upload the encoded, masked update, answer the unmask
-stage. On an evaluation assignment: score the round's model on recent messages never trained
-on and report counts only. SIGTERM (``stop``) ends the loop at the next safe point.
+secure-aggregation stages around local ExecuTorch training on messages drawn at random from
+the local store (re-checking eligibility between steps), upload the encoded, masked update,
+answer the unmask stage. On an evaluation assignment: score the round's model on recent
+messages never trained on and report counts only. SIGTERM (``stop``) ends the loop at the next
+safe point.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from edge_client.batching import Batch, encode_messages, pack_batches
+from edge_client.batching import Batch, encode_messages, epoch_batches
 from edge_client.datastore import DataStore
 from edge_client.device_state import Conditions, StateProvider
 from edge_client.errors import Aborted
@@ -300,31 +301,44 @@ class Agent:
             t.close()
         self._trainers = {}
 
-    def _batches(self, bundle: Bundle, texts: list[str], seed: int) -> Iterator[Batch]:
+    def local_train(self, plan: RoundPlan, weights: FloatVec) -> LocalResult:
+        """Local ExecuTorch training on this device's messages (never sent anywhere).
+
+        The round draws ``max_examples`` messages uniformly at random from the store (the
+        newest ``eval_holdout``, kept for evaluation, excepted) and makes ``local_epochs``
+        passes over them, at most ``local_steps`` steps: a device with little data does little
+        work, one with much data stops at the cap. The update's example count is the number of
+        distinct messages its steps trained on (its weight is that, capped by the codec)."""
+        from edge_client.runtime import OptimizerConfig
         from edge_client.tokenizer import Tokenizer
 
-        spec = bundle.manifest.train
-        tok = Tokenizer(bundle.path(bundle.manifest.tokenizer))
-        seqs = encode_messages(tok, texts, spec.seq_len)
-        rng = np.random.default_rng(seed)
-        while seqs:
-            yield from pack_batches(seqs, spec.batch_size, spec.seq_len, rng)
-
-    def local_train(self, plan: RoundPlan, weights: FloatVec) -> LocalResult:
-        """Local ExecuTorch training on this device's newest messages (never sent anywhere)."""
-        from edge_client.runtime import OptimizerConfig
-
         assert plan.training is not None
+        t = plan.training
         bundle = self.bundle(plan)
         trainer = self.trainer(bundle)
-        msgs = self.store.training_texts(plan.training.max_examples, holdout=self.cfg.eval_holdout)
+        msgs = self.store.training_sample(t.max_examples, self.cfg.eval_holdout, self.rng)
         if not msgs:
             raise Aborted("no local messages to train on")
+        spec = bundle.manifest.train
+        tok = Tokenizer(bundle.path(bundle.manifest.tokenizer))
+        seqs: list[Any] = []
+        owners: list[int] = []  # the message each sequence (a window of it) comes from
+        for i, m in enumerate(msgs):
+            for seq in encode_messages(tok, [m.text], spec.seq_len):
+                seqs.append(seq)
+                owners.append(i)
+        held: list[list[int]] = []  # the sequences of each batch handed to the trainer
+
+        def batches() -> Iterator[Batch]:
+            rng = np.random.default_rng(self.rng.randrange(1 << 30))
+            for batch, idx in epoch_batches(seqs, spec.batch_size, spec.seq_len, rng, t.local_epochs):
+                held.append(idx)
+                yield batch
+
         # the global vector is read from its file, never resident as a whole
         trainer.set_weights(self.weights.file(plan.weights.sha256) or weights)
-        t = plan.training
         stats = trainer.train(
-            self._batches(bundle, [m.text for m in msgs], self.rng.randrange(1 << 30)),
+            batches(),
             OptimizerConfig(name=t.optimizer, lr=t.lr, momentum=t.momentum),
             max_steps=t.local_steps,
             max_seconds=t.max_seconds,
@@ -343,7 +357,9 @@ class Agent:
             if not self.cfg.keep_program:
                 self.release_trainer()
             return LocalResult(np.zeros_like(weights), 0, report.model_copy(update={"aborted": True}))
-        self.store.mark_trained(m.id for m in msgs)
+        # the trainer may have drawn one batch past its last step: only the stepped ones count
+        trained = sorted({owners[j] for idx in held[: stats.steps] for j in idx})
+        self.store.mark_trained(msgs[i].id for i in trained)
         delta = None
         if not self.cfg.keep_program and any(t is trainer for t in self._trainers.values()):
             # Encoding, masking and uploading do not need the program: free its memory before
@@ -364,7 +380,7 @@ class Agent:
                 self.release_trainer()
         delta -= weights  # in place: the delta is the only vector this round allocates
         release_pages(weights)
-        return LocalResult(delta, len(msgs), report)
+        return LocalResult(delta, len(trained), report)
 
     def bundle_weights(self, plan: RoundPlan) -> tuple[int, FloatVec]:
         """The weights the round's bundle ships with (configuration fetches the bundle first:

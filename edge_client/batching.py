@@ -16,7 +16,7 @@ import numpy.typing as npt
 
 from edge_client.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
 
-__all__ = ["IGNORE_INDEX", "Batch", "encode_messages", "pack_batches"]
+__all__ = ["IGNORE_INDEX", "Batch", "encode_messages", "epoch_batches", "pack_batches", "pack_indexed"]
 
 IGNORE_INDEX = -100  # target value that the loss skips
 _PAD_SEGMENT = 1 << 20  # segment id of padding (never equal to a real message's)
@@ -58,8 +58,21 @@ def pack_batches(
     drop_last: bool = False,
 ) -> Iterator[Batch]:
     """Pack sequences (each <= seq_len + 1 tokens) greedily into rows, in order or shuffled."""
+    for batch, _ in pack_indexed(sequences, batch_size, seq_len, rng, drop_last):
+        yield batch
+
+
+def pack_indexed(
+    sequences: Sequence[IntArray],
+    batch_size: int,
+    seq_len: int,
+    rng: np.random.Generator | None = None,
+    drop_last: bool = False,
+) -> Iterator[tuple[Batch, list[int]]]:
+    """:func:`pack_batches`, each batch with the indices (into ``sequences``) it holds."""
     order = rng.permutation(len(sequences)) if rng is not None else np.arange(len(sequences))
     rows: list[tuple[IntArray, IntArray, IntArray, IntArray]] = []
+    held: list[int] = []
     row = _empty_row(seq_len)
     fill = 0
     segment = 0
@@ -71,8 +84,8 @@ def pack_batches(
         if fill + n > seq_len:
             rows.append(row)
             if len(rows) == batch_size:
-                yield _stack(rows)
-                rows = []
+                yield _stack(rows), held
+                rows, held = [], []
             row, fill, segment = _empty_row(seq_len), 0, 0
         tokens, targets, positions, segments = row
         tokens[fill : fill + n] = seq[:-1]
@@ -81,12 +94,28 @@ def pack_batches(
         segments[fill : fill + n] = segment
         fill += n
         segment += 1
+        held.append(int(i))
     if fill:
         rows.append(row)
     if rows and not drop_last:
         while len(rows) < batch_size:
             rows.append(_empty_row(seq_len))
-        yield _stack(rows)
+        yield _stack(rows), held
+
+
+def epoch_batches(
+    sequences: Sequence[IntArray],
+    batch_size: int,
+    seq_len: int,
+    rng: np.random.Generator,
+    epochs: int | None = None,
+) -> Iterator[tuple[Batch, list[int]]]:
+    """``epochs`` passes over the sequences (None: passes until the consumer stops), each in a
+    fresh random order, every batch with the indices of the sequences it holds."""
+    done = 0
+    while sequences and (epochs is None or done < epochs):
+        yield from pack_indexed(sequences, batch_size, seq_len, rng)
+        done += 1
 
 
 def _empty_row(seq_len: int) -> tuple[IntArray, IntArray, IntArray, IntArray]:

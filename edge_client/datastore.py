@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -29,6 +30,7 @@ CREATE TABLE IF NOT EXISTS messages (
 );
 CREATE INDEX IF NOT EXISTS ix_messages_ts ON messages (ts);
 """
+_SQL_VARIABLES = 500  # ids per "IN (...)" query (SQLite allows 999 variables in older builds)
 
 
 class ImportError_(ValueError):  # noqa: N801 - "ImportError" is a builtin
@@ -120,15 +122,28 @@ class DataStore:
             "never_trained": int(total) - int(trained),
         }
 
-    def training_texts(self, limit: int, holdout: int = 0) -> list[StoredMessage]:
-        """The most recent ``limit`` messages, except the newest ``holdout`` (kept for evaluation)."""
+    def training_sample(self, limit: int, holdout: int, rng: random.Random) -> list[StoredMessage]:
+        """Up to ``limit`` messages drawn uniformly at random (without replacement) from all but
+        the newest ``holdout`` (kept for evaluation), oldest first: a round's local work follows
+        all of the device's data, not only its newest messages."""
         with self._db() as db:
             self._purge(db)
-            rows = db.execute(
-                "SELECT id, text, ts, trained FROM messages ORDER BY ts DESC, id DESC LIMIT ? OFFSET ?",
-                (limit, holdout),
-            ).fetchall()
-        return [StoredMessage(r[0], r[1], r[2], bool(r[3])) for r in reversed(rows)]
+            ids = [
+                int(r[0])
+                for r in db.execute(
+                    "SELECT id FROM messages ORDER BY ts DESC, id DESC LIMIT -1 OFFSET ?", (max(holdout, 0),)
+                )
+            ]
+            chosen = ids if len(ids) <= limit else rng.sample(ids, limit)
+            rows: list[tuple[int, str, float, int]] = []
+            for start in range(0, len(chosen), _SQL_VARIABLES):
+                part = chosen[start : start + _SQL_VARIABLES]
+                rows += db.execute(
+                    f"SELECT id, text, ts, trained FROM messages WHERE id IN ({','.join('?' * len(part))})",
+                    part,
+                ).fetchall()
+        rows.sort(key=lambda r: (r[2], r[0]))
+        return [StoredMessage(r[0], r[1], r[2], bool(r[3])) for r in rows]
 
     def mark_trained(self, ids: Iterable[int]) -> None:
         with self._db() as db:

@@ -23,7 +23,7 @@ from edge_client.batching import Batch, IntArray, encode_messages, pack_batches
 from edge_client.predictor import BeamSearch
 from edge_client.runtime import ProgramModel, set_threads
 from edge_client.tokenizer import Tokenizer
-from model_export.data import Corpus, load_corpus, normalize, split_corpus
+from model_export.data import Corpus, CorpusError, load_corpus, normalize, split_corpus
 from model_export.evaluate import (
     Counts,
     EvalResult,
@@ -296,7 +296,7 @@ def build(
     split = prepare_texts(load_corpus(corpus_source))
     lap("data")
     if not split.public_train:
-        raise ValueError("the corpus has no users in the public split; it is too small to build a model")
+        raise CorpusError("the corpus has no users in the public split; it is too small to build a model")
     data_fp = split.fingerprint()
     tok_path = work / f"tokenizer-{profile.vocab_size}-{data_fp}.model"
     if not tok_path.exists():

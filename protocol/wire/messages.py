@@ -377,8 +377,14 @@ class TrainingPlan(Message):
     lr: float = Field(gt=0)
     momentum: float = Field(ge=0, lt=1)
     local_steps: int = Field(ge=1)
+    """Cap on the round's optimizer steps (a device with much data stops there)."""
     max_seconds: float = Field(gt=0)
     max_examples: int = Field(ge=1)
+    """Messages the device draws for the round, uniformly from its store (its newest, kept
+    for evaluation, excepted)."""
+    local_epochs: int | None = Field(default=None, ge=1)
+    """Passes over the drawn messages (``local_steps`` still caps the steps); None: passes
+    until ``local_steps``."""
 
 
 class RoundPlan(Message):

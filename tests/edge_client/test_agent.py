@@ -5,6 +5,8 @@ coordinator: rounds complete, only encoded updates and scalars leave the device,
 from __future__ import annotations
 
 import json
+import random
+import sqlite3
 import ssl
 import sys
 import threading
@@ -412,3 +414,67 @@ def test_a_left_round_is_not_started_over(tmp_path: Path) -> None:
     assert agent.step() == (0.0, True)
     wait, took_part = agent.step()
     assert started == [7] and not took_part and wait >= 0.5 * cfg.left_round_wait
+
+
+def _training_plan(bundle: Any, **training: Any) -> Any:
+    from protocol.wire import ArtifactRef, RoundPlan, TrainingPlan
+
+    ref = ArtifactRef(url="/v1/x", sha256="0" * 64, size=1)
+    plan = {"optimizer": "sgd", "lr": 0.05, "momentum": 0.0, "max_seconds": 60.0, **training}
+    return RoundPlan(
+        round_id=1,
+        task="kb",
+        kind="train",
+        model_version=0,
+        bundle=ref,
+        weights=ref,
+        layout_hash=bundle.manifest.train.layout.hash(),
+        training=TrainingPlan(**plan),
+        stage_deadline=0.0,
+    )
+
+
+def test_local_work_follows_the_devices_data(tmp_path: Path, tiny_bundle_dir: Path) -> None:
+    """A round draws its messages at random from the whole store (the evaluation holdout
+    excepted), makes ``local_epochs`` passes over them within the ``local_steps`` cap, and its
+    example count is the distinct messages its steps trained on."""
+    from protocol.bundle import load_bundle
+
+    bundle = load_bundle(tiny_bundle_dir)
+    w0 = bundle.initial_weights()
+
+    def device(name: str, n: int, holdout: int) -> Agent:
+        store = DataStore(tmp_path / name / "m.db")
+        store.add((f"message number {i} of {name}", time.time() - 60 * (n - i)) for i in range(n))
+        cfg = AgentConfig(coordinator="https://coord", state_dir=tmp_path / name, eval_holdout=holdout)
+        agent = Agent(cfg, StaticProvider(READY), store=store, rng=random.Random(1))
+        agent.bundle = lambda plan: bundle  # type: ignore[method-assign]
+        return agent
+
+    def trained(agent: Agent) -> list[int]:
+        with sqlite3.connect(agent.store.path) as db:
+            return [int(t.split()[2]) for (t,) in db.execute("SELECT text FROM messages WHERE trained = 1")]
+
+    # a heavy device stops at the step cap, on messages from all over its history
+    heavy = device("heavy", 600, holdout=20)
+    res = heavy.local_train(_training_plan(bundle, local_steps=3, max_examples=200), w0.copy())
+    assert res.report.steps == 3 and not res.report.aborted
+    got = trained(heavy)
+    assert res.examples == len(got) > 0
+    assert max(got) < 580  # the newest 20 are kept for evaluation
+    assert min(got) < 290  # not only the newest: the store's older half is drawn too
+    # a light device makes its epochs and stops: one pass over its few messages is one step
+    light = device("light", 5, holdout=1)
+    res = light.local_train(
+        _training_plan(bundle, local_steps=50, max_examples=200, local_epochs=1), w0.copy()
+    )
+    assert (res.report.steps, res.examples) == (1, 4) and sorted(trained(light)) == [0, 1, 2, 3]
+    # epochs multiply a medium device's steps (below the cap)
+    steps = []
+    for epochs in (1, 2):
+        mid = device(f"mid{epochs}", 60, holdout=10)
+        plan = _training_plan(bundle, local_steps=50, max_examples=200, local_epochs=epochs)
+        res = mid.local_train(plan, w0.copy())
+        steps.append(res.report.steps)
+        assert res.examples == 50
+    assert steps[0] > 1 and steps[1] == 2 * steps[0] <= 50

@@ -47,3 +47,20 @@ def test_drop_last_yields_only_full_batches() -> None:
     batches = list(pack_batches(seqs, 2, SEQ, drop_last=True))
     assert len(batches) == 2
     assert all((b.targets != IGNORE_INDEX).all() for b in batches)
+
+
+def test_epochs_pass_over_every_message_once_each_with_the_indices_it_holds() -> None:
+    from edge_client.batching import epoch_batches
+
+    rng = np.random.default_rng(3)
+    seqs = [np.arange(4, 4 + int(n), dtype=np.int64) for n in rng.integers(2, SEQ + 2, size=23)]
+    got = list(epoch_batches(seqs, 2, SEQ, np.random.default_rng(0), epochs=2))
+    held = [i for _, idx in got for i in idx]
+    assert sorted(held) == sorted(list(range(23)) * 2)  # two passes, every message in each
+    for b, idx in got:  # a batch's indices name exactly the messages packed into it
+        assert b.n_targets == sum(len(seqs[i]) - 1 for i in idx)
+    one = [i for _, idx in epoch_batches(seqs, 2, SEQ, np.random.default_rng(0), epochs=1) for i in idx]
+    assert sorted(one) == list(range(23)) and one != list(range(23))  # shuffled
+    endless = epoch_batches(seqs, 2, SEQ, np.random.default_rng(0), epochs=None)
+    assert len([next(endless) for _ in range(50)]) == 50  # until the consumer stops
+    assert list(epoch_batches([], 2, SEQ, np.random.default_rng(0))) == []

@@ -112,3 +112,45 @@ def test_text_dir_import_and_bad_utf8(tmp_path: Path) -> None:
     (d / "carol.txt").write_bytes(b"ok\nbad \xff byte\n")
     with pytest.raises(CorpusError, match=r"carol\.txt:2: not valid UTF-8"):
         load_text_dir(d)
+
+
+def test_the_tiny_tokenizer_handles_every_script(tmp_path: Path) -> None:
+    """A multilingual chat corpus (six scripts and emoji, thousands of CJK characters) trains
+    the tiny profile's 512-piece tokenizer (SentencePiece refused it: "Vocabulary size is smaller
+    than required_chars. 512 vs 1345"); every message, rare characters included, encodes without
+    an unknown piece and decodes back (byte fallback)."""
+    from edge_client.tokenizer import UNK_ID, Tokenizer
+    from model_export.pipeline import prepare_texts
+    from model_export.profiles import get_profile
+    from model_export.tokenizer import char_budget, kept_characters, train_tokenizer
+    from tests.corpora import SCRIPTS, multilingual_corpus
+
+    split = prepare_texts(load_corpus(multilingual_corpus(tmp_path / "multi.jsonl")))
+    vocab = get_profile("tiny").vocab_size
+    assert len({c for t in split.public_train for c in t}) > vocab  # more characters than pieces
+    kept = kept_characters(split.public_train, vocab)
+    assert kept is not None and len(kept) == char_budget(vocab) - 1
+    tok = Tokenizer(train_tokenizer(split.public_train, vocab))
+    assert tok.vocab_size == vocab
+    everyone = [m.text for msgs in split.heldout.values() for m in msgs] + split.public_train[:300]
+    scripts = {next(s for s, (lo, hi) in SCRIPTS.items() if lo <= ord(t[0]) <= hi) for t in everyone}
+    assert scripts == set(SCRIPTS)
+    for text in everyone:
+        ids = tok.encode(text)
+        assert UNK_ID not in ids and tok.decode(ids) == text
+
+
+def test_a_corpus_with_few_characters_trains_its_tokenizer_unchanged() -> None:
+    from model_export.tokenizer import kept_characters
+
+    texts = ["how are you", "see you tomorrow 😊", "ça va très bien"]
+    assert kept_characters(texts, 512) is None  # every character fits: learned from as it is
+
+
+def test_a_tokenizer_that_cannot_be_trained_is_a_corpus_error() -> None:
+    from model_export.tokenizer import train_tokenizer
+
+    with pytest.raises(CorpusError, match="no public-split text"):
+        train_tokenizer(["", " "], 512)
+    with pytest.raises(CorpusError, match="no room"):
+        train_tokenizer(["hello"], 260)

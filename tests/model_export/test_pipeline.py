@@ -97,3 +97,21 @@ def test_build_from_a_generic_corpus(tmp_path: Path) -> None:
     assert trigram.top1 > 0.5  # five fixed phrases: the trigram nearly always knows the next word
     assert all(0 <= r.top1 <= r.top3 <= 1 for r in res.table)
     assert json.loads((tmp_path / "bundle" / "eval.json").read_text())[0]["name"] == "student"
+
+
+@pytest.mark.parametrize(
+    ("lines", "needle"),
+    [
+        ([], "no messages found"),  # an empty file
+        (['{"user": "solo", "text": "hello there", "timestamp": 1}'], "no users in the public split"),
+    ],
+)
+def test_a_corpus_the_build_cannot_handle_is_one_line_and_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], lines: list[str], needle: str
+) -> None:
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(line + "\n" for line in lines))
+    argv = ["export", "build", "--profile", "tiny", "--out", str(tmp_path / "b"), "--corpus", str(corpus)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0] and err[0].startswith("fedkeys: error:"), err

@@ -203,6 +203,7 @@ def plan_for(session: Session, ctx: RoundContext, rnd: Round) -> RoundPlan:
         local_steps=t.local_steps,
         max_seconds=t.max_seconds,
         max_examples=t.max_examples,
+        local_epochs=t.local_epochs,
     )
     return RoundPlan(
         round_id=rnd.id,
