@@ -1,20 +1,28 @@
-"""Simulation overhead (issue 6): the fleet, coordinator and protocol with training replaced by
-a no-op (each device uploads a zero delta of the demo model's size, encoded, masked and
-bit-packed like a real one).
+"""Simulation overhead (issues 6 and 19): the fleet, coordinator and protocol with training
+replaced by a no-op (each device uploads a zero delta of the demo model's size, encoded, masked
+and bit-packed like a real one).
 
     .venv/bin/python bench/sim_overhead.py [--devices 1000] [--per-round 100] [--rounds 6]
+        [--db postgres|sqlite] [--py-spy SECONDS] [--out FILE.md]
 
-Goal: 1,000 devices, 100 per round, demo model size, compression and secure aggregation on,
-over TLS: a round in under 10 s on this 2-core machine. Prints per-round wall time and stage
-durations and records the table in bench/RESULTS.md.
+Goals: 1,000 devices, 100 per round, demo model size, compression and secure aggregation on,
+over TLS: a round in under 10 s on this 2-core machine (issue 6); at most 50 ms of coordinator
+CPU per selected device-round (issue 19). Prints, per round: wall time and stage durations, CPU
+seconds per process group and the coordinator's per selected device, and the coordinator's
+requests and CPU per route (``FEDKEYS_ROUTE_CPU_LOG_SECONDS``, coordinator.profiling); with
+``--py-spy`` the coordinator workers' hottest functions over that many seconds of the run.
+Writes the tables to ``--out`` (markdown); bench/RESULTS.md sections are written by hand.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -27,7 +35,6 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.model_bench import _record  # noqa: E402
 from tests.servers import fresh_pg_database  # noqa: E402
 
 STAGES = ("selecting", "advertise_keys", "share_keys", "masked_input", "unmask", "aggregating")
@@ -149,6 +156,146 @@ def latency_lines(rounds: list[dict[str, Any]], devices: list[dict[str, Any]]) -
     return lines
 
 
+ROUTE_CPU_EVERY = 1.0  # seconds between the coordinator workers' CPU-per-route log lines
+
+
+def route_cpu_samples(log: Path) -> dict[int, list[tuple[float, float, dict[str, list[float]]]]]:
+    """pid -> [(time, process CPU s, {route: [requests, CPU s]})] from the coordinator's log
+    (cumulative per worker, see coordinator.profiling)."""
+    out: dict[int, list[tuple[float, float, dict[str, list[float]]]]] = {}
+    for line in log.read_text(errors="replace").splitlines():
+        if '"route cpu"' not in line:
+            continue
+        try:
+            rec = json.loads(line)
+            body = json.loads(rec["msg"])
+        except (ValueError, KeyError):
+            continue
+        out.setdefault(body["pid"], []).append((rec["ts"], body["process_cpu"], body["routes"]))
+    return out
+
+
+def route_cpu_between(
+    samples: dict[int, list[tuple[float, float, dict[str, list[float]]]]], t0: float, t1: float
+) -> tuple[float, dict[str, tuple[float, float]]]:
+    """Coordinator process CPU and {route: (requests, CPU s)} between two times, summed over
+    the workers (nearest samples, ROUTE_CPU_EVERY apart)."""
+    total = 0.0
+    routes: dict[str, list[float]] = {}
+    for series in samples.values():
+        a = min(series, key=lambda s: abs(s[0] - t0))
+        b = min(series, key=lambda s: abs(s[0] - t1))
+        total += b[1] - a[1]
+        for route, (n, cpu) in b[2].items():
+            n0, c0 = a[2].get(route, (0, 0.0))
+            row = routes.setdefault(route, [0.0, 0.0])
+            row[0] += n - n0
+            row[1] += cpu - c0
+    return total, {k: (v[0], v[1]) for k, v in routes.items()}
+
+
+def route_lines(
+    per_round: list[tuple[float, dict[str, tuple[float, float]]]], selected: list[int]
+) -> list[str]:
+    """Per route: requests and CPU per round (median, min-max over the rounds), ms per request
+    and per selected device-round; the process CPU no request accounts for last."""
+    names = sorted(
+        {k for _, r in per_round for k in r}, key=lambda k: -sum(r.get(k, (0, 0))[1] for _, r in per_round)
+    )
+    lines = [
+        "| route | requests / round (median, min-max) | CPU s / round (median, min-max) | ms / request | ms / selected device |",
+        "|---|---|---|---|---|",
+    ]
+
+    def cell(v: list[float], fmt: str) -> str:
+        return f"{statistics.median(v):{fmt}} ({min(v):{fmt}}-{max(v):{fmt}})"
+
+    for k in names:
+        n = [r.get(k, (0.0, 0.0))[0] for _, r in per_round]
+        c = [r.get(k, (0.0, 0.0))[1] for _, r in per_round]
+        if max(c) < 0.005 * max(1.0, statistics.median([t for t, _ in per_round])):
+            continue
+        per_req = 1000 * sum(c) / max(sum(n), 1)
+        per_dev = 1000 * sum(c) / max(sum(selected), 1)
+        lines.append(f"| `{k}` | {cell(n, '.0f')} | {cell(c, '.2f')} | {per_req:.1f} | {per_dev:.1f} |")
+    rest = [t - sum(c for _, c in r.values()) for t, r in per_round]
+    lines.append(
+        f"| (not in any request: TLS and HTTP parsing, GC) | | {cell(rest, '.2f')} | | "
+        f"{1000 * sum(rest) / max(sum(selected), 1):.1f} |"
+    )
+    return lines
+
+
+def py_spy(pids: list[int], seconds: float, out: Path) -> list[subprocess.Popen[bytes]]:
+    """Start py-spy on each coordinator worker (raw collapsed stacks, thread ids, no idle)."""
+    exe = Path(sys.executable).with_name("py-spy")
+    return [
+        subprocess.Popen(
+            [
+                str(exe),
+                "record",
+                "--pid",
+                str(pid),
+                "--duration",
+                str(int(seconds)),
+                "--rate",
+                "50",
+                "--format",
+                "raw",
+                "--output",
+                str(out / f"py-spy-{pid}.txt"),
+                "--nonblocking",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for pid in pids
+    ]
+
+
+def py_spy_lines(files: list[Path], top: int = 30) -> list[str]:
+    """The hottest functions in the py-spy samples: self time (the sampled frame) and
+    inclusive time (anywhere on the stack), in % of all samples."""
+    own: dict[str, int] = {}
+    incl: dict[str, int] = {}
+    total = 0
+    for f in files:
+        if not f.exists():
+            continue
+        for line in f.read_text(errors="replace").splitlines():
+            stack, _, count = line.rpartition(" ")
+            if not count.isdigit():
+                continue
+            n = int(count)
+            frames = [fr.strip() for fr in stack.split(";") if fr.strip()]
+            if not frames:
+                continue
+            total += n
+            key = frames[-1]
+            own[key] = own.get(key, 0) + n
+            for fr in set(frames):
+                incl[fr] = incl.get(fr, 0) + n
+    lines = [f"py-spy: {total} samples of the coordinator workers (50 Hz, idle threads left out)", ""]
+    lines += ["| self % | function |", "|---|---|"]
+    lines += [
+        f"| {100 * n / max(total, 1):.1f} | `{k}` |"
+        for k, n in sorted(own.items(), key=lambda x: -x[1])[:top]
+    ]
+    lines += ["", "| inclusive % | function |", "|---|---|"]
+    lines += [
+        f"| {100 * n / max(total, 1):.1f} | `{k}` |"
+        for k, n in sorted(incl.items(), key=lambda x: -x[1])[: 2 * top]
+    ]
+    return lines
+
+
+def coordinator_workers(proc_pid: int) -> list[int]:
+    """The uvicorn worker processes under the coordinator's process (or itself alone)."""
+    table = _proc_table()
+    kids = [pid for pid, (ppid, cmd, _) in table.items() if ppid == proc_pid and "multiprocessing" in cmd]
+    return kids or [proc_pid]
+
+
 def main() -> None:
     from simulator.config import SimConfig
     from simulator.run import default_workers, local_coordinator, run_simulation
@@ -160,6 +307,10 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--coordinator-workers", type=int, default=2)
     ap.add_argument("--workers", type=int, default=0, help="device worker processes (0: the default)")
+    ap.add_argument("--db", choices=("postgres", "sqlite"), default="postgres")
+    ap.add_argument("--py-spy", type=float, default=0.0, help="seconds of py-spy on the coordinator workers")
+    ap.add_argument("--py-spy-after", type=float, default=60.0, help="start py-spy this many seconds in")
+    ap.add_argument("--out", type=Path, default=None, help="also write the tables to this markdown file")
     args = ap.parse_args()
     if not (args.bundle / "manifest.json").exists():
         print(f"no bundle at {args.bundle}: run `make demo` first", file=sys.stderr)
@@ -180,43 +331,66 @@ def main() -> None:
         workers=args.workers,
     )
     tmp = Path(tempfile.mkdtemp(prefix="fedkeys-overhead-"))
-    # PostgreSQL, as a deployment of this size would run: SQLite serialises every transaction
-    # and 1,000 devices polling during selection saturate its single writer.
-    with (
-        fresh_pg_database() as db_url,
-        local_coordinator(tmp / "coord", workers=args.coordinator_workers, db_url=db_url) as coord,
-        CpuSampler() as cpu,
-    ):
+    os.environ["FEDKEYS_ROUTE_CPU_LOG_SECONDS"] = str(ROUTE_CPU_EVERY)  # the coordinator inherits it
+    spies: list[subprocess.Popen[bytes]] = []
+    with contextlib.ExitStack() as stack:
+        # PostgreSQL, as a deployment of this size would run; SQLite serialises every write
+        # transaction (one writer for the whole fleet)
+        db_url = stack.enter_context(fresh_pg_database()) if args.db == "postgres" else None
+        coord = stack.enter_context(
+            local_coordinator(tmp / "coord", workers=args.coordinator_workers, db_url=db_url)
+        )
+        cpu = stack.enter_context(CpuSampler())
+        if args.py_spy > 0:
+            assert coord.proc is not None
+
+            def spy() -> None:
+                time.sleep(args.py_spy_after)
+                spies.extend(py_spy(coordinator_workers(coord.proc.pid), args.py_spy, tmp))  # type: ignore[union-attr]
+
+            threading.Thread(target=spy, daemon=True).start()
         res = run_simulation(cfg, args.bundle, tmp / "out", coord)
+        for p in spies:
+            p.wait()
+        assert coord.log is not None
+        samples = route_cpu_samples(coord.log)
     train = [r for r in res.rounds if r["kind"] == "train"]
     committed = [r for r in train if r["outcome"] == "committed"]
     lines = [
-        "## Simulation overhead (issue 6)",
-        "",
         f"{date.today()}, {platform.machine()}, {os.cpu_count()} cores. `bench/sim_overhead.py "
-        f"--devices {args.devices} --per-round {args.per_round} --rounds {args.rounds}`: no-op training, "
+        f"--devices {args.devices} --per-round {args.per_round} --rounds {args.rounds} --db {args.db}`: no-op training, "
         f"demo model size ({res.summary()['upload_bytes_per_device'] or 0:.0f} B uploaded per device), "
         "compression (rotation, 1/16 of the coordinates, 5 bits) and secure aggregation on, TLS, "
-        f"PostgreSQL, {args.coordinator_workers} coordinator worker(s); the devices run as threads in "
-        f"{args.workers or default_workers(args.devices)} processes on the same cores. Wall = round created -> committed "
-        "(selection included).",
+        f"{'PostgreSQL' if args.db == 'postgres' else 'SQLite'}, {args.coordinator_workers} coordinator worker(s); "
+        f"the devices run as threads in {args.workers or default_workers(args.devices)} processes on the same cores. "
+        "Wall = round created -> committed (selection included); coord ms/dev = coordinator CPU per selected device.",
         "",
         "| round | outcome | selected | reported | wall s | "
         + " | ".join(STAGES)
         + " | CPU s: "
         + " / ".join(GROUPS)
-        + " |",
-        "|---|---|---|---|---|" + "---|" * (len(STAGES) + 1),
+        + " | coord ms/dev |",
+        "|---|---|---|---|---|" + "---|" * (len(STAGES) + 2),
     ]
+    per_round: list[tuple[float, dict[str, tuple[float, float]]]] = []
+    selected: list[int] = []
+    per_dev: list[float] = []
     for r in train:
         st = r.get("stage_seconds") or {}
-        used = cpu.between(r["created_ts"], r["created_ts"] + r["wall_seconds"])
+        t0, t1 = r["created_ts"], r["created_ts"] + r["wall_seconds"]
+        used = cpu.between(t0, t1)
+        ms = 1000 * used["coordinator"] / max(r["selected"], 1)
+        if r["outcome"] == "committed":
+            per_dev.append(ms)
+            if samples:
+                per_round.append(route_cpu_between(samples, t0, t1))
+                selected.append(r["selected"])
         lines.append(
             f"| {r['round']} | {r['outcome']} | {r['selected']} | {r['reported']} | {r['wall_seconds']:.1f} | "
             + " | ".join(f"{st[s]:.1f}" if isinstance(st.get(s), int | float) else "" for s in STAGES)
             + " | "
             + " / ".join(f"{used[g]:.1f}" for g in GROUPS)
-            + " |"
+            + f" | {ms:.0f} |"
         )
     lines += [
         "",
@@ -226,14 +400,27 @@ def main() -> None:
     ]
     walls = [r["wall_seconds"] for r in committed]
     verdict = (
-        f"median {statistics.median(walls):.1f} s per committed round ({len(committed)} of {len(train)}); goal < 10 s"
+        f"median {statistics.median(walls):.1f} s per committed round ({len(committed)} of {len(train)})"
+        f"; coordinator CPU per selected device-round {statistics.median(per_dev):.0f} ms median "
+        f"({min(per_dev):.0f}-{max(per_dev):.0f}; goal <= 50 ms)"
         if walls
         else "no round committed"
     )
     lines += ["", verdict + f"; whole run {res.seconds / 60:.1f} min."]
+    if per_round:
+        lines += [
+            "",
+            "Coordinator requests and CPU per route, committed rounds:",
+            "",
+            *route_lines(per_round, selected),
+        ]
+    if spies:
+        lines += ["", *py_spy_lines(sorted(tmp.glob("py-spy-*.txt")))]
     body = "\n".join(lines)
     print(body)
-    _record("Simulation overhead (issue 6)", body)
+    print(f"(run files in {tmp})", file=sys.stderr)
+    if args.out is not None:
+        args.out.write_text(body + "\n")
 
 
 if __name__ == "__main__":

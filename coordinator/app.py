@@ -40,6 +40,7 @@ from coordinator.db.migrate import upgrade
 from coordinator.db.models import Round, Task
 from coordinator.db.session import AsyncStatement, make_engine, make_sessionmaker, make_soft_engine
 from coordinator.observability import Metrics, configure_logging
+from coordinator.profiling import CURRENT, RouteCpu, install_thread_meter, metered
 from coordinator.schemas import TaskConfig
 from coordinator.services.aggregate import aggregate, pending_aggregations, publish_pending
 from coordinator.services.devices import AuthError, RateLimited, checkin_statement
@@ -167,34 +168,56 @@ def tick(app: FastAPI) -> None:
 
 
 def _loop(app: FastAPI, name: str, every: float, fn: Any, stop: threading.Event) -> None:
+    cpu: RouteCpu | None = app.state.route_cpu
     while not stop.wait(every):
+        started = time.thread_time()
         try:
             fn(app)
         except OperationalError as e:  # another worker holds the lock: try again next time
             log.info("%s: database busy (%s)", name, e.__class__.__name__)
         except Exception:
             log.exception("%s failed", name)
+        finally:
+            if cpu is not None:
+                cpu.add(f"({name})", time.thread_time() - started)
+
+
+def _log_route_cpu(app: FastAPI) -> None:
+    """Log this worker's CPU time per route (coordinator.profiling)."""
+    log.info(app.state.route_cpu.report(), extra={"event": "route cpu"})
 
 
 class _Timing:
     """Request latency per route (a plain ASGI middleware: Starlette's BaseHTTPMiddleware
     costs a task and a memory stream per request, about a third of a check-in)."""
 
-    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+    def __init__(self, app: ASGIApp, metrics: Metrics, cpu: RouteCpu | None = None) -> None:
         self.app = app
         self.metrics = metrics
+        self.cpu = cpu  # CPU time per route too (coordinator.profiling), when it is on
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
+        acc: list[float] | None = None
         try:
-            await self.app(scope, receive, send)
+            if self.cpu is None:
+                await self.app(scope, receive, send)
+            else:
+                acc = []
+                token = CURRENT.set(acc)
+                try:
+                    await metered(self.app(scope, receive, send), acc)
+                finally:
+                    CURRENT.reset(token)
         finally:
             route = scope.get("route")
             path = getattr(route, "path", "unmatched")
             self.metrics.request_seconds.labels(path).observe(time.perf_counter() - started)
+            if self.cpu is not None and acc is not None:
+                self.cpu.add(f"{scope.get('method', '')} {path}", sum(acc))
 
 
 class PrivacyGauges:
@@ -244,6 +267,9 @@ def create_app(settings: Settings | None = None, *, background: bool = True) -> 
         engine, pool_size=settings.checkin_threads, lock_timeout=settings.db_lock_timeout_seconds
     )
     metrics = Metrics()
+    route_cpu = RouteCpu() if settings.route_cpu_log_seconds > 0 else None
+    if route_cpu is not None:
+        install_thread_meter()
     store = ArtifactStore(settings.data_dir)
     ctx = RoundContext(settings=settings, store=store, metrics=metrics)
     stop = threading.Event()
@@ -253,6 +279,14 @@ def create_app(settings: Settings | None = None, *, background: bool = True) -> 
         app.state.checkin_limiter = anyio.CapacityLimiter(settings.checkin_threads)
         anyio.to_thread.current_default_thread_limiter().total_tokens = settings.request_threads
         threads = []
+        if route_cpu is not None:
+            threads.append(
+                threading.Thread(
+                    target=_loop,
+                    args=(app, "route cpu", settings.route_cpu_log_seconds, _log_route_cpu, stop),
+                    daemon=True,
+                )
+            )
         if background:
             threads.append(
                 threading.Thread(
@@ -311,6 +345,7 @@ def create_app(settings: Settings | None = None, *, background: bool = True) -> 
         else None
     )
     app.state.ctx = ctx
+    app.state.route_cpu = route_cpu
     _install_errors(app)
     app.include_router(devices.router)
     app.include_router(artifacts.router)
@@ -352,5 +387,5 @@ def create_app(settings: Settings | None = None, *, background: bool = True) -> 
         },
     )
     app.add_middleware(BodyGuard, rules=rules)
-    app.add_middleware(_Timing, metrics=metrics)  # outermost: times refused requests too
+    app.add_middleware(_Timing, metrics=metrics, cpu=route_cpu)  # outermost: times refused requests too
     return app

@@ -84,6 +84,9 @@ class Settings(BaseSettings):
     # publishing new predict.pte for committed versions (needs the export extra)
     publish_predict: bool = True
     log_json: bool = True
+    # > 0: each worker meters the CPU time of every request by route (coordinator.profiling)
+    # and logs its cumulative table every this many seconds; 0: off (no metering at all)
+    route_cpu_log_seconds: float = Field(default=0.0, ge=0, le=3600)
 
 
 @lru_cache
