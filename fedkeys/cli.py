@@ -34,6 +34,18 @@ def _add_export(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     b.add_argument("--work", type=Path, default=None, help="cache of trained models (default: OUT/../work)")
     b.add_argument("--corpus", default=None, help="chitchat (default), a .jsonl file or a folder of texts")
     b.add_argument("--no-eval", action="store_true", help="skip the evaluation on heldout users")
+    b.add_argument(
+        "--student",
+        type=Path,
+        default=None,
+        help="export a shipped student (e.g. models/demo) instead of training one (model_export.shipped)",
+    )
+    b.add_argument(
+        "--save-student",
+        type=Path,
+        default=None,
+        help="ship the trained student and tokenizer to this folder",
+    )
     e = s.add_parser("evaluate", help="evaluate a bundle's predict.pte on heldout users")
     e.add_argument("--bundle", type=Path, required=True)
     e.add_argument("--corpus", default=None)
@@ -74,9 +86,26 @@ def _export_build(args: argparse.Namespace) -> None:
         raise UsageError(str(e)) from None
     work = args.work or args.out.parent / "work"
     with rich_progress() as progress:
-        result = build(profile, args.out, work, args.corpus, progress, evaluate=not args.no_eval)
+        result = build(
+            profile,
+            args.out,
+            work,
+            args.corpus,
+            progress,
+            evaluate=not args.no_eval,
+            student_from=args.student,
+            save_student_to=args.save_student,
+            command=_build_command(args),
+        )
     _print_eval(result.table)
     console.print(f"bundle: {result.bundle.root} (built in {result.seconds:.0f} s)")
+
+
+def _build_command(args: argparse.Namespace) -> str:
+    """The build as a command line (a shipped student's provenance records it)."""
+    parts = ["fedkeys export build", f"--profile {args.profile}", f"--out {args.out}"]
+    parts += [f"--{k} {v}" for k, v in (("work", args.work), ("corpus", args.corpus)) if v is not None]
+    return " ".join(parts + (["--no-eval"] if args.no_eval else []) + [f"--save-student {args.save_student}"])
 
 
 def _print_eval(rows: Sequence[EvalResult]) -> None:

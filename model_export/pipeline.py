@@ -37,6 +37,7 @@ from model_export.export import build_bundle, export_predict_program
 from model_export.model import ModelConfig, TransformerLM
 from model_export.ngram import TrigramLM
 from model_export.profiles import Profile
+from model_export.shipped import load_student, save_student
 from model_export.tokenizer import train_tokenizer
 from model_export.train import TrainConfig, train_lm
 from protocol.bundle import Bundle, BundleError, load_bundle
@@ -115,6 +116,14 @@ def _cached_model(path: Path, fingerprint: str) -> TransformerLM | None:
     return lm.eval()
 
 
+def train_fingerprint(model_cfg: ModelConfig, train_cfg: TrainConfig, data_fp: str, distilled: bool) -> str:
+    """What a trained model depends on: its shapes, its training settings and data, and whether
+    it was distilled from a teacher (the work directory's cache key)."""
+    return hashlib.sha256(
+        json.dumps([asdict(model_cfg), asdict(train_cfg), data_fp, distilled], sort_keys=True).encode()
+    ).hexdigest()[:16]
+
+
 def train_model(
     name: str,
     work: Path,
@@ -127,11 +136,7 @@ def train_model(
     teacher: TransformerLM | None = None,
 ) -> TransformerLM:
     """Train (or load from the work directory) one model; resumable through its checkpoint."""
-    fp = hashlib.sha256(
-        json.dumps(
-            [asdict(model_cfg), asdict(train_cfg), data_fp, teacher is not None], sort_keys=True
-        ).encode()
-    ).hexdigest()[:16]
+    fp = train_fingerprint(model_cfg, train_cfg, data_fp, teacher is not None)
     path = work / f"{name}.pt"
     cached = _cached_model(path, fp)
     if cached is not None:
@@ -281,8 +286,17 @@ def build(
     corpus_source: str | Path | None = None,
     progress: Progress = no_progress,
     evaluate: bool = True,
+    *,
+    student_from: Path | None = None,
+    save_student_to: Path | None = None,
+    command: str = "fedkeys export build",
 ) -> BuildResult:
-    """Build the bundle of ``profile`` into ``out`` and evaluate it (cached in ``work``)."""
+    """Build the bundle of ``profile`` into ``out`` and evaluate it (cached in ``work``).
+
+    ``student_from``: a shipped student (``model_export.shipped``) instead of the tokenizer,
+    teacher and student stages (the evaluation then has no teacher row);
+    ``save_student_to``: ship the student this build trained there, with its provenance
+    (``command``: how the build was asked for, recorded in it)."""
     t0 = time.perf_counter()
     stages: dict[str, float] = {}
     clock = [t0]
@@ -298,19 +312,88 @@ def build(
     if not split.public_train:
         raise CorpusError("the corpus has no users in the public split; it is too small to build a model")
     data_fp = split.fingerprint()
+    if student_from is not None:
+        student, tokenizer_model, prov = load_student(
+            student_from, profile=profile.name, student_cfg=profile.student, data_fingerprint=data_fp
+        )
+        log.info("%s: shipped student of commit %s (%s)", student_from, prov.commit, prov.created)
+        teacher: TransformerLM | None = None
+        lap("shipped student")
+    else:
+        tokenizer_model, teacher, student = _train_student(profile, work, split, data_fp, progress, lap)
+    vocab_size = Tokenizer(tokenizer_model).vocab_size
+    if vocab_size != profile.vocab_size:
+        log.warning("tokenizer has %d pieces (profile asks for %d)", vocab_size, profile.vocab_size)
+    profile = _fit_vocabulary(profile, vocab_size)
+    if save_student_to is not None:
+        if teacher is None:
+            raise CorpusError("--save-student ships a student this build trains: not with --student")
+        meta = json.loads((work / f"{profile.name}-student.json").read_text())
+        save_student(
+            save_student_to,
+            student,
+            tokenizer_model,
+            profile=profile.name,
+            command=command,
+            data_fingerprint=data_fp,
+            train_fingerprint=meta["fingerprint"],
+            best_val_loss=meta.get("best_val_loss"),
+        )
+    report = progress("export programs", 1)
+    build_json = out.parent / f"{out.name}.build.json"
+    export_key = _export_key(student, tokenizer_model, profile)
+    if _exported(out, build_json, export_key):
+        log.info("%s: programs already exported from this student", out)
+    else:
+        build_bundle(out, student, tokenizer_model, profile.bundle, profile=profile.name)
+    report(1, 1, "done")
+    lap("export")
+    bundle = load_bundle(out)
+    table: list[EvalResult] = []
+    if evaluate:
+        table = evaluate_all(bundle, teacher, split, profile, progress, work)
+        metrics = {
+            f"{r.name}.{k}": float(v)
+            for r in table
+            for k, v in r.as_dict().items()
+            if isinstance(v, float | int) and math.isfinite(v)
+        }
+        (out / "eval.json").write_text(json.dumps([r.as_dict() for r in table], indent=2))
+        m = bundle.manifest.model_copy(update={"metrics": metrics})
+        (out / "manifest.json").write_text(m.model_dump_json(indent=2))
+        bundle = load_bundle(out)
+        lap("evaluate")
+    build_json.write_text(json.dumps({"profile": profile.name, "stages": stages, "export_key": export_key}))
+    return BuildResult(bundle, table, time.perf_counter() - t0, stages)
+
+
+def _fit_vocabulary(profile: Profile, vocab_size: int) -> Profile:
+    """A small corpus cannot fill the vocabulary (SentencePiece stops early, a soft limit):
+    the models take the tokenizer's size."""
+    if vocab_size == profile.vocab_size:
+        return profile
+    return replace(
+        profile,
+        teacher=replace(profile.teacher, vocab_size=vocab_size),
+        student=replace(profile.student, vocab_size=vocab_size),
+    )
+
+
+def _train_student(
+    profile: Profile,
+    work: Path,
+    split: SplitTexts,
+    data_fp: str,
+    progress: Progress,
+    lap: Callable[[str], None],
+) -> tuple[bytes, TransformerLM, TransformerLM]:
+    """The tokenizer, teacher and distilled student of ``profile`` (each cached in ``work``)."""
     tok_path = work / f"tokenizer-{profile.vocab_size}-{data_fp}.model"
     if not tok_path.exists():
         tok_path.write_bytes(train_tokenizer(split.public_train, profile.vocab_size))
     tokenizer_model = tok_path.read_bytes()
     tok = Tokenizer(tokenizer_model)
-    if tok.vocab_size != profile.vocab_size:
-        # A small corpus cannot fill the vocabulary: SentencePiece stops early (soft limit).
-        log.warning("tokenizer has %d pieces (profile asks for %d)", tok.vocab_size, profile.vocab_size)
-        profile = replace(
-            profile,
-            teacher=replace(profile.teacher, vocab_size=tok.vocab_size),
-            student=replace(profile.student, vocab_size=tok.vocab_size),
-        )
+    profile = _fit_vocabulary(profile, tok.vocab_size)
     lap("tokenizer")
     seq = profile.student.max_seq_len
     train_seqs = encode_messages(tok, split.public_train, seq)
@@ -344,54 +427,32 @@ def build(
         teacher=teacher,
     )
     lap("student")
-    report = progress("export programs", 1)
-    build_json = out.parent / f"{out.name}.build.json"
-    export_key = _export_key(student, tokenizer_model, profile)
-    if _exported(out, build_json, export_key):
-        log.info("%s: programs already exported from this student", out)
-    else:
-        build_bundle(out, student, tokenizer_model, profile.bundle, profile=profile.name)
-    report(1, 1, "done")
-    lap("export")
-    bundle = load_bundle(out)
-    table: list[EvalResult] = []
-    if evaluate:
-        table = evaluate_all(bundle, teacher, split, profile, progress, work)
-        metrics = {
-            f"{r.name}.{k}": float(v)
-            for r in table
-            for k, v in r.as_dict().items()
-            if isinstance(v, float | int) and math.isfinite(v)
-        }
-        (out / "eval.json").write_text(json.dumps([r.as_dict() for r in table], indent=2))
-        m = bundle.manifest.model_copy(update={"metrics": metrics})
-        (out / "manifest.json").write_text(m.model_dump_json(indent=2))
-        bundle = load_bundle(out)
-        lap("evaluate")
-    build_json.write_text(json.dumps({"profile": profile.name, "stages": stages, "export_key": export_key}))
-    return BuildResult(bundle, table, time.perf_counter() - t0, stages)
+    return tokenizer_model, teacher, student
 
 
 def evaluate_all(
     bundle: Bundle,
-    teacher: TransformerLM,
+    teacher: TransformerLM | None,
     split: SplitTexts,
     profile: Profile,
     progress: Progress,
     work: Path,
 ) -> list[EvalResult]:
-    """The student (its int8 ``predict.pte``), the teacher (an fp32 program: it never ships)
-    and the trigram trained on the same public data, on the same heldout messages."""
+    """The student (its int8 ``predict.pte``), the teacher (an fp32 program: it never ships;
+    no row for a shipped student, whose teacher is not at hand) and the trigram trained on the
+    same public data, on the same heldout messages."""
     texts, ksr = _eval_sets(split.heldout, profile)
     rows = [evaluate_bundle(bundle, split.heldout, profile, progress)]
-    beam = profile.bundle.beam_batch
-    teacher_pte = work / f"{profile.name}-teacher-{_state_hash(teacher)}.pte"
-    if not teacher_pte.exists():
-        teacher_pte.write_bytes(export_predict_program(teacher, "fp32", beam))
-    spec = ProgramSpec(teacher_pte, bundle.path(bundle.manifest.tokenizer), teacher.cfg.max_seq_len, beam)
-    rows.append(evaluate_program("teacher", spec, texts, ksr, progress))
+    tokenizer = bundle.path(bundle.manifest.tokenizer)
+    if teacher is not None:
+        beam = profile.bundle.beam_batch
+        teacher_pte = work / f"{profile.name}-teacher-{_state_hash(teacher)}.pte"
+        if not teacher_pte.exists():
+            teacher_pte.write_bytes(export_predict_program(teacher, "fp32", beam))
+        spec = ProgramSpec(teacher_pte, tokenizer, teacher.cfg.max_seq_len, beam)
+        rows.append(evaluate_program("teacher", spec, texts, ksr, progress))
     ngram = TrigramLM().fit(split.public_train + split.public_val)
-    ppl_texts = fitting(Tokenizer(spec.tokenizer), texts, profile.student.max_seq_len)
+    ppl_texts = fitting(Tokenizer(tokenizer), texts, profile.student.max_seq_len)
     rows.append(evaluate_ngram("trigram", ngram, texts, ksr, ppl_texts))
     return rows
 
