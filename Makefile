@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 ART    := artifacts
 
-.PHONY: setup demo test test-hypothesis lint typecheck unit bench clean
+.PHONY: setup demo bundle-full test test-hypothesis lint typecheck unit bench clean
 
 setup: $(STAMP)
 
@@ -21,14 +21,19 @@ $(STAMP): pyproject.toml
 	rm -f $(VENV)/.installed-*
 	touch $@
 
-# The main job: build the demo bundle (cached), show a few suggestions, then federated training of
-# a simulated fleet (100 devices, 10 per round, 30 rounds, secure aggregation and compression)
-# against a coordinator started over TLS; ends with the summary table and the report's path.
+# The main job: export the demo bundle from the shipped student (models/demo: no training), show
+# a few suggestions, then federated training of a simulated fleet against a coordinator started
+# over TLS (secure aggregation and compression on); ends with the summary table and the report.
 demo: setup
-	$(BIN)/fedkeys export build --profile demo --out $(ART)/demo/bundle --work $(ART)/work --no-eval
+	$(BIN)/fedkeys export build --profile demo --student models/demo --out $(ART)/demo/bundle --work $(ART)/work --no-eval
 	@for t in "how are " "see you tomor"; do \
 	  echo "--- suggestions after '$$t'"; $(BIN)/fedkeys suggest --bundle $(ART)/demo/bundle "$$t"; done
 	$(BIN)/fedkeys simulate --bundle $(ART)/demo/bundle --out $(ART)/sim
+
+# The full build of the demo bundle (tokenizer, teacher, distilled student: 10-45 min on 2 cores),
+# with its evaluation; ships the student it trained to $(ART)/demo/student (see models/README.md).
+bundle-full: setup
+	$(BIN)/fedkeys export build --profile demo --out $(ART)/demo-full/bundle --work $(ART)/work --save-student $(ART)/demo/student
 
 lint: setup
 	$(BIN)/ruff check .

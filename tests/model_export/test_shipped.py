@@ -95,3 +95,23 @@ def test_a_shipped_student_that_does_not_fit_is_one_line_and_exit_2(
     assert main([*argv, "--student", str(shipped)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and needle in err[0] and err[0].startswith("fedkeys: error:"), err
+
+
+def test_the_repository_ships_the_demo_student_that_fits_todays_build() -> None:
+    """``make demo`` exports from models/demo: its hashes, corpus split and shape must fit (a
+    change of the split rules or of the demo profile's student makes this fail first)."""
+    from model_export.data import load_corpus
+    from model_export.pipeline import prepare_texts
+    from model_export.profiles import get_profile
+    from model_export.shipped import load_student
+
+    demo = get_profile("demo")
+    models = Path(__file__).resolve().parents[2] / "models" / "demo"
+    lm, tokenizer, prov = load_student(
+        models,
+        profile="demo",
+        student_cfg=demo.student,
+        data_fingerprint=prepare_texts(load_corpus(None)).fingerprint(),
+    )
+    assert sum(p.numel() for p in lm.parameters()) > 2_000_000 and tokenizer
+    assert prov.best_val_loss is not None and prov.best_val_loss < 5
