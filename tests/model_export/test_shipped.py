@@ -66,10 +66,7 @@ def test_a_shipped_student_exports_the_same_bundle_without_training(
 @pytest.mark.parametrize(
     ("spoil", "needle"),
     [
-        (
-            lambda d: (d / WEIGHTS).write_bytes((d / WEIGHTS).read_bytes()[:-1] + b"\0"),
-            "is not the provenance",
-        ),
+        (lambda d: _flip_last_byte(d / WEIGHTS), "is not the provenance"),
         (lambda d: (d / TOKENIZER).unlink(), "No such file"),
         (lambda d: (d / PROVENANCE).write_text("{}"), "not a provenance record"),
         (
