@@ -12,7 +12,7 @@ from typing import Any
 
 from fedkeys.secret_args import add_secret_option, secret_value
 
-__all__ = ["SimError", "add_parser", "run"]
+__all__ = ["SimError", "add_parser", "run", "verdict"]
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,6 +27,17 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--per-round", type=int, default=10, help="reports that close a round (K)")
     p.add_argument("--rounds", type=int, default=30)
     p.add_argument("--quick", action="store_true", help="a first look: 30 devices, 6 per round, 8 rounds")
+    p.add_argument(
+        "--population",
+        action="store_true",
+        help="every participant of the corpus's federated split is one device (ignores --devices)",
+    )
+    p.add_argument(
+        "--corpus",
+        default=None,
+        metavar="FILE.jsonl|DIR",
+        help="simulate this corpus's participants (as `fedkeys export build --corpus` reads it; chitchat)",
+    )
     p.add_argument(
         "--compare",
         action="store_true",
@@ -66,11 +77,19 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--no-compress", action="store_true", help="plain float32 updates (implies --no-secagg)")
     p.add_argument("--keep-fraction", type=float, default=None)
     p.add_argument("--bits", type=int, default=None)
-    p.add_argument("--local-steps", type=int, default=None)
+    p.add_argument("--local-steps", type=int, default=None, help="cap on a round's local steps")
+    p.add_argument(
+        "--local-epochs", type=int, default=None, help="passes over a round's messages (--population: 1)"
+    )
+    p.add_argument("--max-examples", type=int, default=None, help="messages a device draws per round (400)")
+    p.add_argument(
+        "--min-examples", type=int, default=None, help="messages a device needs before it volunteers (20)"
+    )
     p.add_argument(
         "--dropout", type=float, default=None, help="probability a selected device drops (default 0.08)"
     )
     p.add_argument("--day-seconds", type=float, default=None, help="real seconds per simulated day")
+    p.add_argument("--start-hour", type=float, default=None, help="simulated time of day at the start (23)")
     p.add_argument("--eval-every", type=int, default=None, help="heldout evaluation every N versions (10)")
     p.add_argument("--eval-messages", type=int, default=None, help="heldout messages per evaluation (300)")
     p.add_argument(
@@ -79,6 +98,11 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--ray", action="store_true", help="run the fleet as tasks on a local Ray")
     p.add_argument("--ray-address", default=None, help="an existing Ray cluster (ray://host:10001)")
     p.add_argument("--noop-training", action="store_true", help="skip local training (overhead benchmark)")
+    p.add_argument(
+        "--native-logs",
+        action="store_true",
+        help="show the ExecuTorch runtime's native log lines and torch's warnings (else kept in OUT/logs)",
+    )
     p.add_argument(
         "--central-tokens",
         type=int,
@@ -96,7 +120,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 
 def _config(args: argparse.Namespace) -> Any:
-    from simulator.config import SimConfig
+    from simulator.config import SimConfig, quick
 
     cfg = SimConfig(
         devices=args.devices,
@@ -106,7 +130,11 @@ def _config(args: argparse.Namespace) -> Any:
         workers=args.workers,
     )
     if args.quick:
-        cfg = replace(cfg, devices=30, per_round=6, rounds=8, eval_every=2, eval_messages=150, min_reports=4)
+        cfg = quick(cfg)
+    if args.corpus is not None:
+        cfg = replace(cfg, corpus=str(args.corpus))
+    if args.population:  # devices: the corpus's federated participants (_fleet)
+        cfg = replace(cfg, population=True)
     if args.no_compress:
         cfg = replace(cfg.with_codec(compress=False), secagg=False, name="fl-float32")
     elif args.no_secagg:
@@ -114,15 +142,22 @@ def _config(args: argparse.Namespace) -> Any:
     for flag in ("keep_fraction", "bits"):
         if getattr(args, flag) is not None:
             cfg = cfg.with_codec(**{flag: getattr(args, flag)})
-    for flag, attr in (
-        ("local_steps", "local_steps"),
-        ("dropout", "dropout"),
-        ("day_seconds", "day_seconds"),
-        ("eval_every", "eval_every"),
-        ("eval_messages", "eval_messages"),
+    for attr in (
+        "local_steps",
+        "local_epochs",
+        "max_examples",
+        "min_examples",
+        "dropout",
+        "day_seconds",
+        "start_hour",
+        "eval_every",
+        "eval_messages",
     ):
-        if getattr(args, flag) is not None:
-            cfg = replace(cfg, **{attr: getattr(args, flag)})
+        if getattr(args, attr) is not None:
+            cfg = replace(cfg, **{attr: getattr(args, attr)})
+    for attr in ("local_steps", "local_epochs", "max_examples", "min_examples"):
+        if getattr(args, attr) is not None and getattr(args, attr) < 1:
+            raise SimError(f"--{attr.replace('_', '-')} must be at least 1")
     if args.privacy_sweep is not None:
         cfg = replace(cfg, privacy=args.privacy or "distributed", adaptive_clip=args.adaptive_clip)
         if cfg.privacy == "off":
@@ -154,7 +189,9 @@ def _config(args: argparse.Namespace) -> Any:
         cfg = replace(cfg, noop_training=True, name="noop")
     if args.ray or args.ray_address:
         cfg = replace(cfg, ray_address=args.ray_address or "local")
-    if cfg.per_round > cfg.devices:
+    if args.start_hour is not None and not 0 <= args.start_hour < 24:
+        raise SimError("--start-hour is a time of day in [0, 24)")
+    if cfg.per_round > cfg.devices and not args.population:
         raise SimError("--per-round cannot exceed --devices")
     if cfg.devices < 2 or cfg.rounds < 1:
         raise SimError("need at least 2 devices and 1 round")
@@ -183,6 +220,80 @@ def _strategies(text: str) -> list[str]:
             f"--selection-compare takes random, least-recent, oort (comma-separated), not {text!r}"
         )
     return names
+
+
+def _fleet(cfg: Any, bundle: Path) -> tuple[Any, dict[str, list[str]]]:
+    """The run's participants from ``cfg.corpus`` (checked: readable, with federated and heldout
+    participants), and ``cfg`` with the population's size for ``--population``. Before the
+    bundle is built: a bad corpus costs nothing."""
+    from model_export.data import CorpusError
+    from simulator.config import POPULATION_LOCAL_EPOCHS
+    from simulator.evaluation import draw_heldout
+    from simulator.fleet import FleetError, fleet_users, make_specs
+
+    name = cfg.corpus or "chitchat"
+    try:
+        users = fleet_users(cfg.corpus)
+        draw_heldout(1, cfg.seed, cfg.corpus)
+    except UnicodeDecodeError as e:
+        raise SimError(f"{name}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise SimError(f"{name}: cannot be read ({e.strerror or e})") from None
+    except (CorpusError, FleetError) as e:
+        raise SimError(str(e)) from None
+    except ValueError as e:  # draw_heldout: no heldout participant with a message
+        raise SimError(f"{name}: {e}") from None
+    if cfg.corpus is not None and not (bundle / "manifest.json").exists():
+        raise SimError(
+            f"no bundle at {bundle}: build one for this corpus first "
+            f"(fedkeys export build --corpus {cfg.corpus} --out {bundle})"
+        )
+    if cfg.population:
+        cfg = replace(cfg, devices=len(users), local_epochs=cfg.local_epochs or POPULATION_LOCAL_EPOCHS)
+        if cfg.per_round > cfg.devices:
+            raise SimError(f"--per-round {cfg.per_round} exceeds the {cfg.devices} participants of {name}")
+        if cfg.devices < 2:
+            raise SimError(f"{name}: a fleet needs at least 2 federated participants, it has {cfg.devices}")
+    else:
+        try:
+            make_specs(users, cfg.devices, cfg.seed)
+        except FleetError as e:
+            raise SimError(f"{name}: {e}") from None
+    return cfg, users
+
+
+def _ready_devices(cfg: Any, users: dict[str, list[str]] | None) -> list[int]:
+    """Indices of the devices with enough messages to volunteer (``availability_note``)."""
+    if users is None or not cfg.population:  # make_specs draws people with 25 messages or more
+        return list(range(cfg.devices))
+    from simulator.fleet import population_specs
+
+    return [s.index for s in population_specs(users, cfg.seed) if len(s.texts) >= cfg.min_examples]
+
+
+def _check_tokenizer(bundle: Path, users: dict[str, list[str]]) -> None:
+    from simulator.fleet import FleetError, check_tokenizer
+
+    try:
+        check_tokenizer(bundle, users)
+    except FleetError as e:
+        raise SimError(str(e)) from None
+
+
+def _console_logs(show: bool) -> None:
+    """The ExecuTorch runtime's native lines and torch's warnings: kept off the console (the
+    fleet's worker processes write them to OUT/logs), or shown with ``--native-logs``
+    (``FEDKEYS_NATIVE_LOGS=1``, inherited by the workers)."""
+    import logging
+
+    import torch  # noqa: F401 - its import sets its loggers' levels: set ours after it
+
+    from edge_client.native import NATIVE_LOGS_ENV
+
+    if show:
+        os.environ[NATIVE_LOGS_ENV] = "1"
+    for noisy in ("torch", "torchao", "executorch"):
+        logging.getLogger(noisy).setLevel(logging.WARNING if show else logging.ERROR)
 
 
 def _bundle(path: Path) -> Path:
@@ -224,15 +335,44 @@ def _printer() -> Any:
                 )
             )
         elif ev["event"] == "eval":
-            console.print(
-                f"  heldout v{ev['version']}: top-1 {100 * ev['top1']:.2f}%  top-3 {100 * ev['top3']:.2f}%"
-            )
+            ppl = f"  perplexity/piece {ev['ppl_piece']:.1f}" if ev.get("ppl_piece") else ""
+            top = f"top-1 {100 * ev['top1']:.2f}%  top-3 {100 * ev['top3']:.2f}%"
+            console.print(f"  heldout v{ev['version']}: {top}{ppl}")
         elif ev["event"] == "central":
             console.print(
                 f"central upper bound: fine-tuning the student on the fleet's messages ({ev['steps']})"
             )
 
     return show
+
+
+def verdict(res: Any) -> str | None:
+    """What a run's heldout evaluations say, in one sentence: the last evaluated version's top-1
+    against the pretrained student's (version 0) with its paired 95% interval over the heldout
+    messages, and whether that separates a lift from the noise of the sample (None before any
+    version was evaluated)."""
+    from model_export.evaluate import MessageHits
+    from model_export.stats import paired_bootstrap
+
+    last = max(res.evals)
+    a, b = res.evals[last].get("per_message"), res.evals[0].get("per_message")
+    if last == 0 or not (isinstance(a, MessageHits) and isinstance(b, MessageHits)):
+        return None
+    i = paired_bootstrap(a.top1, b.top1, a.words, seed=res.config.seed)
+    ppl = [res.evals[v].get("ppl_piece") for v in (0, last)]
+    change = (
+        f"top-1 {100 * i.estimate:+.2f} points [95% CI {100 * i.low:+.2f}, {100 * i.high:+.2f}] "
+        f"after {last} versions on {len(a)} heldout messages"
+        + (f", perplexity/piece {ppl[0]:.1f} -> {ppl[1]:.1f}" if all(ppl) else "")
+    )
+    if i.low > 0:
+        return f"federated training improved the pretrained student: {change}"
+    if i.high < 0:
+        return f"federated training made the pretrained student worse: {change}"
+    return (
+        f"no lift beyond the noise yet: {change}; the interval spans zero (more rounds, more "
+        "devices per round or --population move the model further; --eval-messages narrows the interval)"
+    )
 
 
 def run(args: argparse.Namespace) -> None:
@@ -242,6 +382,10 @@ def run(args: argparse.Namespace) -> None:
     from simulator.run import local_coordinator, run_simulation
 
     cfg = _config(args)
+    users: dict[str, list[str]] | None = None
+    if cfg.corpus is not None or cfg.population:
+        cfg, users = _fleet(cfg, args.bundle)
+    _console_logs(args.native_logs)
     if args.forever:
         _fleet_only(args, cfg)
         return
@@ -250,12 +394,24 @@ def run(args: argparse.Namespace) -> None:
     epsilons = _epsilons(args.privacy_sweep) if args.privacy_sweep is not None else []
     external = _external_coordinator(args)
     bundle = _bundle(args.bundle)
+    if users is not None:
+        _check_tokenizer(bundle, users)
     out = args.out / time.strftime("%Y%m%d-%H%M%S")
     show = _printer()
     t0 = time.time()
+    from simulator.fleet import availability_note
+
+    if cfg.population:
+        console.print(
+            f"population: {cfg.devices} devices, every federated participant of {cfg.corpus or 'chitchat'}"
+        )
+    note = availability_note(cfg, _ready_devices(cfg, users))
+    if note is not None:
+        console.print(f"[yellow]note:[/yellow] {note}")
 
     def go(coord: CoordinatorHandle) -> None:
         privacy_rows = None
+        said: str | None = None
         time_plot = False
         if args.selection_compare is not None:
             from simulator.compare import selection_compare
@@ -277,7 +433,7 @@ def run(args: argparse.Namespace) -> None:
             from simulator.compare import trigram_rows
             from simulator.evaluation import heldout_sample
 
-            heldout = heldout_sample(cfg.eval_messages, cfg.seed)
+            heldout = heldout_sample(cfg.eval_messages, cfg.seed, cfg.corpus)
             res = run_simulation(cfg, bundle, out, coord, heldout=heldout, progress=show)
             runs = [res]
             s = res.summary()
@@ -302,6 +458,7 @@ def run(args: argparse.Namespace) -> None:
                 *({"configuration": k, "top1": v["top1"], "top3": v["top3"]} for k, v in trigrams.items()),
             ]
             baselines = {"pretrained": res.evals[0]["top1"], **{k: v["top1"] for k, v in trigrams.items()}}
+            said = verdict(res)
         cols = list(dict.fromkeys(k for r in rows for k in r))
         rows = [{k: r.get(k, "") for k in cols} for r in rows]
         print_table("Simulation summary", cols, [[r[c] for c in cols] for r in rows])
@@ -317,7 +474,11 @@ def run(args: argparse.Namespace) -> None:
         (out / "summary.json").write_text(
             json.dumps({"rows": rows, "minutes": (time.time() - t0) / 60}, indent=2, default=str)
         )
+        if said is not None:
+            console.print(said)
         console.print(f"report: {path}  ({(time.time() - t0) / 60:.1f} min)")
+        if (out / "logs").is_dir():
+            console.print(f"device and runtime logs: {out / 'logs'}")
 
     if external is not None:
         go(external)
@@ -346,7 +507,7 @@ def _external_coordinator(args: argparse.Namespace) -> Any:
 
 def _fleet_only(args: argparse.Namespace, cfg: Any) -> None:
     """Devices only, against an existing coordinator, until killed (docker-compose's devices)."""
-    from simulator.fleet import FleetSpec, fleet_users, make_specs, run_worker
+    from simulator.fleet import FleetSpec, fleet_users, make_specs, population_specs, run_worker
 
     secret = secret_value(args, "enroll-secret", env="FEDKEYS_ENROLLMENT_SECRET")
     if not args.coordinator or not args.ca or not secret:
@@ -354,7 +515,9 @@ def _fleet_only(args: argparse.Namespace, cfg: Any) -> None:
             "--forever needs --coordinator, --ca and the fleet secret (--enroll-secret-file or "
             "FEDKEYS_ENROLLMENT_SECRET)"
         )
-    specs = make_specs(fleet_users(), cfg.devices, cfg.seed + os.getpid() % 10_000)
+    users = fleet_users(cfg.corpus)
+    seed = cfg.seed + os.getpid() % 10_000
+    specs = population_specs(users, seed) if cfg.population else make_specs(users, cfg.devices, seed)
     fleet = FleetSpec(
         coordinator=args.coordinator,
         ca=str(args.ca),
@@ -368,5 +531,6 @@ def _fleet_only(args: argparse.Namespace, cfg: Any) -> None:
         stop_after=10 * 365 * 86400,
         state_root=str(args.out / "fleet"),
         noop_training=cfg.noop_training,
+        min_examples=cfg.min_examples,
     )
     run_worker(specs, fleet)

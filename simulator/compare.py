@@ -44,7 +44,7 @@ from simulator.evaluation import (
     scores,
     text_fingerprint,
 )
-from simulator.fleet import fleet_users, make_specs
+from simulator.fleet import fleet_specs
 from simulator.records import SimResult, duration
 from simulator.run import run_simulation
 from simulator.table import TableRow, ci_text, markdown, quality_table
@@ -77,7 +77,7 @@ def fleet_texts(cfg: SimConfig) -> list[str]:
     """The messages the simulated fleet's devices can train on (each participant once)."""
     from simulator.baselines import fleet_training_texts
 
-    return fleet_training_texts(make_specs(fleet_users(), cfg.devices, cfg.seed))
+    return fleet_training_texts(fleet_specs(cfg))
 
 
 def trigram_scores(lm: Any, texts: Sequence[str]) -> dict[str, Any]:
@@ -95,10 +95,11 @@ def trigram_scores(lm: Any, texts: Sequence[str]) -> dict[str, Any]:
 
 
 def trigram_rows(cfg: SimConfig, texts: list[str]) -> dict[str, dict[str, Any]]:
-    """The trigram on public data, and on public + the fleet's messages, scored on ``texts``."""
+    """The trigram on public data, and on public + the fleet's messages (of ``cfg.corpus``),
+    scored on ``texts``."""
     from simulator.baselines import public_texts, trigram
 
-    train, val = public_texts()
+    train, val = public_texts(cfg.corpus)
     public = train + val
     return {
         TRIGRAM_PUBLIC: trigram_scores(trigram(public), texts),
@@ -159,7 +160,7 @@ def compare(
     from simulator.baselines import trigram as fit_trigram
 
     say: Progress = progress or (lambda ev: None)
-    sample = draw_heldout(heldout_messages, base.seed)
+    sample = draw_heldout(heldout_messages, base.seed, base.corpus)
     curve_idx = sample.head_indices(curve_messages)
     curve_texts = [sample.texts[i] for i in curve_idx]
     configs = [
@@ -176,14 +177,13 @@ def compare(
             raise RuntimeError(f"run {run.config.name} returned no final weights")
         evals[name] = evaluator.eager(run.final_weights)
     secure = runs[1]
-    specs = make_specs(fleet_users(), base.devices, base.seed)
-    fleet = fleet_training_texts(specs)
+    fleet = fleet_training_texts(fleet_specs(base))
     budget = secure.tokens_trained() if central_tokens is None else central_tokens
     say({"event": "central", "steps": f"{budget:,} tokens"})
     ft = central_finetune(bundle_dir, fleet, budget, seed=base.seed)
     evals[CENTRAL_FINETUNE] = evaluator.eager(ft.weights)
     say({"event": "baseline", "name": CENTRAL_SCRATCH})
-    public_train, public_val = public_texts()
+    public_train, public_val = public_texts(base.corpus)
     public = public_train + public_val
     sc = central_scratch(
         bundle_dir,
@@ -317,7 +317,7 @@ def privacy_sweep(
     """Heldout accuracy against epsilon: one run per target (``inf`` = the same configuration
     without noise), on the same fleet, seeds and heldout sample. Every run weighs devices
     equally (weight_cap 1, which DP needs) so that only the noise differs."""
-    heldout = heldout_sample(base.eval_messages, base.seed)
+    heldout = heldout_sample(base.eval_messages, base.seed, base.corpus)
     runs = []
     for eps in epsilons:
         private = math.isfinite(eps)
@@ -411,7 +411,7 @@ def selection_compare(
     """Time to accuracy per selection strategy, on the same fleet (speeds, data, availability)
     and seeds. ``target`` defaults to the best top-1 that every strategy reached, so each row
     says how long that strategy took to get there."""
-    heldout = heldout_sample(base.eval_messages, base.seed)
+    heldout = heldout_sample(base.eval_messages, base.seed, base.corpus)
     runs = [
         run_simulation(
             replace(base, name=f"select-{s}", selection=s),

@@ -12,25 +12,37 @@ import logging
 import math
 import os
 import random
+import socket
 import statistics
 import threading
 import time
 import weakref
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edge_client.records import RoundRecord
 
+if TYPE_CHECKING:
+    from simulator.config import SimConfig
+
 __all__ = [
+    "MIN_TOKENIZER_COVERAGE",
     "DeviceSpec",
+    "FleetError",
     "FleetSpec",
     "SharedRuntime",
     "TraceProvider",
+    "availability_note",
+    "check_tokenizer",
+    "fleet_specs",
     "fleet_users",
     "make_specs",
+    "population_specs",
     "run_worker",
+    "tokenizer_coverage",
 ]
 
 log = logging.getLogger(__name__)
@@ -63,6 +75,25 @@ class FleetSpec:
     noop_training: bool = False  # skip training (measures coordinator/protocol overhead)
     min_examples: int = 20
     stop_file: str = ""  # the run ends when this file exists
+    # or when this Ray actor (StopFlag) is set: a cluster's other machines do not see the file
+    stop_flag: Any = None
+    start_spread: float = 0.0  # seconds over which the worker starts its devices
+    # the worker process's stderr (the runtime's native lines, device warnings, fatal stacks)
+    # goes to a file here unless FEDKEYS_NATIVE_LOGS=1 (edge_client.native); "" keeps it
+    log_dir: str = ""
+
+
+class StopFlag:
+    """The end of a run, told to workers on any machine of a Ray cluster (as a Ray actor)."""
+
+    def __init__(self) -> None:
+        self.value = False
+
+    def set(self) -> None:
+        self.value = True
+
+    def is_set(self) -> bool:
+        return self.value
 
 
 class TraceProvider:
@@ -189,13 +220,34 @@ def fleet_weights_cache(shared: SharedWeights) -> Any:
     return FleetWeightsCache()
 
 
-def fleet_users() -> dict[str, list[str]]:
-    """The messages of every participant of the corpus's federated split, by user (oldest
-    first): the people the simulated devices stand for."""
-    from model_export.data import load_chitchat, split_corpus
+class FleetError(ValueError):
+    """A corpus or bundle the simulator cannot make a fleet of: one line that says why."""
 
-    fed = split_corpus(load_chitchat())["federated"]
+
+def fleet_users(corpus: str | Path | None = None) -> dict[str, list[str]]:
+    """The messages of every participant of the corpus's federated split, by user (oldest
+    first): the people the simulated devices stand for. ``corpus`` as
+    ``model_export.data.load_corpus`` takes it (None: chitchat); the split is the exporter's
+    (``split_corpus``), so the heldout participants are never in a fleet."""
+    from model_export.data import load_corpus, split_corpus
+
+    parts = split_corpus(load_corpus(corpus))
+    fed = parts["federated"]
+    if not fed:
+        total = sum(len(p) for p in parts.values())
+        raise FleetError(
+            f"{corpus or 'chitchat'}: none of its {total} participants falls in the federated split "
+            "(about 80% of user ids do): a fleet needs more participants"
+        )
     return {u: [m.text for m in msgs] for u, msgs in fed.items()}
+
+
+_DEVICE_CLASSES = ("phone", "phone", "phone", "tablet", "rpi")
+
+
+def _device(i: int, user: str, texts: list[str], rng: random.Random, speed_sigma: float) -> DeviceSpec:
+    speed = max(1.0, math.exp(rng.gauss(0.3, speed_sigma)))
+    return DeviceSpec(i, user, tuple(texts), speed, _DEVICE_CLASSES[i % len(_DEVICE_CLASSES)])
 
 
 def make_specs(users: dict[str, list[str]], n: int, seed: int, speed_sigma: float = 0.5) -> list[DeviceSpec]:
@@ -207,18 +259,104 @@ def make_specs(users: dict[str, list[str]], n: int, seed: int, speed_sigma: floa
     rng = random.Random(seed)
     eligible = sorted(u for u, t in users.items() if len(t) >= 25)
     if not eligible:
-        raise ValueError("no user has >= 25 messages")
+        raise FleetError("no participant has 25 messages or more: use --population for small corpora")
     chosen = rng.sample(eligible, min(n, len(eligible)))
     while len(chosen) < n:  # larger fleets than participants: several devices per person
         chosen += rng.sample(eligible, min(n - len(chosen), len(eligible)))
     if n > len(eligible):
         log.warning("%d devices from %d participants: some people have several devices", n, len(eligible))
-    classes = ["phone", "phone", "phone", "tablet", "rpi"]
-    specs = []
-    for i, user in enumerate(chosen):
-        speed = max(1.0, math.exp(rng.gauss(0.3, speed_sigma)))
-        specs.append(DeviceSpec(i, user, tuple(users[user]), speed, classes[i % len(classes)]))
-    return specs
+    return [_device(i, user, users[user], rng, speed_sigma) for i, user in enumerate(chosen)]
+
+
+def population_specs(users: dict[str, list[str]], seed: int, speed_sigma: float = 0.5) -> list[DeviceSpec]:
+    """One device per participant, each with all of its messages, in a seeded order (workers
+    take every n-th device, so heavy and light devices mix across workers); speeds and device
+    classes as :func:`make_specs` draws them. Devices with fewer messages than the task's
+    ``min_examples`` are in the fleet but never volunteer, as such phones would not."""
+    rng = random.Random(seed)
+    order = sorted(users)
+    rng.shuffle(order)
+    return [_device(i, user, users[user], rng, speed_sigma) for i, user in enumerate(order)]
+
+
+def fleet_specs(cfg: SimConfig) -> list[DeviceSpec]:
+    """The devices of a run: every federated participant of ``cfg.corpus`` with
+    ``cfg.population``, else ``cfg.devices`` drawn by :func:`make_specs`."""
+    users = fleet_users(cfg.corpus)
+    if cfg.population:
+        return population_specs(users, cfg.seed, cfg.speed_sigma)
+    return make_specs(users, cfg.devices, cfg.seed, cfg.speed_sigma)
+
+
+MIN_TOKENIZER_COVERAGE = 0.5
+"""Share of a corpus's characters (spaces aside) that the bundle's tokenizer must spell with
+pieces of its own rather than byte-fallback pieces or ``<unk>``. A tokenizer built on the corpus
+keeps its most frequent characters (``model_export.tokenizer``: well above this even for a
+corpus of thousands of CJK characters); one built on another corpus, in other scripts, falls far
+below it, and a model trained on byte spellings it never saw only adds noise."""
+
+
+def tokenizer_coverage(tokenizer_file: Path, texts: Sequence[str]) -> float:
+    """Share of the (normalised) texts' non-space characters that the tokenizer's ordinary
+    pieces spell (1.0 for no text)."""
+    from edge_client.text import normalize
+    from edge_client.tokenizer import WORD_MARK, Tokenizer
+
+    tok = Tokenizer(tokenizer_file)
+    covered = total = 0
+    for raw in texts:
+        text = normalize(raw)
+        total += sum(1 for c in text if not c.isspace())
+        for i in tok.encode(text):
+            if not (tok.sp.is_byte(i) or tok.sp.is_unknown(i) or tok.sp.is_control(i)):
+                covered += len(tok.piece(i).replace(WORD_MARK, ""))
+    return covered / total if total else 1.0
+
+
+def check_tokenizer(bundle_dir: Path, users: dict[str, list[str]], sample: int = 2000) -> float:
+    """The bundle's :func:`tokenizer_coverage` of a seeded sample of the fleet's messages;
+    raises :class:`FleetError` below :data:`MIN_TOKENIZER_COVERAGE`."""
+    from protocol.bundle import load_bundle
+
+    texts = [t for u in sorted(users) for t in users[u]]
+    if len(texts) > sample:
+        texts = random.Random(0).sample(texts, sample)
+    bundle = load_bundle(bundle_dir)
+    share = tokenizer_coverage(bundle.path(bundle.manifest.tokenizer), texts)
+    if share < MIN_TOKENIZER_COVERAGE:
+        raise FleetError(
+            f"the bundle's tokenizer ({bundle_dir}) has pieces for only {100 * share:.0f}% of this "
+            "corpus's characters (the rest are spelled byte by byte): build a bundle for the corpus "
+            "with `fedkeys export build --corpus`"
+        )
+    return share
+
+
+def availability_note(cfg: SimConfig, ready: Sequence[int]) -> str | None:
+    """A plain sentence when the fleet's availability at the run's start cannot fill rounds
+    back to back, else None.
+
+    A training round selects ``clients_per_round * over_selection`` devices among those that
+    are eligible then (charging, idle, on Wi-Fi: :class:`simulator.availability.DeviceTrace`,
+    with enough messages), and its devices sit out the next round (the task's one-round
+    cooldown): rounds in a row need about twice that many eligible devices, or every other
+    round fails for want of devices. ``ready``: the indices of the devices with enough messages
+    to volunteer (``cfg.min_examples``)."""
+    from simulator.availability import DeviceTrace, FleetClock
+
+    need = cfg.task_config().selection_size
+    start = FleetClock(cfg.day_seconds, cfg.start_hour, 0.0).sim_seconds(0.0)
+    eligible = sum(DeviceTrace(cfg.seed, i).eligible(start) for i in ready)
+    if eligible >= 2 * need:
+        return None
+    hour = cfg.start_hour % 24
+    return (
+        f"at {int(hour):02d}:{int(hour % 1 * 60):02d} (simulated) {eligible} of {cfg.devices} devices are "
+        f"eligible (charging, idle, on Wi-Fi, at least {cfg.min_examples} messages); a round selects "
+        f"{need} and they sit out the next one, so rounds will fail for want of devices until more "
+        "devices charge: start later in the night (--start-hour 1), simulate more devices, or fewer "
+        "per round"
+    )
 
 
 @dataclass
@@ -228,6 +366,7 @@ class DeviceResult:
     bytes_up: int = 0
     bytes_down: int = 0
     error: str = ""
+    node: str = ""  # where the device ran: the Ray node id, or host:pid of the worker process
 
 
 def _device_thread(
@@ -312,7 +451,11 @@ def _device_thread(
         return stop.is_set() or bool(fleet.stop_file and os.path.exists(fleet.stop_file))
 
     try:
-        agent.enroll()
+        # a phone with fewer messages than a task asks for never checks in (Agent.step), so it
+        # has no reason to enrol yet: half of chitchat's participants, whose enrolments would
+        # only add to the coordinator's load at the start of a population run
+        if store.count() >= fleet.min_examples:
+            agent.enroll()
         end = time.time() + fleet.stop_after
         while not stop_on() and time.time() < end:
             try:
@@ -327,8 +470,42 @@ def _device_thread(
     out.bytes_up, out.bytes_down = agent.stats.bytes_up, agent.stats.bytes_down
 
 
+def _log_to_file(log_dir: str) -> None:
+    """Point this worker process's stderr (fd 2) at a file in ``log_dir``: what the ExecuTorch
+    runtime prints natively (outside the Python capture of ``edge_client.native``), device
+    warnings and fatal stacks (faulthandler) stay readable there instead of interleaving with
+    the run's console. ``FEDKEYS_NATIVE_LOGS=1`` (``fedkeys simulate --native-logs``) keeps it."""
+    import faulthandler
+
+    from edge_client.native import native_logs_shown
+
+    if not log_dir or native_logs_shown():
+        return
+    root = Path(log_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    fd = os.open(
+        root / f"worker-{socket.gethostname()}-{os.getpid()}.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND
+    )
+    os.dup2(fd, 2)
+    os.close(fd)
+    faulthandler.enable()  # sys.stderr writes to fd 2: the file
+
+
+def _where() -> str:
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return str(ray.get_runtime_context().get_node_id())
+    except ImportError:
+        pass
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
 def run_worker(specs: list[DeviceSpec], fleet: FleetSpec) -> list[dict[str, Any]]:
-    """Run these devices as threads until ``stop_after`` seconds or the stop file appears."""
+    """Run these devices as threads until ``stop_after`` seconds, the stop file appears or the
+    stop flag is set."""
+    _log_to_file(fleet.log_dir)
     logging.basicConfig(level=logging.WARNING)
     for noisy in ("torchao", "torch", "executorch", "httpx"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
@@ -337,18 +514,35 @@ def run_worker(specs: list[DeviceSpec], fleet: FleetSpec) -> list[dict[str, Any]
     set_threads(1)
     runtime = SharedRuntime()
     stop = threading.Event()
-    results = [DeviceResult(s.index) for s in specs]
+    node = _where()
+    results = [DeviceResult(s.index, node=node) for s in specs]
     threads = [
         threading.Thread(target=_device_thread, args=(s, fleet, runtime, r, stop), daemon=True)
         for s, r in zip(specs, results, strict=True)
     ]
-    for t in threads:
+    gap = fleet.start_spread / len(threads) if threads else 0.0
+    for t in threads:  # devices come up over start_spread: enrolments and first check-ins spread
         t.start()
-        time.sleep(0.01)
+        if fleet.stop_file and os.path.exists(fleet.stop_file):
+            stop.set()  # the rest start and end at once
+        stop.wait(max(gap, 0.01))
     deadline = time.time() + fleet.stop_after + 5
+    flag_checked = 0.0
     while any(t.is_alive() for t in threads) and time.time() < deadline:
         if fleet.stop_file and os.path.exists(fleet.stop_file):
             stop.set()
+        if fleet.stop_flag is not None and time.time() - flag_checked >= 1.0:
+            import ray
+
+            flag_checked = time.time()
+            try:
+                if ray.get(fleet.stop_flag.is_set.remote(), timeout=10):
+                    stop.set()
+            except Exception as e:  # the driver (and its flag) gone: the run is over
+                log.warning("stop flag unreachable (%s): stopping", e)
+                stop.set()
+        if stop.is_set():
+            break
         time.sleep(0.2)
     stop.set()
     for t in threads:

@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +28,10 @@ from protocol.version import __version__
 from protocol.wire import Stage
 from simulator.config import SimConfig
 from simulator.evaluation import VersionEvaluator, heldout_sample
-from simulator.fleet import DeviceSpec, FleetSpec, fleet_users, make_specs, run_worker
+from simulator.fleet import DeviceSpec, FleetSpec, StopFlag, fleet_specs, run_worker
 from simulator.records import SimResult, attach_device_bytes, round_record, write_records
 
-__all__ = ["DEVICES_PER_WORKER", "default_workers", "local_coordinator", "run_simulation"]
+__all__ = ["DEVICES_PER_WORKER", "FLEET_START_RATE", "default_workers", "local_coordinator", "run_simulation"]
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,12 @@ def local_coordinator(
 
 DEVICES_PER_WORKER = 128
 
+FLEET_START_RATE = 25.0
+"""Devices the fleet starts per second (FleetSpec.start_spread): a population run's 1,065
+devices come up over 43 s rather than within a second, when their enrolments and first
+check-ins all met the coordinator's single SQLite writer at once (the first rounds of that run
+failed for minutes); 100 devices come up in 4 s."""
+
 
 def default_workers(devices: int) -> int:
     """Worker processes for a fleet: one per core, and more for large fleets. A device's
@@ -70,10 +77,17 @@ def default_workers(devices: int) -> int:
     return max(1, os.cpu_count() or 1, math.ceil(devices / DEVICES_PER_WORKER))
 
 
-def _launch(
-    specs: list[DeviceSpec], fleet: FleetSpec, workers: int, ray_address: str | None
-) -> Callable[[], list[dict[str, Any]]]:
-    """Start the fleet; returns a function that waits for it and returns the device results."""
+@dataclass(frozen=True)
+class _Running:
+    """A started fleet: ``stop`` tells its workers the run is over (besides the stop file),
+    ``wait`` waits for them and returns the device results."""
+
+    stop: Callable[[], None]
+    wait: Callable[[], list[dict[str, Any]]]
+
+
+def _launch(specs: list[DeviceSpec], fleet: FleetSpec, workers: int, ray_address: str | None) -> _Running:
+    """Start the fleet: worker processes here, or Ray tasks spread over a cluster's nodes."""
     chunks = [specs[i::workers] for i in range(workers)]
     if ray_address:
         import ray
@@ -85,11 +99,19 @@ def _launch(
                 log_to_driver=False,
                 runtime_env={"working_dir": None} if ray_address == "local" else None,
             )
+        # the other machines of a cluster see neither the stop file nor this console: a flag
+        # actor ends the run, and workers keep their stderr (Ray writes it to its own logs)
+        flag = ray.remote(num_cpus=0)(StopFlag).remote()
+        fleet = replace(fleet, stop_flag=flag, log_dir="")
         # more workers than CPUs (large fleets) share them: mostly waiting device threads
         cpus = float(ray.cluster_resources().get("CPU", 1.0))  # type: ignore[no-untyped-call]
         remote = ray.remote(num_cpus=min(1.0, cpus / len(chunks)))(run_worker)
-        refs = [remote.remote(c, fleet) for c in chunks]
-        return lambda: [d for part in ray.get(refs) for d in part]
+        refs = [remote.options(scheduling_strategy="SPREAD").remote(c, fleet) for c in chunks]
+
+        def stop() -> None:
+            ray.get(flag.set.remote(), timeout=60)  # type: ignore[attr-defined]
+
+        return _Running(stop=stop, wait=lambda: [d for part in ray.get(refs) for d in part])
     pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
     futures = [pool.submit(run_worker, c, fleet) for c in chunks]
 
@@ -99,7 +121,7 @@ def _launch(
         finally:
             pool.shutdown(wait=True)
 
-    return wait
+    return _Running(stop=lambda: None, wait=wait)
 
 
 def run_simulation(
@@ -114,6 +136,9 @@ def run_simulation(
     """Run ``cfg`` against ``coord`` until its rounds are done (or ``max_minutes``)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
+    specs = fleet_specs(cfg)
+    if cfg.population and cfg.devices != len(specs):  # the task's population (DP delta) is the fleet
+        cfg = replace(cfg, devices=len(specs))
     task = f"sim-{cfg.name}-{secrets.token_hex(3)}"
     tar = bundle_dir.with_suffix(".tar")
     with coord.admin() as admin:
@@ -122,9 +147,9 @@ def run_simulation(
         )
         r.raise_for_status()
         admin.post(f"/v1/admin/tasks/{task}/bundle", content=tar.read_bytes()).raise_for_status()
-    specs = make_specs(fleet_users(), cfg.devices, cfg.seed, cfg.speed_sigma)
     evaluator = VersionEvaluator(
-        bundle_dir, heldout if heldout is not None else heldout_sample(cfg.eval_messages, cfg.seed)
+        bundle_dir,
+        heldout if heldout is not None else heldout_sample(cfg.eval_messages, cfg.seed, cfg.corpus),
     )
     evals: dict[int, dict[str, float]] = {}
     base_weights = evaluator.bundle.initial_weights()
@@ -147,10 +172,13 @@ def run_simulation(
         stop_after=cfg.max_minutes * 60,
         state_root=str(out_dir / "devices" / task),
         noop_training=cfg.noop_training,
+        min_examples=cfg.min_examples,
         stop_file=str(stop_file),
+        log_dir=str(out_dir / "logs"),
+        start_spread=len(specs) / FLEET_START_RATE,
     )
     workers = cfg.workers or default_workers(len(specs))
-    wait_fleet = _launch(specs, fleet, workers, cfg.ray_address)
+    running = _launch(specs, fleet, workers, cfg.ray_address)
     try:  # whatever ends the run (an error, Ctrl-C, SIGTERM), the fleet's workers stop
         with coord.admin() as admin:
             admin.post(f"/v1/admin/tasks/{task}/start").raise_for_status()
@@ -204,7 +232,8 @@ def run_simulation(
                 break
     finally:
         stop_file.write_text("stop")
-    devices = wait_fleet()
+        running.stop()
+    devices = running.wait()
     if eval_thread is not None:
         eval_thread.join()
     versions = [r["new_version"] for r in rounds if r.get("new_version")]
@@ -212,6 +241,7 @@ def run_simulation(
     for v in pending + ([last] if last and last not in evals else []):
         evals[v] = evaluator.eager(observer.weights(v))
     final_weights = observer.weights(last) if last else base_weights
+    observer.close()
     final = evaluator.program(final_weights, out_dir)
     attach_device_bytes(rounds, devices)
     result = SimResult(
@@ -244,6 +274,9 @@ class _Observer:
             )
         )
         self.t.token = r.token
+
+    def close(self) -> None:
+        self.t.close()
 
     def weights(self, version: int) -> npt.NDArray[np.float32]:
         data = self.t.download(f"/v1/tasks/{self.task}/versions/{version}/weights")

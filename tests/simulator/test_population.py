@@ -1,0 +1,282 @@
+"""Population runs of any corpus (``fedkeys simulate --population --corpus FILE``): every
+federated participant of a corpus written by the test is one device, with all of its messages;
+local work follows each device's data (one pass, capped by ``local_steps``); a bad corpus or a
+bundle whose tokenizer does not fit it is a one-line error with exit code 2. And the same
+simulation with its devices spread over a two-node Ray cluster (``--ray-address``)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from edge_client.batching import encode_messages
+from edge_client.text import normalize
+from edge_client.tokenizer import Tokenizer
+from model_export.data import load_corpus, split_corpus, split_of
+from protocol.bundle import load_bundle
+from simulator.config import SimConfig
+from simulator.fleet import population_specs
+from tests.corpora import chat_corpus, multilingual_corpus, write_jsonl
+
+CAP = 3  # --local-steps of the population run
+
+
+def _simulate(argv: list[str]) -> int:
+    from fedkeys.cli import main
+
+    return main(["simulate", *argv])
+
+
+def _device_rounds(out: Path) -> dict[int, list[dict[str, Any]]]:
+    """Each device's completed training rounds, from its state directory's history file."""
+    got: dict[int, list[dict[str, Any]]] = {}
+    for history in out.glob("*/devices/*/device-*/history.jsonl"):
+        index = int(history.parent.name.removeprefix("device-"))
+        for line in history.read_text().splitlines():
+            rec = json.loads(line)
+            if rec["kind"] == "train" and rec["completed"]:
+                got.setdefault(index, []).append(rec)
+    return got
+
+
+def _positions(tok: Tokenizer, texts: list[str], seq_len: int) -> tuple[int, int]:
+    """(input positions, sequences) of a device's training share as the agent encodes it."""
+    seqs = encode_messages(tok, [t for t in (normalize(x) for x in texts) if t], seq_len)
+    return sum(len(s) - 1 for s in seqs), len(seqs)
+
+
+@pytest.mark.slow
+def test_population_of_a_corpus_file(tmp_path: Path, tiny_bundle_dir: Path) -> None:
+    """Every federated participant of the corpus is a device; rounds commit with secure
+    aggregation; a device trains one pass over its messages: heavy ones stop at the step cap,
+    light ones make the few steps their messages fill."""
+    corpus = chat_corpus(tmp_path / "chat.jsonl")
+    federated = split_corpus(load_corpus(corpus))["federated"]
+    out = tmp_path / "sim"
+    code = _simulate(
+        [
+            "--population",
+            "--corpus",
+            str(corpus),
+            "--bundle",
+            str(tiny_bundle_dir),
+            "--out",
+            str(out),
+            "--per-round",
+            "3",
+            "--rounds",
+            "3",
+            "--local-steps",
+            str(CAP),
+            "--min-examples",
+            "5",
+            "--start-hour",
+            "2",  # the simulated night: most devices charge
+            "--day-seconds",
+            "3600",
+            "--dropout",
+            "0",
+            "--eval-every",
+            "1",
+            "--eval-messages",
+            "40",
+            "--workers",
+            "2",
+        ]
+    )
+    assert code == 0
+    (run,) = out.glob("*/secure/summary.json")
+    summary = json.loads(run.read_text())
+    cfg = summary["config"]
+    assert cfg["population"] and cfg["devices"] == len(federated) and cfg["local_epochs"] == 1
+    rounds = json.loads(run.with_name("rounds.json").read_text())
+    committed = [r for r in rounds if r["kind"] == "train" and r["outcome"] == "committed"]
+    assert len(committed) >= 2, [(r["outcome"], r.get("failure")) for r in rounds]
+    assert all(r["stage_seconds"].get("masked_input") is not None for r in committed)  # secure
+
+    # the fleet: one device per federated participant, each with all of its messages
+    specs = population_specs({u: [m.text for m in ms] for u, ms in federated.items()}, SimConfig().seed)
+    assert sorted(s.user for s in specs) == sorted(federated)
+    assert all(len(s.texts) == len(federated[s.user]) for s in specs)
+    devices = list(out.glob("*/devices/*/device-*"))
+    assert len(devices) == len(federated)  # every device ran (and kept its own store)
+
+    # local work follows the data: one pass over the device's training share, at most CAP steps
+    bundle = load_bundle(tiny_bundle_dir)
+    tok = Tokenizer(bundle.path(bundle.manifest.tokenizer))
+    spec = bundle.manifest.train
+    batch_positions = spec.batch_size * spec.seq_len
+    capped = short = 0
+    for index, recs in _device_rounds(out).items():
+        texts = list(specs[index].texts)
+        assert len(texts) >= 5  # the others never volunteer (--min-examples)
+        share = texts[: len(texts) - min(20, len(texts) // 5)]  # the newest are kept for evaluation
+        positions, seqs = _positions(tok, share, spec.seq_len)
+        for rec in recs:
+            steps = rec["training"]["steps"]
+            assert 1 <= steps <= CAP
+            if positions > CAP * batch_positions:  # more than CAP full batches of data
+                assert steps == CAP, (index, len(texts), steps)
+                capped += 1
+            elif math.ceil(seqs / spec.batch_size) < CAP:  # fewer batches than the cap, whatever the packing
+                assert steps < CAP, (index, len(texts), steps)
+                short += 1
+    assert capped and short  # both kinds of device trained
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["missing", "not-json", "no-federated", "no-heldout", "tokenizer"],
+)
+def test_corpus_errors_are_one_line_exit_2(
+    case: str, tmp_path: Path, tiny_bundle_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "corpus.jsonl"
+    if case == "not-json":
+        path.write_text('{"user": "a", "text": "hi", "timestamp": 1}\nnot json\n')
+    elif case in ("no-federated", "no-heldout"):
+        want = "federated" if case == "no-heldout" else "public"
+        users = [u for u in (f"user-{i}" for i in range(200)) if split_of(u) == want][:5]
+        write_jsonl(
+            path, [{"user": u, "text": f"hello {i}", "timestamp": i} for u in users for i in range(30)]
+        )
+    elif case == "tokenizer":  # many scripts against a bundle built on English chat
+        multilingual_corpus(path)
+    code = _simulate(["--population", "--corpus", str(path), "--bundle", str(tiny_bundle_dir)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1 and err.startswith("fedkeys: error:"), err
+    expected = {
+        "missing": "no such file",
+        "not-json": "not valid JSON",
+        "no-federated": "federated split",
+        "no-heldout": "heldout",
+        "tokenizer": "tokenizer",
+    }[case]
+    assert expected in err, err
+
+
+def test_a_corpus_without_a_bundle_is_not_built_on_chitchat(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    corpus = chat_corpus(tmp_path / "chat.jsonl")
+    assert _simulate(["--corpus", str(corpus), "--bundle", str(tmp_path / "none")]) == 2
+    assert "fedkeys export build --corpus" in capsys.readouterr().err
+
+
+def test_population_specs_hold_every_participant_in_a_seeded_order() -> None:
+    users = {f"u{i}": [f"m{j}" for j in range(i + 1)] for i in range(40)}
+    a, b = population_specs(users, 3), population_specs(users, 3)
+    assert [s.user for s in a] == [s.user for s in b]
+    assert [s.user for s in a] != [s.user for s in population_specs(users, 4)]
+    assert sorted(s.user for s in a) == sorted(users) and [s.index for s in a] == list(range(40))
+    assert all(s.texts == tuple(users[s.user]) and s.speed >= 1 for s in a)
+
+
+@pytest.mark.slow
+def test_population_over_a_two_node_ray_cluster(
+    tmp_path: Path, tiny_bundle_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--ray-address``: the population run with its workers spread over a Ray cluster of two
+    nodes (Ray's own ``cluster_utils``, both on loopback); devices ran on both, rounds commit."""
+    import ray
+    from ray._private import ray_constants
+    from ray.cluster_utils import Cluster
+
+    from coordinator.schemas import DeadlineSettings
+    from fedkeys.cli import build_parser
+    from simulator.cli import _config
+    from simulator.run import local_coordinator, run_simulation
+
+    # Ray addresses nodes by the host's outward address unless told it is not a cluster host:
+    # every node and the driver stay on 127.0.0.1
+    monkeypatch.setattr(ray_constants, "ENABLE_RAY_CLUSTER", False)
+    node = {"num_cpus": 1, "object_store_memory": 80 << 20, "node_ip_address": "127.0.0.1"}
+    cluster = Cluster(initialize_head=True, head_node_args={**node, "include_dashboard": False})
+    try:
+        cluster.add_node(**node)
+        cluster.wait_for_nodes()
+        args = build_parser().parse_args(["simulate", "--ray-address", cluster.address])
+        assert _config(args).ray_address == cluster.address
+        corpus = chat_corpus(tmp_path / "chat.jsonl")
+        cfg = SimConfig(
+            name="ray-cluster",
+            corpus=str(corpus),
+            population=True,
+            devices=len(split_corpus(load_corpus(corpus))["federated"]),
+            per_round=3,
+            rounds=2,
+            min_reports=3,
+            min_examples=5,
+            local_epochs=1,
+            local_steps=CAP,
+            eval_every=2,
+            eval_messages=20,
+            day_seconds=3600.0,
+            start_hour=2.0,
+            dropout=0.0,
+            workers=2,
+            ray_address=cluster.address,
+            max_minutes=6,
+            # Ray's workers start slowly on a busy machine: a longer selection window
+            deadlines=DeadlineSettings(selection=30.0, advertise=10.0, share=10.0, upload=60.0, unmask=10.0),
+        )
+        with local_coordinator(tmp_path / "coord") as coord:
+            res = run_simulation(cfg, tiny_bundle_dir, tmp_path / "out", coord)
+        nodes = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    assert len(nodes) == 2
+    assert {d["node"] for d in res.devices} == nodes  # both nodes ran devices
+    assert sorted(d["index"] for d in res.devices) == list(range(cfg.devices))
+    committed = [r for r in res.rounds if r["kind"] == "train" and r["outcome"] == "committed"]
+    assert committed, [(r["outcome"], r.get("failure"), r["selected"], r["reported"]) for r in res.rounds]
+    assert committed[0]["stage_seconds"].get("masked_input") is not None
+    assert res.seconds < cfg.max_minutes * 60 - 30  # the stop flag ended the workers, not their timer
+
+
+def test_the_quick_profile_starts_when_its_rounds_can_fill() -> None:
+    """--quick at the default 23:00 found 8 eligible devices for a selection of 8 (every other
+    round failed); from 01:00 there are twice that many, and a start that cannot fill rounds
+    back to back is said before the run."""
+    from dataclasses import replace
+
+    from simulator.config import quick
+    from simulator.fleet import availability_note
+
+    cfg = quick(SimConfig())
+    assert (cfg.devices, cfg.per_round, cfg.rounds) == (30, 6, 8)
+    assert availability_note(cfg, range(cfg.devices)) is None
+    note = availability_note(replace(cfg, start_hour=23.0), range(cfg.devices))
+    assert note is not None and "8 of 30 devices are eligible" in note and "--start-hour" in note
+
+
+def test_the_verdict_separates_a_lift_from_noise() -> None:
+    from model_export.evaluate import MessageHits
+    from simulator.cli import verdict
+    from simulator.records import SimResult
+
+    rng = np.random.default_rng(0)
+    words = rng.integers(5, 15, 2000)
+    before = rng.binomial(words, 0.17)
+
+    def run(after: np.ndarray) -> SimResult:
+        evals = {
+            0: {"per_message": MessageHits(words, before, before), "ppl_piece": 80.0},
+            8: {"per_message": MessageHits(words, after, after), "ppl_piece": 75.0},
+        }
+        return SimResult(SimConfig(), [], evals, {}, [], 1.0, Path("."))
+
+    lifted = verdict(run(np.minimum(before + rng.binomial(1, 0.5, 2000), words)))
+    assert lifted is not None and lifted.startswith("federated training improved")
+    assert "perplexity/piece 80.0 -> 75.0" in lifted
+    same = verdict(run(before))
+    assert same is not None and same.startswith("no lift beyond the noise")
+    worse = verdict(run(np.maximum(before - rng.binomial(1, 0.5, 2000), 0)))
+    assert worse is not None and "worse" in worse
