@@ -27,8 +27,10 @@ __all__ = [
     "clock",
     "duration",
     "readable_round",
+    "readable_rounds",
     "round_record",
     "scalar_evals",
+    "version_progress",
     "write_records",
 ]
 
@@ -182,6 +184,8 @@ def clock(hour: float | None) -> str:
 
 
 def _number(v: Any, digits: int = 3) -> Any:
+    if v is None:
+        return ""
     return round(float(v), digits) if isinstance(v, int | float) and not isinstance(v, bool) else v
 
 
@@ -223,6 +227,30 @@ def readable_round(r: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def version_progress(res: SimResult) -> dict[int, dict[str, float]]:
+    """Where the run stood when each evaluated version was committed: training rounds run
+    (failed ones included), simulated hours since the fleet's start, and bytes the fleet's
+    devices had uploaded (every device-round of those rounds that a device saw through), for
+    curves of accuracy against work and traffic. Version 0 (the bundle's) is at zero; a
+    version whose round is not among the records is left out."""
+    train = sorted((r for r in res.rounds if r.get("kind") == RoundKind.TRAIN), key=lambda r: r["round"])
+    out: dict[int, dict[str, float]] = {}
+    if 0 in res.evals:
+        out[0] = {"rounds": 0.0, "sim_hours": 0.0, "upload_bytes": 0.0}
+    uploaded = 0.0
+    for rounds, r in enumerate(train, 1):
+        uploaded += sum(float(b.get("bytes_up") or 0) for b in r.get("device_bytes", []))
+        v = r.get("new_version")
+        if v and v in res.evals:
+            end = float(r.get("t") or 0.0) + float(r.get("wall_seconds") or 0.0)
+            out[v] = {
+                "rounds": float(rounds),
+                "sim_hours": end * 24 / res.config.day_seconds,
+                "upload_bytes": uploaded,
+            }
+    return out
+
+
 def scalar_evals(evals: dict[int, dict[str, Any]]) -> dict[int, dict[str, Any]]:
     """The evaluations without their per-message arrays (for JSON)."""
     return {v: {k: x for k, x in e.items() if not isinstance(x, MessageHits)} for v, e in evals.items()}
@@ -252,14 +280,24 @@ def write_records(res: SimResult) -> None:
             default=str,
         )
     )
-    rows = []
-    for r in res.rounds:
-        ev = res.evals.get(r.get("new_version") or -1, {})
-        rows.append(
-            readable_round(r) | {"heldout top-1": ev.get("top1", ""), "heldout top-3": ev.get("top3", "")}
-        )
-    cols = list(dict.fromkeys(k for row in rows for k in row))
+    rows = readable_rounds(res)
     with (out / "rounds.csv").open("w", newline="") as f:
-        w = csv.DictWriter(f, cols, restval="")
+        w = csv.DictWriter(f, list(rows[0]) if rows else [], restval="")
         w.writeheader()
         w.writerows(rows)
+
+
+def readable_rounds(res: SimResult) -> list[dict[str, Any]]:
+    """The run's rounds as :func:`readable_round` rows, every row the same columns (a stage
+    only some rounds reached is empty in the others), then the heldout top-1/top-3 of the
+    version each committed (where it was evaluated)."""
+    rows = [readable_round(r) for r in res.rounds]
+    cols = list(dict.fromkeys(k for row in rows for k in row))
+    out = []
+    for r, row in zip(res.rounds, rows, strict=True):
+        ev = res.evals.get(r.get("new_version") or -1, {})
+        out.append(
+            {c: row.get(c, "") for c in cols}
+            | {"heldout top-1": ev.get("top1", ""), "heldout top-3": ev.get("top3", "")}
+        )
+    return out

@@ -20,7 +20,7 @@ import numpy as np
 from model_export.evaluate import MessageHits
 from model_export.stats import DEFAULT_RESAMPLES, Interval, paired_bootstrap, paired_ratio, rate_ci
 
-__all__ = ["TableRow", "ci_text", "markdown", "quality_table", "signed"]
+__all__ = ["TableRow", "cell", "ci_text", "markdown", "quality_table", "signed"]
 
 Kind = Literal["reference", "federated", "central", "baseline"]
 
@@ -69,7 +69,7 @@ def quality_table(
     by_name = {r.name: r for r in rows}
     if len(by_name) != len(rows):
         raise ValueError("row names must be unique")
-    for name in (reference, central, ngram):
+    for name in (reference, central, ngram, *(r.relative_to for r in rows)):
         if name is not None and name not in by_name:
             raise ValueError(f"no row named {name!r}")
     words = by_name[reference].hits.words
@@ -119,9 +119,18 @@ def quality_table(
     return [{c: row.get(c, "") for c in cols} for row in out]
 
 
-def _cell(v: Any) -> str:
+def cell(v: Any) -> str:
+    """A table cell's text (Markdown and the HTML report): floats to 4 significant digits
+    (NaN empty; from 10,000 on whole, with thousands separators, never ``1.028e+04``),
+    integers with thousands separators, None empty."""
+    if v is None:
+        return ""
     if isinstance(v, float):
-        return "" if np.isnan(v) else f"{v:.4g}"
+        if np.isnan(v):
+            return ""
+        return f"{v:,.0f}" if np.isfinite(v) and abs(v) >= 1e4 else f"{v:.4g}"
+    if isinstance(v, int | np.integer) and not isinstance(v, bool):
+        return f"{v:,}"
     return str(v)
 
 
@@ -131,5 +140,5 @@ def markdown(rows: Sequence[dict[str, Any]]) -> str:
         return ""
     cols = list(rows[0])
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(_cell(r.get(c, "")) for c in cols) + " |" for r in rows]
+    lines += ["| " + " | ".join(cell(r.get(c, "")).replace("|", "\\|") for c in cols) + " |" for r in rows]
     return "\n".join(lines)
