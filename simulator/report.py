@@ -138,11 +138,7 @@ def plot_bytes(runs: Sequence[Any], out: Path) -> Path:
     ax.set_ylabel("kB per participating device (median)")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = out / "bytes.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, out / "bytes.png")
 
 
 def plot_participation(run: Any, out: Path) -> Path:
@@ -201,11 +197,7 @@ def plot_privacy(rows: list[dict[str, Any]], pretrained: float, out: Path) -> Pa
     ax.set_ylabel("heldout top-1 next-word accuracy (%)")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = out / "privacy.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, out / "privacy.png")
 
 
 def plot_time_to_accuracy(runs: Sequence[Any], baselines: dict[str, float], out: Path) -> Path:
@@ -222,8 +214,12 @@ def plot_time_to_accuracy(runs: Sequence[Any], baselines: dict[str, float], out:
     ax.set_ylabel("heldout top-1 next-word accuracy (%)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    return _save(plt, fig, out / "time_to_accuracy.png")
+
+
+def _save(plt: Any, fig: Any, path: Path) -> Path:
+    """Lay out, write (110 dpi) and close one figure."""
     fig.tight_layout()
-    path = out / "time_to_accuracy.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
