@@ -25,7 +25,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
-from sqlalchemy import select, text
+from sqlalchemy import exists, select, text
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session, sessionmaker
@@ -35,6 +35,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from coordinator.api import admin, artifacts, devices, enrollment
 from coordinator.api.deps import BodyTooLarge, WrongBodySize
 from coordinator.api.guard import BodyGuard, route_rules
+from coordinator.api.longpoll import StatusWatch
 from coordinator.config import Settings
 from coordinator.db.migrate import upgrade
 from coordinator.db.models import Round, Task
@@ -42,7 +43,7 @@ from coordinator.db.session import AsyncStatement, make_engine, make_sessionmake
 from coordinator.observability import Metrics, configure_logging
 from coordinator.profiling import CURRENT, RouteCpu, install_thread_meter, metered
 from coordinator.schemas import TaskConfig
-from coordinator.services.aggregate import aggregate, pending_aggregations, publish_pending
+from coordinator.services.aggregate import STALE_CLAIM, aggregate, pending_aggregations, publish_pending
 from coordinator.services.devices import AuthError, RateLimited, checkin_statement
 from coordinator.services.privacy_budget import privacy_status
 from coordinator.services.rounds import (
@@ -51,7 +52,9 @@ from coordinator.services.rounds import (
     RoundContext,
     StageConflict,
     close_if_complete,
+    current_views,
     open_rounds,
+    utc,
 )
 from coordinator.services.storage import ArtifactStore
 from coordinator.services.tasks import Conflict, NotFound
@@ -151,20 +154,59 @@ def _install_errors(app: FastAPI) -> None:
     app.add_exception_handler(psycopg.OperationalError, busy)  # the check-ins' asyncio connections
 
 
+def _open_round_rows(session: Session) -> list[Any]:
+    """(id, stage, deadline, aggregation claim) of every open round: the ticker's look."""
+    return list(
+        session.execute(
+            select(Round.id, Round.stage, Round.stage_deadline, Round.claimed_at).where(
+                Round.stage != Stage.DONE
+            )
+        )
+    )
+
+
 def tick(app: FastAPI) -> None:
-    """One pass of the ticker: stage deadlines, new rounds, pending aggregations."""
+    """One pass of the ticker: stage deadlines, new rounds, pending aggregations.
+
+    Most ticks find nothing to do, and each worker ticks several times a second, so a tick
+    first reads only what decides it: the open rounds' stages and deadlines, and whether an
+    active task has no open round (only then does it take the locking path that opens one).
+    A selection before its deadline is closed by the check-in that fills its pool, a round
+    being aggregated by the worker that claimed it: the ticker leaves both alone without a
+    transaction of their own."""
     ctx: RoundContext = app.state.ctx
     factory = app.state.sessions
     with factory() as session, session.begin():
-        open_rounds(session, ctx)
-        ids = list(session.scalars(select(Round.id).where(Round.stage != Stage.DONE)))
-    for round_id in ids:
-        close_if_complete(factory, ctx, round_id, wait=True)
-    with factory() as session:
-        pending = pending_aggregations(session, ctx.now())
+        if session.scalar(select(_ACTIVE_WITHOUT_ROUND)):
+            open_rounds(session, ctx)
+        rows = _open_round_rows(session)
+    now = ctx.now()
+    moved = False
+    for round_id, stage, deadline, _ in rows:
+        if stage == Stage.AGGREGATING or (stage == Stage.SELECTING and now < utc(deadline)):
+            continue
+        moved |= close_if_complete(factory, ctx, round_id, wait=True)
+    if moved:  # a close may have made an aggregation due
+        with factory() as session:
+            pending = pending_aggregations(session, ctx.now())
+    else:
+        stale = now - STALE_CLAIM
+        pending = [
+            round_id
+            for round_id, stage, _, claimed in rows
+            if stage == Stage.AGGREGATING and (claimed is None or utc(claimed) < stale)
+        ]
     for round_id in pending:
         aggregate(factory, ctx, round_id)
         ctx.forget_views()  # the round is over (committed): check-ins here see it at once
+
+
+_ACTIVE_WITHOUT_ROUND = (
+    exists()
+    .where(Task.status == "active")
+    .where(~exists().where(Round.task_id == Task.id, Round.stage != Stage.DONE))
+)
+"""An active task has no open round (the ticker opens one)."""
 
 
 def _loop(app: FastAPI, name: str, every: float, fn: Any, stop: threading.Event) -> None:
@@ -346,6 +388,9 @@ def create_app(settings: Settings | None = None, *, background: bool = True) -> 
     )
     app.state.ctx = ctx
     app.state.route_cpu = route_cpu
+    app.state.status_watch = StatusWatch(
+        ctx, lambda: current_views(app.state.soft_sessions, ctx), cpu=route_cpu
+    )
     _install_errors(app)
     app.include_router(devices.router)
     app.include_router(artifacts.router)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import secrets
 import threading
 from collections import OrderedDict
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -20,7 +21,7 @@ from coordinator.schemas import DeadlineSettings, TrainingSettings
 from protocol.codec import CodecParams
 from protocol.wire import RoundKind, SecAggParams, UnmaskRequest
 
-__all__ = ["StoredPlan", "plan_of", "set_plan"]
+__all__ = ["StoredPlan", "plan_of", "set_plan", "stored_plan"]
 
 
 class StoredPlan(BaseModel):
@@ -66,14 +67,18 @@ _lock = threading.Lock()
 
 
 def plan_of(rnd: Round) -> StoredPlan:
-    """The round's plan, validated once per worker. The cache key is the round's id, its random
-    selection seed (ids repeat across databases, e.g. tests in one process) and whether
-    ``unmask`` is set (the one change a plan sees)."""
-    raw = rnd.plan
+    """The round's plan, validated once per worker (:func:`stored_plan`)."""
+    return stored_plan(rnd.id, rnd.plan)
+
+
+def stored_plan(round_id: int, raw: dict[str, Any]) -> StoredPlan:
+    """Round ``round_id``'s plan from its stored JSON, validated once per worker. The cache key
+    is the round's id, its random selection seed (ids repeat across databases, e.g. tests in
+    one process) and whether ``unmask`` is set (the one change a plan sees)."""
     seed = raw.get("selection_seed")
     if not isinstance(seed, str):  # a round opened before plans carried a seed
         return StoredPlan.model_validate(raw)
-    key = (rnd.id, seed, raw.get("unmask") is not None)
+    key = (round_id, seed, raw.get("unmask") is not None)
     with _lock:
         got = _cache.get(key)
         if got is not None:

@@ -33,12 +33,15 @@ __all__ = [
 ]
 
 
-def _settings(request: Request) -> Settings:
+# ``async``: FastAPI runs a plain ``def`` dependency in a worker thread, and these only read
+# the app's state: a thread hop each (a queue handoff and two switches of the interpreter lock)
+# cost more than the request's own work in most device routes.
+async def _settings(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings
 
 
-def _context(request: Request) -> RoundContext:
+async def _context(request: Request) -> RoundContext:
     ctx: RoundContext = request.app.state.ctx
     return ctx
 
@@ -92,7 +95,7 @@ def _device(request: Request, session: SessionDep, settings: SettingsDep) -> Dev
     return session.merge(device, load=False)
 
 
-def _admin(request: Request, settings: SettingsDep) -> None:
+async def _admin(request: Request, settings: SettingsDep) -> None:
     if not secret_matches(_bearer(request), settings.admin_token.get_secret_value()):
         raise AuthError("wrong admin token")
 

@@ -3,6 +3,7 @@ update upload, reports, federated evaluation."""
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Annotated, Any
 
@@ -20,10 +21,12 @@ from coordinator.api.deps import (
     _bearer,
     read_body,
 )
+from coordinator.api.longpoll import DB_BACKOFF, StatusWatch
 from coordinator.db.session import AsyncStatement, single_statement
 from coordinator.services import rounds
 from coordinator.services.devices import (
     authenticate,
+    authenticate_id,
     checkin_params,
     checkin_result,
     checkin_statement,
@@ -182,7 +185,6 @@ def plan(
 
 
 MAX_STATUS_WAIT = 30.0  # seconds a long poll of the round status may be held
-_POLL_TICK = 0.1  # seconds between looks at the worker's round view while a long poll waits
 
 
 def _status_moved(st: RoundStatus, since: Stage) -> bool:
@@ -201,10 +203,11 @@ async def round_status(
     """The round's stage and the device's part in it. A long poll with ``since`` (the stage
     the device knows) and ``wait``: the answer comes as soon as the round leaves that stage or
     the device leaves the round, or after ``wait`` seconds. A waiting poll holds no database
-    connection: it watches the worker's round view (refreshed every ``view_ttl``; a stage
-    closed by this worker shows at once) and reads the database only when the view shows a
-    change, so a round's devices learn of stage changes within a fraction of a second without
-    polling the coordinator several times a second each."""
+    connection: the worker's :class:`~coordinator.api.longpoll.StatusWatch` watches the round
+    view for all of them (refreshed every ``view_ttl``; a stage closed by this worker shows at
+    once) and wakes a poll only when the view shows a change, so a round's devices learn of
+    stage changes within a fraction of a second without polling the coordinator several times
+    a second each."""
     app = request.app
     ctx: RoundContext = app.state.ctx
     token = _bearer(request)
@@ -212,8 +215,8 @@ async def round_status(
 
     def first() -> tuple[str, RoundStatus]:
         with app.state.sessions() as session, session.begin():
-            device = authenticate(session, token=token, rate_limit_per_minute=limit)
-            return device.id, rounds.status_of(session, ctx, round_id=round_id, device_id=device.id)
+            device_id = authenticate_id(session, token=token, rate_limit_per_minute=limit)
+            return device_id, rounds.status_of(session, ctx, round_id=round_id, device_id=device_id)
 
     device_id, st = await run_in_threadpool(first)
     if since is None or wait <= 0 or _status_moved(st, since):
@@ -223,24 +226,14 @@ async def round_status(
         with app.state.sessions() as session:
             return rounds.status_of(session, ctx, round_id=round_id, device_id=device_id)
 
+    watch: StatusWatch = app.state.status_watch
     end = time.monotonic() + wait
-    db_after = 0.0  # no database read before this time (after one that showed no change)
-    while (left := end - time.monotonic()) > 0:
-        await anyio.sleep(min(_POLL_TICK, left))
-        snap = ctx.views_if_fresh()
-        if snap is None:
-            snap = await ctx.refresh_views_from_loop(
-                lambda: rounds.current_views(app.state.soft_sessions, ctx)
-            )
-            if snap is None:
-                continue  # another request refreshes it
-        moved = rounds.view_moved(snap, round_id, since, device_id)
-        if moved is False or time.monotonic() < db_after:
-            continue
+    db_after = -math.inf  # no database read before this time (after one that showed no change)
+    while await watch.wait(round_id, since, device_id, timeout=end - time.monotonic(), not_before=db_after):
         st = await run_in_threadpool(again)
         if _status_moved(st, since):
             return st
-        db_after = time.monotonic() + 1.0
+        db_after = time.monotonic() + DB_BACKOFF
     return await run_in_threadpool(again)
 
 

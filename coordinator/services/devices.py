@@ -24,6 +24,7 @@ __all__ = [
     "EnrollmentClosed",
     "RateLimited",
     "authenticate",
+    "authenticate_id",
     "checkin_params",
     "checkin_result",
     "checkin_statement",
@@ -134,34 +135,75 @@ def revoke_device(session: Session, device_id: str, now: datetime | None = None)
     return device
 
 
-def authenticate(
-    session: Session, *, token: str, rate_limit_per_minute: int, checkin: dict[str, object] | None = None
-) -> Device:
+def authenticate(session: Session, *, token: str, rate_limit_per_minute: int) -> Device:
     """The device owning ``token``, in one round trip: the same statement counts the request
-    against the device's per-minute budget (and, for a check-in, records its state).
+    against the device's per-minute budget.
 
     The counter lives in the device row (no process memory). A refused request rolls back with
     its transaction, so hammering a limit does not extend it.
     """
     now = time.time()
-    minute = int(now // 60)
-    values: dict[str, object] = {
-        "rate_count": case((Device.rate_window == minute, Device.rate_count + 1), else_=1),
-        "rate_window": minute,
-        **(checkin or {}),
-    }
-    device = session.execute(
-        update(Device)
-        .where(Device.token_hash == hash_token(token))
-        .values(**values)
-        .returning(Device)
-        .execution_options(synchronize_session=False)
+    device: Device | None = session.execute(
+        _auth_device_statement(),
+        {"b_token": hash_token(token), "b_minute": int(now // 60)},
+        execution_options={"synchronize_session": False},
     ).scalar_one_or_none()
     if device is None:
         raise AuthError("unknown or revoked device token")
     if device.rate_count > rate_limit_per_minute:
         raise RateLimited(retry_after=60 - now % 60)
     return device
+
+
+@functools.cache
+def _auth_device_statement() -> Update:
+    """:func:`authenticate`'s statement, returning the whole device (built once: every device
+    request but the check-in and the status runs it, and building and cache-keying it per
+    request cost about as much as running it)."""
+    t = cast(Table, Device.__table__)
+    return (
+        update(Device)
+        .where(Device.token_hash == bindparam("b_token"))
+        .values(**_counted(t))
+        .returning(Device)
+    )
+
+
+def _counted(t: Table) -> dict[str, Any]:
+    """The values that count a request against the device's budget for minute ``b_minute``
+    (the bound statements below)."""
+    return {
+        "rate_count": case((t.c.rate_window == bindparam("b_minute"), t.c.rate_count + 1), else_=1),
+        "rate_window": bindparam("b_minute"),
+    }
+
+
+@functools.cache
+def _auth_statement() -> Update:
+    """:func:`authenticate`'s statement returning only the id and the count (built once)."""
+    t = cast(Table, Device.__table__)
+    return (
+        update(t)
+        .where(t.c.token_hash == bindparam("b_token"))
+        .values(**_counted(t))
+        .returning(t.c.id, t.c.rate_count)
+    )
+
+
+def authenticate_id(session: Session, *, token: str, rate_limit_per_minute: int) -> str:
+    """:func:`authenticate` for a route that needs only the device's id (the round status,
+    which devices long-poll all round): the same statement and rules, without building an
+    ORM object of the whole row."""
+    now = time.time()
+    row = session.execute(
+        _auth_statement(), {"b_token": hash_token(token), "b_minute": int(now // 60)}
+    ).one_or_none()
+    if row is None:
+        raise AuthError("unknown or revoked device token")
+    device_id, count = row
+    if count > rate_limit_per_minute:
+        raise RateLimited(retry_after=60 - now % 60)
+    return str(device_id)
 
 
 @functools.cache
@@ -177,8 +219,7 @@ def checkin_statement() -> Update:
         update(t)
         .where(t.c.token_hash == bindparam("b_token"))
         .values(
-            rate_count=case((t.c.rate_window == bindparam("b_minute"), t.c.rate_count + 1), else_=1),
-            rate_window=bindparam("b_minute"),
+            **_counted(t),
             last_checkin_at=bindparam("b_seen", type_=t.c.last_checkin_at.type),
             client_version=bindparam("b_version", type_=t.c.client_version.type),
             # a class given by the device's enrolment code is kept

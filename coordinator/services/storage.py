@@ -13,6 +13,7 @@ import io
 import os
 import shutil
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,6 +60,8 @@ class ArtifactStore:
         self.root = root
         self._bundles: dict[str, Bundle] = {}
         self._hashes: dict[tuple[str, int], str] = {}
+        self._computing: dict[Path, threading.Lock] = {}  # deltas being computed (open_delta)
+        self._lock = threading.Lock()
         (root / "bundles").mkdir(parents=True, exist_ok=True)
         (root / "weights").mkdir(parents=True, exist_ok=True)
 
@@ -158,16 +161,29 @@ class ArtifactStore:
         try:
             f = path.open("rb")
         except FileNotFoundError:
-            data = xor_delta(self.load_weights(new_file), self.load_weights(base_file))
-            f = write_open(path, data)
-            size = len(data)
-            self._hashes[(str(path), size)] = hashlib.sha256(data).hexdigest()
-            del data
-            self.evict_deltas(max_files=max_files, max_bytes=max_bytes)
-        else:
-            with contextlib.suppress(FileNotFoundError):  # evicted meanwhile: served all the same
-                os.utime(path)  # recently served: evicted last
-            size = os.fstat(f.fileno()).st_size
+            # The round's devices ask for the new version's delta all at once: one thread of
+            # this worker computes it (about half a second for the demo model), the others
+            # wait and read the file it wrote, instead of each computing the same delta.
+            with self._lock:
+                computing = self._computing.setdefault(path, threading.Lock())
+            try:
+                with computing:
+                    try:
+                        f = path.open("rb")
+                    except FileNotFoundError:
+                        data = xor_delta(self.load_weights(new_file), self.load_weights(base_file))
+                        f = write_open(path, data)
+                        size = len(data)
+                        self._hashes[(str(path), size)] = hashlib.sha256(data).hexdigest()
+                        del data
+                        self.evict_deltas(max_files=max_files, max_bytes=max_bytes)
+            finally:
+                with self._lock:
+                    if self._computing.get(path) is computing:
+                        del self._computing[path]
+        with contextlib.suppress(FileNotFoundError):  # evicted meanwhile: served all the same
+            os.utime(path)  # recently served: evicted last
+        size = os.fstat(f.fileno()).st_size
         digest = self._hashes.get((str(path), size))
         if digest is None:
             digest = self._hashes[(str(path), size)] = _sha256_open(f)

@@ -12,10 +12,9 @@ Usage per round::
     unmask_req = server.close_masked_input()       # -> every survivor
     total = server.unmask(responses)               # stage 4: the exact modular sum
 
-Masked vectors are never stored: each is added into one running sum as it arrives. Apart
-from that vector, the state is small (keys, encrypted shares, revealed shares), and all of it
-is serialisable with :meth:`SecAggServer.to_bytes` (binary layout documented there) so the
-coordinator can keep it in its database and resume after a restart.
+Masked vectors are never stored: each is added into one running sum as it arrives. The rest
+(keys, relayed shares packed per recipient by :mod:`protocol.secagg.inbox`, revealed shares)
+serialises with :meth:`SecAggServer.to_bytes`: the coordinator keeps it in its database.
 """
 
 from __future__ import annotations
@@ -39,6 +38,7 @@ from protocol.secagg.common import (
     resolve_graph,
 )
 from protocol.secagg.graph import neighbour_graph
+from protocol.secagg.inbox import inbox_digests, pack_inbox, read_inboxes, unpack_inbox, write_inboxes
 from protocol.wire import (
     AdvertiseKeys,
     BadBodyError,
@@ -57,7 +57,7 @@ from protocol.wire import (
 __all__ = ["STATE_MAGIC", "STATE_VERSION", "SecAggServer"]
 
 STATE_MAGIC = b"FKSA"
-STATE_VERSION = 1
+STATE_VERSION = 2
 _STATE_HEAD = struct.Struct("<4sHI")  # magic, version, JSON length
 
 
@@ -76,8 +76,6 @@ class _ServerState(BaseModel):
     """Devices in U2 -> the digest of the self-mask share each keeps for itself."""
     excluded: list[str] = Field(default_factory=list)
     """Devices that shared keys but had fewer than t - 1 neighbours that did: left out."""
-    mailbox: dict[str, list[EncryptedShare]] = Field(default_factory=dict)
-    """Recipient -> shares addressed to it (relayed in stage 3)."""
     share_messages: dict[str, ShareKeys] = Field(default_factory=dict)
     inputs: list[str] = Field(default_factory=list)
     """Devices whose masked input is in the running sum (U3), in arrival order."""
@@ -90,6 +88,10 @@ class _ServerState(BaseModel):
     """Survivors whose unmask response failed its checks at reconstruction: left out of it."""
 
 
+class _ServerStateV1(_ServerState):  # version 1 kept the relayed shares in the JSON
+    mailbox: dict[str, list[EncryptedShare]] = Field(default_factory=dict)
+
+
 class SecAggServer:
     """Honest-but-curious aggregator of one round (see :mod:`protocol.secagg`)."""
 
@@ -99,6 +101,10 @@ class SecAggServer:
         self._sum = np.zeros(params.vector_length, dtype=self._dtype)
         self._graph: dict[str, frozenset[str]] | None = None
         self._index: dict[str, int] = {}
+        # recipient -> its relayed shares (stage 3 on), packed; decoded for a call that needs them
+        self._packed: dict[str, bytes | memoryview] = {}
+        self._inboxes: dict[str, tuple[EncryptedShare, ...]] = {}
+        self._digests: dict[str, dict[str, tuple[bytes, bytes]]] = {}
 
     # -- state -----------------------------------------------------------------------------
 
@@ -132,43 +138,65 @@ class SecAggServer:
         return device in self._s.inputs
 
     def to_bytes(self) -> bytes:
-        """Binary state: ``b"FKSA"``, uint16 version, uint32 JSON length (little-endian), the
-        JSON of the small state, then the running sum: ``vector_length`` little-endian words
-        of the ring word width (1, 2 or 4 bytes, see :func:`crypto.ring_dtype`)."""
+        """Binary state (little-endian): ``b"FKSA"``, uint16 version, uint32 JSON length, the
+        JSON of the small state, the relayed shares (:func:`.inbox.write_inboxes`), then the
+        running sum: ``vector_length`` words of the ring word width (:func:`crypto.ring_dtype`)."""
         meta = self._s.model_dump_json().encode()
         return b"".join(
             (
                 _STATE_HEAD.pack(STATE_MAGIC, STATE_VERSION, len(meta)),
                 meta,
+                write_inboxes(self._packed),
                 self._sum.astype(self._dtype.newbyteorder("<")).tobytes(),
             )
         )
 
     @classmethod
     def from_bytes(cls, data: bytes) -> SecAggServer:
-        """Inverse of :meth:`to_bytes`; refuses anything malformed with :class:`SecAggError`."""
+        """Inverse of :meth:`to_bytes` (also of version 1's); anything malformed raises
+        :class:`SecAggError` (a relayed share when its recipient's inbox is first used)."""
         buf = memoryview(data)
         if len(buf) < _STATE_HEAD.size:
             raise SecAggError("server state truncated")
         magic, version, n = _STATE_HEAD.unpack(buf[: _STATE_HEAD.size])
-        if magic != STATE_MAGIC or version != STATE_VERSION:
+        if magic != STATE_MAGIC or version not in (1, STATE_VERSION):
             raise SecAggError(f"not a version-{STATE_VERSION} server state")
         end = _STATE_HEAD.size + n
+        model = _ServerState if version == STATE_VERSION else _ServerStateV1
         try:
-            state = _ServerState.model_validate_json(bytes(buf[_STATE_HEAD.size : end]))
+            state = model.model_validate_json(bytes(buf[_STATE_HEAD.size : end]))
         except ValidationError as e:
             raise SecAggError(f"invalid server state: {e}") from e
+        packed: dict[str, bytes | memoryview] = {}
+        if isinstance(state, _ServerStateV1):
+            packed = {v: pack_inbox(shares) for v, shares in state.mailbox.items()}
+            state = _ServerState.model_validate(state.model_dump(exclude={"mailbox"}))
+        else:
+            packed, end = read_inboxes(buf, end)
         self = cls(state.params)
         vec = buf[end:]
         if len(vec) != state.params.vector_length * self._dtype.itemsize:
             raise SecAggError("server state: running sum has the wrong length")
         self._s = state
+        self._packed = packed
         self._sum = np.frombuffer(vec, dtype=self._dtype.newbyteorder("<")).astype(self._dtype)
         if state.roster is not None:
             self._build_graph(state.roster)
         return self
 
     # -- helpers ---------------------------------------------------------------------------
+
+    def _inbox(self, device: str) -> tuple[EncryptedShare, ...]:
+        """The shares relayed to ``device`` (decoded once; empty if it has no inbox)."""
+        if device not in self._inboxes and device in self._packed:
+            self._inboxes[device] = unpack_inbox(device, self._packed[device])
+        return self._inboxes.get(device, ())
+
+    def _given(self, device: str) -> dict[str, tuple[bytes, bytes]]:
+        """Sender -> (self-mask digest, key digest) of the shares relayed to ``device``."""
+        if device not in self._digests and device in self._packed:
+            self._digests[device] = inbox_digests(device, self._packed[device])
+        return self._digests.get(device, {})
 
     def _expect(self, stage: Stage, what: str) -> None:
         if self._s.stage is not stage:
@@ -297,7 +325,8 @@ class SecAggServer:
             for share in self._s.share_messages[u].shares:
                 if share.recipient in active:
                     mailbox[share.recipient].append(share)
-        self._s.mailbox = mailbox
+        self._inboxes = {v: tuple(shares) for v, shares in mailbox.items()}
+        self._packed = {v: pack_inbox(shares) for v, shares in mailbox.items()}
         self._s.share_messages = {}
         self._s.stage = Stage.MASKED_INPUT
         return sorted(active)
@@ -307,21 +336,21 @@ class SecAggServer:
     def masked_input_request(self, device: str) -> MaskedInputRequest:
         """The shares relayed to ``device`` (only for devices in U2)."""
         self._expect(Stage.MASKED_INPUT, "masked_input_request")
-        if device not in self._s.mailbox:
+        if device not in self._packed:
             raise SecAggError(f"{device!r} did not complete key sharing (or was excluded)")
         return MaskedInputRequest(
             round_id=self._s.params.round_id,
             recipient=device,
-            shares=tuple(self._s.mailbox[device]),
+            shares=self._inbox(device),
         )
 
     def check_omissions(self, device: str, omitted: Iterable[str]) -> list[str]:
         """Validate the neighbours ``device`` says it did not mask with (their shares were
         unusable): only devices whose share was relayed to it. Sorted, without repeats."""
         self._expect(Stage.MASKED_INPUT, "check_omissions")
-        if device not in self._s.mailbox:
+        if device not in self._packed:
             raise SecAggError(f"{device!r} may not send a masked input in this round")
-        senders = {e.sender for e in self._s.mailbox[device]}
+        senders = self._given(device)
         out = sorted(set(omitted))
         strange = [u for u in out if u not in senders]
         if strange:
@@ -351,7 +380,7 @@ class SecAggServer:
     def add_masked_input(self, device: str, values: npt.ArrayLike) -> None:
         """Add a device's masked vector into the running sum (mod ``2**k``)."""
         self._expect(Stage.MASKED_INPUT, "add_masked_input")
-        if device not in self._s.mailbox:
+        if device not in self._packed:
             raise SecAggError(f"{device!r} may not send a masked input in this round")
         if device in self._s.inputs:
             raise DuplicateInputError(f"{device!r} already sent its masked input")
@@ -369,7 +398,7 @@ class SecAggServer:
 
         Raises a :class:`protocol.wire.WireError` for a malformed upload (nothing is added)."""
         self._expect(Stage.MASKED_INPUT, "add_masked_update")
-        if device not in self._s.mailbox:
+        if device not in self._packed:
             raise SecAggError(f"{device!r} may not send a masked input in this round")
         if device in self._s.inputs:
             raise DuplicateInputError(f"{device!r} already sent its masked input")
@@ -398,13 +427,13 @@ class SecAggServer:
         shares among the survivors (only survivors answer the unmask stage)."""
         self._expect(Stage.MASKED_INPUT, "close_masked_input")
         survivors = sorted(self._s.inputs)
-        dropped = sorted(set(self._s.mailbox) - set(survivors))
+        dropped = sorted(set(self._packed) - set(survivors))
         # only survivors' omissions shape the sum (a dropped device's masks are all removed)
         self._s.omissions = {v: us for v, us in self._s.omissions.items() if v in self._s.inputs}
         need = max(self._threshold(), self._s.params.min_devices)
         if len(survivors) < need:
             raise SecAggError(f"only {len(survivors)} masked inputs arrived; the round needs {need}")
-        self._check_recoverable(set(survivors), set(self._s.mailbox))
+        self._check_recoverable(set(survivors), set(self._packed))
         self._s.unmask_request = UnmaskRequest(
             round_id=self._s.params.round_id, survivors=tuple(survivors), dropped=tuple(dropped)
         )
@@ -458,7 +487,7 @@ class SecAggServer:
             raise DuplicateInputError(f"{msg.sender!r} already answered the unmask stage")
         alive, gone = set(req.survivors), set(req.dropped)
         # what the sender was given (the relayed shares, with their owners' digests), and its own
-        given = {e.sender: e for e in self._s.mailbox.get(msg.sender, ())}
+        given = self._given(msg.sender)
         x = self._index[msg.sender]
 
         def digest(owner: str, kind: bytes, value: bytes) -> bytes:
@@ -468,13 +497,13 @@ class SecAggServer:
             if s.owner not in alive or (s.owner != msg.sender and s.owner not in given):
                 raise SecAggError(f"{msg.sender!r} revealed a self-mask share of {s.owner!r}")
             own = s.owner == msg.sender
-            want = self._s.own_digests[s.owner] if own else given[s.owner].self_mask_digest
+            want = self._s.own_digests[s.owner] if own else given[s.owner][0]
             if digest(s.owner, crypto.SHARE_SELF_MASK, s.value) != want:
                 raise SecAggError(f"{msg.sender!r} revealed a self-mask share of {s.owner!r} not given to it")
         for s in msg.key_shares:
             if s.owner not in gone or s.owner not in given:
                 raise SecAggError(f"{msg.sender!r} revealed a key share of {s.owner!r}")
-            if digest(s.owner, crypto.SHARE_KEY, s.value) != given[s.owner].key_digest:
+            if digest(s.owner, crypto.SHARE_KEY, s.value) != given[s.owner][1]:
                 raise SecAggError(f"{msg.sender!r} revealed a key share of {s.owner!r} not given to it")
         return True
 

@@ -12,6 +12,8 @@ Share values travel as ``SHARE_BYTES`` = 66 big-endian bytes.
 
 from __future__ import annotations
 
+import functools
+import operator
 import secrets
 from collections.abc import Callable, Sequence
 
@@ -75,10 +77,14 @@ class _Basis:
     """Lagrange interpolation through fixed, distinct points ``xs`` (barycentric form).
 
     The weights ``w_i = 1 / prod_{j != i} (x_i - x_j)`` take one modular inversion for all
-    of them (Montgomery's batch trick); each evaluation is then O(t) multiplications, with
-    prefix and suffix products of ``(at - x_j)`` (not O(t**2) with t inversions)."""
+    of them (Montgomery's batch trick). The Lagrange coefficients ``l_i(point)`` of an
+    evaluation point are O(t) multiplications with prefix and suffix products of
+    ``(point - x_j)`` (not O(t**2) with t inversions), kept per point: an evaluation is then
+    one dot product, and the same points recur for every secret of a round (the survivors'
+    indices), so a coordinator that reconstructs a hundred secrets with a hundred shares each
+    computes them once (:func:`_basis` keeps recent bases)."""
 
-    __slots__ = ("weights", "xs")
+    __slots__ = ("_coefficients", "weights", "xs")
 
     def __init__(self, xs: Sequence[int]) -> None:
         self.xs = list(xs)
@@ -90,21 +96,45 @@ class _Basis:
                     d = d * (xi - xj) % PRIME
             dens.append(d)
         self.weights = _batch_inverse(dens)
+        self._coefficients: dict[int, list[int] | int] = {}
+
+    def coefficients(self, point: int) -> list[int] | int:
+        """``[l_i(point)]``, or the index ``i`` when ``point`` is ``x_i`` itself."""
+        got = self._coefficients.get(point)
+        if got is None:
+            xs, n = self.xs, len(self.xs)
+            diffs = [(point - x) % PRIME for x in xs]
+            if 0 in diffs:
+                got = diffs.index(0)
+            else:
+                suffix = [1] * (n + 1)
+                for i in range(n - 1, -1, -1):
+                    suffix[i] = suffix[i + 1] * diffs[i] % PRIME
+                coeffs, prefix = [], 1
+                for i in range(n):
+                    coeffs.append(self.weights[i] * (prefix * suffix[i + 1] % PRIME) % PRIME)
+                    prefix = prefix * diffs[i] % PRIME
+                got = coeffs
+            if len(self._coefficients) < _MAX_POINTS:
+                self._coefficients[point] = got
+        return got
 
     def at(self, ys: Sequence[int], point: int) -> int:
         """f(point) for the polynomial of degree < len(xs) with f(x_i) = ys[i]."""
-        xs, n = self.xs, len(self.xs)
-        diffs = [(point - x) % PRIME for x in xs]
-        if 0 in diffs:
-            return ys[diffs.index(0)] % PRIME
-        suffix = [1] * (n + 1)
-        for i in range(n - 1, -1, -1):
-            suffix[i] = suffix[i + 1] * diffs[i] % PRIME
-        total, prefix = 0, 1
-        for i in range(n):
-            total += ys[i] * self.weights[i] % PRIME * (prefix * suffix[i + 1] % PRIME)
-            prefix = prefix * diffs[i] % PRIME
+        c = self.coefficients(point)
+        if isinstance(c, int):
+            return ys[c] % PRIME
+        total: int = sum(map(operator.mul, ys, c))
         return total % PRIME
+
+
+_MAX_POINTS = 4096  # evaluation points a basis keeps coefficients for
+
+
+@functools.lru_cache(maxsize=32)
+def _basis(xs: tuple[int, ...]) -> _Basis:
+    """The basis through ``xs``, shared by the reconstructions that use the same points."""
+    return _Basis(xs)
 
 
 def _batch_inverse(values: Sequence[int]) -> list[int]:
@@ -142,7 +172,7 @@ def reconstruct(shares: Sequence[Share], threshold: int) -> bytes:
         raise ShamirError("duplicate share points")
     if any(not (0 < x < PRIME and 0 <= y < PRIME) for x, y in shares):
         raise ShamirError("share out of the field")
-    basis = _Basis(xs[:threshold])
+    basis = _basis(tuple(xs[:threshold]))
     base_ys = [y for _, y in shares[:threshold]]
     for x, y in shares[threshold:]:
         if basis.at(base_ys, x) != y:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fastapi import FastAPI
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -39,6 +40,7 @@ class Coord:
     sessions: sessionmaker[Session]
     ctx: RoundContext
     data_dir: Path
+    app: FastAPI
 
     @contextmanager
     def tx(self) -> Iterator[Session]:
@@ -54,7 +56,7 @@ def coord(tmp_path: Path, tiny_bundle_dir: Path) -> Iterator[Coord]:
         publish_predict=False,
     )
     app = create_app(settings, background=False)
-    c = Coord(app.state.sessions, app.state.ctx, tmp_path / "data")
+    c = Coord(app.state.sessions, app.state.ctx, tmp_path / "data", app)
     cfg = TaskConfig.model_validate(
         {
             "clients_per_round": 5,

@@ -4,6 +4,7 @@ stage order, duplicates, state serialisation, and what a masked vector reveals."
 from __future__ import annotations
 
 import base64
+import json
 
 import numpy as np
 import pytest
@@ -22,6 +23,7 @@ from protocol.secagg import (
     resolve_graph,
     secagg_params_for,
 )
+from protocol.secagg import server as secagg_server
 from protocol.wire import (
     EncryptedShare,
     MaskedInputRequest,
@@ -456,6 +458,56 @@ def test_server_state_survives_a_restart_mid_round() -> None:
         SecAggServer.from_bytes(blob[:-1])
     with pytest.raises(SecAggError):
         SecAggServer.from_bytes(b"XXXX" + blob[4:])
+
+
+def _state_parts(blob: bytes) -> tuple[dict[str, object], int]:
+    """The JSON of a version-2 state and where its relayed shares start."""
+    head = secagg_server._STATE_HEAD
+    _, version, n = head.unpack(blob[: head.size])
+    assert version == secagg_server.STATE_VERSION == 2
+    return json.loads(blob[head.size : head.size + n]), head.size + n
+
+
+def test_a_version_1_state_is_read_and_written_as_version_2() -> None:
+    """Version 1 kept the relayed shares in the state's JSON; a round open across an upgrade
+    goes on from such a state."""
+    _, clients, server = _setup(n=5, length=8, bits=12)
+    _to_masked_stage(clients, server)
+    blob = server.to_bytes()
+    meta, _ = _state_parts(blob)
+    meta["mailbox"] = {
+        d: [json.loads(e.model_dump_json()) for e in server.masked_input_request(d).shares]
+        for d in sorted(clients)
+    }
+    text = json.dumps(meta).encode()
+    old = secagg_server._STATE_HEAD.pack(b"FKSA", 1, len(text)) + text + blob[-8 * 2 :]  # 8 uint16 words
+    restored = SecAggServer.from_bytes(old)
+    for d in clients:
+        assert restored.masked_input_request(d) == server.masked_input_request(d)
+    assert restored.to_bytes() == blob
+
+
+def test_damaged_relayed_shares_are_refused() -> None:
+    """The packed inboxes of a stored state: a wrong length is refused when the state is read,
+    a damaged share when its recipient's inbox is first used (nothing is trusted unchecked)."""
+    _, clients, server = _setup(n=5, length=8, bits=12)
+    _to_masked_stage(clients, server)
+    blob = server.to_bytes()
+    _, at = _state_parts(blob)
+    assert int.from_bytes(blob[at : at + 4], "little") == 5  # five recipients
+    k = blob[at + 4]
+    first = blob[at + 5 : at + 5 + k].decode()
+    size_at = at + 5 + k
+    too_long = blob[:size_at] + (1 << 30).to_bytes(4, "little") + blob[size_at + 4 :]
+    with pytest.raises(SecAggError, match="truncated"):
+        SecAggServer.from_bytes(too_long)
+    share_at = size_at + 4 + 2  # past the inbox's share count: the first share's sender length
+    bad_sender = blob[:share_at] + bytes([blob[share_at] + 1]) + blob[share_at + 1 :]
+    damaged = SecAggServer.from_bytes(bad_sender)
+    with pytest.raises(SecAggError, match="malformed relayed shares"):
+        damaged.masked_input_request(first)
+    others = [d for d in sorted(clients) if d != first]
+    assert damaged.masked_input_request(others[0]) == server.masked_input_request(others[0])
 
 
 def test_invalid_inputs_are_refused() -> None:

@@ -83,6 +83,24 @@ def test_inconsistent_extra_share_is_detected() -> None:
     assert shamir.reconstruct(shares, 3) == bytes(range(32))
 
 
+def test_secrets_through_the_same_points_share_a_basis_and_stay_checked() -> None:
+    """A round's secrets are shared among the same holders: the interpolation basis and its
+    coefficients are computed once for all of them, and every extra share is still checked,
+    whichever secret it belongs to."""
+    rng = random.Random(5)
+    xs = list(range(1, 12))
+    for i in range(20):
+        secret = rng.randbytes(32)
+        shares = shamir.split(secret, xs, 6, random_bytes=rng.randbytes)
+        assert shamir.reconstruct(shares, 6) == secret
+        if i % 5 == 4:
+            j = 6 + i % 5  # an extra share (beyond the first t), its value off by one
+            bad = [*shares[:j], (shares[j][0], (shares[j][1] + 1) % PRIME), *shares[j + 1 :]]
+            with pytest.raises(ShamirError, match=f"x={xs[j]} is inconsistent"):
+                shamir.reconstruct(bad, 6)
+    assert shamir._basis.cache_info().hits >= 19
+
+
 def test_invalid_arguments() -> None:
     with pytest.raises(ShamirError):
         shamir.split(b"short", [1, 2], 1)

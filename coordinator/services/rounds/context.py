@@ -129,6 +129,7 @@ class RoundContext:
     _durations: dict[int, tuple[float, ...]] = field(default_factory=dict)
     # parsed secure-aggregation state per (round, stage, stage start): see secagg_snapshot
     _secagg: OrderedDict[tuple[int, str, float], SecAggServer] = field(default_factory=OrderedDict)
+    _secagg_parsing: dict[tuple[int, str, float], threading.Lock] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _refreshing: threading.Lock = field(default_factory=threading.Lock)
     _view_hop: bool = False  # a long poll of this worker's event loop is refreshing the view
@@ -214,9 +215,22 @@ class RoundContext:
             if server is not None:
                 self._secagg.move_to_end(key)
                 return server
-        server = SecAggServer.from_bytes(need_state(rnd.secagg_state))
-        with self._lock:
-            self._secagg[key] = server
-            while len(self._secagg) > 8:
-                self._secagg.popitem(last=False)
+            parsing = self._secagg_parsing.setdefault(key, threading.Lock())
+        # One thread reads and parses; the others wait for it. When a stage opens, a round's
+        # devices all arrive at once: each thread parsed the same state (megabytes once the
+        # shares are relayed) side by side, which cost a worker seconds per stage.
+        try:
+            with parsing:
+                with self._lock:
+                    server = self._secagg.get(key)
+                if server is None:
+                    server = SecAggServer.from_bytes(need_state(rnd.secagg_state))
+                    with self._lock:
+                        self._secagg[key] = server
+                        while len(self._secagg) > 8:
+                            self._secagg.popitem(last=False)
+        finally:
+            with self._lock:
+                if self._secagg_parsing.get(key) is parsing:
+                    del self._secagg_parsing[key]
         return server

@@ -111,18 +111,31 @@ def lock_shared(session: Session, round_id: int) -> Round:
 
 
 def status_of(session: Session, ctx: RoundContext, *, round_id: int, device_id: str) -> RoundStatus:
-    rnd, part = round_and_participant(session, round_id, device_id)
-    remaining = max((utc(rnd.stage_deadline) - ctx.now()).total_seconds(), 0.0)
+    """The round's stage and the device's part in it (410 without the round, 403 if it was not
+    selected): one query for the five columns it needs (devices poll it all round long; whole
+    rows came with the round's plan and metrics, JSON parsed at every poll)."""
+    row = session.execute(
+        select(Round.stage, Round.stage_deadline, Round.outcome, Round.new_version, Participant.stage)
+        .select_from(Round)
+        .outerjoin(Participant, (Participant.round_id == Round.id) & (Participant.device_id == device_id))
+        .where(Round.id == round_id)
+    ).one_or_none()
+    if row is None:
+        raise Gone(f"no round {round_id}")
+    stage, deadline, outcome, new_version, part_stage = row
+    if part_stage is None:
+        raise Forbidden(f"device was not selected for round {round_id}")
+    remaining = max((utc(deadline) - ctx.now()).total_seconds(), 0.0)
     # stages close the moment their last message arrives: poll often enough that devices do
     # not spend the round waiting to hear of it (at most 1 s, sooner near a deadline)
-    poll = 0.0 if rnd.stage == Stage.DONE else min(max(remaining / 8, 0.2), 1.0)
+    poll = 0.0 if stage == Stage.DONE else min(max(remaining / 8, 0.2), 1.0)
     return RoundStatus(
-        round_id=rnd.id,
-        stage=rnd.stage,
-        stage_deadline=timestamp(rnd.stage_deadline),
-        participant_stage=part.stage,
-        outcome=rnd.outcome,
-        new_version=rnd.new_version,
+        round_id=round_id,
+        stage=stage,
+        stage_deadline=timestamp(deadline),
+        participant_stage=part_stage,
+        outcome=outcome,
+        new_version=new_version,
         retry_after=round(poll, 3),
     )
 

@@ -19,7 +19,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from coordinator.db.models import Candidate, Participant, Round, Task
-from coordinator.round_plan import plan_of
+from coordinator.round_plan import StoredPlan, plan_of, stored_plan
 from coordinator.schemas import DeadlineSettings
 from coordinator.services.rounds.closes import CLOSES, Closing, fail_round_now
 from coordinator.services.rounds.context import (
@@ -75,8 +75,8 @@ def _participants(session: Session, round_id: int) -> list[Participant]:
     )
 
 
-def _round_deadlines(session: Session, ctx: RoundContext, rnd: Round) -> DeadlineSettings:
-    task = session.get(Task, rnd.task_id)
+def _round_deadlines(session: Session, ctx: RoundContext, task_id: int) -> DeadlineSettings:
+    task = session.get(Task, task_id)
     return ctx.task_config(task).deadlines if task is not None else DeadlineSettings()
 
 
@@ -93,19 +93,19 @@ def quiet_enough(
     return (now - utc(newest)).total_seconds() >= d.quiet_seconds
 
 
-def _complete(rnd: Round, live: Counter[str]) -> bool:
-    """Whether every live participant (counted by stage) is done with the round's stage."""
+def _complete(stage: str, plan: Callable[[], StoredPlan], live: Counter[str]) -> bool:
+    """Whether every live participant (counted by stage) is done with the round's ``stage``
+    (``plan``: the round's plan, read only for the stages that need it)."""
     n = sum(live.values())
-    stage = rnd.stage
     if stage == Stage.ADVERTISE_KEYS:
         return live[Stage.ADVERTISE_KEYS] == n
     if stage == Stage.SHARE_KEYS:
         return live[Stage.SHARE_KEYS] == n
     if stage in (Stage.MASKED_INPUT, Stage.UPLOAD):
         uploaded = live[Stage.MASKED_INPUT] + live[Stage.UPLOAD]
-        return uploaded >= plan_of(rnd).clients_per_round or uploaded == n
+        return uploaded >= plan().clients_per_round or uploaded == n
     if stage == Stage.UNMASK:
-        unmask = plan_of(rnd).unmask
+        unmask = plan().unmask
         return unmask is not None and live[Stage.UNMASK] >= len(unmask.survivors)
     if stage == Stage.EVALUATING:
         return live[Stage.EVALUATED] == n
@@ -157,30 +157,40 @@ def _close_if_complete(
     factory: Callable[[], Session], ctx: RoundContext, round_id: int, *, wait: bool
 ) -> bool:
     with factory() as session, session.begin():
-        rnd = session.get(Round, round_id)
-        if rnd is None or rnd.stage in (Stage.DONE, Stage.AGGREGATING):
+        # the columns that decide (every device message and every tick asks: the whole row
+        # came with the plan's and the metrics' JSON, parsed each time)
+        row = session.execute(
+            select(Round.stage, Round.stage_deadline, Round.task_id).where(Round.id == round_id)
+        ).one_or_none()
+        if row is None or row.stage in (Stage.DONE, Stage.AGGREGATING):
             return False  # aggregation is claimed by a worker (coordinator.services.aggregate)
-        due = ctx.now() >= utc(rnd.stage_deadline)
-        if not due and rnd.stage == Stage.SELECTING:
+        stage = row.stage
+        due = ctx.now() >= utc(row.stage_deadline)
+        if not due and stage == Stage.SELECTING:
             return False  # a check-in that fills the pool closes the selection
         if not due:
             counts: Counter[str] = Counter()
             newest: dict[str, datetime | None] = {}
-            for stage, n, at in session.execute(
+            for part_stage, n, at in session.execute(
                 select(Participant.stage, func.count(), func.max(Participant.message_at))
                 .where(Participant.round_id == round_id, Participant.stage != Stage.DROPPED)
                 .group_by(Participant.stage)
             ):
-                counts[stage] = n
-                newest[stage] = at
-            due = _complete(rnd, counts) or (
-                rnd.stage in (Stage.ADVERTISE_KEYS, Stage.SHARE_KEYS)
+                counts[part_stage] = n
+                newest[part_stage] = at
+
+            def plan() -> StoredPlan:
+                raw = session.scalar(select(Round.plan).where(Round.id == round_id))
+                return stored_plan(round_id, raw or {})
+
+            due = _complete(stage, plan, counts) or (
+                stage in (Stage.ADVERTISE_KEYS, Stage.SHARE_KEYS)
                 and quiet_enough(
-                    rnd.stage,
-                    counts[rnd.stage],
+                    stage,
+                    counts[stage],
                     sum(counts.values()),
-                    newest.get(rnd.stage),
-                    _round_deadlines(session, ctx, rnd),
+                    newest.get(stage),
+                    _round_deadlines(session, ctx, row.task_id),
                     ctx.now(),
                 )
             )
@@ -237,7 +247,7 @@ def _due(c: Closing) -> bool:
             or 0
         )
         return pool >= math.ceil(rnd.selection_target * c.cfg.selection_pool)
-    return _complete(rnd, Counter(p.stage for p in live)) or quiet_enough(
+    return _complete(rnd.stage, lambda: plan_of(rnd), Counter(p.stage for p in live)) or quiet_enough(
         rnd.stage,
         sum(p.stage == rnd.stage for p in live),
         len(live),
