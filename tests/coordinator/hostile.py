@@ -82,6 +82,8 @@ class Expected:
     outcome: Outcome = "committed"
     hostile_in_sum: bool = False
     reasons: tuple[str, ...] = ()  # a failed round's reason contains one of these
+    # a committed round may instead fail cleanly for one of these reasons (the model unchanged)
+    may_fail_with: tuple[str, ...] = ()
 
 
 EXPECTED: dict[str, Expected] = {
@@ -111,8 +113,11 @@ EXPECTED: dict[str, Expected] = {
     # can say, but not a clipped one (its norm is range_factor * sqrt(keep_fraction) * clip).
     # Under secure aggregation no check can see one input: it is in the sum, like poisoned
     # training data, and what it can do is bounded by the aggregate's norm check (the mean
-    # stays within protocol.codec.mean_norm_bound: the model moves at most one clipped update)
-    "saturated_input": Expected(hostile_in_sum=True),
+    # stays within protocol.codec.mean_norm_bound: the model moves at most one clipped update).
+    # Its norm lies close to that bound: with the honest updates of the round the mean lands
+    # just inside it (committed) or just outside (refused; measured 1.033 against 1.032), and
+    # both bound what it can do
+    "saturated_input": Expected(hostile_in_sum=True, may_fail_with=("aggregate norm",)),
     # the accused honest neighbour is dropped; the accuser's valid input stays in
     "false_accusation": Expected(hostile_in_sum=True),
     "huge_bodies": Expected(),
