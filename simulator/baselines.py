@@ -30,6 +30,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from simulator.fleet import EVAL_HOLDOUT, eval_holdout
+
 __all__ = [
     "SCRATCH_STEPS",
     "CentralModel",
@@ -46,10 +48,6 @@ __all__ = [
 SCRATCH_STEPS = 6000
 """Steps of 32 rows of the model-quality table's central student (``bench/quality.py``
 ``--central-steps``), which reached top-1 0.2028 on 1,000 heldout messages."""
-
-EVAL_HOLDOUT = 20
-"""Newest messages a device keeps out of training for federated evaluation (at most a fifth
-of its messages): ``simulator.fleet`` gives each agent ``min(20, n // 5)``."""
 
 IntArray = npt.NDArray[np.int64]
 ProgressFn = Callable[[int, int, str], None]
@@ -72,7 +70,7 @@ def training_share(texts: Sequence[str], holdout: int = EVAL_HOLDOUT) -> list[st
     ``min(holdout, n // 5)`` (kept for federated evaluation), normalised, non-empty."""
     from edge_client.text import normalize
 
-    keep = texts[: len(texts) - min(holdout, len(texts) // 5)]
+    keep = texts[: len(texts) - eval_holdout(len(texts), holdout)]
     return [t for t in (normalize(x) for x in keep) if t]
 
 

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from simulator.config import SimConfig
 
 __all__ = [
+    "EVAL_HOLDOUT",
     "MIN_TOKENIZER_COVERAGE",
     "DeviceSpec",
     "FleetError",
@@ -37,6 +38,7 @@ __all__ = [
     "TraceProvider",
     "availability_note",
     "check_tokenizer",
+    "eval_holdout",
     "fleet_specs",
     "fleet_users",
     "make_specs",
@@ -46,6 +48,15 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+EVAL_HOLDOUT = 20
+"""Newest messages a device keeps out of training for federated evaluation (at most a fifth
+of its messages: :func:`eval_holdout`)."""
+
+
+def eval_holdout(messages: int, cap: int = EVAL_HOLDOUT) -> int:
+    """How many of a device's ``messages`` (its newest) stay out of local training."""
+    return min(cap, messages // 5)
 
 
 @dataclass(frozen=True)
@@ -398,7 +409,7 @@ def _device_thread(
         enroll_secret=fleet.enroll_secret,
         device_class=spec.device_class,
         min_examples=fleet.min_examples,
-        eval_holdout=min(20, len(spec.texts) // 5),
+        eval_holdout=eval_holdout(len(spec.texts)),
         # the comparisons run unmasked (float32, compressed without secure aggregation) too;
         # metrics stay rounded as real devices send them
         policy=DevicePolicy(require_secure_aggregation=False),
