@@ -78,16 +78,13 @@ def _device(request: Request, session: SessionDep, settings: SettingsDep) -> Dev
     """The device, authenticated (and counted against its rate limit) in a short transaction
     of its own, then attached to the request's session without a query.
 
-    Inside the request's transaction the counting UPDATE held the device's row lock until the
-    request ended; a slow request (a share upload in a busy round) then made every other
-    writer of that row wait: the selection marking its devices, the device's own check-ins.
-    A refused request still rolls back its count. SQLite has no row locks (a write transaction
-    locks the whole file for its few milliseconds), so there the request's own transaction
-    authenticates: one write lock per request, not two."""
-    if request.app.state.engine.dialect.name != "postgresql":
-        return authenticate(
-            session, token=_bearer(request), rate_limit_per_minute=settings.rate_limit_per_minute
-        )
+    Inside the request's transaction the counting UPDATE held the device's row lock (PostgreSQL)
+    or the whole file's write lock (SQLite) from this dependency's thread until the route's
+    thread had run and the request ended. On PostgreSQL a slow request (a share upload in a busy
+    round) made every other writer of that row wait; on SQLite the route then waited for a
+    free request thread while every thread waited in BEGIN IMMEDIATE for the lock it held: the
+    worker stalled until the busy timeout failed them all. A refused request still rolls back
+    its count."""
     with request.app.state.soft_sessions() as auth, auth.begin():
         device = authenticate(
             auth, token=_bearer(request), rate_limit_per_minute=settings.rate_limit_per_minute

@@ -162,3 +162,51 @@ def test_a_held_device_row_lock_gets_503_not_a_stuck_worker(tmp_path: Path, pg_u
             assert http.post("/v1/checkin", headers=headers, json=body).status_code == 200
     finally:
         stop_server(server)
+
+
+def test_sqlite_requests_never_wait_for_a_thread_while_holding_the_write_lock(tmp_path: Path) -> None:
+    """More concurrent device requests than request threads, on SQLite: each answers in well
+    under the busy timeout (30 s).
+
+    A request that took SQLite's write lock in its authentication dependency (one thread) and
+    then waited for another thread for its route, while every thread waited in BEGIN IMMEDIATE
+    for that lock, stalled the worker until the busy timeout failed them all ("database is
+    locked"): how the 1,065-device population run stalled after 62 enrolments."""
+    import httpx
+
+    server = start_server(
+        tmp_path, f"sqlite:///{tmp_path / 'c.db'}", extra_env={"FEDKEYS_REQUEST_THREADS": "2"}
+    )
+    try:
+        devices = [
+            ScriptedDevice(server.url, str(server.ca), server.enroll_secret, np.zeros(4, np.float32))
+            for _ in range(6)
+        ]
+        for dev in devices:
+            dev.enroll()
+        took: list[float] = []
+        codes: list[int | str] = []
+
+        def hammer(dev: ScriptedDevice) -> None:
+            with httpx.Client(base_url=server.url, verify=server.tls(), timeout=60) as http:
+                for _ in range(4):
+                    t0 = time.monotonic()
+                    try:
+                        r = http.get(
+                            "/v1/tasks/nosuch/current", headers={"authorization": f"Bearer {dev.token}"}
+                        )
+                    except httpx.HTTPError as e:
+                        codes.append(type(e).__name__)
+                    else:
+                        codes.append(r.status_code)
+                    took.append(time.monotonic() - t0)
+
+        threads = [threading.Thread(target=hammer, args=(d,)) for d in devices]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert codes == [404] * len(codes) and len(codes) == 24, codes
+        assert max(took) < 10, sorted(took)[-5:]
+    finally:
+        stop_server(server)
