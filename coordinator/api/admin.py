@@ -16,6 +16,7 @@ from coordinator.api.deps import (
     RoundIdPath,
     SessionDep,
     TaskPath,
+    TransactionalRoute,
     spool_body,
 )
 from coordinator.db.models import Device, Task
@@ -32,7 +33,7 @@ from coordinator.services import tasks
 
 __all__ = ["router"]
 
-router = APIRouter(prefix="/v1/admin", tags=["admin"])
+router = APIRouter(prefix="/v1/admin", tags=["admin"], route_class=TransactionalRoute)
 
 
 class Rollback(BaseModel):

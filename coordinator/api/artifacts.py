@@ -20,6 +20,7 @@ from coordinator.api.deps import (
     CurrentDevice,
     SessionDep,
     TaskPath,
+    TransactionalRoute,
     VersionPath,
 )
 from coordinator.db.models import ModelVersion, Task
@@ -29,7 +30,7 @@ from coordinator.services.tasks import NotFound
 
 __all__ = ["router"]
 
-router = APIRouter(prefix="/v1", tags=["artifacts"])
+router = APIRouter(prefix="/v1", tags=["artifacts"], route_class=TransactionalRoute)
 
 
 _IMMUTABLE = "private, max-age=31536000, immutable"

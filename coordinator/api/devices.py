@@ -18,6 +18,7 @@ from coordinator.api.deps import (
     RoundIdPath,
     SessionDep,
     SettingsDep,
+    TransactionalRoute,
     _bearer,
     read_body,
 )
@@ -57,7 +58,7 @@ from protocol.wire import (
 
 __all__ = ["router"]
 
-router = APIRouter(prefix="/v1", tags=["devices"])
+router = APIRouter(prefix="/v1", tags=["devices"], route_class=TransactionalRoute)
 
 
 def _close_later(background: BackgroundTasks, request: Request, round_id: int, maybe_complete: bool) -> None:

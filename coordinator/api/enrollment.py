@@ -12,14 +12,14 @@ from typing import Annotated
 from fastapi import APIRouter, Path, Query, status
 from pydantic import BaseModel, Field
 
-from coordinator.api.deps import MAX_ID, AdminDep, SessionDep
+from coordinator.api.deps import MAX_ID, AdminDep, SessionDep, TransactionalRoute
 from coordinator.db.models import EnrollmentCode
 from coordinator.services.devices import revoke_device
 from coordinator.services.enrollment import CodeStatus, code_status, list_codes, mint_codes, revoke_code
 
 __all__ = ["router"]
 
-router = APIRouter(prefix="/v1/admin", tags=["admin"])
+router = APIRouter(prefix="/v1/admin", tags=["admin"], route_class=TransactionalRoute)
 
 MAX_CODES_PER_REQUEST = 1000
 DeviceClass = Annotated[str, Field(pattern=r"^[a-z0-9_-]{1,32}$")]  # as devices report it
