@@ -24,8 +24,10 @@ class SimError(Exception):
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("simulate", help="simulate a device fleet against a real coordinator")
     p.add_argument("--devices", type=int, default=100)
-    p.add_argument("--per-round", type=int, default=10, help="reports that close a round (K)")
-    p.add_argument("--rounds", type=int, default=30)
+    p.add_argument(
+        "--per-round", type=int, default=None, help="reports that close a round (K; 10, --population 100)"
+    )
+    p.add_argument("--rounds", type=int, default=None, help="30 (--population 12)")
     p.add_argument("--quick", action="store_true", help="a first look: 30 devices, 6 per round, 8 rounds")
     p.add_argument(
         "--population",
@@ -120,21 +122,19 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 
 def _config(args: argparse.Namespace) -> Any:
-    from simulator.config import SimConfig, quick
+    from simulator.config import SimConfig, population, quick
 
-    cfg = SimConfig(
-        devices=args.devices,
-        per_round=args.per_round,
-        rounds=args.rounds,
-        seed=args.seed,
-        workers=args.workers,
-    )
+    cfg = SimConfig(devices=args.devices, seed=args.seed, workers=args.workers)
     if args.quick:
         cfg = quick(cfg)
+    if args.population:  # devices: the corpus's federated participants (_fleet)
+        cfg = population(cfg, per_round=args.per_round, rounds=args.rounds)
+    else:
+        for attr in ("per_round", "rounds"):
+            if getattr(args, attr) is not None:
+                cfg = replace(cfg, **{attr: getattr(args, attr)})
     if args.corpus is not None:
         cfg = replace(cfg, corpus=str(args.corpus))
-    if args.population:  # devices: the corpus's federated participants (_fleet)
-        cfg = replace(cfg, population=True)
     if args.no_compress:
         cfg = replace(cfg.with_codec(compress=False), secagg=False, name="fl-float32")
     elif args.no_secagg:

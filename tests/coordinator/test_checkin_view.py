@@ -59,3 +59,38 @@ def test_an_eligible_newcomer_joins_the_pool(tmp_path: Path) -> None:
     snap = Views(time.monotonic(), [view], {})
     answer = answer_from_view(snap, _ctx(tmp_path), device_id="d1", last_round_number=-5, state=ready_state())
     assert answer is view
+
+
+def test_before_any_round_ended_devices_come_back_within_two_selection_windows(tmp_path: Path) -> None:
+    """With no finished round to go by, a device not needed now was told to come back when the
+    open round's deadlines would all have passed: a 300 s upload deadline sent the whole fleet
+    away for 5 minutes though the stage closed at its 100th upload after 60 s, and the next
+    three selections found nobody. Now it comes back within two selection windows."""
+    from dataclasses import replace
+
+    from coordinator.schemas import DeadlineSettings
+
+    cfg = TaskConfig(cooldown_rounds=1, deadlines=DeadlineSettings(selection=30.0, upload=300.0))
+    view = replace(
+        _view(7, Stage.MASKED_INPUT),
+        cfg=cfg,
+        stage_deadline=datetime.now(UTC) + timedelta(seconds=300),
+    )
+    snap = Views(time.monotonic(), [view], {})
+    answer = answer_from_view(snap, _ctx(tmp_path), device_id="d1", last_round_number=-5, state=ready_state())
+    assert isinstance(answer, CheckinResponse) and answer.action == "retry"
+    assert answer.retry_after is not None and 30 <= answer.retry_after <= 60 + 30, answer
+    # with a history, the shortest recent round sets it as before
+    hist = replace(view, recent_durations=(20.0, 45.0))
+    answer = answer_from_view(
+        Views(time.monotonic(), [hist], {}),
+        _ctx(tmp_path),
+        device_id="d1",
+        last_round_number=-5,
+        state=ready_state(),
+    )
+    assert (
+        isinstance(answer, CheckinResponse)
+        and answer.retry_after is not None
+        and answer.retry_after <= 20 + 30
+    )

@@ -280,3 +280,22 @@ def test_the_verdict_separates_a_lift_from_noise() -> None:
     assert same is not None and same.startswith("no lift beyond the noise")
     worse = verdict(run(np.maximum(before - rng.binomial(1, 0.5, 2000), 0)))
     assert worse is not None and "worse" in worse
+
+
+def test_population_defaults_and_flags() -> None:
+    """--population takes 100 reports per round and 12 rounds unless told otherwise, with
+    deadlines sized for 130 devices training at once; other runs keep 10 and 30; --quick and
+    explicit flags win."""
+    from fedkeys.cli import build_parser
+    from simulator.cli import _config
+
+    def cfg(*flags: str) -> SimConfig:
+        return _config(build_parser().parse_args(["simulate", *flags]))  # type: ignore[no-any-return]
+
+    pop = cfg("--population")
+    assert (pop.per_round, pop.rounds, pop.population) == (100, 12, True)
+    assert pop.deadlines.upload >= 120 and pop.deadlines.advertise >= 10
+    assert pop.local_epochs is None  # set from the corpus (simulator.cli._fleet)
+    assert (cfg("--population", "--per-round", "20", "--rounds", "3").per_round, 3) == (20, 3)
+    assert (cfg().per_round, cfg().rounds) == (10, 30)
+    assert (cfg("--quick").per_round, cfg("--quick", "--rounds", "4").rounds) == (6, 4)

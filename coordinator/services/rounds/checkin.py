@@ -179,7 +179,14 @@ def _pace(ctx: RoundContext, view: RoundView, reason: str = "no round needs devi
         # early waiting seconds for its pool (rounds here vary 10-45 s)
         remaining = min(view.recent_durations) - elapsed
     else:
-        remaining = (view.stage_deadline - now).total_seconds() + cfg.deadlines.unmask
+        # no round has ended yet: the open one ends by its deadlines at the latest, but stages
+        # close early once their messages are in (an upload stage with a 300 s deadline closed
+        # at its 100th upload after 60 s, and every device, told to come back after the
+        # deadline, missed the next three selections); come back within two selection windows
+        remaining = min(
+            (view.stage_deadline - now).total_seconds() + cfg.deadlines.unmask,
+            2 * cfg.deadlines.selection,
+        )
     rate = view.candidate_rate
     pool = view.selection_target * cfg.selection_pool
     # Spread returns over half the time the pool took to fill at the last selection's arrival
