@@ -54,7 +54,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, ParamSpec, TextIO, TypeVar
 
-__all__ = ["NATIVE_LOGS_ENV", "native_call", "native_logs_shown", "native_section"]
+__all__ = ["NATIVE_LOGS_ENV", "native_call", "native_logs_shown", "native_section", "quiet_python_logs"]
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +71,25 @@ _LOCK = threading.RLock()
 def native_logs_shown() -> bool:
     """Whether ``FEDKEYS_NATIVE_LOGS=1``: the runtime's log lines go to stderr unchanged."""
     return os.environ.get(NATIVE_LOGS_ENV, "") == "1"
+
+
+THIRD_PARTY_LOGGERS = ("torchao", "torch", "executorch")
+"""Python loggers whose import-time chatter (torchao's optional CUDA kernels that do not load,
+torch's deprecation notes) reaches the console of every command that exports or trains."""
+
+
+def quiet_python_logs() -> None:
+    """Raise the third-party loggers to ERROR in this process, unless ``FEDKEYS_NATIVE_LOGS=1``.
+
+    torch sets its loggers' levels when it is imported (``torch._logging``), so it is imported
+    first; call this at the start of a process (``fedkeys`` commands, spawned export and
+    evaluation children, simulator workers) before executorch or torchao are imported."""
+    if native_logs_shown():
+        return
+    import torch  # noqa: F401  (its import resets the "torch" logger's level)
+
+    for name in THIRD_PARTY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 class _Capture:

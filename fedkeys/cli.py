@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -177,9 +178,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    if not args.verbose:  # third-party import chatter (optional CUDA kernels, deprecations)
-        for noisy in ("torchao", "torch", "executorch"):
-            logging.getLogger(noisy).setLevel(logging.ERROR)
+    from edge_client.native import NATIVE_LOGS_ENV, quiet_python_logs
+
+    if args.verbose:  # children (export, evaluation, simulator workers) show theirs too
+        os.environ[NATIVE_LOGS_ENV] = "1"
+    elif args.command != "coordinator":  # third-party import chatter of the torch commands
+        quiet_python_logs()
     from coordinator.cli import CliError
     from edge_client.cli import ClientError
     from protocol.bundle import BundleError

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from safetensors.numpy import save_file
 
+from edge_client.native import quiet_python_logs
 from edge_client.tokenizer import BOS_ID
 from model_export.model import (
     ModelConfig,
@@ -171,7 +172,9 @@ def _export_programs(lm: TransformerLM, spec: BundleSpec, train: bytes | None = 
         return train, export_predict_program(lm, spec.quantization, spec.beam_batch)
     log.info("exporting train.pte (%s) and predict.pte (%s) side by side", spec.trainable, spec.quantization)
     state = {k: v.detach().clone() for k, v in lm.state_dict().items()}
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with ProcessPoolExecutor(
+        1, mp_context=multiprocessing.get_context("spawn"), initializer=quiet_python_logs
+    ) as pool:
         job = pool.submit(_export_train_detached, lm.cfg, state, spec.trainable, spec.train_batch)
         predict = export_predict_program(lm, spec.quantization, spec.beam_batch)
         return job.result(), predict

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from edge_client.batching import Batch, IntArray, encode_messages, pack_batches
+from edge_client.native import quiet_python_logs
 from edge_client.predictor import BeamSearch
 from edge_client.runtime import ProgramModel, set_threads
 from edge_client.tokenizer import Tokenizer
@@ -226,7 +227,9 @@ def evaluate_program(
         report(1, 1, "")
     else:
         ctx = multiprocessing.get_context("spawn")
-        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+        with concurrent.futures.ProcessPoolExecutor(
+            workers, mp_context=ctx, initializer=quiet_python_logs
+        ) as pool:
             futures = [
                 pool.submit(
                     _eval_program_chunk,

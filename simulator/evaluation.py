@@ -250,10 +250,13 @@ def score_parallel(
     workers = max(1, min(workers, len(texts) // max(min_per_worker, 1)))
     if workers == 1:
         return score_messages(bundle_dir, weights, texts, nll=nll)
+    from edge_client.native import quiet_python_logs
     from model_export.evaluate import chunks
 
     ctx = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+    with concurrent.futures.ProcessPoolExecutor(
+        workers, mp_context=ctx, initializer=quiet_python_logs
+    ) as pool:
         futures = [
             pool.submit(score_messages, bundle_dir, weights, list(part), nll=nll)
             for part in chunks(texts, workers)

@@ -518,9 +518,11 @@ def run_worker(specs: list[DeviceSpec], fleet: FleetSpec) -> list[dict[str, Any]
     stop flag is set."""
     _log_to_file(fleet.log_dir)
     logging.basicConfig(level=logging.WARNING)
-    for noisy in ("torchao", "torch", "executorch", "httpx"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
+    logging.getLogger("httpx").setLevel(logging.ERROR)
+    from edge_client.native import quiet_python_logs
     from edge_client.runtime import set_threads
+
+    quiet_python_logs()
 
     set_threads(1)
     runtime = SharedRuntime()

@@ -136,3 +136,30 @@ def test_a_failed_load_says_why_in_the_log_not_on_stderr(
         ProgramModel(bad, max_seq_len=32, beam_batch=4)
     assert any("mmap_data_loader" in r.getMessage() for r in caplog.records), caplog.text
     assert "mmap_data_loader" not in capfd.readouterr().err
+
+
+@pytest.mark.parametrize("show_logs", [False, True], ids=["logs-hidden", "logs-shown"])
+def test_import_chatter_of_torch_and_torchao_stays_off_the_console(show_logs: bool) -> None:
+    """Every export printed torchao's "Failed to load ..._C_mxfp8..." and torch's "W... _pytree"
+    deprecation lines, from the command and from its spawned export child: torch resets its
+    logger's level when it is imported, after the command had raised it. quiet_python_logs
+    (called by every fedkeys command but the coordinator, and by each spawned child) keeps
+    them off unless FEDKEYS_NATIVE_LOGS=1."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import logging; logging.basicConfig(level=logging.WARNING)\n"
+        "from edge_client.native import quiet_python_logs; quiet_python_logs()\n"
+        "import executorch.exir, torchao  # noqa\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "FEDKEYS_NATIVE_LOGS"}
+    if show_logs:
+        env["FEDKEYS_NATIVE_LOGS"] = "1"
+    proc = subprocess.run(
+        [sys.executable, "-c", code], check=False, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    chatter = [line for line in proc.stderr.splitlines() if "Failed to load" in line or "_pytree" in line]
+    assert (chatter != []) == show_logs, proc.stderr[-5000:]
