@@ -32,7 +32,7 @@ import numpy as np
 from coordinator.launch import CoordinatorHandle
 from model_export.evaluate import MessageHits
 from model_export.stats import DEFAULT_RESAMPLES, paired_bootstrap
-from protocol.wire import Outcome, RoundKind
+from protocol.wire import RoundKind
 from simulator.config import SimConfig
 from simulator.evaluation import (
     CURVE_MESSAGES,
@@ -45,7 +45,7 @@ from simulator.evaluation import (
     text_fingerprint,
 )
 from simulator.fleet import fleet_specs
-from simulator.records import SimResult, duration
+from simulator.records import SimResult, duration, version_progress
 from simulator.run import run_simulation
 from simulator.table import TableRow, ci_text, markdown, quality_table
 
@@ -366,21 +366,17 @@ def _sim_hours(cfg: SimConfig, seconds: float) -> float:
 
 
 def time_to_target(run: SimResult, target: float) -> dict[str, Any]:
-    """Rounds, simulated hours and uploaded bytes until the first evaluated version whose
-    heldout top-1 reaches ``target`` (None if it never does)."""
+    """Rounds (failed ones included), simulated hours and uploaded bytes until the first
+    evaluated version whose heldout top-1 reaches ``target`` (None if it never does)."""
     hit = next((v for v in sorted(run.evals) if v > 0 and run.evals[v]["top1"] >= target), None)
-    if hit is None:
+    at = version_progress(run).get(hit) if hit is not None else None
+    if hit is None or at is None:
         return {"version": None, "rounds": None, "sim_hours": None, "upload_MB": None}
-    upto = [r for r in run.rounds if r["kind"] == RoundKind.TRAIN and (r["new_version"] or 0) <= hit]
-    upto = [r for r in upto if r["outcome"] == Outcome.FAILED or r["new_version"] is not None]
-    done = next(r for r in run.rounds if r.get("new_version") == hit)
-    finished = done["t"] + done["wall_seconds"]
-    up = sum(b["bytes_up"] for r in upto for b in r.get("device_bytes", []))
     return {
         "version": hit,
-        "rounds": len(upto),
-        "sim_hours": _sim_hours(run.config, finished),
-        "upload_MB": up / 1e6,
+        "rounds": int(at["rounds"]),
+        "sim_hours": at["sim_hours"],
+        "upload_MB": at["upload_bytes"] / 1e6,
     }
 
 

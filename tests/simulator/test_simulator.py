@@ -213,6 +213,7 @@ def test_time_to_target_and_participation_from_records() -> None:
     cfg = _small(day_seconds=240.0)  # 10 real seconds = 1 simulated hour
     rounds = [
         {
+            "round": 1,
             "kind": "train",
             "outcome": "committed",
             "new_version": 1,
@@ -220,14 +221,31 @@ def test_time_to_target_and_participation_from_records() -> None:
             "wall_seconds": 10.0,
             "device_bytes": [{"bytes_up": 1000}, {"bytes_up": 1000}],
         },
-        {"kind": "train", "outcome": "failed", "new_version": None, "t": 12.0, "wall_seconds": 5.0},
         {
+            "round": 2,
+            "kind": "train",
+            "outcome": "failed",
+            "new_version": None,
+            "t": 12.0,
+            "wall_seconds": 5.0,
+        },
+        {
+            "round": 3,
             "kind": "train",
             "outcome": "committed",
             "new_version": 2,
             "t": 20.0,
             "wall_seconds": 10.0,
             "device_bytes": [{"bytes_up": 3000}],
+        },
+        # after the target was reached: not counted (it was, as a failed round)
+        {
+            "round": 4,
+            "kind": "train",
+            "outcome": "failed",
+            "new_version": None,
+            "t": 31.0,
+            "wall_seconds": 5.0,
         },
     ]
     evals = {0: {"top1": 0.10}, 1: {"top1": 0.11}, 2: {"top1": 0.13}}
