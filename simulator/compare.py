@@ -128,7 +128,9 @@ def _fl_columns(run: SimResult, dense: int) -> dict[str, Any]:
         "wall time": duration(run.seconds),
         "round (median)": duration(s["round_seconds_median"]),
         "non-training share of round (median)": (
-            f"{100 * (1 - s['train_share_median']):.0f}%" if s.get("train_share_median") is not None else ""
+            f"{100 * s['non_training_share_median']:.0f}%"
+            if s.get("non_training_share_median") is not None
+            else ""
         ),
     }
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
@@ -30,6 +31,7 @@ __all__ = [
     "readable_rounds",
     "round_record",
     "scalar_evals",
+    "union_seconds",
     "version_progress",
     "write_records",
 ]
@@ -81,6 +83,9 @@ class SimResult:
             "device_rounds": len(ups),
             "tokens_trained": self.tokens_trained(),
             "train_share_median": _median([r["train_share"] for r in committed if r.get("train_share")]),
+            "non_training_share_median": _median(
+                [r["non_training_share"] for r in committed if r.get("non_training_share") is not None]
+            ),
             "eval_sample": self.evals.get(last_v, {}).get("sample"),
             "eval_messages": self.evals.get(last_v, {}).get("messages"),
             "round_seconds_median": float(np.median(walls)) if walls else None,
@@ -141,6 +146,7 @@ def attach_device_bytes(rounds: list[dict[str, Any]], devices: list[dict[str, An
                         "steps": r.training.steps if r.training is not None else 0,
                         # local training as the round saw it (a slow phone's extra wait included)
                         "train_seconds": (r.seconds or {}).get("train", 0.0),
+                        "train_interval": _train_interval(r),
                     }
                 )
     for rec in rounds:
@@ -157,6 +163,31 @@ def attach_device_bytes(rounds: list[dict[str, Any]], devices: list[dict[str, An
         # key agreement, transfers, unmasking and aggregation)
         rec["train_seconds_median"] = float(np.median(trains)) if trains else None
         rec["train_share"] = min(float(np.median(trains)) / wall, 1.0) if trains and wall > 0 else None
+        # the part of the round during which at least one of its devices trained: when many
+        # simulated devices share a few cores each one's training stretches over most of the
+        # round, and the rest of the round is what selection, key agreement, transfers,
+        # unmasking and aggregation cost
+        span = union_seconds([b["train_interval"] for b in got if b["train_interval"] is not None])
+        rec["train_span_seconds"] = round(span, 3) if span else None
+        rec["non_training_share"] = round(max(1.0 - span / wall, 0.0), 4) if span and wall > 0 else None
+
+
+def _train_interval(r: RoundRecord) -> tuple[float, float] | None:
+    """Wall-clock start and end of a device's local training in a round (its marks: weights
+    in hand, then trained)."""
+    marks = r.marks or {}
+    start, end = marks.get("weights"), marks.get("trained")
+    return (start, end) if start is not None and end is not None and end >= start else None
+
+
+def union_seconds(intervals: list[tuple[float, float]]) -> float:
+    """Total length of the union of closed intervals."""
+    total, reach = 0.0, -math.inf
+    for start, end in sorted(intervals):
+        if end > reach:
+            total += end - max(start, reach)
+            reach = end
+    return total
 
 
 def _median(xs: list[float]) -> float | None:
@@ -215,6 +246,10 @@ def readable_round(r: dict[str, Any]) -> dict[str, Any]:
         "download kB/device": round(r.get("bytes_down_per_device", 0.0) / 1e3, 1),
         "tokens trained": r.get("tokens_trained", ""),
         "train s/device (median)": _number(r.get("train_seconds_median") or "", 2),
+        "training span (s)": _number(r.get("train_span_seconds") or "", 2),
+        "non-training share": _number(
+            r.get("non_training_share") if r.get("non_training_share") is not None else "", 3
+        ),
         "loss before": _number(r.get("mean_loss_before") or ""),
         "loss after": _number(r.get("mean_loss_after") or ""),
     }

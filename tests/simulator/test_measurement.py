@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from coordinator.schemas import DeadlineSettings, RoundPublic
 from edge_client.records import RoundRecord
@@ -289,8 +291,9 @@ def _api_round(number: int, *, start: float, wall: float, version: int | None, d
     ).model_dump(mode="json")
 
 
-def _device(rounds: list[tuple[int, int]]) -> dict[str, Any]:
-    """A device result with completed training rounds: (round id, bytes up)."""
+def _device(rounds: list[tuple[int, int]], trained: tuple[float, float] = (10.0, 13.0)) -> dict[str, Any]:
+    """A device result with completed training rounds: (round id, bytes up); it trains from
+    ``trained[0]`` to ``trained[1]`` seconds after each round's start (marks)."""
     return {
         "rounds": [
             RoundRecord(
@@ -301,6 +304,7 @@ def _device(rounds: list[tuple[int, int]]) -> dict[str, Any]:
                 seconds={"train": 3.0},
                 bytes_up=up,
                 bytes_down=2_000_000,
+                marks={"weights": 1e9 + rid * 1e4 + trained[0], "trained": 1e9 + rid * 1e4 + trained[1]},
             )
             for rid, up in rounds
         ]
@@ -315,7 +319,9 @@ def _records(day_seconds: float) -> list[dict[str, Any]]:
         _api_round(3, start=95.0, wall=3725.0, version=2),
     ]
     rounds = [round_record(r, t0, day_seconds, 23.0) for r in api]
-    attach_device_bytes(rounds, [_device([(101, 20_000), (103, 30_000)]), _device([(101, 22_000)])])
+    attach_device_bytes(
+        rounds, [_device([(101, 20_000), (103, 30_000)]), _device([(101, 22_000)], trained=(12.0, 20.0))]
+    )
     return rounds
 
 
@@ -333,6 +339,8 @@ def test_a_round_reads_as_named_columns_with_units() -> None:
     assert row["masked_input (s)"] == 9.25 and row["dp noise_multiplier"] == 0.7123
     assert row["upload kB/device"] == 21.0 and row["download kB/device"] == 2000.0
     assert row["tokens trained"] == 1800 and row["new version"] == 1
+    # two devices trained over [10, 13] and [12, 20] s of the round's 65: a 10 s span
+    assert row["training span (s)"] == 10.0 and row["non-training share"] == round(1 - 10 / 65, 3)
     assert readable_round(failed)["failure"].startswith("selection") and readable_round(failed)["wall"]
     text = json.dumps(row)
     assert "{" not in text.strip("{}") and not re.search(r"\d\.\d+e\+09|17\d{8}", text)
@@ -482,3 +490,17 @@ def test_compare_end_to_end_with_report(tmp_path: Path, tiny_bundle_dir: Path) -
     assert "{&#x27;" not in text and "{'" not in text  # no dicts in the tables
     assert not re.search(r"<td>1\.\d+e\+09</td>|<td>17\d{8}", text)  # no epoch stamps
     assert (out / "accuracy.png").stat().st_size > 20_000
+
+
+@given(st.lists(st.tuples(st.floats(0, 100), st.floats(0, 50)), max_size=30))
+def test_union_of_intervals_matches_a_fine_grid(raw: list[tuple[float, float]]) -> None:
+    """union_seconds against counting the cells of a 0.01 s grid that some interval covers
+    (intervals on the grid, so the count is exact)."""
+    from simulator.records import union_seconds
+
+    cells = [(round(a * 100), round(a * 100) + round(w * 100)) for a, w in raw]
+    covered: set[int] = set()
+    for lo, hi in cells:
+        covered.update(range(lo, hi))
+    got = union_seconds([(lo / 100, hi / 100) for lo, hi in cells])
+    assert got == pytest.approx(len(covered) / 100, abs=1e-6)
