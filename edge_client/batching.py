@@ -97,7 +97,7 @@ def pack_indexed(
         held.append(int(i))
     if fill:
         rows.append(row)
-    if rows and not drop_last:
+    if rows and (not drop_last or len(rows) == batch_size):  # a full last batch is kept
         while len(rows) < batch_size:
             rows.append(_empty_row(seq_len))
         yield _stack(rows), held

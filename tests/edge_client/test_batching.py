@@ -47,6 +47,8 @@ def test_drop_last_yields_only_full_batches() -> None:
     batches = list(pack_batches(seqs, 2, SEQ, drop_last=True))
     assert len(batches) == 2
     assert all((b.targets != IGNORE_INDEX).all() for b in batches)
+    # a last batch that is full is not dropped (4 full rows: 2 batches, not 1)
+    assert len(list(pack_batches(seqs[:4], 2, SEQ, drop_last=True))) == 2
 
 
 def test_epochs_pass_over_every_message_once_each_with_the_indices_it_holds() -> None:
