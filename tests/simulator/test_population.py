@@ -19,7 +19,7 @@ from edge_client.text import normalize
 from edge_client.tokenizer import Tokenizer
 from model_export.data import load_corpus, split_corpus, split_of
 from protocol.bundle import load_bundle
-from simulator.config import SimConfig
+from simulator.config import POPULATION_LOCAL_EPOCHS, SimConfig
 from simulator.fleet import population_specs
 from tests.corpora import chat_corpus, multilingual_corpus, write_jsonl
 
@@ -93,7 +93,11 @@ def test_population_of_a_corpus_file(tmp_path: Path, tiny_bundle_dir: Path) -> N
     (run,) = out.glob("*/secure/summary.json")
     summary = json.loads(run.read_text())
     cfg = summary["config"]
-    assert cfg["population"] and cfg["devices"] == len(federated) and cfg["local_epochs"] == 1
+    assert (
+        cfg["population"]
+        and cfg["devices"] == len(federated)
+        and cfg["local_epochs"] == POPULATION_LOCAL_EPOCHS
+    )
     rounds = json.loads(run.with_name("rounds.json").read_text())
     committed = [r for r in rounds if r["kind"] == "train" and r["outcome"] == "committed"]
     assert len(committed) >= 2, [(r["outcome"], r.get("failure")) for r in rounds]
