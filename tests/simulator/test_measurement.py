@@ -378,8 +378,10 @@ def test_tokens_per_batch_and_steps_by_hand() -> None:
     assert [steps_for_tokens(t, seqs, 2, 8) for t in (0, 1, 16, 17, 100)] == [0, 1, 1, 2, 7]
     # 7 tokens (6 inputs) fill one row each: rows of 6 targets, 12 per batch of 2
     assert tokens_per_batch([np.arange(7, dtype=np.int64)] * 4, 2, 8) == 12.0
+    # 2 sequences fill one row, half a batch: dropped (3 fill two rows: one batch, kept)
     with pytest.raises(ValueError, match="one batch"):
-        tokens_per_batch(seqs[:3], 2, 8)
+        tokens_per_batch(seqs[:2], 2, 8)
+    assert tokens_per_batch(seqs[:3], 2, 8) == 12.0
 
 
 def test_training_share_holds_back_the_newest_fifth_up_to_twenty() -> None:
