@@ -81,8 +81,18 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--bits", type=int, default=None)
     p.add_argument("--local-steps", type=int, default=None, help="cap on a round's local steps")
     p.add_argument(
-        "--local-epochs", type=int, default=None, help="passes over a round's messages (--population: 1)"
+        "--local-epochs",
+        type=int,
+        default=None,
+        help="passes over a round's messages (default: until the step cap; --population 2)",
     )
+    p.add_argument(
+        "--server-lr",
+        type=float,
+        default=None,
+        help="server optimizer's learning rate (1e-3, --population 3e-3)",
+    )
+    p.add_argument("--client-lr", type=float, default=None, help="devices' learning rate (0.1)")
     p.add_argument("--max-examples", type=int, default=None, help="messages a device draws per round (400)")
     p.add_argument(
         "--min-examples", type=int, default=None, help="messages a device needs before it volunteers (20)"
@@ -152,12 +162,17 @@ def _config(args: argparse.Namespace) -> Any:
         "start_hour",
         "eval_every",
         "eval_messages",
+        "server_lr",
+        "client_lr",
     ):
         if getattr(args, attr) is not None:
             cfg = replace(cfg, **{attr: getattr(args, attr)})
     for attr in ("local_steps", "local_epochs", "max_examples", "min_examples"):
         if getattr(args, attr) is not None and getattr(args, attr) < 1:
             raise SimError(f"--{attr.replace('_', '-')} must be at least 1")
+    for attr in ("server_lr", "client_lr"):
+        if getattr(args, attr) is not None and not 0 < getattr(args, attr) <= 10:
+            raise SimError(f"--{attr.replace('_', '-')} must be in (0, 10]")
     if args.privacy_sweep is not None:
         cfg = replace(cfg, privacy=args.privacy or "distributed", adaptive_clip=args.adaptive_clip)
         if cfg.privacy == "off":

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import random
+from collections.abc import Sequence
 from pathlib import Path
 
 __all__ = ["SCRIPTS", "chat_corpus", "multilingual_corpus", "write_jsonl"]
@@ -59,16 +60,18 @@ _WORDS = tuple(
 )
 
 
-def chat_corpus(path: Path, users: int = 25, seed: int = 0, heavy: int = 400) -> Path:
+def chat_corpus(
+    path: Path, users: int = 25, seed: int = 0, heavy: int = 400, counts: Sequence[int] | None = None
+) -> Path:
     """``users`` people with log-normally spread message counts (the heaviest holds ``heavy``,
-    the lightest one message), English-like short messages, hourly timestamps."""
+    the lightest one message), English-like short messages, hourly timestamps; or, given
+    ``counts``, one person per count with exactly that many messages."""
     rng = random.Random(seed)
     rows: list[dict[str, object]] = []
-    sizes = sorted((math.exp(rng.gauss(0, 1.2)) for _ in range(users)), reverse=True)
-    for u, size in enumerate(sizes):
-        n = max(1, round(heavy * size / sizes[0]))
-        if u == users - 1:
-            n = 1
+    if counts is None:
+        sizes = sorted((math.exp(rng.gauss(0, 1.2)) for _ in range(users)), reverse=True)
+        counts = [max(1, round(heavy * size / sizes[0])) for size in sizes[:-1]] + [1]
+    for u, n in enumerate(counts):
         for i in range(n):
             text = " ".join(rng.choice(_WORDS) for _ in range(rng.randint(2, 9)))
             rows.append({"user": f"person-{u:03d}", "text": text, "timestamp": _T0 + 3600 * i})

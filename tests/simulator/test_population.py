@@ -53,9 +53,11 @@ def _positions(tok: Tokenizer, texts: list[str], seq_len: int) -> tuple[int, int
 @pytest.mark.slow
 def test_population_of_a_corpus_file(tmp_path: Path, tiny_bundle_dir: Path) -> None:
     """Every federated participant of the corpus is a device; rounds commit with secure
-    aggregation; a device trains one pass over its messages: heavy ones stop at the step cap,
-    light ones make the few steps their messages fill."""
-    corpus = chat_corpus(tmp_path / "chat.jsonl")
+    aggregation; a device makes the population's local epochs over its messages: heavy ones
+    stop at the step cap, light ones make the few steps their messages fill. The corpus holds
+    light (5 messages: one batch a pass) and heavy (150: many batches) writers, so that every
+    device that trains has one exact step count, whichever devices the rounds select."""
+    corpus = chat_corpus(tmp_path / "chat.jsonl", counts=[150] * 11 + [5] * 11 + [1])
     federated = split_corpus(load_corpus(corpus))["federated"]
     out = tmp_path / "sim"
     code = _simulate(
@@ -110,27 +112,26 @@ def test_population_of_a_corpus_file(tmp_path: Path, tiny_bundle_dir: Path) -> N
     devices = list(out.glob("*/devices/*/device-*"))
     assert len(devices) == len(federated)  # every device ran (and kept its own store)
 
-    # local work follows the data: one pass over the device's training share, at most CAP steps
+    # local work follows the data: local epochs over the device's training share, at most CAP
+    # steps; a pass packs its sequences into at least the batches their positions fill and at
+    # most one batch per batch_size sequences
     bundle = load_bundle(tiny_bundle_dir)
     tok = Tokenizer(bundle.path(bundle.manifest.tokenizer))
     spec = bundle.manifest.train
     batch_positions = spec.batch_size * spec.seq_len
-    capped = short = 0
+    trained = 0
     for index, recs in _device_rounds(out).items():
         texts = list(specs[index].texts)
         assert len(texts) >= 5  # the others never volunteer (--min-examples)
         share = texts[: len(texts) - min(20, len(texts) // 5)]  # the newest are kept for evaluation
         positions, seqs = _positions(tok, share, spec.seq_len)
+        fewest = min(CAP, POPULATION_LOCAL_EPOCHS * math.ceil(positions / batch_positions))
+        most = min(CAP, POPULATION_LOCAL_EPOCHS * math.ceil(seqs / spec.batch_size))
+        assert fewest == most  # light: one batch a pass, fewer steps than CAP; heavy: CAP
         for rec in recs:
-            steps = rec["training"]["steps"]
-            assert 1 <= steps <= CAP
-            if positions > CAP * batch_positions:  # more than CAP full batches of data
-                assert steps == CAP, (index, len(texts), steps)
-                capped += 1
-            elif math.ceil(seqs / spec.batch_size) < CAP:  # fewer batches than the cap, whatever the packing
-                assert steps < CAP, (index, len(texts), steps)
-                short += 1
-    assert capped and short  # both kinds of device trained
+            assert rec["training"]["steps"] == most, (index, len(texts), rec["training"]["steps"], most)
+            trained += 1
+    assert trained >= 2 * 3  # the committed rounds' reports at least
 
 
 @pytest.mark.parametrize(
