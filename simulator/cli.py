@@ -90,7 +90,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "--server-lr",
         type=float,
         default=None,
-        help="server optimizer's learning rate (1e-3, --population 3e-3)",
+        help="server optimizer's learning rate (1e-3, --population 1e-2)",
     )
     p.add_argument("--client-lr", type=float, default=None, help="devices' learning rate (0.1)")
     p.add_argument("--max-examples", type=int, default=None, help="messages a device draws per round (400)")

@@ -195,7 +195,7 @@ def test_population_over_a_two_node_ray_cluster(
 
     from coordinator.schemas import DeadlineSettings
     from fedkeys.cli import build_parser
-    from simulator.cli import _config
+    from simulator.cli import SimError, _config
     from simulator.run import local_coordinator, run_simulation
 
     # Ray addresses nodes by the host's outward address unless told it is not a cluster host:
@@ -292,7 +292,7 @@ def test_population_defaults_and_flags() -> None:
     deadlines sized for 130 devices training at once; other runs keep 10 and 30; --quick and
     explicit flags win."""
     from fedkeys.cli import build_parser
-    from simulator.cli import _config
+    from simulator.cli import SimError, _config
 
     def cfg(*flags: str) -> SimConfig:
         return _config(build_parser().parse_args(["simulate", *flags]))  # type: ignore[no-any-return]
@@ -304,3 +304,8 @@ def test_population_defaults_and_flags() -> None:
     assert (cfg("--population", "--per-round", "20", "--rounds", "3").per_round, 3) == (20, 3)
     assert (cfg().per_round, cfg().rounds) == (10, 30)
     assert (cfg("--quick").per_round, cfg("--quick", "--rounds", "4").rounds) == (6, 4)
+    tuned = cfg("--population", "--server-lr", "0.02", "--client-lr", "0.05")
+    assert (tuned.server_lr, tuned.client_lr) == (0.02, 0.05) and pop.server_lr > cfg().server_lr
+    for bad in (["--server-lr", "0"], ["--client-lr", "-0.1"], ["--server-lr", "nan"]):
+        with pytest.raises(SimError, match=bad[0]):
+            cfg(*bad)
