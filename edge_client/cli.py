@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import math
 import os
 import signal
 import sys
@@ -13,6 +15,8 @@ from typing import Any
 from fedkeys.secret_args import add_secret_option, secret_value
 
 __all__ = ["ClientError", "add_parser", "run"]
+
+log = logging.getLogger(__name__)
 
 
 class ClientError(Exception):
@@ -51,6 +55,12 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     r.add_argument("--provider", default="auto", choices=["auto", "linux", "termux", "static"])
     r.add_argument("--min-examples", type=int, default=20)
     r.add_argument("--rounds", type=int, default=None, help="stop after this many rounds")
+    r.add_argument(
+        "--max-minutes",
+        type=float,
+        default=None,
+        help="stop after this long (a scheduled job: its start conditions are checked again next time)",
+    )
     r.add_argument("--threads", type=int, default=1)
     r.add_argument(
         "--keep-program",
@@ -131,6 +141,20 @@ def run(args: argparse.Namespace) -> None:
         raise ClientError(str(e)) from None
 
 
+def _refuse_cuda_torch() -> None:
+    """A CUDA build of torch on a device: refuse to start (edge_client/torch_build.py)."""
+    import torch
+
+    from edge_client.torch_build import allowed_anyway, cuda_build_problem
+
+    problem = cuda_build_problem(torch.version.cuda, torch.__version__)
+    if problem is None:
+        return
+    if not allowed_anyway():
+        raise ClientError(problem)
+    log.warning("%s", problem.splitlines()[0])
+
+
 def _run(args: argparse.Namespace) -> None:
     out = sys.stdout
     if args.action == "enroll":
@@ -143,10 +167,14 @@ def _run(args: argparse.Namespace) -> None:
         # would need for tracing or compiling (which a device never does).
         tune_allocator()
         defer_torch_registrations()
+        _refuse_cuda_torch()
+        if args.max_minutes is not None and not 0 < args.max_minutes < math.inf:
+            raise ClientError("--max-minutes must be a positive number")
         agent = _agent(args)
         signal.signal(signal.SIGTERM, lambda *_: agent.stop())
         signal.signal(signal.SIGINT, lambda *_: agent.stop())
-        agent.run(max_rounds=args.rounds)
+        limit = math.inf if args.max_minutes is None else 60.0 * args.max_minutes
+        agent.run(max_rounds=args.rounds, max_seconds=limit)
     elif args.action == "status":
         store = _store(args)
         saved = _saved(args.state_dir)

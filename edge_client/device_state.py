@@ -8,7 +8,8 @@ Providers behind one interface, chosen automatically (``auto_provider``) unless 
   where NetworkManager runs, its metered flag (``nmcli``); idle from logind's ``IdleHint`` or,
   failing that, a low load average.
 - :class:`TermuxProvider`: ``termux-battery-status`` and ``termux-wifi-connectioninfo`` (JSON)
-  from the termux-api package on Android.
+  from the termux-api package on Android, in Termux or a proot-distro guest; metered and idle,
+  which Termux:API cannot tell, from the JobScheduler constraints that started the process.
 - :class:`StaticProvider`: fixed values (configuration, simulations, tests).
 
 Anything missing or unreadable counts as "not eligible", never as an error: a garbage value in
@@ -17,7 +18,6 @@ sysfs must not make a phone train on battery.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -26,6 +26,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
+
+from edge_client import termux
 
 __all__ = [
     "Conditions",
@@ -213,40 +215,47 @@ class LinuxProvider:
 
 @dataclass
 class TermuxProvider:
+    """An Android phone through Termux:API (edge_client/termux.py says what it can tell).
+
+    Charging comes from ``termux-battery-status`` at every read. Wi-Fi from
+    ``termux-wifi-connectioninfo``, but whether it is metered, and whether the phone is idle,
+    no Termux:API command reports: they count as true only when Android's JobScheduler
+    enforced them when it started this process (``constraints``, from the job script), and as
+    false otherwise, each with a note saying so."""
+
     storage_path: Path = field(default_factory=Path.home)
     runner: Runner = run_command
+    constraints: frozenset[str] = field(default_factory=termux.job_constraints)
+    termux_bin: Path = termux.TERMUX_BIN
+
+    def _call(self, name: str) -> str | None:
+        path = termux.command_path(name, self.termux_bin) or name
+        return self.runner([path])
 
     def read(self) -> Conditions:
         notes: list[str] = []
-        charging, battery = False, 0.0
-        raw = self.runner(["termux-battery-status"])
-        try:
-            b = json.loads(raw) if raw else None
-        except json.JSONDecodeError:
-            b = None
-        if isinstance(b, dict):
-            pct = b.get("percentage")
-            if isinstance(pct, int | float) and 0 <= pct <= 100:
-                battery = float(pct)
-            plugged = str(b.get("plugged", "UNPLUGGED")).upper()
-            status = str(b.get("status", "")).upper()
-            charging = plugged != "UNPLUGGED" and status in ("CHARGING", "FULL")
-        else:
-            notes.append("termux-battery-status unavailable")
-        unmetered = False
-        raw = self.runner(["termux-wifi-connectioninfo"])
-        try:
-            w = json.loads(raw) if raw else None
-        except json.JSONDecodeError:
-            w = None
-        if isinstance(w, dict):
-            unmetered = w.get("supplicant_state") == "COMPLETED" and bool(w.get("ip"))
-        else:
+        battery = termux.parse_battery(self._call("termux-battery-status"))
+        if battery is None:
+            notes.append("termux-battery-status unavailable (is the Termux:API app installed?)")
+        elif battery.percent is None:
+            notes.append("termux-battery-status: no charge level")
+        wifi = termux.parse_wifi(self._call("termux-wifi-connectioninfo"))
+        if wifi is None:
             notes.append("termux-wifi-connectioninfo unavailable")
-        # Android exposes no idle flag to Termux: a plugged-in phone on Wi-Fi with a low load
-        idle = LinuxProvider(runner=self.runner)._idle(notes)
+        unmetered = wifi is not None and wifi.associated and "unmetered" in self.constraints
+        if wifi is not None and wifi.associated and not unmetered:
+            notes.append("Wi-Fi, metered unknown (Termux:API has no metered flag; run as the scheduled job)")
+        idle = "idle" in self.constraints
+        if not idle:
+            notes.append("idle unknown (Termux:API reports none; run as the scheduled job)")
         return Conditions(
-            charging, idle, unmetered, battery, _free_mb(self.storage_path), "termux", tuple(notes)
+            battery is not None and battery.plugged,
+            idle,
+            unmetered,
+            (battery.percent or 0.0) if battery is not None else 0.0,
+            _free_mb(self.storage_path),
+            "termux",
+            tuple(notes),
         )
 
 
@@ -254,7 +263,7 @@ def auto_provider(kind: str = "auto", static: Conditions | None = None) -> State
     """``auto``: Termux when its API is installed, else Linux; or ``linux``/``termux``/``static``."""
     if kind == "static":
         return StaticProvider(static or StaticProvider().conditions)
-    if kind == "termux" or (kind == "auto" and shutil.which("termux-battery-status")):
+    if kind == "termux" or (kind == "auto" and termux.command_path("termux-battery-status")):
         return TermuxProvider()
     if kind in ("auto", "linux"):
         return LinuxProvider()

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 
-from edge_client.device_state import LinuxProvider, StaticProvider, TermuxProvider, auto_provider
+from edge_client.device_state import LinuxProvider, StaticProvider, auto_provider
 
 ROUTE_HEADER = "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n"
 
@@ -123,37 +122,6 @@ def test_logind_idle_hint_wins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     assert not p.read().idle
     p.runner = recorded({"loginctl": "yes\n"})
     assert p.read().idle
-
-
-def test_termux_recorded_outputs(tmp_path: Path) -> None:
-    battery = {
-        "health": "GOOD",
-        "percentage": 77,
-        "plugged": "PLUGGED_AC",
-        "status": "CHARGING",
-        "temperature": 30.1,
-    }
-    wifi = {"bssid": "x", "ip": "192.168.1.20", "supplicant_state": "COMPLETED", "ssid": "home"}
-    p = TermuxProvider(
-        storage_path=tmp_path,
-        runner=recorded(
-            {
-                "termux-battery-status": json.dumps(battery),
-                "termux-wifi-connectioninfo": json.dumps(wifi),
-            }
-        ),
-    )
-    c = p.read()
-    assert c.charging and c.unmetered and c.battery_pct == 77.0 and c.source == "termux"
-    unplugged = {**battery, "plugged": "UNPLUGGED", "status": "DISCHARGING"}
-    p.runner = recorded(
-        {"termux-battery-status": json.dumps(unplugged), "termux-wifi-connectioninfo": "{not json"}
-    )
-    c = p.read()
-    assert not c.charging and not c.unmetered
-    p.runner = recorded({})
-    c = p.read()
-    assert not (c.charging or c.unmetered) and c.notes
 
 
 def test_static_and_auto() -> None:

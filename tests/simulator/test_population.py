@@ -195,7 +195,7 @@ def test_population_over_a_two_node_ray_cluster(
 
     from coordinator.schemas import DeadlineSettings
     from fedkeys.cli import build_parser
-    from simulator.cli import SimError, _config
+    from simulator.cli import _config
     from simulator.run import local_coordinator, run_simulation
 
     # Ray addresses nodes by the host's outward address unless told it is not a cluster host:
