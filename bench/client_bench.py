@@ -119,7 +119,8 @@ def one_round(
                 str(rounds),
                 *client_args,
             ]
-            p = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=(state / "run.log").open("wb"))
+            with (state / "run.log").open("wb") as log_file:  # the child keeps its own descriptor
+                p = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=log_file)
             procs[p.pid] = (state, time.time())
         results = []
         while procs:
@@ -252,6 +253,8 @@ def _breakdown_child(bundle_dir: Path, work: Path) -> None:
 
     after(rt.Trainer, "from_bundle", "train.pte loaded (planned memory, first step)")
     after(rt.Trainer, "set_weights", "global weights copied into the live parameters")
+    # the agent encodes message by message: the stage is the last of the run of calls (the
+    # parent keeps one row per label run, breakdown())
     after(agent_mod, "encode_messages", f"{len(texts)} messages tokenized")
     after(rt.Trainer, "train", f"{plan.training.local_steps if plan.training else 0} training steps")
     after(rt.Trainer, "close", "training program released (local weights on disk)")
@@ -303,7 +306,15 @@ def breakdown(bundle: Path, client_python: str) -> list[dict[str, Any]]:
         )
         if out.returncode != 0:
             raise SystemExit(f"breakdown failed: {out.stderr[-2000:]}")
-        return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+        rows: list[dict[str, Any]] = []
+        for line in out.stdout.splitlines():
+            if line.startswith("{"):
+                row = json.loads(line)
+                if rows and rows[-1]["stage"] == row["stage"]:  # one row per run of a label
+                    rows[-1] = row
+                else:
+                    rows.append(row)
+        return rows
 
 
 def breakdown_table(rows: list[dict[str, Any]]) -> list[str]:

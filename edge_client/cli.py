@@ -141,11 +141,15 @@ def run(args: argparse.Namespace) -> None:
         raise ClientError(str(e)) from None
 
 
-def _refuse_cuda_torch() -> None:
-    """A CUDA build of torch on a device: refuse to start (edge_client/torch_build.py)."""
-    import torch
+def _check_install() -> None:
+    """No ExecuTorch runtime, or a CUDA build of torch: refuse to start, saying how to fix it
+    (edge_client/install_check.py)."""
+    from edge_client.install_check import allowed_anyway, cuda_build_problem, executorch_problem
 
-    from edge_client.torch_build import allowed_anyway, cuda_build_problem
+    missing = executorch_problem()
+    if missing is not None:
+        raise ClientError(missing)
+    import torch
 
     problem = cuda_build_problem(torch.version.cuda, torch.__version__)
     if problem is None:
@@ -167,7 +171,7 @@ def _run(args: argparse.Namespace) -> None:
         # would need for tracing or compiling (which a device never does).
         tune_allocator()
         defer_torch_registrations()
-        _refuse_cuda_torch()
+        _check_install()
         if args.max_minutes is not None and not 0 < args.max_minutes < math.inf:
             raise ClientError("--max-minutes must be a positive number")
         agent = _agent(args)
@@ -216,6 +220,11 @@ def _run(args: argparse.Namespace) -> None:
 
 
 def _suggest(args: argparse.Namespace) -> None:
+    from edge_client.install_check import executorch_problem
+
+    missing = executorch_problem()
+    if missing is not None:
+        raise ClientError(missing)
     from edge_client.runtime import Predictor
     from protocol.bundle import load_bundle
 

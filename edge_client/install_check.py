@@ -1,18 +1,34 @@
-"""A device runs the CPU build of torch, never a CUDA one.
+"""What a device's install must hold: the CPU build of torch, and the ExecuTorch runtime.
 
+**The CPU build of torch, never a CUDA one.**
 pip's default torch on PyPI is a CUDA build for both x86_64 and aarch64 (``2.13.0`` with
 ``torch.version.cuda`` set, plus gigabytes of ``nvidia-*`` wheels): on a Raspberry Pi or a
 phone that is a 5 GB install and about 400 MB more resident memory on ``import torch``
 (bench/RESULTS.md), for GPUs the device does not have. ``fedkeys client run`` refuses to start
 on such a build and prints the command that replaces it; ``FEDKEYS_ALLOW_CUDA_TORCH=1`` lets it
 start anyway (a workstation with a GPU taking part as a device).
+
+**ExecuTorch, installed without its dependencies.** The ``client`` extra leaves executorch out,
+because pip would bring its export-time dependencies along (coremltools, pandas, scikit-learn,
+hydra-core, torchao, ...: 415 MB and 43 packages that a device never imports);
+deploy/install-client.sh installs it with ``--no-deps``. A client without it says so and how.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
+import importlib.util
 import os
+import re
 
-__all__ = ["ALLOW_ENV", "CPU_INDEX", "allowed_anyway", "cuda_build_problem", "fix_command"]
+__all__ = [
+    "ALLOW_ENV",
+    "CPU_INDEX",
+    "allowed_anyway",
+    "cuda_build_problem",
+    "executorch_problem",
+    "fix_command",
+]
 
 ALLOW_ENV = "FEDKEYS_ALLOW_CUDA_TORCH"
 CPU_INDEX = "https://download.pytorch.org/whl/cpu"
@@ -39,3 +55,26 @@ def cuda_build_problem(cuda: str | None, version: str) -> str | None:
 
 def allowed_anyway() -> bool:
     return os.environ.get(ALLOW_ENV, "") not in ("", "0")
+
+
+def executorch_pin() -> str:
+    """The executorch requirement this fedkeys declares (its ``executorch`` extra)."""
+    try:
+        requires = importlib.metadata.requires("fedkeys") or []
+    except importlib.metadata.PackageNotFoundError:
+        requires = []
+    for req in requires:
+        m = re.match(r"\s*(executorch\s*==\s*[^;\s]+)", req)
+        if m:
+            return m.group(1).replace(" ", "")
+    return "executorch"
+
+
+def executorch_problem() -> str | None:
+    """Why the ExecuTorch runtime cannot load here (None: it is installed)."""
+    if importlib.util.find_spec("executorch") is not None:
+        return None
+    return (
+        f"the ExecuTorch runtime is not installed: pip install --no-deps {executorch_pin()}"
+        " (deploy/install-client.sh installs a device's client)"
+    )

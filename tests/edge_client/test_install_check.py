@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from edge_client.torch_build import ALLOW_ENV, CPU_INDEX, cuda_build_problem, fix_command
+from edge_client.install_check import ALLOW_ENV, CPU_INDEX, cuda_build_problem, fix_command
 from fedkeys.cli import main
 
 
@@ -47,3 +47,22 @@ def test_client_run_refuses_a_cuda_torch(
     monkeypatch.setenv(ALLOW_ENV, "1")  # let through: the next check (--max-minutes 0) speaks
     assert main(argv) == 2
     assert "--max-minutes must be a positive number" in capsys.readouterr().err
+
+
+def test_a_client_without_executorch_says_how_to_install_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import importlib.util
+
+    from edge_client import install_check
+
+    assert install_check.executorch_problem() is None  # installed here
+    assert install_check.executorch_pin().startswith("executorch==")  # from fedkeys' metadata
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "executorch" else real(name, *a)
+    )
+    for argv in (["run", "--coordinator", "https://127.0.0.1:9"], ["suggest", "how are "]):
+        assert main(["client", "--state-dir", str(tmp_path), *argv]) == 2
+        err = capsys.readouterr().err
+        assert "pip install --no-deps executorch==" in err and "Traceback" not in err
