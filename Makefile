@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 ART    := artifacts
 
-.PHONY: setup demo bundle-full test test-hypothesis lint typecheck unit bench clean
+.PHONY: setup demo bundle-full test test-hypothesis lint typecheck unit bench arm64-check clean
 
 setup: $(STAMP)
 
@@ -55,6 +55,12 @@ test-hypothesis: setup
 
 bench: setup
 	$(BIN)/python bench/model_bench.py
+
+# The client in an emulated Debian bookworm arm64 (Raspberry Pi OS 64-bit; proot-distro's Debian on
+# Android): installed as the README says, its suggestions against the host's, one real round of
+# three arm64 devices. Root, about an hour on 2 cores; not part of `make test`.
+arm64-check: setup
+	sh deploy/arm64-check.sh
 
 clean:
 	rm -rf $(ART) .pytest_cache .mypy_cache .ruff_cache

@@ -37,10 +37,13 @@ start=$(date +%s)
 echo "fedkeys client -> $VENV ($TORCH CPU build, $EXECUTORCH without its dependencies)"
 "$PY" -m venv "$VENV"
 if [ "$INDEX" = pip ]; then
-    "$VENV/bin/pip" install -q "$TORCH"
+    set -- "$TORCH"
 else
-    "$VENV/bin/pip" install -q "$TORCH" --index-url "$INDEX"
+    set -- "$TORCH" --index-url "$INDEX"
 fi
+"$VENV/bin/pip" install -q "$@" || {
+    echo "install-client: could not install $TORCH's CPU build from $INDEX (FEDKEYS_TORCH_INDEX:" \
+        "an index or mirror that holds it)" >&2; exit 1; }
 "$VENV/bin/pip" install -q --no-deps "$EXECUTORCH"
 "$VENV/bin/pip" install -q "$SRC[client]"
 "$VENV/bin/fedkeys" client --help >/dev/null
