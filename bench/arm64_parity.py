@@ -73,7 +73,11 @@ def record(bundle_dir: Path, out: Path) -> None:
     fp32 = bundle_dir / "predict-fp32.pte"
     if fp32.exists():
         models["fp32"] = ProgramModel(fp32, seq, beam)
-    rec: dict[str, Any] = {"machine": platform.machine(), "python": sys.version.split()[0], "prompts": PROMPTS}
+    rec: dict[str, Any] = {
+        "machine": platform.machine(),
+        "python": sys.version.split()[0],
+        "prompts": PROMPTS,
+    }
     for name, model in models.items():
         rows = []
         for p in PROMPTS:
@@ -91,7 +95,7 @@ def record(bundle_dir: Path, out: Path) -> None:
     loss, grads = trainer.gradients(batch)
     rec["train"] = {
         "loss": float(loss),
-        "grad_norm": float(torch.sqrt(sum((g.double() ** 2).sum() for g in grads.values()))),
+        "grad_norm": float(np.sqrt(sum(float((g.double() ** 2).sum()) for g in grads.values()))),
     }
     stats = trainer.train(iter([batch] * 3), OptimizerConfig(name="sgd", lr=0.1), max_steps=3)
     rec["train"]["loss_after_3_steps"] = float(trainer.loss(batch))
@@ -128,7 +132,9 @@ def compare(a_path: Path, b_path: Path) -> int:
         if name in ("fp32", "eager") and diff > 1e-3:
             failed = True
     sug = sum(x == y for x, y in zip(a["suggestions"], b["suggestions"], strict=True))
-    print(f"suggestions identical on {sug}/{len(PROMPTS)} prompts; e.g. '{PROMPTS[0]}': {a['suggestions'][0]} vs {b['suggestions'][0]}")
+    print(
+        f"suggestions identical on {sug}/{len(PROMPTS)} prompts; e.g. '{PROMPTS[0]}': {a['suggestions'][0]} vs {b['suggestions'][0]}"
+    )
     ta, tb = a["train"], b["train"]
     print(
         f"train.pte: loss {ta['loss']:.6f} vs {tb['loss']:.6f}, gradient norm {ta['grad_norm']:.6f} vs "

@@ -18,7 +18,8 @@
 # describing two cores of the emulated model. QEMU_CPU picks it: cortex-a76 (Raspberry Pi 5,
 # the default) or cortex-a72 (Raspberry Pi 4). Not qemu's default "max": with every extension it
 # emulates, the int8 program's suggestions come out wrong (after "how are ": a / i / the instead
-# of you / your / they; fp32, eager and train.pte stay equal) while cortex-a76 computes them as
+# of you / your / they: the int8 kernels chosen when the CPU reports SME; fp32, eager and
+# train.pte stay equal) while cortex-a76 computes them as
 # the host does (bench/RESULTS.md, "The client on arm64").
 set -eu
 
