@@ -141,14 +141,21 @@ def run(args: argparse.Namespace) -> None:
         raise ClientError(str(e)) from None
 
 
-def _check_install() -> None:
-    """No ExecuTorch runtime, or a CUDA build of torch: refuse to start, saying how to fix it
-    (edge_client/install_check.py)."""
-    from edge_client.install_check import allowed_anyway, cuda_build_problem, executorch_problem
+def _require_executorch() -> None:
+    """No ExecuTorch runtime: refuse, saying how to install it (edge_client/install_check.py)."""
+    from edge_client.install_check import executorch_problem
 
     missing = executorch_problem()
     if missing is not None:
         raise ClientError(missing)
+
+
+def _check_install() -> None:
+    """No ExecuTorch runtime, or a CUDA build of torch: refuse to start, saying how to fix it
+    (edge_client/install_check.py)."""
+    from edge_client.install_check import allowed_anyway, cuda_build_problem
+
+    _require_executorch()
     import torch
 
     problem = cuda_build_problem(torch.version.cuda, torch.__version__)
@@ -220,11 +227,7 @@ def _run(args: argparse.Namespace) -> None:
 
 
 def _suggest(args: argparse.Namespace) -> None:
-    from edge_client.install_check import executorch_problem
-
-    missing = executorch_problem()
-    if missing is not None:
-        raise ClientError(missing)
+    _require_executorch()
     from edge_client.runtime import Predictor
     from protocol.bundle import load_bundle
 

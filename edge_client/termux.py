@@ -13,13 +13,14 @@ The shapes below are those the Termux:API app writes (termux/termux-api,
   tethered to another phone's hotspot is on Wi-Fi and metered.
 - **Nothing reports idleness** (screen off, not in use).
 
-What cannot be read is taken from Android's JobScheduler instead: ``termux-job-scheduler
---charging true --idle true --network unmetered`` starts its script only when all three hold
-(deploy/android/fedkeys-job.sh), and the script passes those constraints on in
-``FEDKEYS_JOB_CONSTRAINTS``. The scheduler checks them when it starts the job, not after (the
-Termux:API ``JobSchedulerService`` returns from ``onStartJob`` at once), so the job runs for a
-bounded time (``fedkeys client run --max-minutes``) and charging, which can be read, is read
-at every check-in.
+What cannot be read is taken from Android's JobScheduler instead: deploy/android/schedule.sh
+asks Termux:API's job scheduler for charging, idle and an unmetered network (the ``idle`` extra
+is passed to ``libexec/termux-api JobScheduler`` directly: the ``termux-job-scheduler`` command
+has no option for it), so Android starts deploy/android/fedkeys-job.sh only when all three hold,
+and the job passes those constraints on in ``FEDKEYS_JOB_CONSTRAINTS``. The scheduler checks
+them when it starts the job, not after (the Termux:API ``JobSchedulerService`` returns from
+``onStartJob`` at once), so the job runs for a bounded time (``fedkeys client run
+--max-minutes``) and charging, which can be read, is read at every check-in.
 
 Inside ``proot-distro login`` (the Debian userland where the client's wheels install), the
 Termux:API commands are reachable under Termux's prefix, which proot-distro binds (and puts at
