@@ -1,8 +1,8 @@
 """Choosing the simulator's federated defaults quickly (issue 6): an in-process emulation of
 the fleet's rounds on the same devices, data and codec, without the network.
 
-Each round samples ``per_round`` of the fleet's devices, trains each for ``local_steps`` SGD
-steps in eager torch on its own newest messages (the same batches the device runtime packs),
+Each round samples ``per_round`` of the fleet's devices, trains each for up to ``local_steps``
+SGD steps in eager torch on messages drawn from its own (the same batches the device runtime packs),
 encodes the deltas with the real codec (clip, rotation, round-shared subset, stochastic
 quantization; the modular sum is exact, so secure aggregation changes nothing here), decodes the
 sum and applies the coordinator's server optimizer. Heldout top-1 is measured with the same
@@ -10,11 +10,14 @@ beam search as the simulator. It is a tuning aid: the recorded targets come from
 ``fedkeys simulate --compare`` runs.
 
     .venv/bin/python bench/fl_tuning.py --bundle artifacts/demo/bundle --grid default
+    .venv/bin/python bench/fl_tuning.py --grid population --baseline   # issue 19: keep fraction
+    .venv/bin/python bench/fl_tuning.py --grid demo --baseline         # issue 19: the demo fleet
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import sys
@@ -50,6 +53,13 @@ class Trial:
     seed: int = 0
     eval_messages: int = 1000
     eval_every: int = 0  # 0: only the final version (the pretrained one is measured once by main)
+    # Each round a device draws up to ``max_examples`` of its training messages at random and
+    # makes ``local_epochs`` passes (None: until the cap), at most ``local_steps`` steps, as
+    # edge_client.agent.Agent.local_train does. Population mode (``fedkeys simulate
+    # --population``): every federated participant with ``min_examples`` messages may be chosen.
+    population: bool = False
+    local_epochs: int | None = None
+    min_examples: int = 20
 
 
 def run_trial(trial: Trial, bundle_dir: str) -> dict[str, Any]:
@@ -57,11 +67,13 @@ def run_trial(trial: Trial, bundle_dir: str) -> dict[str, Any]:
 
     from coordinator.optimizers import make_optimizer
     from coordinator.schemas import ServerOptimizer
-    from edge_client.batching import encode_messages, pack_batches
+    from edge_client.batching import encode_messages, epoch_batches
     from model_export.export import model_from_bundle
     from protocol.codec import CodecParams, decode_sum, encode, ring_bits
-    from simulator.compare import device_texts
+    from simulator.baselines import training_share
+    from simulator.config import SimConfig
     from simulator.evaluation import VersionEvaluator, heldout_sample
+    from simulator.fleet import fleet_specs
 
     torch.set_num_threads(1)
     torch.manual_seed(trial.seed)
@@ -72,22 +84,23 @@ def run_trial(trial: Trial, bundle_dir: str) -> dict[str, Any]:
     lm.eval()  # the devices' train.pte runs without dropout
     params = dict(lm.named_parameters())
     seq = b.manifest.train.seq_len
-    texts = device_texts(trial.devices, trial.seed, trial.max_examples)
-    data = [encode_messages(evaluator.tok, t, seq) for t in texts]
-    counts = [len(t) for t in texts]
+    cfg = SimConfig(devices=trial.devices, seed=trial.seed, population=trial.population)
+    shares = [training_share(s.texts) for s in fleet_specs(cfg)]
+    if trial.population:
+        shares = [t for t in shares if len(t) >= trial.min_examples]
+    n_devices = len(shares)
     w = layout.flatten({n: p.detach().numpy() for n, p in params.items()}).astype(np.float32)
-    opt = make_optimizer(
-        ServerOptimizer(name=trial.server, lr=trial.server_lr, momentum=trial.momentum)  # type: ignore[arg-type]
-    )
+    opt = make_optimizer(ServerOptimizer(name=trial.server, lr=trial.server_lr, momentum=trial.momentum))
     state: dict[str, Any] = {}
     rng = np.random.default_rng(trial.seed)
     history: list[dict[str, Any]] = []
+    per_message: dict[str, list[int]] = {}
     sat: list[float] = []
     norms: list[float] = []
     t0 = time.time()
     k_bits = 32
     for rnd in range(1, trial.rounds + 1):
-        chosen = rng.choice(trial.devices, trial.per_round, replace=False)
+        chosen = rng.choice(n_devices, min(trial.per_round, n_devices), replace=False)
         codec = CodecParams.model_validate(
             {
                 **trial.codec.model_dump(exclude={"compress"}),
@@ -102,25 +115,29 @@ def run_trial(trial: Trial, bundle_dir: str) -> dict[str, Any]:
                 for n, p in params.items():
                     p.copy_(start[n])
             local_rng = np.random.default_rng(rng.integers(1 << 30))
-            steps = 0
-            while steps < trial.local_steps and data[dev]:  # epochs over the device's messages
-                for bt in pack_batches(data[dev], trial.batch, seq, local_rng):
-                    if steps >= trial.local_steps:
-                        break
-                    tensors = (
-                        torch.from_numpy(a) for a in (bt.tokens, bt.targets, bt.positions, bt.segments)
-                    )
-                    loss = lm.loss(*tensors)
-                    lm.zero_grad(set_to_none=True)
-                    loss.backward()
-                    with torch.no_grad():
-                        for p in params.values():
-                            if p.grad is not None:
-                                p.add_(p.grad, alpha=-trial.client_lr)
-                    steps += 1
+            msgs = shares[dev]
+            if len(msgs) > trial.max_examples:
+                msgs = [msgs[i] for i in local_rng.choice(len(msgs), trial.max_examples, replace=False)]
+            seqs, owners = [], []
+            for i, m in enumerate(msgs):
+                for sq in encode_messages(evaluator.tok, [m], seq):
+                    seqs.append(sq)
+                    owners.append(i)
+            trained: set[int] = set()
+            batches = epoch_batches(seqs, trial.batch, seq, local_rng, trial.local_epochs)
+            for bt, idx in itertools.islice(batches, trial.local_steps):
+                tensors = (torch.from_numpy(a) for a in (bt.tokens, bt.targets, bt.positions, bt.segments))
+                loss = lm.loss(*tensors)
+                lm.zero_grad(set_to_none=True)
+                loss.backward()  # type: ignore[no-untyped-call]
+                with torch.no_grad():
+                    for p in params.values():
+                        if p.grad is not None:
+                            p.add_(p.grad, alpha=-trial.client_lr)
+                trained.update(owners[i] for i in idx)
             new = layout.flatten({n: p.detach().numpy() for n, p in params.items()})
             deltas.append((new - w).astype(np.float32))
-            weights.append(counts[dev])
+            weights.append(len(trained))
         if trial.codec.compress:
             k_bits = ring_bits(codec)
             encs = [encode(d, codec, rng, num_examples=c) for d, c in zip(deltas, weights, strict=True)]
@@ -133,13 +150,19 @@ def run_trial(trial: Trial, bundle_dir: str) -> dict[str, Any]:
             mean = (sum(wi * d for wi, d in zip(ws, deltas, strict=True)) / ws.sum()).astype(np.float32)
         w, state = opt.step(w, mean, state)
         if (trial.eval_every and rnd % trial.eval_every == 0) or rnd == trial.rounds:
-            history.append({"round": rnd, **evaluator.eager(w)})
+            scores = evaluator.eager(w)
+            history.append(
+                {"round": rnd, **{k: v for k, v in scores.items() if isinstance(v, float | int | str)}}
+            )
+            hits = scores["per_message"]  # the last evaluation's, for paired intervals in main
+            per_message = {"words": hits.words.tolist(), "top1": hits.top1.tolist()}
     from protocol.codec import encoded_length
 
     up = math.ceil(encoded_length(codec, w.size) * k_bits / 8) if trial.codec.compress else 4 * w.size
     return {
         "trial": {**asdict(trial), "codec": trial.codec.model_dump()},
         "history": history,
+        "per_message": per_message,
         "seconds": time.time() - t0,
         "upload_bytes": up,
         "saturated_fraction": float(np.mean(sat)) if sat else 0.0,
@@ -179,6 +202,57 @@ GRIDS: dict[str, list[Trial]] = {
         Trial("p1/16 b5 fedadam 1e-3 (default)"),
     ],
 }
+_POP = Trial(
+    "population",
+    population=True,
+    per_round=100,
+    rounds=12,
+    local_steps=32,
+    local_epochs=2,
+    server_lr=1e-2,
+    eval_every=6,
+    eval_messages=2000,
+)
+# What the population defaults' keep fraction was chosen by (issue 19: compressed within 1% of
+# float32 at 100 devices per round).
+GRIDS["population"] = [
+    replace(_POP, name="pop f32 fedadam 1e-2", codec=F32),
+    replace(_POP, name="pop p1/16 b5 fedadam 1e-2"),
+    replace(
+        _POP, name="pop p1/8 b5 fedadam 1e-2", codec=SIM_CODEC.model_copy(update={"keep_fraction": 1 / 8})
+    ),
+    replace(
+        _POP, name="pop p1/4 b5 fedadam 1e-2", codec=SIM_CODEC.model_copy(update={"keep_fraction": 1 / 4})
+    ),
+    replace(_POP, name="pop p1/16 b5 fedavgm 1 m.9", server="fedavgm", server_lr=1.0, momentum=0.9),
+    replace(_POP, name="pop f32 fedadam 1e-2 client .3", codec=F32, client_lr=0.3),
+]
+# Example weights: the real float32 rows have no codec, hence no weight cap (a device's weight is
+# the messages it trained on, 20 to 128 here), the compressed ones the codec's cap of 16, which
+# weighs nearly every population device the same.
+GRIDS["population-weights"] = [
+    replace(_POP, name="pop f32 uncapped", codec=F32.model_copy(update={"weight_cap": 1 << 24})),
+    replace(_POP, name="pop p1/16 b5 cap 128", codec=SIM_CODEC.model_copy(update={"weight_cap": 128})),
+]
+
+
+# What the demo fleet's local work and server step were chosen by (issue 19: `make demo` shows
+# a lift that its heldout sample's interval separates from zero).
+_DEMO = Trial("demo", rounds=30, eval_messages=2000, codec=SIM_CODEC)
+GRIDS["demo"] = [
+    replace(_DEMO, name="demo now: 10 steps fedadam 1e-3"),
+    replace(_DEMO, name="demo 10 steps fedadam 1e-2", server_lr=1e-2),
+    replace(_DEMO, name="demo 32 steps 2 ep fedadam 1e-2", local_steps=32, local_epochs=2, server_lr=1e-2),
+    replace(
+        _DEMO,
+        name="demo 20/round 20 rounds 32 steps 2 ep 1e-2",
+        per_round=20,
+        rounds=20,
+        local_steps=32,
+        local_epochs=2,
+        server_lr=1e-2,
+    ),
+]
 
 
 def _trial(overrides: dict[str, Any]) -> Trial:
@@ -203,8 +277,10 @@ def main() -> None:
         ev = VersionEvaluator(Path(args.bundle), heldout_sample(trials[0].eval_messages, 0))
         r0 = ev.eager(ev.bundle.initial_weights())
         print(f"{'pretrained':<32} top1 {r0['top1']:.4f} top3 {r0['top3']:.4f} ppl {r0['ppl_piece']:.1f}")
+    results: list[dict[str, Any]] = []
     with ProcessPoolExecutor(args.workers) as pool, args.out.open("a") as f:
         for res in pool.map(run_trial, trials, [args.bundle] * len(trials)):
+            results.append(res)
             f.write(json.dumps(res) + "\n")
             f.flush()
             h = res["history"]
@@ -216,6 +292,27 @@ def main() -> None:
                 f" {res['seconds']:.0f}s",
                 flush=True,
             )
+    _print_paired(results)
+
+
+def _print_paired(results: list[dict[str, Any]]) -> None:
+    """Each trial's final top-1 against the first trial's, paired over the same heldout messages
+    (95% bootstrap interval), absolute points and relative."""
+    from model_export.stats import paired_bootstrap, paired_ratio
+
+    if len(results) < 2 or not results[0]["per_message"]:
+        return
+    ref = results[0]["per_message"]
+    for res in results[1:]:
+        pm = res["per_message"]
+        d = paired_bootstrap(pm["top1"], ref["top1"], ref["words"])
+        r = paired_ratio(pm["top1"], ref["top1"], ref["words"])
+        print(
+            f"{res['trial']['name']:<32} vs {results[0]['trial']['name']}: "
+            f"{d[0] * 100:+.2f} points [{d[1] * 100:+.2f}, {d[2] * 100:+.2f}], "
+            f"{(r[0] - 1) * 100:+.2f}% [{(r[1] - 1) * 100:+.2f}, {(r[2] - 1) * 100:+.2f}]",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

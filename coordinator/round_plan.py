@@ -54,11 +54,15 @@ class StoredPlan(BaseModel):
     enrol identities to game) which of a selection's candidates it takes."""
     unmask: UnmaskRequest | None = None
     """Survivors and dropped devices, set when the masked-input stage closes."""
+    plain_weight_cap: int = 1 << 30
+    """The task's ``codec.weight_cap`` for rounds of plain float32 updates (no codec), so that a
+    float32 run weighs devices as the compressed one does and the two differ only in the
+    codec; plans stored before it had none (uncapped)."""
 
     @property
     def weight_cap(self) -> int:
         """The largest example-count weight of one plain update."""
-        return self.codec.weight_cap if self.codec is not None else 1 << 30
+        return self.codec.weight_cap if self.codec is not None else self.plain_weight_cap
 
 
 _CACHE_SIZE = 64

@@ -69,7 +69,8 @@ class TrainingSettings(_Model):
 class CodecSettings(codec.CodecSettings):
     """The codec's knobs (protocol.codec.CodecSettings, declared there) and ``compress``:
     ``False`` sends plain float32 updates (no quantization; the coordinator clips them to
-    ``clip_norm``; secure aggregation needs compression). The round adds its size and seed."""
+    ``clip_norm`` and caps their weights at ``weight_cap``; secure aggregation needs
+    compression). The round adds its size and seed."""
 
     compress: bool = True
 
@@ -211,6 +212,12 @@ class TaskConfig(_Model):
             raise ValueError("secure aggregation needs codec.compress (ring-encoded updates)")
         if self.secagg.enabled:
             self.secagg.check(self.min_reports)
+        if self.codec.compress:  # the round's sum must fit the ring (noise is checked per round)
+            codec.ring_bits(
+                codec.CodecParams(
+                    **self.codec.model_dump(exclude={"compress"}), max_clients=self.selection_size, seed=bytes(32)
+                )
+            )
         dp = self.privacy
         if dp.enabled:
             if not self.codec.compress:

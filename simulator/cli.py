@@ -79,6 +79,12 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--no-compress", action="store_true", help="plain float32 updates (implies --no-secagg)")
     p.add_argument("--keep-fraction", type=float, default=None)
     p.add_argument("--bits", type=int, default=None)
+    p.add_argument(
+        "--weight-cap",
+        type=int,
+        default=None,
+        help="example count at which a device's weight saturates (16; --population 128)",
+    )
     p.add_argument("--local-steps", type=int, default=None, help="cap on a round's local steps")
     p.add_argument(
         "--local-epochs",
@@ -149,9 +155,14 @@ def _config(args: argparse.Namespace) -> Any:
         cfg = replace(cfg.with_codec(compress=False), secagg=False, name="fl-float32")
     elif args.no_secagg:
         cfg = replace(cfg, secagg=False, name="fl-compressed")
-    for flag in ("keep_fraction", "bits"):
+    from pydantic import ValidationError
+
+    for flag in ("keep_fraction", "bits", "weight_cap"):
         if getattr(args, flag) is not None:
-            cfg = cfg.with_codec(**{flag: getattr(args, flag)})
+            try:
+                cfg = cfg.with_codec(**{flag: getattr(args, flag)})
+            except ValidationError as e:
+                raise SimError(f"--{flag.replace('_', '-')}: {e.errors()[0]['msg']}") from None
     for attr in (
         "local_steps",
         "local_epochs",
@@ -212,6 +223,10 @@ def _config(args: argparse.Namespace) -> Any:
         raise SimError("need at least 2 devices and 1 round")
     if cfg.eval_every < 1 or cfg.eval_messages < 1:
         raise SimError("--eval-every and --eval-messages must be positive")
+    try:  # what the coordinator would refuse (e.g. a weight cap whose sums overflow the ring)
+        cfg.task_config()
+    except ValidationError as e:
+        raise SimError(f"the task's settings: {e.errors()[0]['msg']}") from None
     return cfg
 
 

@@ -309,3 +309,11 @@ def test_population_defaults_and_flags() -> None:
     for bad in (["--server-lr", "0"], ["--client-lr", "-0.1"], ["--server-lr", "nan"]):
         with pytest.raises(SimError, match=bad[0]):
             cfg(*bad)
+    assert (pop.codec.weight_cap, cfg().codec.weight_cap) == (128, 16)
+    assert cfg("--population", "--weight-cap", "64").codec.weight_cap == 64
+    for bad in (["--weight-cap", "0"], ["--keep-fraction", "2"]):  # one line, not a traceback
+        with pytest.raises(SimError, match=bad[0]):
+            cfg(*bad)
+    # settings the coordinator would refuse: 390 selected devices' weights overflow a 32-bit ring
+    with pytest.raises(SimError, match="ring bits"):
+        cfg("--devices", "400", "--per-round", "300", "--weight-cap", str(1 << 24))

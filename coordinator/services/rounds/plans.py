@@ -141,6 +141,7 @@ def _open_round(session: Session, ctx: RoundContext, task: Task) -> Round | None
             codec=codec,
             secagg=sec,
             dp=dp_plan,
+            plain_weight_cap=cfg.codec.weight_cap,
         ),
     )
     log_event(log, "round opened", task=task.name, round=rnd.id, stage=Stage.SELECTING, version=mv.version)
