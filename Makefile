@@ -44,8 +44,12 @@ typecheck: setup
 
 # Hypothesis derandomized (the "ci" profile of tests/conftest.py): the same examples every run;
 # each test has pyproject's time limit (`timeout`): a hang fails that test with every thread's stack.
+# The client's suite runs first as on a device's install (tests/conftest.py, --client-only: what a
+# device lacks is unimportable; the tiny bundle built here), then everything else.
 unit: setup
-	HYPOTHESIS_PROFILE=ci $(BIN)/pytest -q -n 2 --durations=15
+	HYPOTHESIS_PROFILE=ci FEDKEYS_TEST_TINY_BUNDLE="$$($(BIN)/python -m tests.servers)" \
+	  $(BIN)/pytest -q -n 2 --client-only -p no:hydra_pytest --durations=5
+	HYPOTHESIS_PROFILE=ci $(BIN)/pytest -q -n 2 --skip-client-suite --durations=15
 
 test: lint typecheck unit
 

@@ -2,7 +2,8 @@
 # The client on arm64, checked on an x86_64 Debian host: a Debian bookworm arm64 userland (what
 # Raspberry Pi OS 64-bit is, and what proot-distro's Debian gives an Android phone) built with
 # debootstrap and run through qemu-user-static; the client installed in it exactly as the README
-# says (deploy/install-client.sh); its suggestions compared with the host's for the same bundle;
+# says (deploy/install-client.sh); the client's own test suite run there; its suggestions compared
+# with the host's for the same bundle;
 # then one real round of three emulated arm64 devices against a coordinator on the host over TLS
 # (bench/client_bench.py with the arm64 interpreter as the devices').
 #
@@ -107,14 +108,30 @@ fi
 say "installed: $(du -sh "$ROOTFS$VENV" | cut -f1), $(in_guest $VENV/bin/pip list 2>/dev/null | tail -n +3 | wc -l) packages," \
     "torch $(in_guest $VENV/bin/python -c 'import torch; print(torch.__version__, "cuda", torch.version.cuda)')"
 
-# 5. the client's own checks on arm64: suggestions, fp32 logits and train.pte gradients against
-# the host for the same bundle and token ids (bench/arm64_parity.py)
-bundle=$(cd "$SRC" && .venv/bin/python -c 'from tests.servers import tiny_build; print(tiny_build() / "bundle")')
+bundle=$(cd "$SRC" && .venv/bin/python -m tests.servers)
 demo=$SRC/artifacts/demo/bundle
 [ -f "$demo/manifest.json" ] || (cd "$SRC" && .venv/bin/fedkeys export build --profile demo --student models/demo \
     --out artifacts/demo/bundle --work artifacts/work --no-eval)
 share=$(mktemp -d /tmp/fedkeys-arm64-XXXXXX)
 cp -r "$bundle" "$share/tiny" && cp -r "$demo" "$share/demo"
+
+# 5. the client's own suite on arm64, as `make unit` runs it on a device's install (pytest
+# --client-only: what the install lacks is unimportable); the tests' own dependencies go to a
+# folder of their own, not into the client's venv
+TESTDEPS=/opt/fedkeys-testdeps
+if ! [ -d "$ROOTFS$TESTDEPS/_pytest" ]; then
+    timed "the tests' dependencies (emulated)" in_guest $VENV/bin/pip install -q --target "$TESTDEPS" \
+        pytest pytest-timeout hypothesis scipy
+fi
+suite=0
+timed "the client's suite (emulated)" in_guest PYTHONPATH="$TESTDEPS" HYPOTHESIS_PROFILE=ci \
+    FEDKEYS_TEST_TINY_BUNDLE="$share/tiny" /bin/sh -c \
+    "cd /opt/fedkeys-src && $VENV/bin/python -m pytest -q -p no:cacheprovider --client-only" \
+    >"$share/suite.txt" 2>&1 || suite=1
+tail -n 15 "$share/suite.txt" | tee -a "$REPORT"
+
+# 6. suggestions, fp32 logits and train.pte gradients against the host for the same bundle and
+# token ids (bench/arm64_parity.py)
 parity=0
 for b in tiny demo; do
     (cd "$SRC" && .venv/bin/python bench/arm64_parity.py prepare "$share/$b" \
@@ -126,7 +143,7 @@ for b in tiny demo; do
         >>"$REPORT" || parity=1
 done
 
-# 6. one real round: three emulated arm64 devices, the coordinator on the host (TLS, SQLite)
+# 7. one real round: three emulated arm64 devices, the coordinator on the host (TLS, SQLite)
 wrapper=$share/arm64-python
 cat >"$wrapper" <<EOF
 #!/bin/sh
@@ -137,5 +154,6 @@ chmod +x "$wrapper"
 (cd "$SRC" && timed "one round, 3 emulated arm64 devices" .venv/bin/python bench/client_bench.py \
     --client-python "$wrapper" --devices 3 --rounds 1 --suggestions 20 --no-record) | tee -a "$REPORT"
 rm -rf "$share"
+[ "$suite" = 0 ] || { say "FAILED: the client's suite on arm64 (see above)"; exit 1; }
 [ "$parity" = 0 ] || { say "FAILED: arm64 computes other suggestions than the host (see above)"; exit 1; }
 say "done: $REPORT"

@@ -15,22 +15,50 @@ thread, in place of pytest-timeout's own: those are Python code (a ``threading.T
 SIGALRM handler), which cannot run while another thread holds the GIL and waits in native code
 (the ExecuTorch deadlock described in edge_client.native was one: ``--timeout 900`` never
 fired), and the thread method's stack dump is lost under xdist.
+
+``--client-only`` runs the client's suite alone (:data:`CLIENT_SUITE`: the protocol's and the
+device's tests) with the modules a device does not install made unimportable
+(deploy/install-client.sh; deploy/arm64-check.sh runs it in the emulated arm64 userland); the
+tiny bundle then comes from ``FEDKEYS_TEST_TINY_BUNDLE`` (built where the exporter is).
+``--skip-client-suite`` runs everything else: ``make unit`` runs both.
 """
 
 from __future__ import annotations
 
 import faulthandler
+import importlib.abc
 import os
-from collections.abc import Iterator
+import sys
+from collections.abc import Iterator, Sequence
+from importlib.machinery import ModuleSpec
 from pathlib import Path
-from typing import Any
+from types import FrameType, ModuleType
+from typing import TYPE_CHECKING, Any
 
 import hypothesis
 import pytest
 from hypothesis import HealthCheck
 
-from tests import servers
-from tests.servers import Server, fresh_pg_database, pg_available, start_server, stop_server
+if TYPE_CHECKING:
+    from tests.servers import Server
+
+CLIENT_SUITE = ("tests/protocol", "tests/edge_client")
+"""The tests of what a device installs (``fedkeys[client]``: protocol/ and edge_client/)..."""
+CLIENT_SUITE_EXCLUDED = ("tests/edge_client/test_agent.py", "tests/edge_client/test_install_client.py")
+"""... but these, which start a coordinator or install a client into a new venv."""
+NOT_ON_A_DEVICE = frozenset(
+    {
+        # the coordinator's, the exporter's and the simulator's dependencies (pyproject's extras)
+        *("fastapi", "starlette", "uvicorn", "sqlalchemy", "alembic", "psycopg", "pydantic_settings"),
+        *("prometheus_client", "dp_accounting", "chitchat_dataset", "rich", "matplotlib", "ray"),
+        # executorch's, which a device skips (installed with --no-deps)
+        *("torchao", "pandas", "sklearn", "scipy", "hydra", "coremltools"),
+    }
+)
+"""Top-level modules a device's install (deploy/install-client.sh) lacks: the client's suite
+must not import any of them (this checkout's own packages are all installed; a server side
+module that imports one of these fails as it would on a device)."""
+TINY_BUNDLE_ENV = "FEDKEYS_TEST_TINY_BUNDLE"
 
 HYPOTHESIS_PROFILE_ENV = "HYPOTHESIS_PROFILE"
 LONG_RUN_FACTOR = 10  # the "long" profile: this many times each test's max_examples
@@ -70,9 +98,72 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             fn._hypothesis_internal_use_settings = scaled
 
 
+class _DeviceInstall(importlib.abc.MetaPathFinder):
+    """Makes what a device's install lacks unimportable (``--client-only``) for the code under
+    test; the tests themselves may still use such a module as a reference (scipy's binomial
+    tail, say: the arm64 check installs the tests' own dependencies beside the client)."""
+
+    TESTS = str(Path(__file__).resolve().parent) + os.sep
+
+    def find_spec(
+        self, fullname: str, path: Sequence[str] | None, target: ModuleType | None = None
+    ) -> ModuleSpec | None:
+        top = fullname.partition(".")[0]
+        if top not in NOT_ON_A_DEVICE or (fullname != top and top in sys.modules):
+            return None  # allowed, or a part of a package a test imported
+        frame: FrameType | None = sys._getframe(1)
+        while frame is not None and frame.f_code.co_filename.startswith("<frozen importlib"):
+            frame = frame.f_back
+        if frame is not None and frame.f_code.co_filename.startswith(self.TESTS):
+            return None
+        raise ImportError(f"{fullname} is not part of a device's install (pytest --client-only)")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--client-only", action="store_true", help="only the client's suite, as on a device's install"
+    )
+    parser.addoption("--skip-client-suite", action="store_true", help="every test but the client's suite")
+
+
+def _in_client_suite(rel: str) -> bool | None:
+    """True inside the client's suite, False outside, None for a folder that holds some of it
+    and some of the rest."""
+    if rel in CLIENT_SUITE_EXCLUDED:
+        return False
+    if any(e.startswith(rel + "/") for e in CLIENT_SUITE_EXCLUDED):
+        return None
+    if any(rel == d or rel.startswith(d + "/") for d in CLIENT_SUITE):
+        return True
+    return None if any(d.startswith(rel + "/") for d in CLIENT_SUITE) or rel == "." else False
+
+
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    client_only, skip_suite = config.getoption("--client-only"), config.getoption("--skip-client-suite")
+    if not (client_only or skip_suite):
+        return None
+    try:
+        rel = collection_path.relative_to(config.rootpath).as_posix()
+    except ValueError:  # a path given outside the checkout
+        return None
+    inside = _in_client_suite(rel)
+    if inside is None:
+        return None
+    return (not inside) if client_only else (inside or None)
+
+
 def pytest_configure(config: pytest.Config) -> None:
     # the real stderr: pytest's capture points fd 2 elsewhere during a test
     config.stash[_stderr_fd] = os.dup(2)
+    if config.getoption("--client-only") and config.getoption("--skip-client-suite"):
+        raise pytest.UsageError("--client-only and --skip-client-suite exclude each other")
+    if config.getoption("--client-only"):
+        loaded = sorted(m for m in NOT_ON_A_DEVICE if m in sys.modules)
+        if loaded:
+            raise pytest.UsageError(
+                f"--client-only: {', '.join(loaded)} already imported by a plugin (disable it: -p no:NAME)"
+            )
+        sys.meta_path.insert(0, _DeviceInstall())
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -95,17 +186,30 @@ def pytest_timeout_cancel_timer(item: pytest.Item) -> bool:
 @pytest.fixture(scope="session")
 def tiny_build() -> Path:
     """Directory holding ``bundle/`` (tiny profile) and ``work/``: see tests.servers.tiny_build."""
+    from tests import servers
+
     return servers.tiny_build()
 
 
 @pytest.fixture(scope="session")
-def tiny_bundle_dir(tiny_build: Path) -> Path:
-    return tiny_build / "bundle"
+def tiny_bundle_dir(request: pytest.FixtureRequest) -> Path:
+    """The tiny bundle: ``FEDKEYS_TEST_TINY_BUNDLE`` when set (a bundle built elsewhere, for
+    the client's suite on a device), else the one :func:`tiny_build` keeps."""
+    given = os.environ.get(TINY_BUNDLE_ENV)
+    if given:
+        if not (Path(given) / "manifest.json").is_file():
+            pytest.fail(f"{TINY_BUNDLE_ENV}={given} holds no bundle (manifest.json)")
+        return Path(given)
+    if request.config.getoption("--client-only"):
+        pytest.fail(f"--client-only needs {TINY_BUNDLE_ENV}: the exporter is server side")
+    return request.getfixturevalue("tiny_build") / "bundle"  # type: ignore[no-any-return]
 
 
 @pytest.fixture
 def pg_url() -> Iterator[str]:
     """A fresh PostgreSQL database with a random name, dropped after the test."""
+    from tests.servers import fresh_pg_database, pg_available
+
     if not pg_available():
         pytest.fail("PostgreSQL at 127.0.0.1:5432 is not reachable (the tests need it)")
     with fresh_pg_database() as url:
@@ -122,6 +226,8 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
 
 @pytest.fixture
 def server(tmp_path: Path, db_url: str) -> Iterator[Server]:
+    from tests.servers import start_server, stop_server
+
     s = start_server(tmp_path, db_url)
     try:
         yield s
@@ -131,6 +237,8 @@ def server(tmp_path: Path, db_url: str) -> Iterator[Server]:
 
 @pytest.fixture
 def sqlite_server(tmp_path: Path) -> Iterator[Server]:
+    from tests.servers import start_server, stop_server
+
     s = start_server(tmp_path, f"sqlite:///{tmp_path / 'coordinator.db'}")
     try:
         yield s

@@ -97,3 +97,12 @@ def start_server(tmp: Path, db_url: str, **kw: Any) -> Server:
 
 
 stop_server = stop_local
+
+
+if __name__ == "__main__":  # `python -m tests.servers`: the tiny bundle's path (built if needed)
+    import contextlib
+    import sys
+
+    with contextlib.redirect_stdout(sys.stderr):  # the build's progress is not the answer
+        path = tiny_build() / "bundle"
+    print(path)
