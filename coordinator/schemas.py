@@ -215,7 +215,9 @@ class TaskConfig(_Model):
         if self.codec.compress:  # the round's sum must fit the ring (noise is checked per round)
             codec.ring_bits(
                 codec.CodecParams(
-                    **self.codec.model_dump(exclude={"compress"}), max_clients=self.selection_size, seed=bytes(32)
+                    **self.codec.model_dump(exclude={"compress"}),
+                    max_clients=self.selection_size,
+                    seed=bytes(32),
                 )
             )
         dp = self.privacy
