@@ -196,7 +196,7 @@ class TaskConfig(_Model):
     deadlines: DeadlineSettings = Field(default_factory=DeadlineSettings)
     privacy: PrivacySettings = Field(default_factory=PrivacySettings)
     selection: SelectionSettings = Field(default_factory=SelectionSettings)
-    max_rounds: int | None = Field(default=None, ge=1)  # stop (pause) after this many rounds
+    max_rounds: int | None = Field(default=None, ge=1)  # pause after this many committed training rounds
     eval_every_rounds: int = Field(default=0, ge=0)  # 0 = no federated evaluation rounds
     eval_clients: int = Field(default=10, ge=1)
 

@@ -16,7 +16,7 @@ from coordinator.dp_plan import RoundCharge, epsilon_spent
 from protocol.codec import CodecParams, kept_count, padded_dim, quant_range
 from protocol.dp import level_sensitivity
 from tests.coordinator.scripted import run_devices
-from tests.coordinator.test_rounds import make_devices, setup_task, task_config, wait_round
+from tests.coordinator.test_rounds import make_devices, setup_task, task_config, wait_round, wait_task
 from tests.servers import Server
 
 pytestmark = pytest.mark.slow
@@ -35,17 +35,6 @@ def dp_config(mode: str, **privacy: Any) -> dict[str, Any]:
         privacy={"mode": mode, "noise_multiplier": Z, "delta": DELTA, "population": POPULATION, **privacy},
         max_rounds=3,
     )
-
-
-def wait_task(server: Server, pred: Any, timeout: float = 30) -> dict[str, Any]:
-    end = time.time() + timeout
-    with server.admin() as admin:
-        while time.time() < end:
-            task = admin.get("/v1/admin/tasks/kb").json()
-            if pred(task):
-                return task
-            time.sleep(0.3)
-    raise TimeoutError(task)
 
 
 @pytest.mark.parametrize("mode", ["central", "distributed"])

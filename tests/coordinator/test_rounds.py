@@ -60,6 +60,17 @@ def wait_round(server: Server, name: str = "kb", timeout: float = 90) -> dict[st
     raise TimeoutError(rounds)
 
 
+def wait_task(server: Server, pred: Any, timeout: float = 30, name: str = "kb") -> dict[str, Any]:
+    end = time.time() + timeout
+    with server.admin() as admin:
+        while time.time() < end:
+            task = admin.get(f"/v1/admin/tasks/{name}").json()
+            if pred(task):
+                return task
+            time.sleep(0.3)
+    raise TimeoutError(task)
+
+
 def make_devices(server: Server, w0: np.ndarray, n: int, seed: int = 0, **kw: Any) -> list[ScriptedDevice]:
     rng = np.random.default_rng(seed)
     devs = []
@@ -248,3 +259,22 @@ def test_key_agreement_stages_close_without_quiet_stragglers(
     w1 = np.fromfile(server.data_dir / "weights" / "kb" / "v1.f32", dtype="<f4")
     step = np.abs(w1 - w0).max()
     assert np.abs(w1 - expected(w0, included, 16)).max() < 0.02 * step
+
+
+def test_a_failed_round_does_not_count_towards_max_rounds(
+    sqlite_server: Server, tiny_bundle_dir: Path
+) -> None:
+    """max_rounds counts the rounds that trained the model: a round that failed for want of
+    devices moved nothing (runs compared over the same max_rounds take as many server steps)."""
+    server = sqlite_server
+    w0 = setup_task(server, tiny_bundle_dir.with_suffix(".tar"), task_config(deadlines={"selection": 2}))
+    first = wait_round(server)  # nobody checks in: its selection runs out
+    assert first["outcome"] == "failed", first
+    devs = make_devices(server, w0, 5)
+    run_devices(devs)
+    wait_task(server, lambda t: t["status"] == "paused", timeout=60)
+    with server.admin() as admin:
+        rounds = admin.get("/v1/admin/tasks/kb/rounds").json()
+        versions = admin.get("/v1/admin/tasks/kb/versions").json()
+    assert [r["outcome"] for r in sorted(rounds, key=lambda r: r["number"])] == ["failed", "committed"]
+    assert [v["version"] for v in versions] == [0, 1]

@@ -20,7 +20,7 @@ from coordinator.services.privacy_budget import current_clip, privacy_plan, refu
 from coordinator.services.rounds.context import RoundContext, config_of, timestamp
 from protocol.codec import CodecError, CodecParams, ring_bits
 from protocol.secagg.common import MIN_DEVICES, secagg_params_for
-from protocol.wire import API_PREFIX, ArtifactRef, RoundKind, RoundPlan, Stage, TrainingPlan
+from protocol.wire import API_PREFIX, ArtifactRef, Outcome, RoundKind, RoundPlan, Stage, TrainingPlan
 
 __all__ = ["model_version", "open_rounds", "plan_for"]
 
@@ -39,11 +39,16 @@ def _open_round(session: Session, ctx: RoundContext, task: Task) -> Round | None
     cfg = config_of(task)
     if task.current_version is None:
         return None
+    # rounds that trained the model: a failed round (too few devices by a deadline) moved
+    # nothing, so max_rounds counts model versions, and runs that compare settings over the
+    # same max_rounds take the same number of server steps
     trained = (
         session.scalar(
             select(func.count())
             .select_from(Round)
-            .where(Round.task_id == task.id, Round.kind == RoundKind.TRAIN)
+            .where(
+                Round.task_id == task.id, Round.kind == RoundKind.TRAIN, Round.outcome == Outcome.COMMITTED
+            )
         )
         or 0
     )
