@@ -94,7 +94,10 @@ def _launch(specs: list[DeviceSpec], fleet: FleetSpec, workers: int, ray_address
 
         if not ray.is_initialized():
             ray.init(
-                address=None if ray_address == "local" else ray_address,
+                # "local" starts a Ray of this run's own: with address=None ray.init joins any
+                # cluster this machine last started (tests: a cluster another test had begun
+                # and then shut down, whose GCS it then waited for without end)
+                address=ray_address,
                 include_dashboard=False,
                 log_to_driver=False,
                 runtime_env={"working_dir": None} if ray_address == "local" else None,

@@ -109,9 +109,16 @@ def test_small_fleet_end_to_end(tmp_path: Path, tiny_bundle_dir: Path) -> None:
 
 
 @pytest.mark.slow
-def test_small_fleet_on_a_local_ray(tmp_path: Path, tiny_bundle_dir: Path) -> None:
-    """The same fleet as Ray tasks on a single-node Ray started by the simulator."""
+def test_small_fleet_on_a_local_ray(
+    tmp_path: Path, tiny_bundle_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same fleet as Ray tasks on a single-node Ray started by the simulator: a Ray of its
+    own, whatever cluster the machine knows of (ray.init without an address joined the last one
+    started here: in `make test`, the two-node cluster of another test, which then shut down
+    and left this one waiting for its GCS; the environment's address is such a stale one)."""
     import ray
+
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:9")  # nothing listens there
 
     # Ray's workers start slowly on a busy machine: a slow simulated clock (it stays night, when
     # devices are eligible), a longer selection window and a few rounds, one of which must commit.
