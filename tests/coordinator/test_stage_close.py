@@ -9,6 +9,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,7 @@ from coordinator.security import hash_token
 from coordinator.services import rounds, tasks
 from coordinator.services.aggregate import aggregate
 from coordinator.services.rounds import RoundContext
+from coordinator.services.rounds.context import utc
 from protocol import codec
 from protocol.secagg.client import SecAggClient
 from protocol.secagg.server import SecAggServer
@@ -365,3 +367,58 @@ def test_fail_round_over_the_admin_api_and_cli(sqlite_server: Server, tiny_bundl
         *common,
     ]
     assert main(args) == 0
+
+
+def _finished_round(s: Session, number: int, created: datetime, seconds: float) -> None:
+    from coordinator.db.models import Task
+
+    task = s.scalar(select(Task).where(Task.name == "kb"))
+    assert task is not None
+    s.add(
+        Round(
+            task_id=task.id,
+            number=number,
+            stage=Stage.DONE,
+            base_version=1,
+            plan={},
+            created_at=created,
+            stage_started_at=created,
+            stage_deadline=created,
+            selection_target=5,
+            outcome="committed",
+            metrics={},
+            finished_at=created + timedelta(seconds=seconds),
+        )
+    )
+    task.next_round = number + 1
+
+
+def _next_selection_seconds(coord: Coord) -> float:
+    with coord.tx() as s:
+        (rnd,) = rounds.open_rounds(s, coord.ctx)
+        return (utc(rnd.stage_deadline) - utc(rnd.created_at)).total_seconds()
+
+
+def test_a_short_round_keeps_the_next_selection_open_until_the_paced_fleet_is_back(
+    coord: Coord,
+) -> None:
+    """Pace steering sends the devices a round does not need back for when the shortest earlier
+    round would have ended. After rounds of 97 s and more, a round of 55 s opened a 30 s
+    selection that closed before they were back, and failed with 0-1 devices (population run,
+    2026-12-04). The next selection now stays open until they are back."""
+    now = coord.ctx.now()
+    with coord.tx() as s:
+        _finished_round(s, 0, now - timedelta(seconds=400), 120.0)
+        _finished_round(s, 1, now - timedelta(seconds=260), 100.0)
+        _finished_round(s, 2, now - timedelta(seconds=55), 55.0)  # ended just now, early
+    # devices were sent back for 100 s after round 2 opened (45 s from now), over a spread of
+    # up to one selection window (30 s): the selection lasts until then, plus a retry's second
+    assert _next_selection_seconds(coord) == pytest.approx(45 + 30 + 1, abs=2.0)
+
+
+def test_a_round_as_long_as_its_history_opens_a_plain_selection_window(coord: Coord) -> None:
+    now = coord.ctx.now()
+    with coord.tx() as s:
+        _finished_round(s, 0, now - timedelta(seconds=300), 60.0)
+        _finished_round(s, 1, now - timedelta(seconds=200), 200.0)  # longer than the shortest
+    assert _next_selection_seconds(coord) == pytest.approx(30.0, abs=0.5)

@@ -18,6 +18,7 @@ from coordinator.services.rounds.context import (
     RoundContext,
     RoundView,
     Views,
+    pace_target,
     utc,
 )
 from coordinator.services.rounds.plans import open_rounds
@@ -172,12 +173,14 @@ def _pace(ctx: RoundContext, view: RoundView, reason: str = "no round needs devi
     """
     now = ctx.now()
     cfg = view.cfg
-    elapsed = (now - view.created_at).total_seconds()
-    if view.recent_durations:
+    target = pace_target(view.created_at, view.recent_durations)
+    if target is not None:
         # the earliest plausible end (the shortest recent round): a device back before the end
         # is paced again, closer to it; aiming at the median left every round that ended
-        # early waiting seconds for its pool (rounds here vary 10-45 s)
-        remaining = min(view.recent_durations) - elapsed
+        # early waiting seconds for its pool (rounds here vary 10-45 s). A round that ends
+        # earlier still keeps its successor's selection open until they are back
+        # (plans._selection_deadline).
+        remaining = (target - now).total_seconds()
     else:
         # no round has ended yet: the open one ends by its deadlines at the latest, but stages
         # close early once their messages are in (an upload stage with a 300 s deadline closed

@@ -14,7 +14,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import anyio.to_thread
 from sqlalchemy import select
@@ -40,6 +40,8 @@ __all__ = [
     "Views",
     "config_of",
     "need_state",
+    "pace_target",
+    "recent_durations_before",
     "timestamp",
     "utc",
 ]
@@ -50,6 +52,26 @@ __all__ = [
 
 RETRYABLE = (OperationalError, PoolTimeout)
 """Errors of a busy or briefly unreachable database: the work is retried, the round kept."""
+
+
+def pace_target(created_at: datetime, recent_durations: tuple[float, ...]) -> datetime | None:
+    """When pace steering sends the devices a round does not need back: when the shortest of
+    the task's recent rounds would have ended (None without a history). Devices come back over
+    a spread of at most one selection window after it (``checkin._pace``)."""
+    if not recent_durations:
+        return None
+    return utc(created_at) + timedelta(seconds=min(recent_durations))
+
+
+def recent_durations_before(session: Session, task_id: int, round_id: int) -> tuple[float, ...]:
+    """Seconds of the task's last five finished rounds before round ``round_id``."""
+    recent = session.execute(
+        select(Round.created_at, Round.finished_at)
+        .where(Round.task_id == task_id, Round.id < round_id, Round.finished_at.is_not(None))
+        .order_by(Round.id.desc())
+        .limit(5)
+    ).all()
+    return tuple((utc(f) - utc(c)).total_seconds() for c, f in recent if f is not None)
 
 
 class StageConflict(Exception):
@@ -190,16 +212,10 @@ class RoundContext:
         return cfg
 
     def recent_durations(self, session: Session, rnd: Round) -> tuple[float, ...]:
-        """Seconds of the task's last five finished rounds (fixed while ``rnd`` is open)."""
+        """Seconds of the task's last five rounds finished before ``rnd`` (cached per round)."""
         got = self._durations.get(rnd.id)
         if got is None:
-            recent = session.execute(
-                select(Round.created_at, Round.finished_at)
-                .where(Round.task_id == rnd.task_id, Round.finished_at.is_not(None))
-                .order_by(Round.id.desc())
-                .limit(5)
-            ).all()
-            got = tuple((utc(f) - utc(c)).total_seconds() for c, f in recent if f is not None)
+            got = recent_durations_before(session, rnd.task_id, rnd.id)
             if len(self._durations) > 64:
                 self._durations.clear()
             self._durations[rnd.id] = got

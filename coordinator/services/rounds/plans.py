@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 import secrets
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import func, select
@@ -16,8 +16,15 @@ from coordinator.db.models import ModelVersion, Round, Task
 from coordinator.dp_plan import PrivacyPlan
 from coordinator.observability import log_event
 from coordinator.round_plan import StoredPlan, plan_of, set_plan
+from coordinator.schemas import TaskConfig
 from coordinator.services.privacy_budget import current_clip, privacy_plan, refusal
-from coordinator.services.rounds.context import RoundContext, config_of, timestamp
+from coordinator.services.rounds.context import (
+    RoundContext,
+    config_of,
+    pace_target,
+    recent_durations_before,
+    timestamp,
+)
 from protocol.codec import CodecError, CodecParams, ring_bits
 from protocol.secagg.common import MIN_DEVICES, secagg_params_for
 from protocol.wire import API_PREFIX, ArtifactRef, Outcome, RoundKind, RoundPlan, Stage, TrainingPlan
@@ -32,6 +39,28 @@ def model_version(session: Session, task: Task, version: int) -> ModelVersion:
     return session.scalars(
         select(ModelVersion).where(ModelVersion.task_id == task.id, ModelVersion.version == version)
     ).one()
+
+
+def _selection_deadline(
+    session: Session, ctx: RoundContext, task: Task, cfg: TaskConfig, now: datetime
+) -> datetime:
+    """A selection window, or longer when the idle fleet is away: while the previous round ran,
+    pace steering sent the devices it did not need back for when the shortest earlier round
+    would have ended (``checkin._pace``). A round that ended well before that (52-62 s after
+    rounds of 97 s and more) opened a selection that closed before they were back, and the
+    round failed with 0-1 devices. The window now stays open until they are back (the last of
+    them by one spread window after the target); a full pool still closes it at once."""
+    window = now + timedelta(seconds=cfg.deadlines.selection)
+    prev = session.execute(
+        select(Round.id, Round.created_at).where(Round.task_id == task.id).order_by(Round.id.desc()).limit(1)
+    ).one_or_none()
+    if prev is None:
+        return window
+    target = pace_target(prev.created_at, recent_durations_before(session, task.id, prev.id))
+    if target is None:
+        return window
+    back = target + timedelta(seconds=cfg.deadlines.selection + ctx.settings.min_retry_seconds)
+    return min(max(window, back), now + timedelta(seconds=ctx.settings.max_retry_seconds))
 
 
 def _open_round(session: Session, ctx: RoundContext, task: Task) -> Round | None:
@@ -109,7 +138,7 @@ def _open_round(session: Session, ctx: RoundContext, task: Task) -> Round | None
         plan={},
         created_at=now,
         stage_started_at=now,
-        stage_deadline=now + timedelta(seconds=cfg.deadlines.selection),
+        stage_deadline=_selection_deadline(session, ctx, task, cfg, now),
         selection_target=target,
         metrics={} if dp_plan is None or codec is None else {"dp": _dp_metrics(dp_plan, codec)},
     )
