@@ -46,6 +46,11 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help="pretrained vs FL float32 vs FL compressed+secure vs central vs trigram",
     )
     p.add_argument(
+        "--no-float32",
+        action="store_true",
+        help="with --compare: leave out the float32 federated run (and the secure row's gap to it)",
+    )
+    p.add_argument(
         "--bundle", type=Path, default=ROOT / "artifacts/demo/bundle", help="built if missing (demo profile)"
     )
     p.add_argument(
@@ -201,6 +206,8 @@ def _config(args: argparse.Namespace) -> Any:
             adaptive_clip=args.adaptive_clip,
             name=f"fl-{args.privacy}-dp",
         )
+    if args.no_float32 and not args.compare:
+        raise SimError("--no-float32 leaves a row out of --compare: use it with --compare")
     if args.speed_spread is not None:
         if not 0 <= args.speed_spread <= 3:
             raise SimError("--speed-spread must be in [0, 3]")
@@ -458,7 +465,9 @@ def run(args: argparse.Namespace) -> None:
         elif args.compare:
             from simulator.compare import compare
 
-            runs, rows, baselines = compare(cfg, bundle, out, coord, show, args.central_tokens)
+            runs, rows, baselines = compare(
+                cfg, bundle, out, coord, show, args.central_tokens, float32=not args.no_float32
+            )
         else:
             from simulator.compare import trigram_rows
             from simulator.evaluation import heldout_sample

@@ -149,6 +149,7 @@ def compare(
     work: Path | None = None,
     eval_workers: int = EVAL_WORKERS,
     resamples: int = DEFAULT_RESAMPLES,
+    float32: bool = True,
 ) -> tuple[list[SimResult], list[dict[str, Any]], dict[str, float]]:
     """Run the comparison; returns (runs, table rows, top-1 of the baselines on the curves'
     subsample for the accuracy plots). Writes ``comparison.md`` (the table and the sample),
@@ -158,7 +159,8 @@ def compare(
     federated run trained on); ``scratch_tokens``: the from-scratch model's (default the same
     budget: the model-quality table's 6,000 steps of 32 rows take about 2.5 hours on two cores,
     longer than the population run itself), cached in ``work`` (default
-    ``out_dir/../central-cache``).
+    ``out_dir/../central-cache``). ``float32=False`` leaves out the float32 federated run
+    (``--no-float32``: a long run that only asks about the default against the baselines).
     """
     from simulator.baselines import central_finetune, central_scratch, fleet_training_texts, public_texts
     from simulator.baselines import trigram as fit_trigram
@@ -167,20 +169,24 @@ def compare(
     sample = draw_heldout(heldout_messages, base.seed, base.corpus)
     curve_idx = sample.head_indices(curve_messages)
     curve_texts = [sample.texts[i] for i in curve_idx]
-    configs = [
-        replace(base.with_codec(compress=False), name="fl-float32", secagg=False),
-        replace(base.with_codec(compress=True), name="fl-secure-compressed", secagg=True),
-    ]
-    runs = [
-        run_simulation(c, bundle_dir, out_dir, coord, heldout=curve_texts, progress=progress) for c in configs
-    ]
+    configs = {
+        FL_FLOAT32: replace(base.with_codec(compress=False), name="fl-float32", secagg=False),
+        FL_SECURE: replace(base.with_codec(compress=True), name="fl-secure-compressed", secagg=True),
+    }
+    if not float32:
+        del configs[FL_FLOAT32]
+    fl = {
+        name: run_simulation(c, bundle_dir, out_dir, coord, heldout=curve_texts, progress=progress)
+        for name, c in configs.items()
+    }
+    runs = list(fl.values())
     evaluator = VersionEvaluator(bundle_dir, sample.texts, eval_workers)
     evals: dict[str, dict[str, Any]] = {PRETRAINED: evaluator.eager(evaluator.bundle.initial_weights())}
-    for name, run in zip((FL_FLOAT32, FL_SECURE), runs, strict=True):
+    for name, run in fl.items():
         if run.final_weights is None:
             raise RuntimeError(f"run {run.config.name} returned no final weights")
         evals[name] = evaluator.eager(run.final_weights)
-    secure = runs[1]
+    secure = fl[FL_SECURE]
     fleet = fleet_training_texts(fleet_specs(base))
     budget = secure.tokens_trained() if central_tokens is None else central_tokens
     say({"event": "central", "steps": f"{budget:,} tokens"})
@@ -207,16 +213,19 @@ def compare(
         CENTRAL_FINETUNE: {"tokens trained": ft.tokens, "wall time": duration(ft.seconds)},
         CENTRAL_SCRATCH: {"tokens trained": sc.tokens, "wall time": duration(sc.seconds)},
     }
+    fl_rows = [
+        TableRow(
+            name,
+            evals[name]["per_message"],
+            "federated",
+            _fl_columns(run, dense),
+            relative_to=FL_FLOAT32 if name == FL_SECURE and FL_FLOAT32 in fl else None,
+        )
+        for name, run in fl.items()
+    ]
     rows = [
         TableRow(PRETRAINED, evals[PRETRAINED]["per_message"], "reference"),
-        TableRow(FL_FLOAT32, evals[FL_FLOAT32]["per_message"], "federated", _fl_columns(runs[0], dense)),
-        TableRow(
-            FL_SECURE,
-            evals[FL_SECURE]["per_message"],
-            "federated",
-            _fl_columns(runs[1], dense),
-            relative_to=FL_FLOAT32,
-        ),
+        *fl_rows,
         TableRow(
             CENTRAL_FINETUNE,
             evals[CENTRAL_FINETUNE]["per_message"],

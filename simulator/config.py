@@ -170,6 +170,10 @@ def quick(cfg: SimConfig) -> SimConfig:
     )
 
 
+POPULATION_DAY_SECONDS_PER_ROUND = 600.0
+"""Real seconds of a population run's simulated day per round it asks for (see ``population``)."""
+
+
 def population(cfg: SimConfig, *, per_round: int | None, rounds: int | None) -> SimConfig:
     """``fedkeys simulate --population``: every federated participant is a device (``devices``
     is set from the corpus later), 100 reports per round, 12 rounds unless asked otherwise.
@@ -186,19 +190,22 @@ def population(cfg: SimConfig, *, per_round: int | None, rounds: int | None) -> 
 
     Devices weigh by the messages they trained on up to POPULATION_WEIGHT_CAP (the codec's
     default of 16 weighs nearly every population device the same)."""
+    rounds = 12 if rounds is None else rounds
     return replace(
         cfg.with_codec(weight_cap=POPULATION_WEIGHT_CAP),
         per_round=100 if per_round is None else per_round,
-        rounds=12 if rounds is None else rounds,
+        rounds=rounds,
         population=True,
         local_steps=32,
         server_lr=1e-2,
         min_reports=50,
         start_hour=0.0,
-        # 100 real minutes per simulated day: 12 rounds of about 100 s stay within the night
-        # (00:00-06:00); at the demo's 40 minutes a day the run reached 09:30 by its 7th round,
-        # and rounds that long then lost their devices to the morning
-        day_seconds=6000.0,
+        # a simulated day of 600 real seconds per round (at least 100 minutes): rounds of about
+        # 100 s then take 4 simulated hours in all, within the night (00:00-05:00, when most
+        # devices charge). At the demo's 40 minutes a day the run reached 09:30 by its 7th
+        # round, and rounds that long then lost their devices to the morning; a fixed 100
+        # minutes a day would have taken a 40-round run to noon.
+        day_seconds=max(6000.0, POPULATION_DAY_SECONDS_PER_ROUND * rounds),
         deadlines=DeadlineSettings(selection=30.0, advertise=15.0, share=15.0, upload=180.0, unmask=20.0),
         max_minutes=120.0,
     )

@@ -317,3 +317,9 @@ def test_population_defaults_and_flags() -> None:
     # settings the coordinator would refuse: 390 selected devices' weights overflow a 32-bit ring
     with pytest.raises(SimError, match="ring bits"):
         cfg("--devices", "400", "--per-round", "300", "--weight-cap", str(1 << 24))
+    # a long run's simulated day stretches so that its rounds stay within the night
+    assert cfg("--population").day_seconds < cfg("--population", "--rounds", "40").day_seconds == 24000
+    assert cfg("--population", "--rounds", "40", "--day-seconds", "900").day_seconds == 900
+    with pytest.raises(SimError, match="--no-float32"):
+        cfg("--population", "--no-float32")
+    assert cfg("--population", "--compare", "--no-float32").population
