@@ -194,6 +194,7 @@ def _serve(args: argparse.Namespace) -> None:
         port=args.port,
         workers=args.workers,
         log_level="warning",
+        timeout_keep_alive=settings.keep_alive_seconds,
         **ssl,
     )
 

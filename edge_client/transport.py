@@ -66,6 +66,11 @@ M = TypeVar("M", bound=BaseModel)
 
 _CHUNK = 1 << 16  # bytes per streamed read
 
+KEEPALIVE_SECONDS = 120.0
+"""How long the device keeps an idle connection to the coordinator (httpx's default is 5 s):
+a check-in every 30-120 s, or the first request after local training, then reuses it instead
+of paying a TLS handshake on both sides. Below the coordinator's ``keep_alive_seconds``."""
+
 
 class ArtifactError(ValueError):
     """A downloaded artifact is not the one its reference announced: longer than its declared
@@ -211,7 +216,13 @@ class Transport:
     ) -> None:
         self.origin = check_origin(base_url, allow_http=allow_http)
         verify: Any = ssl.create_default_context(cafile=str(ca)) if ca is not None else True
-        self._http = httpx.Client(base_url=base_url, verify=verify, timeout=timeout, transport=transport)
+        self._http = httpx.Client(
+            base_url=base_url,
+            verify=verify,
+            timeout=timeout,
+            transport=transport,
+            limits=httpx.Limits(keepalive_expiry=KEEPALIVE_SECONDS),
+        )
         self.token = token
         self.retries, self.backoff, self.max_backoff = retries, backoff, max_backoff
         self._sleep = sleep

@@ -266,3 +266,22 @@ def test_plain_http_is_refused_by_default(sqlite_server: Server) -> None:
 
     with pytest.raises(httpx.HTTPError):
         httpx.get(sqlite_server.url.replace("https://", "http://") + "/healthz", timeout=3)
+
+
+def test_an_idle_device_connection_outlives_the_usual_five_seconds(sqlite_server: Server) -> None:
+    """Idle devices check in every 30-120 s: with httpx's and uvicorn's 5 s keep-alive, every
+    check-in paid a new TLS handshake (bench/RESULTS.md, round overhead). Both sides now keep
+    an idle connection for minutes: a request 6 s after the last goes over the same one."""
+    from edge_client.transport import Transport
+
+    t = Transport(sqlite_server.url, ca=sqlite_server.ca)
+    try:
+        ports = []
+        for pause in (0.0, 6.0):
+            time.sleep(pause)
+            r = t._http.get("/healthz")
+            assert r.status_code == 200
+            ports.append(r.extensions["network_stream"].get_extra_info("client_addr")[1])
+        assert ports[0] == ports[1], ports
+    finally:
+        t.close()
