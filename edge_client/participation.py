@@ -109,12 +109,14 @@ def _wait_for(
 ) -> RoundStatus:
     """Wait until the round reaches ``stage`` (or passes it, or ends): long polls of its
     status, each held by the coordinator until the stage changes or ``LONG_POLL`` seconds
-    pass (eligibility is re-checked between polls)."""
+    pass (eligibility is re-checked between polls). The answer that reports a stage with a
+    message for the device carries it (``payload``); a coordinator that leaves it out is
+    asked for it by its own route."""
     since: Stage | None = None
     while True:
         asked = time.time()
         hold = 0.0 if since is None else min(LONG_POLL, max(deadline - asked, 0.0))
-        st = transport.status(round_id, since=since, wait=hold)
+        st = transport.status(round_id, since=since, wait=hold, payload=True)
         if st.participant_stage == Stage.DROPPED or st.stage == Stage.DONE:
             return st
         if st.stage == stage or _stage_index(st.stage) > _stage_index(stage) >= 0:
@@ -186,7 +188,8 @@ def run_round(
             st = _wait_for(transport, round_id, Stage.SHARE_KEYS, **wait)  # type: ignore[arg-type]
             if st.participant_stage == Stage.DROPPED or st.stage != Stage.SHARE_KEYS:
                 return left(f"missed key sharing (round at {st.stage})", st)
-            transport.share_keys(round_id, secagg.share_keys(transport.roster(round_id)))
+            roster = st.roster or transport.roster(round_id)
+            transport.share_keys(round_id, secagg.share_keys(roster))
             marks["shared"] = time.time()
             times["key_setup"] = marks["shared"] - t
         # The weights are needed only for training: fetched after the key-agreement stages,
@@ -217,7 +220,7 @@ def run_round(
                 st = _wait_for(transport, round_id, Stage.MASKED_INPUT, **wait)  # type: ignore[arg-type]
                 if st.participant_stage == Stage.DROPPED or st.stage != Stage.MASKED_INPUT:
                     return left(f"missed the upload (round at {st.stage})", st)
-                values = secagg.masked_input(values, transport.inbound_shares(round_id))
+                values = secagg.masked_input(values, st.shares or transport.inbound_shares(round_id))
             header = UpdateHeader(
                 kind=UpdateKind.RING,
                 bits=bits,
@@ -252,7 +255,7 @@ def run_round(
             st = _wait_for(transport, round_id, Stage.UNMASK, **wait)  # type: ignore[arg-type]
             if st.participant_stage == Stage.DROPPED or st.stage != Stage.UNMASK:
                 return left(f"round moved on before unmasking ({st.stage})", st)
-            req = transport.unmask_request(round_id)
+            req = st.unmask or transport.unmask_request(round_id)
             transport.unmask(round_id, secagg.unmask(req.survivors, req.dropped))
             marks["unmasked"] = time.time()
         st = _wait_for(transport, round_id, Stage.DONE, **wait)  # type: ignore[arg-type]

@@ -339,12 +339,18 @@ class Transport:
     def plan(self, round_id: int) -> RoundPlan:
         return self._json("GET", f"/v1/rounds/{round_id}/plan", RoundPlan)
 
-    def status(self, round_id: int, *, since: Stage | None = None, wait: float = 0.0) -> RoundStatus:
+    def status(
+        self, round_id: int, *, since: Stage | None = None, wait: float = 0.0, payload: bool = False
+    ) -> RoundStatus:
         """The round's status; with ``since`` (the stage the device knows) a long poll that the
-        coordinator holds up to ``wait`` seconds until the stage changes."""
-        path = f"/v1/rounds/{round_id}/status"
+        coordinator holds up to ``wait`` seconds until the stage changes; with ``payload`` it
+        brings the device's message of the stage it reports (roster, shares, unmask request)."""
+        query = []
         if since is not None and wait > 0:
-            path += f"?since={since}&wait={wait:.1f}"
+            query += [f"since={since}", f"wait={wait:.1f}"]
+        if payload:
+            query.append("payload=true")
+        path = f"/v1/rounds/{round_id}/status" + (f"?{'&'.join(query)}" if query else "")
         return self._json("GET", path, RoundStatus)
 
     def advertise(self, round_id: int, msg: AdvertiseKeys) -> None:

@@ -200,6 +200,9 @@ async def round_status(
     wait: Annotated[
         float, Query(ge=0, le=MAX_STATUS_WAIT, description="seconds to hold the answer (long poll)")
     ] = 0.0,
+    payload: Annotated[
+        bool, Query(description="bring this device's message of the stage (roster, shares, unmask request)")
+    ] = False,
 ) -> RoundStatus:
     """The round's stage and the device's part in it. A long poll with ``since`` (the stage
     the device knows) and ``wait``: the answer comes as soon as the round leaves that stage or
@@ -208,7 +211,8 @@ async def round_status(
     view for all of them (refreshed every ``view_ttl``; a stage closed by this worker shows at
     once) and wakes a poll only when the view shows a change, so a round's devices learn of
     stage changes within a fraction of a second without polling the coordinator several times
-    a second each."""
+    a second each. With ``payload`` the answer carries the device's message of the stage it
+    reports (:func:`coordinator.services.rounds.with_payload`)."""
     app = request.app
     ctx: RoundContext = app.state.ctx
     token = _bearer(request)
@@ -219,13 +223,22 @@ async def round_status(
             device_id = authenticate_id(session, token=token, rate_limit_per_minute=limit)
             return device_id, rounds.status_of(session, ctx, round_id=round_id, device_id=device_id)
 
-    device_id, st = await run_in_threadpool(first)
-    if since is None or wait <= 0 or _status_moved(st, since):
-        return st
-
     def again() -> RoundStatus:
         with app.state.sessions() as session:
             return rounds.status_of(session, ctx, round_id=round_id, device_id=device_id)
+
+    def bring(st: RoundStatus) -> RoundStatus:
+        with app.state.sessions() as session:
+            return rounds.with_payload(session, ctx, st, device_id=device_id)
+
+    async def answer(st: RoundStatus) -> RoundStatus:
+        if payload and st.stage in rounds.PAYLOAD_STAGES and st.participant_stage != Stage.DROPPED:
+            return await run_in_threadpool(bring, st)
+        return st
+
+    device_id, st = await run_in_threadpool(first)
+    if since is None or wait <= 0 or _status_moved(st, since):
+        return await answer(st)
 
     watch: StatusWatch = app.state.status_watch
     end = time.monotonic() + wait
@@ -233,9 +246,9 @@ async def round_status(
     while await watch.wait(round_id, since, device_id, timeout=end - time.monotonic(), not_before=db_after):
         st = await run_in_threadpool(again)
         if _status_moved(st, since):
-            return st
+            return await answer(st)
         db_after = time.monotonic() + DB_BACKOFF
-    return await run_in_threadpool(again)
+    return await answer(await run_in_threadpool(again))
 
 
 @router.post("/rounds/{round_id}/secagg/advertise", status_code=status.HTTP_204_NO_CONTENT)
@@ -256,7 +269,7 @@ def advertise(
 def roster(
     round_id: RoundIdPath, device: CurrentDevice, session: SessionDep, ctx: ContextDep
 ) -> ShareKeysRequest:
-    return rounds.roster(session, ctx, round_id=round_id, device=device)
+    return rounds.roster(session, ctx, round_id=round_id, device_id=device.id)
 
 
 @router.post("/rounds/{round_id}/secagg/shares", status_code=status.HTTP_204_NO_CONTENT)
@@ -278,12 +291,12 @@ def inbound_shares(
     round_id: RoundIdPath, device: CurrentDevice, session: SessionDep, ctx: ContextDep
 ) -> MaskedInputRequest:
     """The encrypted shares addressed to this device (and only to it)."""
-    return rounds.inbound_shares(session, ctx, round_id=round_id, device=device)
+    return rounds.inbound_shares(session, ctx, round_id=round_id, device_id=device.id)
 
 
 @router.get("/rounds/{round_id}/secagg/unmask")
 def unmask_request(round_id: RoundIdPath, device: CurrentDevice, session: SessionDep) -> UnmaskRequest:
-    return rounds.unmask_request(session, round_id=round_id, device=device)
+    return rounds.unmask_request(session, round_id=round_id, device_id=device.id)
 
 
 @router.post("/rounds/{round_id}/secagg/unmask", status_code=status.HTTP_204_NO_CONTENT)

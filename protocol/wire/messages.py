@@ -418,6 +418,13 @@ class RoundStatus(Message):
     outcome: Outcome | None = None
     new_version: int | None = None
     retry_after: float = Field(ge=0)
+    # The stage's message for this device, when the poll asked for it (``payload=true``) and
+    # the device has its part to play there: the poll that learns of the stage brings what the
+    # device would otherwise fetch next (GET .../roster, .../secagg/shares, .../secagg/unmask,
+    # which stay for devices that do not ask), a request fewer per stage.
+    roster: ShareKeysRequest | None = None
+    shares: MaskedInputRequest | None = None
+    unmask: UnmaskRequest | None = None
 
 
 _MAX_TOKEN_LOSS = 10_000.0  # nats per token: far past any model that is scored at all

@@ -92,7 +92,7 @@ def test_a_stage_state_is_parsed_once_when_its_devices_arrive_together(
     assert [g.recipient for g in got] == devices
     assert all(len(g.shares) == len(devices) - 1 for g in got)
     with coord.tx() as s:  # and through the route's service, from the worker's parsed state
-        assert rounds.inbound_shares(s, coord.ctx, round_id=r.round_id, device=r.device(s, "dev0")) == got[0]
+        assert rounds.inbound_shares(s, coord.ctx, round_id=r.round_id, device_id="dev0") == got[0]
     assert len(parses) == 1
 
 

@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -151,7 +152,7 @@ class SecureRound:
     def share(self) -> None:
         with self.c.tx() as s:
             for d, cl in self.clients.items():
-                roster = rounds.roster(s, self.c.ctx, round_id=self.round_id, device=self.device(s, d))
+                roster = rounds.roster(s, self.c.ctx, round_id=self.round_id, device_id=d)
                 rounds.share_keys(
                     s, self.c.ctx, round_id=self.round_id, device=self.device(s, d), msg=cl.share_keys(roster)
                 )
@@ -164,9 +165,7 @@ class SecureRound:
             delta = rng.normal(0, 0.01, dim).astype(np.float32)
             self.encoded[d] = codec.encode(delta, self.plan.codec, rng, num_examples=16).values
             with self.c.tx() as s:
-                shares = rounds.inbound_shares(
-                    s, self.c.ctx, round_id=self.round_id, device=self.device(s, d)
-                )
+                shares = rounds.inbound_shares(s, self.c.ctx, round_id=self.round_id, device_id=d)
             masked = self.clients[d].masked_input(self.encoded[d].copy(), shares)
             header = UpdateHeader(
                 kind=UpdateKind.RING,
@@ -186,7 +185,7 @@ class SecureRound:
 
     def unmask(self) -> None:
         with self.c.tx() as s:
-            req = rounds.unmask_request(s, round_id=self.round_id, device=self.device(s, "dev0"))
+            req = rounds.unmask_request(s, round_id=self.round_id, device_id="dev0")
             for d in req.survivors:
                 msg = self.clients[d].unmask(req.survivors, req.dropped)
                 rounds.unmask(s, self.c.ctx, round_id=self.round_id, device=self.device(s, d), msg=msg)
@@ -422,3 +421,39 @@ def test_a_round_as_long_as_its_history_opens_a_plain_selection_window(coord: Co
         _finished_round(s, 0, now - timedelta(seconds=300), 60.0)
         _finished_round(s, 1, now - timedelta(seconds=200), 200.0)  # longer than the shortest
     assert _next_selection_seconds(coord) == pytest.approx(30.0, abs=0.5)
+
+
+def test_a_status_brings_the_message_of_its_stage(coord: Coord) -> None:
+    """A status poll with ``payload`` carries what the device fetches next at that stage (its
+    roster, its inbound shares, the unmask request), the same as the stage's own route gives;
+    a device the round went on without gets none."""
+    r = SecureRound(coord)
+
+    def status(device: str) -> Any:
+        with coord.tx() as s:
+            st = rounds.status_of(s, coord.ctx, round_id=r.round_id, device_id=device)
+            return rounds.with_payload(s, coord.ctx, st, device_id=device)
+
+    r.select()
+    assert status("dev0").roster is None  # advertising: nothing to bring yet
+    r.advertise()
+    st = status("dev1")
+    with coord.tx() as s:
+        assert st.roster == rounds.roster(s, coord.ctx, round_id=r.round_id, device_id="dev1")
+    assert st.shares is None and st.unmask is None
+    r.share()
+    assert r.close() == Stage.MASKED_INPUT
+    st = status("dev2")
+    with coord.tx() as s:
+        assert st.shares == rounds.inbound_shares(s, coord.ctx, round_id=r.round_id, device_id="dev2")
+    r.upload(["dev0", "dev1", "dev2", "dev3"])  # dev4 misses the upload
+    with coord.tx() as s:
+        past = coord.ctx.now() - timedelta(seconds=1)
+        s.execute(update(Round).where(Round.id == r.round_id).values(stage_deadline=past))
+    assert r.close() == Stage.UNMASK
+    st = status("dev0")
+    with coord.tx() as s:
+        assert st.unmask == rounds.unmask_request(s, round_id=r.round_id, device_id="dev0")
+    assert st.unmask is not None and "dev4" in st.unmask.dropped
+    late = status("dev4")
+    assert late.participant_stage == Stage.DROPPED and late.unmask is None

@@ -212,6 +212,12 @@ def test_agents_complete_secure_rounds_and_send_no_text(
         # the global weights of both rounds wait on disk (the second came as an XOR delta)
         assert sorted(f.name.split("-")[0] for f in (state / "weights").iterdir()) == ["v0", "v1"]
         assert not list(state.rglob("*.part")) and not (state / "local-weights.f32").exists()
+    # the status poll that announced each secure-aggregation stage brought its message: no
+    # device asked for a roster, its inbound shares or the unmask request on their own routes
+    for rec in recs:
+        fetched = [p for m, p, _ in rec.bodies if m == "GET" and "/secagg/" in p]
+        posted = [p for m, p, _ in rec.bodies if m == "POST" and "/secagg/" in p]
+        assert not fetched and len(posted) == 2 * 3, (fetched, posted)
     # nothing but keys, encrypted shares, the encoded masked update and scalars left the devices
     for rec, texts in zip(recs, user_texts, strict=False):
         words = {w for t in texts for w in t.lower().split() if len(w) >= 6 and w.isalpha()}

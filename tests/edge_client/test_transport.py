@@ -17,7 +17,7 @@ from edge_client.transport import (
     TransportError,
     UnsafeUrl,
 )
-from protocol.wire import ArtifactRef, DeviceState
+from protocol.wire import ArtifactRef, DeviceState, Stage
 
 
 def state() -> DeviceState:
@@ -201,3 +201,22 @@ def test_fetch_checks_size_and_sha256_into_either_sink(tmp_path: Path) -> None:
         t.fetch(shorter, cut)
     cut.discard()
     assert list(tmp_path.iterdir()) == [tmp_path / "f.bin"]
+
+
+def test_a_status_poll_can_ask_for_the_stage_message() -> None:
+    """``payload=True`` asks the coordinator to bring the device's message of the stage the
+    answer reports; an answer without it (an older coordinator) parses as before."""
+    seen: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(str(request.url.query, "ascii"))
+        return httpx.Response(
+            200, json={"round_id": 3, "stage": "share_keys", "stage_deadline": 0, "retry_after": 0}
+        )
+
+    t, _ = make(handler)
+    st = t.status(3, since=Stage.ADVERTISE_KEYS, wait=10, payload=True)
+    assert st.roster is None and st.stage == Stage.SHARE_KEYS
+    t.status(3, payload=True)
+    t.status(3)
+    assert seen == ["since=advertise_keys&wait=10.0&payload=true", "payload=true", ""]

@@ -50,6 +50,7 @@ from coordinator.services.rounds.context import (
     utc,
 )
 from coordinator.services.rounds.messages import (
+    PAYLOAD_STAGES,
     advertise,
     evaluation,
     inbound_shares,
@@ -61,12 +62,14 @@ from coordinator.services.rounds.messages import (
     unmask,
     unmask_request,
     unmask_responses,
+    with_payload,
 )
 from coordinator.services.rounds.plans import open_rounds, plan_for
 from coordinator.services.rounds.stages import close_if_complete, fail_after_error, fail_round, quiet_enough
 from coordinator.services.rounds.uploads import check_upload, expected_upload, plain_sum, upload
 
 __all__ = [
+    "PAYLOAD_STAGES",
     "RETRYABLE",
     "Forbidden",
     "Gone",
@@ -102,4 +105,5 @@ __all__ = [
     "upload",
     "utc",
     "view_moved",
+    "with_payload",
 ]

@@ -40,6 +40,7 @@ from protocol.wire import (
 )
 
 __all__ = [
+    "PAYLOAD_STAGES",
     "advertise",
     "evaluation",
     "expect_stage",
@@ -55,6 +56,7 @@ __all__ = [
     "unmask",
     "unmask_request",
     "unmask_responses",
+    "with_payload",
 ]
 
 
@@ -140,6 +142,32 @@ def status_of(session: Session, ctx: RoundContext, *, round_id: int, device_id: 
     )
 
 
+PAYLOAD_STAGES = (Stage.SHARE_KEYS, Stage.MASKED_INPUT, Stage.UNMASK)
+"""Stages whose status answer can carry the device's message of that stage (``with_payload``)."""
+
+
+def with_payload(session: Session, ctx: RoundContext, st: RoundStatus, *, device_id: str) -> RoundStatus:
+    """``st`` with the message the device needs at the round's stage (its roster, its inbound
+    shares or the unmask request), read as the stage's GET route would, with the same checks.
+    Where that route would refuse (the device missed the stage, the message is not fixed
+    yet), the status goes without it and a device that still asks gets the refusal there."""
+    if st.stage not in PAYLOAD_STAGES or st.participant_stage == Stage.DROPPED:
+        return st
+    try:
+        if st.stage == Stage.SHARE_KEYS:
+            return st.model_copy(
+                update={"roster": roster(session, ctx, round_id=st.round_id, device_id=device_id)}
+            )
+        if st.stage == Stage.MASKED_INPUT:
+            got = inbound_shares(session, ctx, round_id=st.round_id, device_id=device_id)
+            return st.model_copy(update={"shares": got})
+        return st.model_copy(
+            update={"unmask": unmask_request(session, round_id=st.round_id, device_id=device_id)}
+        )
+    except (Gone, Forbidden, StageConflict):
+        return st
+
+
 def advertise(
     session: Session, ctx: RoundContext, *, round_id: int, device: Device, msg: AdvertiseKeys
 ) -> bool:
@@ -164,11 +192,11 @@ def advertise(
     return True
 
 
-def roster(session: Session, ctx: RoundContext, *, round_id: int, device: Device) -> ShareKeysRequest:
+def roster(session: Session, ctx: RoundContext, *, round_id: int, device_id: str) -> ShareKeysRequest:
     rnd = session.get(Round, round_id)
     if rnd is None:
         raise Gone(f"no round {round_id}")
-    part = my_part(session, rnd, device.id)
+    part = my_part(session, rnd, device_id)
     expect_stage(rnd, Stage.SHARE_KEYS, Stage.MASKED_INPUT, Stage.UNMASK)
     if part.stage == Stage.SELECTED:
         raise Gone("device did not advertise keys in time")
@@ -197,21 +225,21 @@ def share_keys(session: Session, ctx: RoundContext, *, round_id: int, device: De
 
 
 def inbound_shares(
-    session: Session, ctx: RoundContext, *, round_id: int, device: Device
+    session: Session, ctx: RoundContext, *, round_id: int, device_id: str
 ) -> MaskedInputRequest:
     rnd = session.get(Round, round_id)
     if rnd is None:
         raise Gone(f"no round {round_id}")
-    my_part(session, rnd, device.id)
+    my_part(session, rnd, device_id)
     expect_stage(rnd, Stage.MASKED_INPUT)
-    return ctx.secagg_snapshot(rnd).masked_input_request(device.id)
+    return ctx.secagg_snapshot(rnd).masked_input_request(device_id)
 
 
-def unmask_request(session: Session, *, round_id: int, device: Device) -> UnmaskRequest:
+def unmask_request(session: Session, *, round_id: int, device_id: str) -> UnmaskRequest:
     rnd = session.get(Round, round_id)
     if rnd is None:
         raise Gone(f"no round {round_id}")
-    part = my_part(session, rnd, device.id)
+    part = my_part(session, rnd, device_id)
     expect_stage(rnd, Stage.UNMASK)
     if part.stage not in (Stage.MASKED_INPUT, Stage.UNMASK):
         raise Gone("device's masked input is not in the sum")
