@@ -254,6 +254,38 @@ GRIDS["demo"] = [
     ),
 ]
 
+# Larger cohorts at the small and middle server steps (the 1e-2 of the population runs hurt at
+# 10-20 devices a round): the demo's 100 devices, fewer rounds, more devices and steps a round.
+GRIDS["demo-cohort"] = [
+    replace(
+        _DEMO,
+        name="demo 30/round 15 rounds 16 steps 2 ep 1e-3",
+        per_round=30,
+        rounds=15,
+        local_steps=16,
+        local_epochs=2,
+    ),
+    replace(
+        _DEMO,
+        name="demo 30/round 15 rounds 16 steps 2 ep 3e-3",
+        per_round=30,
+        rounds=15,
+        local_steps=16,
+        local_epochs=2,
+        server_lr=3e-3,
+    ),
+    replace(_DEMO, name="demo 20/round 20 rounds 10 steps 3e-3", per_round=20, rounds=20, server_lr=3e-3),
+    replace(
+        _DEMO,
+        name="demo 50/round 10 rounds 32 steps 2 ep 1e-2",
+        per_round=50,
+        rounds=10,
+        local_steps=32,
+        local_epochs=2,
+        server_lr=1e-2,
+    ),
+]
+
 
 def _trial(overrides: dict[str, Any]) -> Trial:
     """A trial from JSON overrides (codec settings in a ``codec`` object of their own)."""

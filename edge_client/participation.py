@@ -239,14 +239,13 @@ def run_round(
             )
             body = pack_dense_update(header, result.delta)
         times["encode"] = time.time() - t
-        if secagg is not None:  # the weight travels inside the masked vector: no count in the clear
-            transport.upload(round_id, body, 0, omit=secagg.omitted)
-        else:
-            transport.upload(round_id, body, result.examples)
         report = result.report
         if policy.private_metrics:
             report = bucket_train_report(report, report_rng)
-        transport.report(round_id, report)
+        if secagg is not None:  # the weight travels inside the masked vector: no count in the clear
+            transport.upload(round_id, body, 0, omit=secagg.omitted, report=report)
+        else:
+            transport.upload(round_id, body, result.examples, report=report)
         marks["uploaded"] = time.time()
         # After the upload the device only answers small messages: it stays in the round even
         # if it stops being eligible for training (only a shutdown makes it leave).

@@ -29,6 +29,7 @@ import numpy.typing as npt
 from pydantic import BaseModel
 
 from protocol.wire import (
+    REPORT_HEADER,
     AdvertiseKeys,
     ArtifactRef,
     CheckinRequest,
@@ -365,14 +366,25 @@ class Transport:
     def inbound_shares(self, round_id: int) -> MaskedInputRequest:
         return self._json("GET", f"/v1/rounds/{round_id}/secagg/shares", MaskedInputRequest)
 
-    def upload(self, round_id: int, body: bytes, examples: int, omit: Sequence[str] = ()) -> bool:
-        """The encoded update; ``omit``: neighbours a masked input was made without."""
+    def upload(
+        self,
+        round_id: int,
+        body: bytes,
+        examples: int,
+        omit: Sequence[str] = (),
+        report: TrainReport | None = None,
+    ) -> bool:
+        """The encoded update; ``omit``: neighbours a masked input was made without; ``report``:
+        the training report, carried in a header instead of a request of its own."""
+        headers = {"Content-Type": "application/octet-stream"}
+        if report is not None:
+            headers[REPORT_HEADER] = report.model_dump_json()
         r = self._request(
             "PUT",
             f"/v1/rounds/{round_id}/update",
             params={"examples": examples, "omit": list(omit)},
             content=body,
-            headers={"Content-Type": "application/octet-stream"},
+            headers=headers,
         )
         return bool(r.json().get("accepted", False))
 

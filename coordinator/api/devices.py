@@ -10,6 +10,7 @@ from typing import Annotated, Any
 import anyio
 import anyio.to_thread
 from fastapi import APIRouter, BackgroundTasks, Query, Request, Response, status
+from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from coordinator.api.deps import (
@@ -38,6 +39,8 @@ from coordinator.services.rounds import RoundContext
 from protocol.wire import (
     MAX_DEVICES,
     MAX_INT32,
+    MAX_REPORT_HEADER_BYTES,
+    REPORT_HEADER,
     AdvertiseKeys,
     CheckinRequest,
     CheckinResponse,
@@ -54,6 +57,7 @@ from protocol.wire import (
     TrainReport,
     UnmaskRequest,
     UnmaskResponse,
+    WireError,
 )
 
 __all__ = ["router"]
@@ -335,10 +339,12 @@ async def upload(
 ) -> Response:
     """The device's encoded (and, with secure aggregation, masked) update: a binary body in
     the format of protocol/wire.py, checked and stored until the round's sum is taken.
-    Repeating an upload is harmless (idempotent per device and round)."""
+    Repeating an upload is harmless (idempotent per device and round). The training report
+    may come along in the ``X-Fedkeys-Report`` header (``protocol.wire.REPORT_HEADER``)."""
     app = request.app
     token = _bearer(request)
     sessions = app.state.sessions
+    train_report = _report_header(request)
 
     def check_auth() -> tuple[str, int | None]:
         with sessions() as session, session.begin():
@@ -370,6 +376,7 @@ async def upload(
                 body=body,
                 weight=weight,
                 omitted=omit,
+                report=train_report,
             )
 
     fresh = await run_in_threadpool(work)
@@ -380,6 +387,20 @@ async def upload(
         content=b'{"accepted":%s}' % (b"true" if fresh else b"false"),
         media_type="application/json",
     )
+
+
+def _report_header(request: Request) -> TrainReport | None:
+    """The training report of an upload's header, bounded and checked before the body is read
+    (422 with the reason when it is not a report)."""
+    raw = request.headers.get(REPORT_HEADER)
+    if raw is None:
+        return None
+    if len(raw) > MAX_REPORT_HEADER_BYTES:
+        raise WireError(f"{REPORT_HEADER} is longer than {MAX_REPORT_HEADER_BYTES} bytes")
+    try:
+        return TrainReport.model_validate_json(raw)
+    except ValidationError as e:
+        raise WireError(f"{REPORT_HEADER} is not a training report: {e.error_count()} errors") from None
 
 
 @router.post("/rounds/{round_id}/report", status_code=status.HTTP_204_NO_CONTENT)

@@ -25,6 +25,8 @@ __all__ = [
     "API_PREFIX",
     "MAX_DEVICES",
     "MAX_INT32",
+    "MAX_REPORT_HEADER_BYTES",
+    "REPORT_HEADER",
     "SECURE_ROUND",
     "WIRE_VERSION",
     "Action",
@@ -64,6 +66,10 @@ __all__ = [
 
 WIRE_VERSION = 1
 API_PREFIX = f"/v{WIRE_VERSION}"
+REPORT_HEADER = "X-Fedkeys-Report"
+"""The header an update upload carries its :class:`TrainReport` in (compact JSON): the report
+travels with the update instead of in a request of its own (``POST .../report`` stays)."""
+MAX_REPORT_HEADER_BYTES = 1024  # a TrainReport's JSON is about 120 bytes
 MAX_DEVICES = 10_000  # largest roster a message may carry
 MAX_INT32 = (1 << 31) - 1
 """Largest count a message may carry: the coordinator stores counts in 32-bit columns (a larger

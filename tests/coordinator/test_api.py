@@ -199,6 +199,19 @@ def test_body_limit_and_bad_updates(tmp_path: Path, tiny_bundle_dir: Path) -> No
                 c.put(f"/v1/rounds/{rid}/update", content=other_round, params={"examples": 5}).status_code
                 == 422
             )
+            # a training report in the upload's header is checked before the body is read
+            good = pack_dense_update(
+                UpdateHeader(kind=UpdateKind.DENSE_F32, bits=32, keep_fraction=1.0, length=w0.size, **head),
+                nan,
+            )
+            for bad, why in (("{", "not a training report"), ('{"pad": "' + "x" * 2000 + '"}', "longer")):
+                r = c.put(
+                    f"/v1/rounds/{rid}/update",
+                    content=good,
+                    params={"examples": 5},
+                    headers={"X-Fedkeys-Report": bad},
+                )
+                assert r.status_code == 422 and why in r.json()["detail"], r.text
             # secure-aggregation stages do not exist in this round: 409 with the stage named
             r = c.get(f"/v1/rounds/{rid}/secagg/roster")
             assert r.status_code == 409 and "stage" in r.json()["detail"]

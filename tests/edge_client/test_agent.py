@@ -218,6 +218,10 @@ def test_agents_complete_secure_rounds_and_send_no_text(
         fetched = [p for m, p, _ in rec.bodies if m == "GET" and "/secagg/" in p]
         posted = [p for m, p, _ in rec.bodies if m == "POST" and "/secagg/" in p]
         assert not fetched and len(posted) == 2 * 3, (fetched, posted)
+        # and the training report came in the upload's header, not a request of its own
+        assert not [p for _, p, _ in rec.bodies if p.endswith("/report")]
+    for v in versions[1:]:  # every device's report is in the round's metrics
+        assert v["metrics"]["reports"] == 3 and v["metrics"]["mean_loss_before"] > 0, v["metrics"]
     # nothing but keys, encrypted shares, the encoded masked update and scalars left the devices
     for rec, texts in zip(recs, user_texts, strict=False):
         words = {w for t in texts for w in t.lower().split() if len(w) >= 6 and w.isalpha()}

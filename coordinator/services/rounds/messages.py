@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import base64
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from coordinator.db.models import Device, EvalReport, Participant, Round
@@ -47,6 +47,7 @@ __all__ = [
     "inbound_shares",
     "lock_shared",
     "my_part",
+    "record_report",
     "report",
     "roster",
     "round_and_participant",
@@ -276,11 +277,20 @@ def unmask_responses(session: Session, round_id: int) -> list[UnmaskResponse]:
 
 def report(session: Session, *, round_id: int, device: Device, msg: TrainReport) -> None:
     rnd, part = round_for_device(session, round_id, device)
+    record_report(session, rnd, part, msg)
+
+
+def record_report(session: Session, rnd: Round, part: Participant, msg: TrainReport) -> None:
+    """Keep a device's training report (its own route, or the header of its upload)."""
     if rnd.kind != RoundKind.TRAIN:
         raise StageConflict("training reports belong to training rounds")
     part.report = msg.model_dump()
-    device.util_loss = msg.loss_before  # oort's statistical utility (with the example count)
-    device.util_round = rnd.number
+    # oort's statistical utility (with the example count)
+    session.execute(
+        update(Device)
+        .where(Device.id == part.device_id)
+        .values(util_loss=msg.loss_before, util_round=rnd.number)
+    )
 
 
 def evaluation(

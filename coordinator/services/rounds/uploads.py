@@ -17,11 +17,18 @@ from sqlalchemy.orm import Session
 from coordinator.db.models import Device, Participant, Round, RoundUpload
 from coordinator.round_plan import plan_of
 from coordinator.services.rounds.context import Gone, RoundContext, StageConflict, utc
-from coordinator.services.rounds.messages import expect_stage, lock_shared, my_part, round_and_participant
+from coordinator.services.rounds.messages import (
+    expect_stage,
+    lock_shared,
+    my_part,
+    record_report,
+    round_and_participant,
+)
 from protocol.codec import check_update_norm, encoded_length, packed_size, ring_bits
 from protocol.wire import (
     HEADER_SIZE,
     Stage,
+    TrainReport,
     UpdateKind,
     WireError,
     peek_header,
@@ -130,11 +137,12 @@ def upload(
     body: bytes,
     weight: float,
     omitted: Sequence[str] = (),
+    report: TrainReport | None = None,
 ) -> bool:
     """Record a checked upload (appended: no shared row is rewritten). False for a repeat.
     ``omitted``: the neighbours a masked input was made without (unusable shares), checked
     against the relayed shares and kept in the participant's message slot until the stage
-    closes (:mod:`.closes`)."""
+    closes (:mod:`.closes`). ``report``: the training report that came with it."""
     rnd = lock_shared(session, round_id)
     part = my_part(session, rnd, device_id, lock=True)
     if part.stage in (Stage.MASKED_INPUT, Stage.UPLOAD, Stage.UNMASK):
@@ -158,6 +166,8 @@ def upload(
     k = plan_of(rnd).clients_per_round
     if (have or 0) >= k:
         raise Gone(f"round {rnd.id} already has the {k} updates it needs")
+    if report is not None:
+        record_report(session, rnd, part, report)
     session.add(RoundUpload(round_id=rnd.id, device_id=device_id, weight=weight, body=body))
     part.stage = Stage.MASKED_INPUT if secure else Stage.UPLOAD
     part.upload_bytes = len(body)
