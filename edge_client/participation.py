@@ -96,6 +96,11 @@ def _stage_index(stage: Stage) -> int:
 
 
 LONG_POLL = 10.0  # seconds the coordinator may hold one status poll
+# After its upload a device waits for the round's other uploads (a minute or more in a
+# population round) and checks nothing but a shutdown between polls: longer polls there (the
+# coordinator holds one up to 30 s) cut a round's status requests without slowing anything
+# but a shutdown at that point.
+LONG_POLL_AFTER_UPLOAD = 25.0
 
 
 def _wait_for(
@@ -106,16 +111,17 @@ def _wait_for(
     sleep: Callable[[float], None],
     should_continue: Callable[[], bool],
     deadline: float,
+    longest: float = LONG_POLL,
 ) -> RoundStatus:
     """Wait until the round reaches ``stage`` (or passes it, or ends): long polls of its
-    status, each held by the coordinator until the stage changes or ``LONG_POLL`` seconds
+    status, each held by the coordinator until the stage changes or ``longest`` seconds
     pass (eligibility is re-checked between polls). The answer that reports a stage with a
     message for the device carries it (``payload``); a coordinator that leaves it out is
     asked for it by its own route."""
     since: Stage | None = None
     while True:
         asked = time.time()
-        hold = 0.0 if since is None else min(LONG_POLL, max(deadline - asked, 0.0))
+        hold = 0.0 if since is None else min(longest, max(deadline - asked, 0.0))
         st = transport.status(round_id, since=since, wait=hold, payload=True)
         if st.participant_stage == Stage.DROPPED or st.stage == Stage.DONE:
             return st
@@ -250,6 +256,7 @@ def run_round(
         # After the upload the device only answers small messages: it stays in the round even
         # if it stops being eligible for training (only a shutdown makes it leave).
         wait["should_continue"] = lambda: not stopping()
+        wait["longest"] = LONG_POLL_AFTER_UPLOAD
         if secagg is not None:
             st = _wait_for(transport, round_id, Stage.UNMASK, **wait)  # type: ignore[arg-type]
             if st.participant_stage == Stage.DROPPED or st.stage != Stage.UNMASK:

@@ -69,11 +69,14 @@ class Recorder(httpx.BaseTransport):
     def __init__(self, ca: Path, fail_first_upload: bool = False) -> None:
         self.inner = httpx.HTTPTransport(verify=ssl.create_default_context(cafile=str(ca)))
         self.bodies: list[tuple[str, str, bytes]] = []
+        self.status_waits: list[float] = []  # the ``wait`` of every held status poll
         self.fail_first_upload = fail_first_upload
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         body = request.read()
         self.bodies.append((request.method, request.url.path, body))
+        if request.url.path.endswith("/status") and "wait" in request.url.params:
+            self.status_waits.append(float(request.url.params["wait"]))
         response = self.inner.handle_request(request)
         if self.fail_first_upload and request.url.path.endswith("/update"):
             self.fail_first_upload = False
@@ -220,6 +223,9 @@ def test_agents_complete_secure_rounds_and_send_no_text(
         assert not fetched and len(posted) == 2 * 3, (fetched, posted)
         # and the training report came in the upload's header, not a request of its own
         assert not [p for _, p, _ in rec.bodies if p.endswith("/report")]
+    # polls after the upload are held longer (nothing but a shutdown to check between them)
+    waits = [w for rec in recs for w in rec.status_waits]
+    assert 25.0 in waits and max(waits) <= 25.0, waits
     for v in versions[1:]:  # every device's report is in the round's metrics
         assert v["metrics"]["reports"] == 3 and v["metrics"]["mean_loss_before"] > 0, v["metrics"]
     # nothing but keys, encrypted shares, the encoded masked update and scalars left the devices
