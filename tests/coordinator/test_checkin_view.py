@@ -94,3 +94,30 @@ def test_before_any_round_ended_devices_come_back_within_two_selection_windows(t
         and answer.retry_after is not None
         and answer.retry_after <= 20 + 30
     )
+
+
+def test_past_the_target_returns_spread_over_a_quarter_window(tmp_path: Path) -> None:
+    """A round that runs past the shortest recent round: idle devices came back every 1-2 s
+    until it ended (2,500 check-ins a round at 400 devices). Now their returns spread over a
+    quarter of a selection window (30 s here): 1 s + up to 7.5 s."""
+    from dataclasses import replace
+
+    view = replace(
+        _view(7, Stage.MASKED_INPUT),
+        created_at=datetime.now(UTC) - timedelta(seconds=60),
+        recent_durations=(40.0, 50.0),
+        candidate_rate=500.0,  # a fast-filling pool: its own spread would be 1 s
+    )
+    ctx = _ctx(tmp_path)
+    waits = []
+    for _ in range(200):
+        answer = answer_from_view(
+            Views(time.monotonic(), [view], {}),
+            ctx,
+            device_id="d1",
+            last_round_number=-5,
+            state=ready_state(),
+        )
+        assert isinstance(answer, CheckinResponse) and answer.retry_after is not None
+        waits.append(answer.retry_after)
+    assert 1.0 <= min(waits) < 2.0 and 7.0 < max(waits) <= 8.5, (min(waits), max(waits))

@@ -457,3 +457,12 @@ def test_a_status_brings_the_message_of_its_stage(coord: Coord) -> None:
     assert st.unmask is not None and "dev4" in st.unmask.dropped
     late = status("dev4")
     assert late.participant_stage == Stage.DROPPED and late.unmask is None
+
+
+def test_after_a_first_round_the_selection_waits_three_windows(coord: Coord) -> None:
+    """Without a history the first round's idle devices were sent back within two selection
+    windows of their check-in, spread over up to one more: the second selection stays open that
+    long (a 20 s one found nobody). A full pool still closes it at once."""
+    with coord.tx() as s:
+        _finished_round(s, 0, coord.ctx.now() - timedelta(seconds=40), 40.0)
+    assert _next_selection_seconds(coord) == pytest.approx(90.0, abs=0.5)

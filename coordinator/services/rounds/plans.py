@@ -58,8 +58,12 @@ def _selection_deadline(
         return window
     target = pace_target(prev.created_at, recent_durations_before(session, task.id, prev.id))
     if target is None:
-        return window
-    back = target + timedelta(seconds=cfg.deadlines.selection + ctx.settings.min_retry_seconds)
+        # no history before the previous round: its idle devices were sent back within two
+        # selection windows of their check-in, spread over up to one more (a 20 s selection
+        # after the first round found nobody, bench/sim_overhead.py 2026-12-05)
+        back = now + timedelta(seconds=3 * cfg.deadlines.selection)
+    else:
+        back = target + timedelta(seconds=cfg.deadlines.selection + ctx.settings.min_retry_seconds)
     return min(max(window, back), now + timedelta(seconds=ctx.settings.max_retry_seconds))
 
 
