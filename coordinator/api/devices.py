@@ -236,7 +236,7 @@ async def round_status(
             return rounds.with_payload(session, ctx, st, device_id=device_id)
 
     async def answer(st: RoundStatus) -> RoundStatus:
-        if payload and st.stage in rounds.PAYLOAD_STAGES and st.participant_stage != Stage.DROPPED:
+        if payload and rounds.carries_payload(st):
             return await run_in_threadpool(bring, st)
         return st
 

@@ -52,6 +52,7 @@ from coordinator.services.rounds.context import (
 from coordinator.services.rounds.messages import (
     PAYLOAD_STAGES,
     advertise,
+    carries_payload,
     evaluation,
     inbound_shares,
     report,
@@ -79,6 +80,7 @@ __all__ = [
     "Views",
     "advertise",
     "answer_from_view",
+    "carries_payload",
     "check_upload",
     "checkin",
     "close_if_complete",

@@ -42,6 +42,7 @@ from protocol.wire import (
 __all__ = [
     "PAYLOAD_STAGES",
     "advertise",
+    "carries_payload",
     "evaluation",
     "expect_stage",
     "inbound_shares",
@@ -147,12 +148,17 @@ PAYLOAD_STAGES = (Stage.SHARE_KEYS, Stage.MASKED_INPUT, Stage.UNMASK)
 """Stages whose status answer can carry the device's message of that stage (``with_payload``)."""
 
 
+def carries_payload(st: RoundStatus) -> bool:
+    """Whether ``st`` is at a stage with a message for its device (``with_payload``)."""
+    return st.stage in PAYLOAD_STAGES and st.participant_stage != Stage.DROPPED
+
+
 def with_payload(session: Session, ctx: RoundContext, st: RoundStatus, *, device_id: str) -> RoundStatus:
     """``st`` with the message the device needs at the round's stage (its roster, its inbound
     shares or the unmask request), read as the stage's GET route would, with the same checks.
     Where that route would refuse (the device missed the stage, the message is not fixed
     yet), the status goes without it and a device that still asks gets the refusal there."""
-    if st.stage not in PAYLOAD_STAGES or st.participant_stage == Stage.DROPPED:
+    if not carries_payload(st):
         return st
     try:
         if st.stage == Stage.SHARE_KEYS:
