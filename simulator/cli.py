@@ -23,11 +23,11 @@ class SimError(Exception):
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("simulate", help="simulate a device fleet against a real coordinator")
-    p.add_argument("--devices", type=int, default=100)
+    p.add_argument("--devices", type=int, default=None, help="fleet size (300)")
     p.add_argument(
-        "--per-round", type=int, default=None, help="reports that close a round (K; 10, --population 100)"
+        "--per-round", type=int, default=None, help="reports that close a round (K; 30, --population 100)"
     )
-    p.add_argument("--rounds", type=int, default=None, help="30 (--population 12)")
+    p.add_argument("--rounds", type=int, default=None, help="15 (--population 12)")
     p.add_argument("--quick", action="store_true", help="a first look: 30 devices, 6 per round, 8 rounds")
     p.add_argument(
         "--population",
@@ -95,13 +95,13 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "--local-epochs",
         type=int,
         default=None,
-        help="passes over a round's messages (default: until the step cap; --population 2)",
+        help="passes over a round's messages (2; 0: until the step cap)",
     )
     p.add_argument(
         "--server-lr",
         type=float,
         default=None,
-        help="server optimizer's learning rate (1e-3, --population 1e-2)",
+        help="server optimizer's learning rate (3e-3, --population 1e-2)",
     )
     p.add_argument("--client-lr", type=float, default=None, help="devices' learning rate (0.1)")
     p.add_argument("--max-examples", type=int, default=None, help="messages a device draws per round (400)")
@@ -113,8 +113,19 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     )
     p.add_argument("--day-seconds", type=float, default=None, help="real seconds per simulated day")
     p.add_argument("--start-hour", type=float, default=None, help="simulated time of day at the start (23)")
-    p.add_argument("--eval-every", type=int, default=None, help="heldout evaluation every N versions (10)")
-    p.add_argument("--eval-messages", type=int, default=None, help="heldout messages per evaluation (300)")
+    p.add_argument("--eval-every", type=int, default=None, help="heldout evaluation every N versions (5)")
+    p.add_argument(
+        "--eval-messages",
+        type=int,
+        default=None,
+        help="heldout messages of each evaluation over rounds (300)",
+    )
+    p.add_argument(
+        "--final-messages",
+        type=int,
+        default=None,
+        help="heldout messages that score the pretrained and the last version at the end (2000)",
+    )
     p.add_argument(
         "--workers", type=int, default=0, help="worker processes (default: max(cores, devices / 128))"
     )
@@ -145,7 +156,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 def _config(args: argparse.Namespace) -> Any:
     from simulator.config import SimConfig, population, quick
 
-    cfg = SimConfig(devices=args.devices, seed=args.seed, workers=args.workers)
+    cfg = SimConfig(seed=args.seed, workers=args.workers)
+    if args.devices is not None:
+        cfg = replace(cfg, devices=args.devices)
     if args.quick:
         cfg = quick(cfg)
     if args.population:  # devices: the corpus's federated participants (_fleet)
@@ -178,14 +191,19 @@ def _config(args: argparse.Namespace) -> Any:
         "start_hour",
         "eval_every",
         "eval_messages",
+        "final_messages",
         "server_lr",
         "client_lr",
     ):
         if getattr(args, attr) is not None:
             cfg = replace(cfg, **{attr: getattr(args, attr)})
-    for attr in ("local_steps", "local_epochs", "max_examples", "min_examples"):
+    for attr in ("local_steps", "max_examples", "min_examples"):
         if getattr(args, attr) is not None and getattr(args, attr) < 1:
             raise SimError(f"--{attr.replace('_', '-')} must be at least 1")
+    if args.local_epochs is not None:
+        if args.local_epochs < 0:
+            raise SimError("--local-epochs must be at least 0 (0: as many passes as the step cap allows)")
+        cfg = replace(cfg, local_epochs=args.local_epochs or None)
     for attr in ("server_lr", "client_lr"):
         if getattr(args, attr) is not None and not 0 < getattr(args, attr) <= 10:
             raise SimError(f"--{attr.replace('_', '-')} must be in (0, 10]")
@@ -228,8 +246,8 @@ def _config(args: argparse.Namespace) -> Any:
         raise SimError("--per-round cannot exceed --devices")
     if cfg.devices < 2 or cfg.rounds < 1:
         raise SimError("need at least 2 devices and 1 round")
-    if cfg.eval_every < 1 or cfg.eval_messages < 1:
-        raise SimError("--eval-every and --eval-messages must be positive")
+    if cfg.eval_every < 1 or cfg.eval_messages < 1 or cfg.final_messages < 1:
+        raise SimError("--eval-every, --eval-messages and --final-messages must be positive")
     try:  # what the coordinator would refuse (e.g. a weight cap whose sums overflow the ring)
         cfg.task_config()
     except ValidationError as e:
@@ -264,7 +282,6 @@ def _fleet(cfg: Any, bundle: Path) -> tuple[Any, dict[str, list[str]]]:
     participants), and ``cfg`` with the population's size for ``--population``. Before the
     bundle is built: a bad corpus costs nothing."""
     from model_export.data import CorpusError
-    from simulator.config import POPULATION_LOCAL_EPOCHS
     from simulator.evaluation import draw_heldout
     from simulator.fleet import FleetError, fleet_users, make_specs
 
@@ -286,7 +303,7 @@ def _fleet(cfg: Any, bundle: Path) -> tuple[Any, dict[str, list[str]]]:
             f"(fedkeys export build --corpus {cfg.corpus} --out {bundle})"
         )
     if cfg.population:
-        cfg = replace(cfg, devices=len(users), local_epochs=cfg.local_epochs or POPULATION_LOCAL_EPOCHS)
+        cfg = replace(cfg, devices=len(users))
         if cfg.per_round > cfg.devices:
             raise SimError(f"--per-round {cfg.per_round} exceeds the {cfg.devices} participants of {name}")
         if cfg.devices < 2:
@@ -383,7 +400,7 @@ def _printer() -> Any:
     return show
 
 
-def verdict(res: Any) -> str | None:
+def verdict(evals: dict[int, dict[str, Any]], seed: int = 0) -> str | None:
     """What a run's heldout evaluations say, in one sentence: the last evaluated version's top-1
     against the pretrained student's (version 0) with its paired 95% interval over the heldout
     messages, and whether that separates a lift from the noise of the sample (None before any
@@ -391,12 +408,12 @@ def verdict(res: Any) -> str | None:
     from model_export.evaluate import MessageHits
     from model_export.stats import paired_bootstrap
 
-    last = max(res.evals)
-    a, b = res.evals[last].get("per_message"), res.evals[0].get("per_message")
+    last = max(evals)
+    a, b = evals[last].get("per_message"), evals[0].get("per_message")
     if last == 0 or not (isinstance(a, MessageHits) and isinstance(b, MessageHits)):
         return None
-    i = paired_bootstrap(a.top1, b.top1, a.words, seed=res.config.seed)
-    ppl = [res.evals[v].get("ppl_piece") for v in (0, last)]
+    i = paired_bootstrap(a.top1, b.top1, a.words, seed=seed)
+    ppl = [evals[v].get("ppl_piece") for v in (0, last)]
     change = (
         f"top-1 {100 * i.estimate:+.2f} points [95% CI {100 * i.low:+.2f}, {100 * i.high:+.2f}] "
         f"after {last} versions on {len(a)} heldout messages"
@@ -408,8 +425,21 @@ def verdict(res: Any) -> str | None:
         return f"federated training made the pretrained student worse: {change}"
     return (
         f"no lift beyond the noise yet: {change}; the interval spans zero (more rounds, more "
-        "devices per round or --population move the model further; --eval-messages narrows the interval)"
+        "devices per round or --population move the model further; --final-messages narrows the interval)"
     )
+
+
+def final_evals(res: Any, bundle: Path, sample: Any) -> dict[int, dict[str, Any]]:
+    """The pretrained student (version 0) and the run's last version scored on the whole final
+    ``sample`` (a :class:`simulator.evaluation.HeldoutSample`); the run's own evaluations (its
+    curve) are reused when they were on the same messages."""
+    from simulator.evaluation import VersionEvaluator
+
+    last = max(res.evals)
+    if res.evals[0].get("sample") == sample.fingerprint or res.final_weights is None:
+        return {0: res.evals[0], last: res.evals[last]}
+    evaluator = VersionEvaluator(bundle, sample.texts)
+    return {0: evaluator.eager(evaluator.bundle.initial_weights()), last: evaluator.eager(res.final_weights)}
 
 
 def run(args: argparse.Namespace) -> None:
@@ -449,6 +479,7 @@ def run(args: argparse.Namespace) -> None:
     def go(coord: CoordinatorHandle) -> None:
         privacy_rows = None
         said: str | None = None
+        final_sample: dict[str, Any] = {}
         time_plot = False
         if args.selection_compare is not None:
             from simulator.compare import selection_compare
@@ -469,25 +500,32 @@ def run(args: argparse.Namespace) -> None:
                 cfg, bundle, out, coord, show, args.central_tokens, float32=not args.no_float32
             )
         else:
-            from simulator.compare import trigram_rows
-            from simulator.evaluation import heldout_sample
+            from simulator.compare import subsample_top1, trigram_rows
+            from simulator.evaluation import draw_heldout
 
-            heldout = heldout_sample(cfg.eval_messages, cfg.seed, cfg.corpus)
-            res = run_simulation(cfg, bundle, out, coord, heldout=heldout, progress=show)
+            sample = draw_heldout(cfg.final_messages, cfg.seed, cfg.corpus)
+            curve = list(sample.head(min(cfg.eval_messages, len(sample.texts))).texts)
+            res = run_simulation(cfg, bundle, out, coord, heldout=curve, progress=show)
             runs = [res]
             s = res.summary()
-            trigrams = trigram_rows(cfg, heldout)
+            console.print(
+                f"scoring the pretrained and the last version on {len(sample.texts):,} heldout messages"
+            )
+            ends = final_evals(res, bundle, sample)
+            start, end = ends[0], ends[max(ends)]
+            trigrams = trigram_rows(cfg, list(sample.texts))
             rows = [
-                {
-                    "configuration": "pretrained student (no FL)",
-                    "top1": res.evals[0]["top1"],
-                    "top3": res.evals[0]["top3"],
-                },
+                {"configuration": "pretrained student (no FL)", "top1": start["top1"], "top3": start["top3"]},
                 {
                     "configuration": cfg.name,
-                    "top1": s["top1_final"],
-                    "top3": s["top3_final"],
-                    "int8 top1": s["final_int8_top1"],
+                    "top1": end["top1"],
+                    "top3": end["top3"],
+                    # the device's int8 program against the float weights, on the curve's messages
+                    f"int8 - float top1 ({len(curve):,} msgs)": (
+                        s["final_int8_top1"] - s["top1_final"]
+                        if s["final_int8_top1"] is not None and s["top1_final"] is not None
+                        else ""
+                    ),
                     "upload kB/device": (s["upload_bytes_per_device"] or 0) / 1e3,
                     "upload vs dense fp32": _dense_ratio(bundle, s["upload_bytes_per_device"]),
                     **({"epsilon": s["epsilon"], "delta": s["delta"]} if s["epsilon"] is not None else {}),
@@ -496,8 +534,13 @@ def run(args: argparse.Namespace) -> None:
                 },
                 *({"configuration": k, "top1": v["top1"], "top3": v["top3"]} for k, v in trigrams.items()),
             ]
-            baselines = {"pretrained": res.evals[0]["top1"], **{k: v["top1"] for k, v in trigrams.items()}}
-            said = verdict(res)
+            curve_idx = sample.head_indices(len(curve))
+            baselines = {
+                "pretrained": res.evals[0]["top1"],
+                **{k: subsample_top1(v["per_message"], curve_idx) for k, v in trigrams.items()},
+            }
+            said = verdict(ends, cfg.seed)
+            final_sample = {"messages": len(sample.texts), "fingerprint": sample.fingerprint}
         cols = list(dict.fromkeys(k for r in rows for k in r))
         rows = [{k: r.get(k, "") for k in cols} for r in rows]
         print_table("Simulation summary", cols, [[r[c] for c in cols] for r in rows])
@@ -511,7 +554,11 @@ def run(args: argparse.Namespace) -> None:
             time_plot=time_plot,
         )
         (out / "summary.json").write_text(
-            json.dumps({"rows": rows, "minutes": (time.time() - t0) / 60}, indent=2, default=str)
+            json.dumps(
+                {"rows": rows, "final_sample": final_sample, "minutes": (time.time() - t0) / 60},
+                indent=2,
+                default=str,
+            )
         )
         if said is not None:
             console.print(said)

@@ -55,6 +55,7 @@ __all__ = [
     "participation",
     "privacy_sweep",
     "selection_compare",
+    "subsample_top1",
     "time_to_target",
     "trigram_rows",
     "trigram_scores",
@@ -114,6 +115,11 @@ def _subset(hits: MessageHits, idx: Sequence[int]) -> MessageHits:
 
 def _top1(hits: MessageHits) -> float:
     return float(hits.top1.sum() / max(int(hits.words.sum()), 1))
+
+
+def subsample_top1(hits: MessageHits, idx: Sequence[int]) -> float:
+    """Top-1 of per-message counts on the messages at ``idx`` (a curve's nested subsample)."""
+    return _top1(_subset(hits, idx))
 
 
 def _fl_columns(run: SimResult, dense: int) -> dict[str, Any]:
@@ -272,7 +278,7 @@ def compare(
         },
     )
     baselines = {
-        name: _top1(_subset(evals[name]["per_message"], curve_idx))
+        name: subsample_top1(evals[name]["per_message"], curve_idx)
         for name in (PRETRAINED, CENTRAL_FINETUNE, CENTRAL_SCRATCH, TRIGRAM_PUBLIC, TRIGRAM_FLEET)
     }
     return runs, table, baselines

@@ -19,7 +19,7 @@ from edge_client.text import normalize
 from edge_client.tokenizer import Tokenizer
 from model_export.data import load_corpus, split_corpus, split_of
 from protocol.bundle import load_bundle
-from simulator.config import POPULATION_LOCAL_EPOCHS, SimConfig
+from simulator.config import LOCAL_EPOCHS, SimConfig
 from simulator.fleet import population_specs
 from tests.corpora import chat_corpus, multilingual_corpus, write_jsonl
 
@@ -87,19 +87,24 @@ def test_population_of_a_corpus_file(tmp_path: Path, tiny_bundle_dir: Path) -> N
             "1",
             "--eval-messages",
             "40",
+            "--final-messages",
+            "80",
             "--workers",
             "2",
         ]
     )
     assert code == 0
+    # the curves on 40 messages; the summary's rows on the 80 they are nested in
+    (summary_file,) = out.glob("*/summary.json")
+    summary = json.loads(summary_file.read_text())
+    (curve,) = out.glob("*/secure/evals.json")
+    assert {e["messages"] for e in json.loads(curve.read_text()).values()} == {40}
+    assert summary["final_sample"]["messages"] == 80
+    assert summary["rows"][0]["configuration"] == "pretrained student (no FL)"
     (run,) = out.glob("*/secure/summary.json")
     summary = json.loads(run.read_text())
     cfg = summary["config"]
-    assert (
-        cfg["population"]
-        and cfg["devices"] == len(federated)
-        and cfg["local_epochs"] == POPULATION_LOCAL_EPOCHS
-    )
+    assert cfg["population"] and cfg["devices"] == len(federated) and cfg["local_epochs"] == LOCAL_EPOCHS
     rounds = json.loads(run.with_name("rounds.json").read_text())
     committed = [r for r in rounds if r["kind"] == "train" and r["outcome"] == "committed"]
     assert len(committed) >= 2, [(r["outcome"], r.get("failure")) for r in rounds]
@@ -125,8 +130,8 @@ def test_population_of_a_corpus_file(tmp_path: Path, tiny_bundle_dir: Path) -> N
         assert len(texts) >= 5  # the others never volunteer (--min-examples)
         share = texts[: len(texts) - min(20, len(texts) // 5)]  # the newest are kept for evaluation
         positions, seqs = _positions(tok, share, spec.seq_len)
-        fewest = min(CAP, POPULATION_LOCAL_EPOCHS * math.ceil(positions / batch_positions))
-        most = min(CAP, POPULATION_LOCAL_EPOCHS * math.ceil(seqs / spec.batch_size))
+        fewest = min(CAP, LOCAL_EPOCHS * math.ceil(positions / batch_positions))
+        most = min(CAP, LOCAL_EPOCHS * math.ceil(seqs / spec.batch_size))
         assert fewest == most  # light: one batch a pass, fewer steps than CAP; heavy: CAP
         for rec in recs:
             assert rec["training"]["steps"] == most, (index, len(texts), rec["training"]["steps"], most)
@@ -265,18 +270,16 @@ def test_the_quick_profile_starts_when_its_rounds_can_fill() -> None:
 def test_the_verdict_separates_a_lift_from_noise() -> None:
     from model_export.evaluate import MessageHits
     from simulator.cli import verdict
-    from simulator.records import SimResult
 
     rng = np.random.default_rng(0)
     words = rng.integers(5, 15, 2000)
     before = rng.binomial(words, 0.17)
 
-    def run(after: np.ndarray) -> SimResult:
-        evals = {
+    def run(after: np.ndarray) -> dict[int, dict[str, Any]]:
+        return {
             0: {"per_message": MessageHits(words, before, before), "ppl_piece": 80.0},
             8: {"per_message": MessageHits(words, after, after), "ppl_piece": 75.0},
         }
-        return SimResult(SimConfig(), [], evals, {}, [], 1.0, Path("."))
 
     lifted = verdict(run(np.minimum(before + rng.binomial(1, 0.5, 2000), words)))
     assert lifted is not None and lifted.startswith("federated training improved")
@@ -289,7 +292,7 @@ def test_the_verdict_separates_a_lift_from_noise() -> None:
 
 def test_population_defaults_and_flags() -> None:
     """--population takes 100 reports per round and 12 rounds unless told otherwise, with
-    deadlines sized for 130 devices training at once; other runs keep 10 and 30; --quick and
+    deadlines sized for 130 devices training at once; other runs (the demo) 30 and 15; --quick and
     explicit flags win."""
     from fedkeys.cli import build_parser
     from simulator.cli import SimError, _config
@@ -300,10 +303,14 @@ def test_population_defaults_and_flags() -> None:
     pop = cfg("--population")
     assert (pop.per_round, pop.rounds, pop.population) == (100, 12, True)
     assert pop.deadlines.upload >= 120 and pop.deadlines.advertise >= 10
-    assert pop.local_epochs is None  # set from the corpus (simulator.cli._fleet)
+    assert pop.local_epochs == LOCAL_EPOCHS
     assert (cfg("--population", "--per-round", "20", "--rounds", "3").per_round, 3) == (20, 3)
-    assert (cfg().per_round, cfg().rounds) == (10, 30)
+    assert (cfg().devices, cfg().per_round, cfg().rounds) == (300, 30, 15)
     assert (cfg("--quick").per_round, cfg("--quick", "--rounds", "4").rounds) == (6, 4)
+    assert (cfg("--quick").local_steps, cfg("--quick").server_lr) == (10, 1e-3)  # as measured
+    assert cfg("--local-epochs", "0").local_epochs is None and cfg("--local-epochs", "3").local_epochs == 3
+    with pytest.raises(SimError, match="--local-epochs"):
+        cfg("--local-epochs", "-1")
     tuned = cfg("--population", "--server-lr", "0.02", "--client-lr", "0.05")
     assert (tuned.server_lr, tuned.client_lr) == (0.02, 0.05) and pop.server_lr > cfg().server_lr
     for bad in (["--server-lr", "0"], ["--client-lr", "-0.1"], ["--server-lr", "nan"]):
