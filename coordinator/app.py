@@ -70,6 +70,10 @@ __all__ = ["create_app", "tick"]
 
 log = logging.getLogger("coordinator.app")
 
+BACKGROUND_CONNECTIONS = 6
+"""Database connections a worker keeps beyond its request threads': the ticker (deadlines,
+closes, aggregation), the round view's refresh and the admin's reads."""
+
 
 def _error(status: int, reason: str, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"detail": reason}, status_code=status, headers=headers)
@@ -302,7 +306,11 @@ class PrivacyGauges:
 def create_app(settings: Settings | None = None, *, background: bool = True) -> FastAPI:
     settings = settings or Settings()
     configure_logging(settings.log_json)
-    engine = make_engine(settings.database_url, lock_timeout=settings.db_lock_timeout_seconds)
+    engine = make_engine(
+        settings.database_url,
+        lock_timeout=settings.db_lock_timeout_seconds,
+        connections=settings.request_threads + BACKGROUND_CONNECTIONS,
+    )
     upgrade(engine)
     sessions = make_sessionmaker(engine)
     soft_engine = make_soft_engine(

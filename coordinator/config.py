@@ -72,12 +72,16 @@ class Settings(BaseSettings):
     # candidates in a selecting round's pool come back this often: selection closes the moment
     # the pool fills, and the selected must advertise keys within the advertise deadline
     candidate_poll_seconds: float = 1.0
+    # a candidate's check-in is held until its selection ends, at most this long (then it comes
+    # back after candidate_poll_seconds): well below a device's request timeout (60 s)
+    candidate_hold_seconds: float = Field(default=20.0, ge=0, le=50)
     max_retry_seconds: float = 900.0
     # threads (and soft-state database connections) per worker for check-ins: the GIL runs one
     # at a time, so a few suffice to overlap database round trips
     checkin_threads: int = Field(default=6, ge=1, le=64)
     # threads per worker for every other request (AnyIO's default is 40). Fewer than the
-    # database pool's 30 connections: a thread that holds one of them while it waits for a
+    # database pool's connections (these + app.BACKGROUND_CONNECTIONS, and 4 more when needed):
+    # a thread that holds one of them while it waits for a
     # connection would otherwise starve the requests that hold connections and need a thread
     # to finish (with 1,000 devices a worker stalled for minutes that way)
     request_threads: int = Field(default=24, ge=1, le=256)

@@ -33,9 +33,18 @@ def is_sqlite(url: str) -> bool:
 LOCK_TIMEOUT_SECONDS = 10.0
 
 
-def make_engine(url: str, *, lock_timeout: float = LOCK_TIMEOUT_SECONDS, **kwargs: Any) -> Engine:
+def make_engine(
+    url: str, *, lock_timeout: float = LOCK_TIMEOUT_SECONDS, connections: int | None = None, **kwargs: Any
+) -> Engine:
     """An engine for ``url``; creates the SQLite file's directory if needed. On PostgreSQL a
-    statement waits at most ``lock_timeout`` seconds for a lock (then LockNotAvailable)."""
+    statement waits at most ``lock_timeout`` seconds for a lock (then LockNotAvailable), and
+    the pool keeps ``connections`` open (the caller's threads that use it at once; default 10,
+    with 20 more opened when needed and closed when returned).
+
+    A coordinator worker passes its request threads and then some: with 24 request threads and
+    a pool that kept 10, a round's bursts of device requests opened and closed connections all
+    the time (a connection's start-up and teardown showed in the workers' profile, and each is a
+    new PostgreSQL backend)."""
     u = make_url(url)
     if u.get_backend_name() == "sqlite":
         if u.database and u.database != ":memory:":
@@ -66,8 +75,8 @@ def make_engine(url: str, *, lock_timeout: float = LOCK_TIMEOUT_SECONDS, **kwarg
             dbapi_conn.isolation_level = None
 
         return engine
-    kwargs.setdefault("pool_size", 10)
-    kwargs.setdefault("max_overflow", 20)
+    kwargs.setdefault("pool_size", 10 if connections is None else connections)
+    kwargs.setdefault("max_overflow", 20 if connections is None else 4)
     kwargs.setdefault("pool_pre_ping", True)
     if u.get_backend_name() == "postgresql":
         kwargs.setdefault("connect_args", {"options": lock_timeout_option(lock_timeout)})

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from protocol.secagg.client import SecAggClient
-from tests.coordinator.scripted import ScriptedDevice, run_devices
+from tests.coordinator.scripted import ScriptedDevice, ready_state, run_devices
 from tests.servers import Server
 
 pytestmark = pytest.mark.slow
@@ -235,6 +235,33 @@ def test_status_long_poll_is_held_until_the_stage_changes(server: Server, tiny_b
     assert got["stage"] == "share_keys" and 1.0 <= got["seconds"] < 10, got
     for t in ts:
         t.close()
+
+
+def test_a_candidate_check_in_is_held_until_its_selection_ends(server: Server, tiny_bundle_dir: Path) -> None:
+    """A device that joins a selecting round's pool gets its answer when the pool fills (here
+    4 seconds later, by the other devices' check-ins), not a come-back-in-a-second: one
+    check-in for the whole selection, and the chosen device learns of it at once."""
+    w0 = setup_task(server, tiny_bundle_dir.with_suffix(".tar"), task_config(over_selection=1.0))
+    devs = make_devices(server, w0, 4)
+    got: dict[int, dict[str, Any]] = {i: {} for i in range(4)}
+
+    def check_in(i: int) -> None:
+        with devs[i].transport() as t:
+            start = time.monotonic()
+            r = t.checkin(ready_state())
+            got[i].update(seconds=time.monotonic() - start, action=r.action, round_id=r.round_id)
+
+    first = threading.Thread(target=check_in, args=(0,))
+    first.start()
+    time.sleep(4.0)
+    assert not got[0]  # held while the pool (4 devices) is not full
+    others = [threading.Thread(target=check_in, args=(i,)) for i in (1, 2, 3)]
+    for th in others:  # the last of them fills the pool and closes the selection
+        th.start()
+    for th in [first, *others]:
+        th.join(timeout=30)
+    assert all(g["action"] == "train" and g["round_id"] is not None for g in got.values()), got
+    assert 4.0 <= got[0]["seconds"] < 12, got  # answered at the close, not after the 20 s hold
 
 
 def test_key_agreement_stages_close_without_quiet_stragglers(

@@ -32,6 +32,7 @@ Aggregation itself is :mod:`coordinator.services.aggregate`.
 from __future__ import annotations
 
 from coordinator.services.rounds.checkin import (
+    Candidacy,
     answer_from_view,
     checkin,
     current_views,
@@ -72,6 +73,7 @@ from coordinator.services.rounds.uploads import check_upload, expected_upload, p
 __all__ = [
     "PAYLOAD_STAGES",
     "RETRYABLE",
+    "Candidacy",
     "Forbidden",
     "Gone",
     "RoundContext",

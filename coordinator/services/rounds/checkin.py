@@ -7,6 +7,8 @@ import logging
 import math
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -26,6 +28,7 @@ from coordinator.services.rounds.stages import advance
 from protocol.wire import Action, CheckinResponse, DeviceState, RoundKind, Stage
 
 __all__ = [
+    "Candidacy",
     "answer_from_view",
     "checkin",
     "current_views",
@@ -36,6 +39,21 @@ __all__ = [
 ]
 
 log = logging.getLogger("coordinator.rounds")
+
+
+@dataclass(frozen=True)
+class Candidacy:
+    """An eligible device's place in a selecting round's pool: the answer it gets if the
+    selection has not ended when it is sent (come back in about a second), the round, and when
+    its selection closes at the latest. The check-in route holds the answer until the selection
+    ends (``coordinator.api.devices``)."""
+
+    response: CheckinResponse
+    round_id: int
+    closes_at: datetime
+
+    def seconds_left(self, now: datetime) -> float:
+        return (self.closes_at - now).total_seconds()
 
 
 def _action(kind: str) -> Action:
@@ -219,7 +237,7 @@ def checkin(
     device_id: str,
     last_round_number: int,
     state: DeviceState,
-) -> CheckinResponse:
+) -> CheckinResponse | Candidacy:
     """One check-in: the device's own round if it is in one, a place in a selecting round's
     pool if it is eligible, otherwise a ``retry_after``. The device row was already updated
     (last check-in, versions) by :func:`coordinator.services.devices.checkin_statement`.
@@ -276,7 +294,7 @@ def answer_from_view(
 
 def join_pool(
     sessions: Callable[[], Session], ctx: RoundContext, view: RoundView, device_id: str, state: DeviceState
-) -> CheckinResponse:
+) -> CheckinResponse | Candidacy:
     """An eligible device joins a selecting round's pool (one short transaction)."""
     with sessions() as session, session.begin():
         return _join_pool(session, ctx, view, device_id, state)
@@ -284,7 +302,7 @@ def join_pool(
 
 def _join_pool(
     session: Session, ctx: RoundContext, view: RoundView, device_id: str, state: DeviceState
-) -> CheckinResponse:
+) -> CheckinResponse | Candidacy:
     """An eligible device in a selecting round's pool; closes the selection when it is full."""
     now = ctx.now()
     cfg = view.cfg
@@ -326,4 +344,8 @@ def _join_pool(
         return _retry(ctx, ctx.settings.min_retry_seconds, "pool full", cfg.deadlines.selection)
     wait = (view.stage_deadline - now).total_seconds()
     poll = ctx.settings.candidate_poll_seconds
-    return _retry(ctx, min(max(wait, 0.2), poll), "candidate: selection closes soon", poll / 2)
+    return Candidacy(
+        _retry(ctx, min(max(wait, 0.2), poll), "candidate: selection closes soon", poll / 2),
+        view.round_id,
+        view.stage_deadline,
+    )
