@@ -81,9 +81,9 @@ class Settings(BaseSettings):
     checkin_threads: int = Field(default=6, ge=1, le=64)
     # threads per worker for every other request (AnyIO's default is 40). Fewer than the
     # database pool's connections (these + app.BACKGROUND_CONNECTIONS, and 4 more when needed):
-    # a thread that holds one of them while it waits for a
-    # connection would otherwise starve the requests that hold connections and need a thread
-    # to finish (with 1,000 devices a worker stalled for minutes that way)
+    # a thread that holds one of them while it waits for a connection would otherwise starve
+    # the requests that hold connections and need a thread to finish (with 1,000 devices a
+    # worker stalled for minutes that way)
     request_threads: int = Field(default=24, ge=1, le=256)
 
     # weight deltas: served only from the last N versions before the one asked for (older

@@ -504,7 +504,8 @@ def run(args: argparse.Namespace) -> None:
             from simulator.evaluation import draw_heldout
 
             sample = draw_heldout(cfg.final_messages, cfg.seed, cfg.corpus)
-            curve = list(sample.head(min(cfg.eval_messages, len(sample.texts))).texts)
+            curve_idx = sample.head_indices(min(cfg.eval_messages, len(sample.texts)))
+            curve = [sample.texts[i] for i in curve_idx]
             res = run_simulation(cfg, bundle, out, coord, heldout=curve, progress=show)
             runs = [res]
             s = res.summary()
@@ -534,7 +535,6 @@ def run(args: argparse.Namespace) -> None:
                 },
                 *({"configuration": k, "top1": v["top1"], "top3": v["top3"]} for k, v in trigrams.items()),
             ]
-            curve_idx = sample.head_indices(len(curve))
             baselines = {
                 "pretrained": res.evals[0]["top1"],
                 **{k: subsample_top1(v["per_message"], curve_idx) for k, v in trigrams.items()},

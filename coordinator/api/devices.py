@@ -146,16 +146,23 @@ async def _hold_candidate(
     watch: StatusWatch = app.state.status_watch
     if hold <= 0 or not await watch.wait(candidacy.round_id, Stage.SELECTING, device_id, timeout=hold):
         return candidacy.response
-    snap = ctx.views_if_fresh()
-    if snap is None:
-        snap = await anyio.to_thread.run_sync(
-            rounds.current_views, app.state.soft_sessions, ctx, limiter=app.state.checkin_limiter
-        )
     again = rounds.answer_from_view(
-        snap, ctx, device_id=device_id, last_round_number=last_round, state=body.state
+        await _round_views(app), ctx, device_id=device_id, last_round_number=last_round, state=body.state
     )
     # still a selecting round in this view (one older than the close): back shortly, as before
     return again if isinstance(again, CheckinResponse) else candidacy.response
+
+
+async def _round_views(app: Any) -> rounds.Views:
+    """The worker's round view; a stale one is refreshed in a check-in thread (one at a time,
+    the others answer from the previous view)."""
+    ctx: RoundContext = app.state.ctx
+    snap = ctx.views_if_fresh()
+    if snap is not None:
+        return snap
+    return await anyio.to_thread.run_sync(
+        rounds.current_views, app.state.soft_sessions, ctx, limiter=app.state.checkin_limiter
+    )
 
 
 def _identity_params(app: Any, token: str, body: CheckinRequest) -> dict[str, object]:
@@ -201,19 +208,19 @@ async def _checkin_async(app: Any, fast: AsyncStatement, token: str, body: Check
     device_id, last_round = checkin_result(
         row, rate_limit_per_minute=app.state.settings.rate_limit_per_minute
     )
-    snap = ctx.views_if_fresh()
-    limiter = app.state.checkin_limiter
-    if snap is None:
-        snap = await anyio.to_thread.run_sync(
-            rounds.current_views, app.state.soft_sessions, ctx, limiter=limiter
-        )
     answer = rounds.answer_from_view(
-        snap, ctx, device_id=device_id, last_round_number=last_round, state=body.state
+        await _round_views(app), ctx, device_id=device_id, last_round_number=last_round, state=body.state
     )
     if isinstance(answer, CheckinResponse):
         return device_id, last_round, answer
     joined = await anyio.to_thread.run_sync(
-        rounds.join_pool, app.state.soft_sessions, ctx, answer, device_id, body.state, limiter=limiter
+        rounds.join_pool,
+        app.state.soft_sessions,
+        ctx,
+        answer,
+        device_id,
+        body.state,
+        limiter=app.state.checkin_limiter,
     )
     return device_id, last_round, joined
 
