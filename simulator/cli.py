@@ -248,8 +248,13 @@ def _config(args: argparse.Namespace) -> Any:
         raise SimError("need at least 2 devices and 1 round")
     if cfg.eval_every < 1 or cfg.eval_messages < 1 or cfg.final_messages < 1:
         raise SimError("--eval-every, --eval-messages and --final-messages must be positive")
-    try:  # what the coordinator would refuse (e.g. a weight cap whose sums overflow the ring)
-        cfg.task_config()
+    # what the coordinator would refuse (e.g. a weight cap whose sums overflow the ring), in
+    # every task the run creates: a privacy sweep's are its runs, not the base configuration
+    sweep = _epsilons(args.privacy_sweep) if args.privacy_sweep is not None else None
+    tasks = [cfg.privacy_run(e) for e in sweep] if sweep is not None else [cfg]
+    try:
+        for task in tasks:
+            task.task_config()
     except ValidationError as e:
         raise SimError(f"the task's settings: {e.errors()[0]['msg']}") from None
     return cfg

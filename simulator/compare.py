@@ -335,17 +335,11 @@ def privacy_sweep(
 ) -> tuple[list[SimResult], list[dict[str, Any]], dict[str, float]]:
     """Heldout accuracy against epsilon: one run per target (``inf`` = the same configuration
     without noise), on the same fleet, seeds and heldout sample. Every run weighs devices
-    equally (weight_cap 1, which DP needs) so that only the noise differs."""
+    equally (:meth:`SimConfig.privacy_run`) so that only the noise differs."""
     heldout = heldout_sample(base.eval_messages, base.seed, base.corpus)
     runs = []
     for eps in epsilons:
-        private = math.isfinite(eps)
-        cfg = replace(
-            base.with_codec(weight_cap=1),
-            name=f"{base.privacy}-eps{eps:g}" if private else "non-private",
-            privacy=base.privacy if private else "off",
-            target_epsilon=eps if private else None,
-        )
+        cfg = base.privacy_run(eps)
         runs.append(run_simulation(cfg, bundle_dir, out_dir, coord, heldout=heldout, progress=progress))
     pre = runs[0].evals[0]
     rows: list[dict[str, Any]] = [

@@ -3,6 +3,7 @@ coordinator task configuration it asks for (:meth:`SimConfig.task_config`)."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -130,6 +131,18 @@ class SimConfig:
     def with_codec(self, **changes: Any) -> SimConfig:
         """This configuration with some codec settings changed (validated)."""
         return replace(self, codec=CodecSettings.model_validate({**self.codec.model_dump(), **changes}))
+
+    def privacy_run(self, epsilon: float) -> SimConfig:
+        """A privacy sweep's run at ``epsilon`` (``inf``: the same configuration without noise).
+        Every run weighs devices equally (weight_cap 1, which DP needs) so that only the noise
+        differs between them."""
+        private = math.isfinite(epsilon)
+        return replace(
+            self.with_codec(weight_cap=1),
+            name=f"{self.privacy}-eps{epsilon:g}" if private else "non-private",
+            privacy=self.privacy if private else "off",
+            target_epsilon=epsilon if private else None,
+        )
 
     def task_config(self) -> TaskConfig:
         """The coordinator task this run asks for: the task defaults with the run's overrides."""

@@ -330,3 +330,29 @@ def test_population_defaults_and_flags() -> None:
     with pytest.raises(SimError, match="--no-float32"):
         cfg("--population", "--no-float32")
     assert cfg("--population", "--compare", "--no-float32").population
+
+
+def test_a_privacy_sweep_is_checked_as_the_runs_it_makes() -> None:
+    """`--privacy-sweep` (at the demo's size and with --population's example weights) passes the
+    task check of its runs, which weigh devices equally and carry each epsilon; the check once
+    ran on the sweep's base configuration, which has neither, and refused every sweep."""
+    from fedkeys.cli import build_parser
+    from simulator.cli import _config
+
+    def cfg(*flags: str) -> SimConfig:
+        return _config(build_parser().parse_args(["simulate", *flags]))  # type: ignore[no-any-return]
+
+    for flags in (
+        ["--privacy-sweep", "8,inf"],
+        ["--population", "--per-round", "200", "--privacy-sweep", "1,8,inf"],
+    ):
+        base = cfg(*flags)
+        runs = [base.privacy_run(e) for e in (1.0, float("inf"))]
+        assert [r.codec.weight_cap for r in runs] == [1, 1]
+        assert (runs[0].privacy, runs[0].target_epsilon, runs[0].name) == (
+            "distributed",
+            1.0,
+            "distributed-eps1",
+        )
+        assert (runs[1].privacy, runs[1].target_epsilon, runs[1].name) == ("off", None, "non-private")
+        assert all(r.task_config().clients_per_round == base.per_round for r in runs)
