@@ -27,6 +27,7 @@ __all__ = [
     "attach_device_bytes",
     "clock",
     "duration",
+    "progress",
     "readable_round",
     "readable_rounds",
     "round_record",
@@ -263,26 +264,29 @@ def readable_round(r: dict[str, Any]) -> dict[str, Any]:
 
 
 def version_progress(res: SimResult) -> dict[int, dict[str, float]]:
-    """Where the run stood when each evaluated version was committed: training rounds run
-    (failed ones included), simulated hours since the fleet's start, and bytes the fleet's
-    devices had uploaded (every device-round of those rounds that a device saw through), for
-    curves of accuracy against work and traffic. Version 0 (the bundle's) is at zero; a
-    version whose round is not among the records is left out."""
-    train = sorted((r for r in res.rounds if r.get("kind") == RoundKind.TRAIN), key=lambda r: r["round"])
+    """Where the run stood when each evaluated version was committed (:func:`progress`)."""
+    return progress(res.rounds, set(res.evals), res.config.day_seconds)
+
+
+def progress(
+    rounds: list[dict[str, Any]], evaluated: set[int], day_seconds: float
+) -> dict[int, dict[str, float]]:
+    """Training rounds run (failed ones included), simulated hours since the fleet's start, and
+    bytes the fleet's devices had uploaded (every device-round of those rounds that a device saw
+    through) when each evaluated version was committed, for curves of accuracy against work and
+    traffic. Takes a run's rows as recorded (also as read back from its rounds.json). Version 0
+    (the bundle's) is at zero; a version whose round is not among the rows is left out."""
+    train = sorted((r for r in rounds if r.get("kind") == RoundKind.TRAIN), key=lambda r: r["round"])
     out: dict[int, dict[str, float]] = {}
-    if 0 in res.evals:
+    if 0 in evaluated:
         out[0] = {"rounds": 0.0, "sim_hours": 0.0, "upload_bytes": 0.0}
     uploaded = 0.0
-    for rounds, r in enumerate(train, 1):
+    for n, r in enumerate(train, 1):
         uploaded += sum(float(b.get("bytes_up") or 0) for b in r.get("device_bytes", []))
         v = r.get("new_version")
-        if v and v in res.evals:
+        if v and v in evaluated:
             end = float(r.get("t") or 0.0) + float(r.get("wall_seconds") or 0.0)
-            out[v] = {
-                "rounds": float(rounds),
-                "sim_hours": end * 24 / res.config.day_seconds,
-                "upload_bytes": uploaded,
-            }
+            out[v] = {"rounds": float(n), "sim_hours": end * 24 / day_seconds, "upload_bytes": uploaded}
     return out
 
 
