@@ -98,12 +98,13 @@ def _ci(a: list[np.ndarray], b: list[np.ndarray], words: list[np.ndarray]) -> st
     return f"{d.estimate * 100:+.2f} [{d.low * 100:+.2f}, {d.high * 100:+.2f}]"
 
 
-def table(runs: list[Run], lift: float) -> list[str]:
-    """Markdown rows: one per strategy, in the order of the first seed's runs."""
-    strategies = list(dict.fromkeys(r.strategy for r in runs))
+def table(runs: list[Run], lift: float, ref: str) -> list[str]:
+    """Markdown rows: one per strategy, the reference ``ref`` first, each paired with it."""
+    strategies = list(dict.fromkeys([ref, *sorted(r.strategy for r in runs)]))
     seeds = sorted({r.seed for r in runs})
     by = {(r.strategy, r.seed): r for r in runs}
-    ref = strategies[0]
+    if not any(r.strategy == ref for r in runs):
+        sys.exit(f"no {ref} runs to compare the others with (--reference)")
     lines = [
         f"| strategy | seeds reaching +{lift * 100:.2f} points | rounds to it | sim hours to it | "
         f"upload MB to it | last version vs pretrained [95% CI] | vs {ref} [95% CI] | "
@@ -183,6 +184,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("folders", type=Path, nargs="+", help="--selection-compare output folders")
     ap.add_argument("--lift", type=float, default=0.3, help="target: points of top-1 above pretrained")
+    ap.add_argument("--reference", default="random", help="the strategy the others are paired with")
     ap.add_argument("--plot", type=Path, default=None)
     args = ap.parse_args()
     runs = [r for f in args.folders for r in load(f)]
@@ -190,7 +192,7 @@ def main() -> None:
         sys.exit("no runs with evals.json under those folders")
     print("\n".join(curves(runs)))
     print()
-    print("\n".join(table(runs, args.lift / 100)))
+    print("\n".join(table(runs, args.lift / 100, args.reference)))
     if args.plot is not None:
         plot(runs, args.plot)
         print(f"plot: {args.plot}")
