@@ -477,7 +477,9 @@ def run(args: argparse.Namespace) -> None:
         console.print(
             f"population: {cfg.devices} devices, every federated participant of {cfg.corpus or 'chitchat'}"
         )
-    note = availability_note(cfg, _ready_devices(cfg, users))
+    # a privacy sweep's tasks are its runs (weights capped at 1, an epsilon), not its base
+    first = cfg.privacy_run(epsilons[0]) if epsilons else cfg
+    note = availability_note(first, _ready_devices(cfg, users))
     if note is not None:
         console.print(f"[yellow]note:[/yellow] {note}")
 

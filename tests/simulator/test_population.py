@@ -356,3 +356,28 @@ def test_a_privacy_sweep_is_checked_as_the_runs_it_makes() -> None:
         )
         assert (runs[1].privacy, runs[1].target_epsilon, runs[1].name) == ("off", None, "non-private")
         assert all(r.task_config().clients_per_round == base.per_round for r in runs)
+
+
+@pytest.mark.slow
+def test_a_population_privacy_sweep_from_the_command_line(tmp_path: Path, tiny_bundle_dir: Path) -> None:
+    """`fedkeys simulate --population --privacy-sweep 8,inf` runs both tasks to the end and
+    reports each epsilon: the sweep's base configuration (privacy on, no epsilon, the
+    population's example weights) is never sent as a task (it was, twice: by the settings
+    check and by the availability note, and the command ended in exit 2 or a traceback)."""
+    corpus = chat_corpus(tmp_path / "chat.jsonl", counts=[150] * 11 + [5] * 11 + [1])
+    out = tmp_path / "sweep"
+    code = _simulate(
+        [
+            *("--population", "--corpus", str(corpus), "--bundle", str(tiny_bundle_dir)),
+            *("--out", str(out), "--per-round", "3", "--rounds", "1", "--local-steps", str(CAP)),
+            *("--min-examples", "5", "--start-hour", "2", "--day-seconds", "3600", "--dropout", "0"),
+            *("--eval-every", "2", "--eval-messages", "40", "--workers", "2"),
+            *("--privacy-sweep", "8,inf"),
+        ]
+    )
+    assert code == 0
+    (summary_file,) = out.glob("*/summary.json")
+    rows = {r["configuration"]: r for r in json.loads(summary_file.read_text())["rows"]}
+    assert 0 < float(rows["distributed-eps8"]["epsilon"]) <= 8.0
+    assert float(rows["non-private"]["epsilon"]) == math.inf
+    assert all(int(rows[name]["rounds"]) >= 1 for name in ("distributed-eps8", "non-private"))
