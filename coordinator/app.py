@@ -175,9 +175,9 @@ def tick(app: FastAPI) -> None:
     Most ticks find nothing to do, and each worker ticks several times a second, so a tick
     first reads only what decides it: the open rounds' stages and deadlines, and whether an
     active task has no open round (only then does it take the locking path that opens one).
-    A selection before its deadline is closed by the check-in that fills its pool, a round
-    being aggregated by the worker that claimed it: the ticker leaves both alone without a
-    transaction of their own."""
+    A round being aggregated is the worker's that claimed it: the ticker leaves it alone. A
+    selection before its deadline is closed by the check-in that fills its pool, or here when
+    concurrent joins each counted the pool before the others committed (one count a tick)."""
     ctx: RoundContext = app.state.ctx
     factory = app.state.sessions
     with factory() as session, session.begin():
@@ -186,8 +186,8 @@ def tick(app: FastAPI) -> None:
         rows = _open_round_rows(session)
     now = ctx.now()
     moved = False
-    for round_id, stage, deadline, _ in rows:
-        if stage == Stage.AGGREGATING or (stage == Stage.SELECTING and now < utc(deadline)):
+    for round_id, stage, _, _ in rows:
+        if stage == Stage.AGGREGATING:
             continue
         moved |= close_if_complete(factory, ctx, round_id, wait=True)
     if moved:  # a close may have made an aggregation due

@@ -19,14 +19,15 @@ from fastapi import FastAPI
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from coordinator.app import create_app
+from coordinator.app import create_app, tick
 from coordinator.config import Settings
-from coordinator.db.models import Device, Participant, Round, RoundUpload
+from coordinator.db.models import Candidate, Device, Participant, Round, RoundUpload
 from coordinator.schemas import TaskConfig
 from coordinator.security import hash_token
 from coordinator.services import rounds, tasks
 from coordinator.services.aggregate import aggregate
 from coordinator.services.rounds import RoundContext
+from coordinator.services.rounds.checkin import _join_pool
 from coordinator.services.rounds.context import utc
 from protocol import codec
 from protocol.secagg.client import SecAggClient
@@ -53,8 +54,17 @@ class Coord:
 
 @pytest.fixture
 def coord(tmp_path: Path, tiny_bundle_dir: Path) -> Iterator[Coord]:
+    yield from _coord(f"sqlite:///{tmp_path / 'c.db'}", tmp_path, tiny_bundle_dir)
+
+
+@pytest.fixture
+def pg_coord(pg_url: str, tmp_path: Path, tiny_bundle_dir: Path) -> Iterator[Coord]:
+    yield from _coord(pg_url, tmp_path, tiny_bundle_dir)
+
+
+def _coord(url: str, tmp_path: Path, tiny_bundle_dir: Path) -> Iterator[Coord]:
     settings = Settings(
-        database_url=f"sqlite:///{tmp_path / 'c.db'}",
+        database_url=url,
         data_dir=tmp_path / "data",
         publish_predict=False,
     )
@@ -466,3 +476,47 @@ def test_after_a_first_round_the_selection_waits_three_windows(coord: Coord) -> 
     with coord.tx() as s:
         _finished_round(s, 0, coord.ctx.now() - timedelta(seconds=40), 40.0)
     assert _next_selection_seconds(coord) == pytest.approx(90.0, abs=0.5)
+
+
+def _selection_stage(coord: Coord, round_id: int) -> str:
+    with coord.tx() as s:
+        rnd = s.get(Round, round_id)
+        assert rnd is not None
+        return rnd.stage
+
+
+def test_joins_that_each_saw_the_pool_short_are_closed_by_the_ticker(pg_coord: Coord) -> None:
+    """PostgreSQL runs joins at once, each counting the pool (read committed) before the others
+    commit: the last two devices of a five-device pool each saw four and neither closed the
+    selection, so every candidate was held for the whole hold and sent away (CI, 2026-12-06).
+    The ticker closes a full pool too, well before the selection's deadline."""
+    c = pg_coord
+    with c.tx() as s:
+        (rnd,) = rounds.open_rounds(s, c.ctx)
+        round_id, deadline = rnd.id, utc(rnd.stage_deadline)
+    view = rounds.current_views(c.sessions, c.ctx).rounds[0]
+    for i in range(3):
+        assert isinstance(
+            rounds.join_pool(c.sessions, c.ctx, view, f"dev{i}", ready_state()), rounds.Candidacy
+        )
+    with c.sessions() as a, a.begin(), c.sessions() as b, b.begin():  # two joins at once
+        for session, device in ((a, "dev3"), (b, "dev4")):
+            assert isinstance(_join_pool(session, c.ctx, view, device, ready_state()), rounds.Candidacy)
+    with c.tx() as s:
+        assert s.query(Candidate).filter_by(round_id=round_id).count() == 5
+    assert _selection_stage(c, round_id) == Stage.SELECTING  # the race: full, and still open
+    tick(c.app)
+    assert _selection_stage(c, round_id) == Stage.ADVERTISE_KEYS
+    assert c.ctx.now() < deadline
+
+
+def test_the_ticker_leaves_a_short_pool_selecting(coord: Coord) -> None:
+    with coord.tx() as s:
+        (rnd,) = rounds.open_rounds(s, coord.ctx)
+        round_id = rnd.id
+        for i in range(4):  # of the 5 it needs
+            s.add(
+                Candidate(round_id=round_id, device_id=f"dev{i}", checked_in_at=coord.ctx.now(), examples=9)
+            )
+    tick(coord.app)
+    assert _selection_stage(coord, round_id) == Stage.SELECTING

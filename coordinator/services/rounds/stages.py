@@ -167,7 +167,17 @@ def _close_if_complete(
         stage = row.stage
         due = ctx.now() >= utc(row.stage_deadline)
         if not due and stage == Stage.SELECTING:
-            return False  # a check-in that fills the pool closes the selection
+            # The check-in that fills the pool closes the selection, but joins that run at once
+            # (PostgreSQL, read committed) each count the pool before the others commit, and
+            # then none of them sees it full: the ticker looks too. A pool of at least the
+            # target (``selection_pool`` >= 1) takes the locking path, which decides exactly.
+            pool = session.scalar(
+                select(func.count()).select_from(Candidate).where(Candidate.round_id == round_id)
+            )
+            target = session.scalar(select(Round.selection_target).where(Round.id == round_id))
+            if not pool or target is None or pool < target:
+                return False
+            return advance(session, ctx, round_id, wait=wait)
         if not due:
             counts: Counter[str] = Counter()
             newest: dict[str, datetime | None] = {}
