@@ -115,6 +115,12 @@ class ServerOptimizer(_Model):
     beta1: float = Field(default=0.9, ge=0, lt=1)  # FedAdam
     beta2: float = Field(default=0.99, ge=0, lt=1)
     tau: float = Field(default=1e-3, gt=0)  # FedAdam adaptivity
+    # The step's size over the task's rounds: "cosine" anneals it from ``lr`` to
+    # ``final_lr_fraction * lr`` over ``schedule_rounds`` server steps (None: the task's
+    # max_rounds) and holds it there (coordinator.optimizers.scheduled_lr)
+    schedule: Literal["constant", "cosine"] = "constant"
+    final_lr_fraction: float = Field(default=0.1, gt=0, le=1)
+    schedule_rounds: int | None = Field(default=None, ge=1)
 
 
 class PrivacySettings(_Model):
@@ -240,7 +246,21 @@ class TaskConfig(_Model):
                 raise ValueError("privacy needs noise_multiplier, or target_epsilon and max_rounds")
             if dp.delta is None and dp.population is None:
                 raise ValueError("privacy needs delta or population (delta = 1/population**1.1)")
+        opt = self.server_optimizer
+        if opt.schedule != "constant" and opt.schedule_rounds is None and self.max_rounds is None:
+            raise ValueError(
+                f"server_optimizer.schedule {opt.schedule} needs server_optimizer.schedule_rounds "
+                "or max_rounds"
+            )
         return self
+
+    @property
+    def schedule_rounds(self) -> int | None:
+        """Server steps the server optimizer's schedule runs over (None: constant)."""
+        opt = self.server_optimizer
+        if opt.schedule == "constant":
+            return None
+        return opt.schedule_rounds or self.max_rounds
 
     @property
     def selection_size(self) -> int:

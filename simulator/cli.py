@@ -103,6 +103,12 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         default=None,
         help="server optimizer's learning rate (3e-3, --population 1e-2)",
     )
+    p.add_argument(
+        "--server-schedule",
+        choices=["constant", "cosine"],
+        default=None,
+        help="the server step over the run's rounds (cosine: from --server-lr down to a tenth)",
+    )
     p.add_argument("--client-lr", type=float, default=None, help="devices' learning rate (0.1)")
     p.add_argument("--max-examples", type=int, default=None, help="messages a device draws per round (400)")
     p.add_argument(
@@ -193,6 +199,7 @@ def _config(args: argparse.Namespace) -> Any:
         "eval_messages",
         "final_messages",
         "server_lr",
+        "server_schedule",
         "client_lr",
     ):
         if getattr(args, attr) is not None:

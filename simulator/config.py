@@ -75,6 +75,7 @@ class SimConfig:
     server_optimizer: str = "fedadam"
     server_lr: float = 3e-3
     server_momentum: float = 0.9  # FedAvgM only
+    server_schedule: str = "constant"  # or "cosine": from server_lr to a tenth over the rounds
     over_selection: float = 1.3
     min_reports: int = 5
     dropout: float = 0.08
@@ -168,6 +169,7 @@ class SimConfig:
                     "name": self.server_optimizer,
                     "lr": self.server_lr,
                     "momentum": self.server_momentum,
+                    "schedule": self.server_schedule,
                 },
                 "deadlines": self.deadlines,
                 "privacy": self.privacy_config(),

@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from coordinator.db.models import ModelVersion, Participant, Round, RoundUpload, Task
 from coordinator.observability import log_event
-from coordinator.optimizers import OptimizerState, make_optimizer
+from coordinator.optimizers import OptimizerState, make_optimizer, scheduled_lr
 from coordinator.round_plan import plan_of
 from coordinator.schemas import TaskConfig
 from coordinator.services.rounds import (
@@ -167,7 +167,9 @@ def _aggregate(
         else:
             weights = ctx.store.load_weights(base.weights_file)
             state = ctx.store.load_optimizer_state(task.name, base.version)
-            opt = make_optimizer(cfg.server_optimizer)
+            # the base version is the server steps taken so far (version 0: the pretrained model)
+            server_lr = scheduled_lr(cfg.server_optimizer, base.version, cfg.schedule_rounds)
+            opt = make_optimizer(cfg.server_optimizer, step=base.version, rounds=cfg.schedule_rounds)
             new_weights, new_state = opt.step(weights, delta, state)
     if failure is not None:
         with factory() as session, session.begin():
@@ -196,6 +198,7 @@ def _aggregate(
         metrics: dict[str, Any] = {
             "reports": n,
             "update_norm": float(np.linalg.norm(delta)),
+            "server_lr": server_lr,
             **record,
         }
         if dp_info:

@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
-from coordinator.optimizers import FedAdam, FedAvg, FedAvgM, make_optimizer
-from coordinator.schemas import ServerOptimizer
+from coordinator.optimizers import FedAdam, FedAvg, FedAvgM, make_optimizer, scheduled_lr
+from coordinator.schemas import ServerOptimizer, TaskConfig
 
 
 def _deltas(seed: int, rounds: int, d: int = 64) -> list[np.ndarray]:
@@ -102,3 +103,51 @@ def test_make_optimizer_follows_the_task_setting(name: str, kind: type) -> None:
         assert opt.momentum == 0.5
     if isinstance(opt, FedAdam):
         assert (opt.beta1, opt.beta2, opt.tau) == (0.8, cfg.beta2, cfg.tau)
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    lr=st.floats(1e-4, 1.0),
+    f=st.floats(0.01, 1.0),
+    rounds=st.integers(1, 200),
+    step=st.integers(0, 400),
+)
+def test_cosine_schedule_is_the_sgdr_formula(lr: float, f: float, rounds: int, step: int) -> None:
+    """Loshchilov & Hutter 2017 without restarts: ``lr (f + (1 - f)(1 + cos(pi k / (T - 1))) / 2)``,
+    from ``lr`` at the first step to ``f * lr`` at step T - 1 and after; never rising."""
+    cfg = ServerOptimizer(name="fedadam", lr=lr, schedule="cosine", final_lr_fraction=f)
+    k = min(step, rounds - 1)
+    ref = lr * (f + (1 - f) * (1 + np.cos(np.pi * k / max(rounds - 1, 1))) / 2)
+    got = scheduled_lr(cfg, step, rounds)
+    assert got == pytest.approx(ref, rel=1e-9)
+    assert f * lr * (1 - 1e-9) <= got <= lr * (1 + 1e-9)
+    assert scheduled_lr(cfg, step + 1, rounds) <= got * (1 + 1e-12)
+    assert scheduled_lr(cfg, 0, rounds) == pytest.approx(lr)
+    if rounds > 1:
+        assert scheduled_lr(cfg, rounds - 1, rounds) == pytest.approx(f * lr)
+
+
+def test_a_constant_schedule_and_no_length_keep_the_rate() -> None:
+    const = ServerOptimizer(name="fedadam", lr=0.01)
+    cosine = const.model_copy(update={"schedule": "cosine"})
+    assert scheduled_lr(const, 30, 40) == scheduled_lr(cosine, 30, None) == 0.01
+    with pytest.raises(ValueError, match="numbered from 0"):
+        scheduled_lr(cosine, -1, 40)
+
+
+def test_make_optimizer_takes_the_scheduled_rate() -> None:
+    cfg = ServerOptimizer(name="fedadam", lr=0.02, schedule="cosine", final_lr_fraction=0.1)
+    opt = make_optimizer(cfg, step=39, rounds=40)
+    assert isinstance(opt, FedAdam) and opt.lr == pytest.approx(0.002)
+
+
+def test_a_task_with_a_schedule_needs_its_length() -> None:
+    """The schedule runs over ``schedule_rounds``, else the task's ``max_rounds``; with neither
+    it is refused where the task is configured (a 422 at the admin API), not at aggregation."""
+    opt = {"name": "fedadam", "lr": 0.02, "schedule": "cosine"}
+    with pytest.raises(ValidationError, match="schedule_rounds or max_rounds"):
+        TaskConfig.model_validate({"server_optimizer": opt})
+    assert TaskConfig.model_validate({"server_optimizer": opt, "max_rounds": 40}).schedule_rounds == 40
+    both = {"server_optimizer": {**opt, "schedule_rounds": 25}, "max_rounds": 40}
+    assert TaskConfig.model_validate(both).schedule_rounds == 25
+    assert TaskConfig.model_validate({"max_rounds": 40}).schedule_rounds is None

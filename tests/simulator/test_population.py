@@ -313,6 +313,9 @@ def test_population_defaults_and_flags() -> None:
         cfg("--local-epochs", "-1")
     tuned = cfg("--population", "--server-lr", "0.02", "--client-lr", "0.05")
     assert (tuned.server_lr, tuned.client_lr) == (0.02, 0.05) and pop.server_lr > cfg().server_lr
+    cosine = cfg("--population", "--rounds", "40", "--server-schedule", "cosine").task_config()
+    assert (cosine.server_optimizer.schedule, cosine.schedule_rounds) == ("cosine", 40)
+    assert pop.task_config().schedule_rounds is None  # constant
     for bad in (["--server-lr", "0"], ["--client-lr", "-0.1"], ["--server-lr", "nan"]):
         with pytest.raises(SimError, match=bad[0]):
             cfg(*bad)
