@@ -256,15 +256,21 @@ def _config(args: argparse.Namespace) -> Any:
     if cfg.eval_every < 1 or cfg.eval_messages < 1 or cfg.final_messages < 1:
         raise SimError("--eval-every, --eval-messages and --final-messages must be positive")
     # what the coordinator would refuse (e.g. a weight cap whose sums overflow the ring), in
-    # every task the run creates: a privacy sweep's are its runs, not the base configuration
-    sweep = _epsilons(args.privacy_sweep) if args.privacy_sweep is not None else None
-    tasks = [cfg.privacy_run(e) for e in sweep] if sweep is not None else [cfg]
+    # every task the run creates
     try:
-        for task in tasks:
+        for task in _task_runs(cfg, args):
             task.task_config()
     except ValidationError as e:
         raise SimError(f"the task's settings: {e.errors()[0]['msg']}") from None
     return cfg
+
+
+def _task_runs(cfg: Any, args: argparse.Namespace) -> list[Any]:
+    """The configurations of the tasks the run creates: a privacy sweep's are its runs (weights
+    capped at 1, one epsilon each), not its base configuration, which has no epsilon."""
+    if args.privacy_sweep is None:
+        return [cfg]
+    return [cfg.privacy_run(e) for e in _epsilons(args.privacy_sweep)]
 
 
 def _epsilons(text: str) -> list[float]:
@@ -471,6 +477,7 @@ def run(args: argparse.Namespace) -> None:
     # Every argument is checked before the (possibly long) bundle build: a typo costs nothing.
     strategies = _strategies(args.selection_compare) if args.selection_compare is not None else []
     epsilons = _epsilons(args.privacy_sweep) if args.privacy_sweep is not None else []
+    tasks = _task_runs(cfg, args)
     external = _external_coordinator(args)
     bundle = _bundle(args.bundle)
     if users is not None:
@@ -484,9 +491,7 @@ def run(args: argparse.Namespace) -> None:
         console.print(
             f"population: {cfg.devices} devices, every federated participant of {cfg.corpus or 'chitchat'}"
         )
-    # a privacy sweep's tasks are its runs (weights capped at 1, an epsilon), not its base
-    first = cfg.privacy_run(epsilons[0]) if epsilons else cfg
-    note = availability_note(first, _ready_devices(cfg, users))
+    note = availability_note(tasks[0], _ready_devices(cfg, users))
     if note is not None:
         console.print(f"[yellow]note:[/yellow] {note}")
 
