@@ -171,11 +171,9 @@ def _close_if_complete(
             # (PostgreSQL, read committed) each count the pool before the others commit, and
             # then none of them sees it full: the ticker looks too. A pool of at least the
             # target (``selection_pool`` >= 1) takes the locking path, which decides exactly.
-            pool = session.scalar(
-                select(func.count()).select_from(Candidate).where(Candidate.round_id == round_id)
-            )
-            target = session.scalar(select(Round.selection_target).where(Round.id == round_id))
-            if not pool or target is None or pool < target:
+            pool = select(func.count()).where(Candidate.round_id == round_id).scalar_subquery()
+            full = session.scalar(select(pool >= Round.selection_target).where(Round.id == round_id))
+            if not full:
                 return False
             return advance(session, ctx, round_id, wait=wait)
         if not due:
