@@ -180,6 +180,16 @@ class Agent:
         """Ask the loop to end at the next safe point (signal handlers call this)."""
         self._stop.set()
 
+    def close(self) -> None:
+        """Close the agent's connections to the coordinator (kept alive between requests)."""
+        self.transport.close()
+
+    def __enter__(self) -> Agent:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     @property
     def stopped(self) -> bool:
         return self._stop.is_set()

@@ -169,8 +169,8 @@ def _check_install() -> None:
 def _run(args: argparse.Namespace) -> None:
     out = sys.stdout
     if args.action == "enroll":
-        agent = _agent(args)
-        out.write(f"enrolled as {agent.enroll()}\n")
+        with _agent(args) as agent:
+            out.write(f"enrolled as {agent.enroll()}\n")
     elif args.action == "run":
         from edge_client.memory import defer_torch_registrations, tune_allocator
 
@@ -185,7 +185,8 @@ def _run(args: argparse.Namespace) -> None:
         signal.signal(signal.SIGTERM, lambda *_: agent.stop())
         signal.signal(signal.SIGINT, lambda *_: agent.stop())
         limit = math.inf if args.max_minutes is None else 60.0 * args.max_minutes
-        agent.run(max_rounds=args.rounds, max_seconds=limit)
+        with agent:
+            agent.run(max_rounds=args.rounds, max_seconds=limit)
     elif args.action == "status":
         store = _store(args)
         saved = _saved(args.state_dir)

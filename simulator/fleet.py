@@ -477,6 +477,8 @@ def _device_thread(
             stop.wait(min(wait, max(end - time.time(), 0)))
     except Exception as e:
         out.error = f"{type(e).__name__}: {e}"
+    finally:
+        agent.close()
     out.rounds = agent.stats.rounds
     out.bytes_up, out.bytes_down = agent.stats.bytes_up, agent.stats.bytes_down
 
