@@ -148,7 +148,7 @@ def test_the_ticker_opens_rounds_and_closes_a_selection_at_its_deadline(coord: C
     app = coord.app  # a real app, without its background threads: the test ticks it
     tick(app)
     assert _stages(coord) == [(Stage.SELECTING, None)]
-    tick(app)  # before its deadline a selection is left to the check-in that fills its pool
+    tick(app)  # before its deadline a selection whose pool is short stays open
     assert _stages(coord) == [(Stage.SELECTING, None)]
     with coord.tx() as s:
         s.execute(update(Round).values(stage_deadline=coord.ctx.now()))
