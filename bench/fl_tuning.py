@@ -273,6 +273,14 @@ GRIDS["population-schedule"] = [
     replace(_POP128, name="pop fedadam 2e-2 cosine to 2e-3", server_lr=2e-2, schedule="cosine"),
 ]
 
+# More local work a round (neither the server step, its schedule nor the devices' rate gained in
+# 12 rounds): twice the step cap, which only the heavy devices reach (a device of 20 messages
+# makes 10 steps in its two passes either way).
+GRIDS["population-local-steps"] = [
+    replace(_POP128, name="pop 32 steps (default)"),
+    replace(_POP128, name="pop 64 steps", local_steps=64),
+]
+
 
 # What the demo fleet's local work and server step were chosen by (issue 19: `make demo` shows
 # a lift that its heldout sample's interval separates from zero).
