@@ -37,6 +37,8 @@ OptimizerState = dict[str, FloatVec]
 
 
 class ServerOpt(Protocol):
+    lr: float  # this step's learning rate (after the schedule)
+
     def step(
         self, weights: FloatVec, delta: FloatVec, state: OptimizerState
     ) -> tuple[FloatVec, OptimizerState]: ...

@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from coordinator.db.models import ModelVersion, Participant, Round, RoundUpload, Task
 from coordinator.observability import log_event
-from coordinator.optimizers import OptimizerState, make_optimizer, scheduled_lr
+from coordinator.optimizers import OptimizerState, make_optimizer
 from coordinator.round_plan import plan_of
 from coordinator.schemas import TaskConfig
 from coordinator.services.rounds import (
@@ -168,8 +168,8 @@ def _aggregate(
             weights = ctx.store.load_weights(base.weights_file)
             state = ctx.store.load_optimizer_state(task.name, base.version)
             # the base version is the server steps taken so far (version 0: the pretrained model)
-            server_lr = scheduled_lr(cfg.server_optimizer, base.version, cfg.schedule_rounds)
             opt = make_optimizer(cfg.server_optimizer, step=base.version, rounds=cfg.schedule_rounds)
+            server_lr = opt.lr
             new_weights, new_state = opt.step(weights, delta, state)
     if failure is not None:
         with factory() as session, session.begin():
