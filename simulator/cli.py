@@ -447,17 +447,30 @@ def verdict(evals: dict[int, dict[str, Any]], seed: int = 0) -> str | None:
     )
 
 
-def final_evals(res: Any, bundle: Path, sample: Any) -> dict[int, dict[str, Any]]:
+def final_evals(
+    res: Any, bundle: Path, sample: Any, pretrained: dict[str, Any] | None = None
+) -> dict[int, dict[str, Any]]:
     """The pretrained student (version 0) and the run's last version scored on the whole final
     ``sample`` (a :class:`simulator.evaluation.HeldoutSample`); the run's own evaluations (its
-    curve) are reused when they were on the same messages."""
+    curve) are reused when they were on the same messages, and ``pretrained`` (the student
+    scored on ``sample`` while the run went on) when given."""
     from simulator.evaluation import VersionEvaluator
 
     last = max(res.evals)
     if res.evals[0].get("sample") == sample.fingerprint or res.final_weights is None:
         return {0: res.evals[0], last: res.evals[last]}
     evaluator = VersionEvaluator(bundle, sample.texts)
-    return {0: evaluator.eager(evaluator.bundle.initial_weights()), last: evaluator.eager(res.final_weights)}
+    if pretrained is None or pretrained.get("sample") != sample.fingerprint:
+        pretrained = evaluator.eager(evaluator.bundle.initial_weights())
+    return {0: pretrained, last: evaluator.eager(res.final_weights)}
+
+
+def score_pretrained(bundle: Path, sample: Any) -> dict[str, Any]:
+    """The pretrained student scored on the whole final ``sample``."""
+    from simulator.evaluation import VersionEvaluator
+
+    evaluator = VersionEvaluator(bundle, sample.texts)
+    return evaluator.eager(evaluator.bundle.initial_weights())
 
 
 def run(args: argparse.Namespace) -> None:
@@ -520,20 +533,21 @@ def run(args: argparse.Namespace) -> None:
             )
         else:
             from simulator.compare import subsample_top1, trigram_rows
-            from simulator.evaluation import draw_heldout
+            from simulator.evaluation import Background, draw_heldout
 
             sample = draw_heldout(cfg.final_messages, cfg.seed, cfg.corpus)
             curve_idx = sample.head_indices(min(cfg.eval_messages, len(sample.texts)))
             curve = [sample.texts[i] for i in curve_idx]
+            # what does not depend on the run is scored beside it, on the CPU its devices leave
+            pre = Background(lambda: score_pretrained(bundle, sample), "score pretrained")
+            tri = Background(lambda: trigram_rows(cfg, list(sample.texts)), "trigram baselines")
             res = run_simulation(cfg, bundle, out, coord, heldout=curve, progress=show)
             runs = [res]
             s = res.summary()
-            console.print(
-                f"scoring the pretrained and the last version on {len(sample.texts):,} heldout messages"
-            )
-            ends = final_evals(res, bundle, sample)
+            console.print(f"scoring the last version on {len(sample.texts):,} heldout messages")
+            ends = final_evals(res, bundle, sample, pre.result())
             start, end = ends[0], ends[max(ends)]
-            trigrams = trigram_rows(cfg, list(sample.texts))
+            trigrams = tri.result()
             rows = [
                 {"configuration": "pretrained student (no FL)", "top1": start["top1"], "top3": start["top3"]},
                 {

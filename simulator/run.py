@@ -27,7 +27,7 @@ from coordinator.launch import CoordinatorHandle, LocalCoordinator, start_local,
 from protocol.version import __version__
 from protocol.wire import Stage
 from simulator.config import SimConfig
-from simulator.evaluation import VersionEvaluator, heldout_sample
+from simulator.evaluation import VersionEvaluator, heldout_sample, lower_thread_priority
 from simulator.fleet import DeviceSpec, FleetSpec, StopFlag, fleet_specs, run_worker
 from simulator.records import SimResult, attach_device_bytes, round_record, write_records
 
@@ -225,6 +225,7 @@ def run_simulation(
                 v = pending.pop(0)
 
                 def work(v: int = v) -> None:
+                    lower_thread_priority()  # the devices' rounds come first
                     evals[v] = evaluator.eager(observer.weights(v))
                     if progress:
                         progress({"event": "eval", "version": v, **evals[v]})

@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -99,6 +100,17 @@ class UnplugAfter(StaticProvider):
         return self.conditions
 
 
+_MADE: list[Agent] = []
+"""The agents a test made with ``make_agent``: closed after it (their kept-alive connections)."""
+
+
+@pytest.fixture(autouse=True)
+def _close_agents() -> Iterator[None]:
+    yield
+    while _MADE:
+        _MADE.pop().close()
+
+
 def make_agent(
     server: Server,
     tmp: Path,
@@ -111,7 +123,9 @@ def make_agent(
     transport = Transport(cfg.coordinator, ca=cfg.ca, transport=rec, retries=8, backoff=0.2, max_backoff=2)
     store = DataStore(cfg.state_dir / "messages.db")
     store.add(texts)
-    return Agent(cfg, provider or StaticProvider(READY), store=store, transport=transport)
+    agent = Agent(cfg, provider or StaticProvider(READY), store=store, transport=transport)
+    _MADE.append(agent)
+    return agent
 
 
 def thread_stacks() -> str:
@@ -307,10 +321,11 @@ def test_wrong_ca_is_refused(sqlite_server: Server, tmp_path: Path) -> None:
 
     other = make_dev_certs(tmp_path / "other", ["127.0.0.1"])
     cfg = replace(agent_cfg(sqlite_server, tmp_path, "x"), ca=other.ca_cert)
-    agent = Agent(
-        cfg, StaticProvider(READY), transport=Transport(cfg.coordinator, ca=cfg.ca, retries=1, backoff=0.01)
-    )
-    with pytest.raises(TransportError, match=r"CERTIFICATE_VERIFY_FAILED|certificate verify failed"):
+    transport = Transport(cfg.coordinator, ca=cfg.ca, retries=1, backoff=0.01)
+    with (
+        Agent(cfg, StaticProvider(READY), transport=transport) as agent,
+        pytest.raises(TransportError, match=r"CERTIFICATE_VERIFY_FAILED|certificate verify failed"),
+    ):
         agent.enroll()
     rc = main(
         [
@@ -339,10 +354,10 @@ def test_bad_token_reenrols_or_fails_clearly(
     assert agent.device_id != first and agent.transport.token != "not-a-valid-token" and wait < 5
     # without the secret: a clear error, no traceback
     no_secret = Agent(replace(agent.cfg, enroll_secret=None, state_dir=tmp_path / "n"), StaticProvider(READY))
-    with pytest.raises(NotEnrolled):
+    with no_secret, pytest.raises(NotEnrolled):
         no_secret.enroll()
     bad = Transport(sqlite_server.url, ca=sqlite_server.ca, token="bogus", retries=0)
-    with pytest.raises(ApiError) as e:
+    with bad, pytest.raises(ApiError) as e:
         bad.checkin(agent.state(READY))
     assert e.value.status == 401
 

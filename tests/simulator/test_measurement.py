@@ -506,3 +506,34 @@ def test_union_of_intervals_matches_a_fine_grid(raw: list[tuple[float, float]]) 
         covered.update(range(lo, hi))
     got = union_seconds([(lo / 100, hi / 100) for lo, hi in cells])
     assert got == pytest.approx(len(covered) / 100, abs=1e-6)
+
+
+def test_an_evaluation_thread_lowers_its_own_priority_and_its_childrens_only() -> None:
+    """The run's evaluations yield the CPU to its devices: the evaluating thread (and the
+    scoring processes it starts) run at a higher nice value, the rest of the process does not."""
+    import os
+    import subprocess
+    import sys
+    import threading
+
+    from simulator.evaluation import BACKGROUND_NICENESS, lower_thread_priority
+
+    before = os.getpriority(os.PRIO_PROCESS, 0)
+    seen: dict[str, int] = {}
+
+    def work() -> None:
+        seen["thread"] = lower_thread_priority()
+        out = subprocess.run(
+            [sys.executable, "-c", "import os; print(os.getpriority(os.PRIO_PROCESS, 0))"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        seen["child"] = int(out.stdout)
+
+    t = threading.Thread(target=work)
+    t.start()
+    t.join()
+    expected = min(19, before + BACKGROUND_NICENESS)
+    assert seen == {"thread": expected, "child": expected}
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == before
