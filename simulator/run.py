@@ -156,9 +156,6 @@ def run_simulation(
     )
     evals: dict[int, dict[str, float]] = {}
     base_weights = evaluator.bundle.initial_weights()
-    evals[0] = evaluator.eager(base_weights)
-    if progress:
-        progress({"event": "eval", "version": 0, **evals[0]})
     stop_file = out_dir / f".stop-{task}"
     stop_file.unlink(missing_ok=True)
     d = cfg.deadlines
@@ -188,7 +185,7 @@ def run_simulation(
         observer = _Observer(coord, task)
         rounds: list[dict[str, Any]] = []
         eval_thread: threading.Thread | None = None
-        pending: list[int] = []
+        pending: list[int] = [0]  # the pretrained student too is scored beside the rounds
         seen: set[int] = set()
         deadline = t_start + cfg.max_minutes * 60
         privacy: dict[str, Any] | None = None
@@ -226,7 +223,7 @@ def run_simulation(
 
                 def work(v: int = v) -> None:
                     lower_thread_priority()  # the devices' rounds come first
-                    evals[v] = evaluator.eager(observer.weights(v))
+                    evals[v] = evaluator.eager(base_weights if v == 0 else observer.weights(v))
                     if progress:
                         progress({"event": "eval", "version": v, **evals[v]})
 
@@ -243,7 +240,7 @@ def run_simulation(
     versions = [r["new_version"] for r in rounds if r.get("new_version")]
     last = max(versions) if versions else 0
     for v in pending + ([last] if last and last not in evals else []):
-        evals[v] = evaluator.eager(observer.weights(v))
+        evals[v] = evaluator.eager(base_weights if v == 0 else observer.weights(v))
     final_weights = observer.weights(last) if last else base_weights
     observer.close()
     final = evaluator.program(final_weights, out_dir)

@@ -537,3 +537,23 @@ def test_an_evaluation_thread_lowers_its_own_priority_and_its_childrens_only() -
     expected = min(19, before + BACKGROUND_NICENESS)
     assert seen == {"thread": expected, "child": expected}
     assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == before
+
+
+def test_background_work_returns_its_value_or_raises_its_error_at_low_priority() -> None:
+    import os
+    import threading
+
+    from simulator.evaluation import BACKGROUND_NICENESS, Background
+
+    before = os.getpriority(os.PRIO_PROCESS, 0)
+
+    def niceness() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    assert Background(niceness).result() == min(19, before + BACKGROUND_NICENESS)
+
+    def broken() -> int:
+        raise ValueError("no heldout messages")
+
+    with pytest.raises(ValueError, match="no heldout messages"):
+        Background(broken).result()
