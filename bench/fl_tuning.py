@@ -353,7 +353,7 @@ def main() -> None:
         from simulator.evaluation import VersionEvaluator, heldout_sample
 
         ev = VersionEvaluator(Path(args.bundle), heldout_sample(trials[0].eval_messages, 0))
-        r0 = ev.eager(ev.bundle.initial_weights())
+        r0 = ev.pretrained()
         print(f"{'pretrained':<32} top1 {r0['top1']:.4f} top3 {r0['top3']:.4f} ppl {r0['ppl_piece']:.1f}")
         hits = r0["per_message"]  # every trial is then paired against the pretrained student
         pm = {"words": hits.words.tolist(), "top1": hits.top1.tolist()}

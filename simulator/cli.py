@@ -460,17 +460,7 @@ def final_evals(
     if res.evals[0].get("sample") == sample.fingerprint or res.final_weights is None:
         return {0: res.evals[0], last: res.evals[last]}
     evaluator = VersionEvaluator(bundle, sample.texts)
-    if pretrained is None or pretrained.get("sample") != sample.fingerprint:
-        pretrained = evaluator.eager(evaluator.bundle.initial_weights())
-    return {0: pretrained, last: evaluator.eager(res.final_weights)}
-
-
-def score_pretrained(bundle: Path, sample: Any) -> dict[str, Any]:
-    """The pretrained student scored on the whole final ``sample``."""
-    from simulator.evaluation import VersionEvaluator
-
-    evaluator = VersionEvaluator(bundle, sample.texts)
-    return evaluator.eager(evaluator.bundle.initial_weights())
+    return {0: pretrained or evaluator.pretrained(), last: evaluator.eager(res.final_weights)}
 
 
 def run(args: argparse.Namespace) -> None:
@@ -533,19 +523,24 @@ def run(args: argparse.Namespace) -> None:
             )
         else:
             from simulator.compare import subsample_top1, trigram_rows
-            from simulator.evaluation import Background, draw_heldout
+            from simulator.evaluation import Background, VersionEvaluator, draw_heldout
 
             sample = draw_heldout(cfg.final_messages, cfg.seed, cfg.corpus)
             curve_idx = sample.head_indices(min(cfg.eval_messages, len(sample.texts)))
             curve = [sample.texts[i] for i in curve_idx]
             # what does not depend on the run is scored beside it, on the CPU its devices leave
-            pre = Background(lambda: score_pretrained(bundle, sample), "score pretrained")
+            # (the pretrained student only when the curve's messages are not the whole sample)
+            pre = (
+                Background(lambda: VersionEvaluator(bundle, sample.texts).pretrained(), "score pretrained")
+                if len(curve) < len(sample.texts)
+                else None
+            )
             tri = Background(lambda: trigram_rows(cfg, list(sample.texts)), "trigram baselines")
             res = run_simulation(cfg, bundle, out, coord, heldout=curve, progress=show)
             runs = [res]
             s = res.summary()
             console.print(f"scoring the last version on {len(sample.texts):,} heldout messages")
-            ends = final_evals(res, bundle, sample, pre.result())
+            ends = final_evals(res, bundle, sample, pre.result() if pre is not None else None)
             start, end = ends[0], ends[max(ends)]
             trigrams = tri.result()
             rows = [

@@ -187,7 +187,7 @@ def compare(
     }
     runs = list(fl.values())
     evaluator = VersionEvaluator(bundle_dir, sample.texts, eval_workers)
-    evals: dict[str, dict[str, Any]] = {PRETRAINED: evaluator.eager(evaluator.bundle.initial_weights())}
+    evals: dict[str, dict[str, Any]] = {PRETRAINED: evaluator.pretrained()}
     for name, run in fl.items():
         if run.final_weights is None:
             raise RuntimeError(f"run {run.config.name} returned no final weights")

@@ -18,6 +18,7 @@ seconds, 3.3 minutes of wall time at load 3-5 on the 2-core reference machine.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import hashlib
 import multiprocessing
 import os
@@ -84,12 +85,9 @@ def lower_thread_priority(niceness: int = BACKGROUND_NICENESS) -> int:
     processes of :func:`score_parallel`) inherit it; elsewhere this changes the process's. A
     lower priority needs no privilege; if the system refuses anyway, nothing changes."""
     tid = threading.get_native_id() if os.uname().sysname == "Linux" else 0
-    try:
-        now = os.getpriority(os.PRIO_PROCESS, tid)
-        os.setpriority(os.PRIO_PROCESS, tid, min(19, now + niceness))
-        return os.getpriority(os.PRIO_PROCESS, tid)
-    except OSError:
-        return os.getpriority(os.PRIO_PROCESS, tid)
+    with contextlib.suppress(OSError):
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + niceness))
+    return os.getpriority(os.PRIO_PROCESS, tid)
 
 
 _T = TypeVar("_T")
@@ -352,6 +350,10 @@ class VersionEvaluator:
         return scores(r.top1, r.top3, r.words, counts.per_message, self.sample, time.perf_counter() - t0) | {
             "ppl_piece": r.ppl_token
         }
+
+    def pretrained(self) -> dict[str, Any]:
+        """:meth:`eager` of the bundle's own weights (the pretrained student)."""
+        return self.eager(self.bundle.initial_weights())
 
     def program(self, weights: npt.NDArray[np.float32], workdir: Path) -> dict[str, float]:
         from model_export.export import export_predict_program, model_from_bundle

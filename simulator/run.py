@@ -156,6 +156,10 @@ def run_simulation(
     )
     evals: dict[int, dict[str, float]] = {}
     base_weights = evaluator.bundle.initial_weights()
+
+    def weights_of(version: int) -> npt.NDArray[np.float32]:
+        return base_weights if version == 0 else observer.weights(version)
+
     stop_file = out_dir / f".stop-{task}"
     stop_file.unlink(missing_ok=True)
     d = cfg.deadlines
@@ -223,7 +227,7 @@ def run_simulation(
 
                 def work(v: int = v) -> None:
                     lower_thread_priority()  # the devices' rounds come first
-                    evals[v] = evaluator.eager(base_weights if v == 0 else observer.weights(v))
+                    evals[v] = evaluator.eager(weights_of(v))
                     if progress:
                         progress({"event": "eval", "version": v, **evals[v]})
 
@@ -240,7 +244,7 @@ def run_simulation(
     versions = [r["new_version"] for r in rounds if r.get("new_version")]
     last = max(versions) if versions else 0
     for v in pending + ([last] if last and last not in evals else []):
-        evals[v] = evaluator.eager(base_weights if v == 0 else observer.weights(v))
+        evals[v] = evaluator.eager(weights_of(v))
     final_weights = observer.weights(last) if last else base_weights
     observer.close()
     final = evaluator.program(final_weights, out_dir)
